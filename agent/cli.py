@@ -1,0 +1,164 @@
+"""The ``prunepilot`` command line: ``prune``, ``train``, ``export`` and ``apply``.
+
+Each subcommand is a pair: ``<name>_command_parser(subparsers)`` declares its flags and
+``<name>_command(args)`` runs it through the Python API. User errors print one line and exit 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+
+from pruning_core import PruningSession, SessionConfig, UserError, export_model, global_ratios, uniform_ratios
+from pruning_core.prune import check_ratios
+
+log = logging.getLogger("prunepilot")
+
+
+def add_model_args(p: argparse.ArgumentParser, data_default: str | None = None) -> None:
+    """Flags every command that loads a model shares."""
+    p.add_argument("--model", required=True,
+                   help="zoo name (resnet20/32/44/56/110, vgg11_bn, vgg16_bn, mobilenetv2, digits_cnn, "
+                        "digits_cnn_wide) or package.module:factory")
+    p.add_argument("--weights", help="checkpoint: a state_dict or {'state_dict': ...}, loaded with weights_only=True")
+    default_note = f" (default: {data_default})" if data_default else ""
+    p.add_argument("--data", required=data_default is None, default=data_default,
+                   help="cifar10:DIR, imagefolder:DIR or digits" + default_note)
+    p.add_argument("--flops", type=float, default=0.5, help="FLOPs budget as a fraction of dense (default: 0.5)")
+    p.add_argument("--max-ratio", type=float, default=0.8,
+                   help="largest pruning ratio of any one group (default: 0.8)")
+    p.add_argument("--round-to", type=int, default=None, help="round kept channels up to a multiple of this")
+    p.add_argument("--reward-images", type=int, default=1000,
+                   help="training images in the reward split (default: 1000)")
+    p.add_argument("--calib-batches", type=int, default=10,
+                   help="batches of 64 training images for adaptive BN (default: 10)")
+    p.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
+
+
+def add_output_args(p: argparse.ArgumentParser, out_required: bool = False) -> None:
+    p.add_argument("--adapt-bn", action=argparse.BooleanOptionalAction, default=True,
+                   help="recalibrate BN statistics on training images after pruning (default: on)")
+    p.add_argument("--finetune-epochs", type=int, default=0,
+                   help="epochs of fine-tuning with KD from the dense model after pruning (default: 0)")
+    p.add_argument("--out", required=out_required,
+                   help="folder for report.json and the exported model (model.pt2, model.onnx)")
+    p.add_argument("--json", action="store_true", help="print the JSON report on stdout")
+
+
+def session_config(args: argparse.Namespace, importance: str = "taylor") -> SessionConfig:
+    if not 0.0 <= args.max_ratio < 1.0:
+        raise UserError(f"--max-ratio {args.max_ratio} must be in [0, 1)")
+    return SessionConfig(reward_images=args.reward_images, calib_batches=args.calib_batches, seed=args.seed,
+                         importance=importance)
+
+
+def finish(session: PruningSession, model, ratios: dict[str, float], method: str, args: argparse.Namespace,
+           started: float, **extra: object) -> dict:
+    """Fine-tune if asked, evaluate, write ``--out`` and print the report: the last steps every command shares."""
+    acc_before = None
+    if args.finetune_epochs > 0:
+        from pruning_core import accuracy
+        acc_before = accuracy(model, session.splits.test)
+        log.info("fine-tuning %d epochs with KD from the dense model", args.finetune_epochs)
+        session.finetune(model, args.finetune_epochs, progress=sys.stderr.isatty())
+    report = session.report(model, ratios, method, args.seed, time.perf_counter() - started,
+                            round_to=args.round_to, acc_before_finetune=acc_before,
+                            finetune_epochs=args.finetune_epochs, adapt_bn=args.adapt_bn, **extra)
+    if args.out:
+        from agent.outputs import staged_dir, write_json
+        with staged_dir(args.out) as tmp:
+            report["files"] = {k: str(Path(args.out) / Path(v).name)
+                               for k, v in export_model(model, tmp, session.data.input_shape).items()}
+            write_json(tmp / "report.json", report)
+    if args.json:
+        print(json.dumps(report))
+    else:
+        print(f"{report['model']} [{method}]: FLOPs {report['flops_ratio']:.3f} of dense, params "
+              f"{report['params_ratio']:.3f}, test acc {report['acc']:.2f}% (dense {report['acc_dense']:.2f}%)")
+        if args.out:
+            print(f"wrote {args.out}/report.json and the exported model")
+    return report
+
+
+def prune_command_parser(subparsers) -> None:
+    p = subparsers.add_parser("prune", help="prune once with a fixed allocation (no search)",
+                              description="Prune a trained CNN to a FLOPs budget with uniform ratios, Taylor "
+                                          "global ranking, L1-uniform, or a ratios JSON file; recalibrate BN; "
+                                          "evaluate on the test split; optionally fine-tune and export.")
+    add_model_args(p)
+    p.add_argument("--method", choices=["uniform", "global", "l1-uniform"], default="uniform",
+                   help="allocation: uniform Taylor ratios, Taylor global ranking, or uniform with L1 ranking")
+    p.add_argument("--ratios", help="JSON file {group: ratio} to use instead of --method")
+    add_output_args(p)
+    p.set_defaults(func=prune_command)
+
+
+def prune_command(args: argparse.Namespace) -> dict:
+    started = time.perf_counter()
+    session = PruningSession(args.model, args.weights, args.data,
+                             session_config(args, "l1" if args.method == "l1-uniform" else "taylor"))
+    if args.ratios:
+        path = Path(args.ratios)
+        try:
+            ratios = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError) as e:
+            raise UserError(f"cannot read ratios file {path}: {e}") from e
+        if not isinstance(ratios, dict):
+            raise UserError(f"{path} must hold a JSON object {{group: ratio}}")
+        ratios = ratios.get("ratios", ratios)
+        check_ratios(session.trace, ratios)
+        method = "ratios-file"
+    elif args.method == "global":
+        ratios, method = global_ratios(session.trace, session.scores, args.flops, args.max_ratio,
+                                       args.round_to), "global"
+    else:
+        ratios, method = uniform_ratios(session.trace, args.flops, args.max_ratio, args.round_to), args.method
+    t = time.perf_counter()
+    model = session.build(ratios, args.round_to, adapt=False)
+    prune_s = time.perf_counter() - t
+    t = time.perf_counter()
+    if args.adapt_bn:
+        from pruning_core import adapt_bn
+        adapt_bn(model, session.splits.calib, session.config.calib_batches, session.config.batch_size)
+    adapt_s = time.perf_counter() - t
+    return finish(session, model, ratios, method, args, started,
+                  timings={**session.timings, "prune_s": prune_s, "adapt_bn_s": adapt_s})
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="prunepilot",
+        description="AutoML channel pruning: learn per-layer pruning ratios with a graph-embedded RL agent, "
+                    "remove channels for real, and transfer the learned policy to new models.")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log progress details to stderr")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    prune_command_parser(sub)
+    from agent.commands import apply_command_parser, export_command_parser, train_command_parser
+    train_command_parser(sub)
+    export_command_parser(sub)
+    apply_command_parser(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                        format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    try:
+        args.func(args)
+    except UserError as e:
+        print(f"prunepilot {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("prunepilot: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,176 @@
+"""Image data sets with explicit splits: ``reward`` and ``calib`` from training images, ``test`` never searched.
+
+Images are held in memory as uint8 (N, C, H, W) and normalised per batch, so even the 60,000-image
+JPEG set stays near 200 MB.
+"""
+
+from __future__ import annotations
+
+import pickle
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from pruning_core.errors import UserError
+
+__all__ = ["ImageData", "Split", "load_data", "make_splits"]
+
+CIFAR_MEAN, CIFAR_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)  # what the shared ResNets were trained with
+DIGITS_MEAN, DIGITS_STD = (0.305,), (0.376,)
+
+
+@dataclass
+class Split:
+    """A fixed set of images and labels with their normalisation."""
+
+    x: torch.Tensor  # uint8 (N, C, H, W)
+    y: torch.Tensor  # int64 (N,)
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    scale: float = 1 / 255
+
+    def __len__(self) -> int:
+        return len(self.y)
+
+    def normalise(self, x: torch.Tensor) -> torch.Tensor:
+        mean = torch.tensor(self.mean).view(1, -1, 1, 1)
+        std = torch.tensor(self.std).view(1, -1, 1, 1)
+        return (x.float() * self.scale - mean) / std
+
+    def batches(self, batch_size: int = 256, *, shuffle: bool = False,
+                generator: torch.Generator | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """Yield normalised ``(x, y)`` minibatches in order, or shuffled with ``generator``."""
+        order = torch.randperm(len(self), generator=generator) if shuffle else torch.arange(len(self))
+        for i in range(0, len(self), batch_size):
+            idx = order[i:i + batch_size]
+            yield self.normalise(self.x[idx]), self.y[idx]
+
+    def subset(self, idx: torch.Tensor) -> Split:
+        return Split(self.x[idx], self.y[idx], self.mean, self.std, self.scale)
+
+
+@dataclass
+class ImageData:
+    """A training and a test split of one data set."""
+
+    name: str
+    train: Split
+    test: Split
+    num_classes: int
+
+    @property
+    def input_shape(self) -> tuple[int, int, int]:
+        return tuple(self.train.x.shape[1:])
+
+
+@dataclass
+class Splits:
+    """The splits a search uses: ``reward`` and ``calib`` are disjoint subsets of training images."""
+
+    reward: Split
+    calib: Split
+    train: Split
+    test: Split
+
+
+def make_splits(data: ImageData, reward_images: int = 1000, calib_images: int = 640, seed: int = 0) -> Splits:
+    """Draw a fixed, seeded reward subset and a disjoint calibration subset from the training images.
+
+    When the training set is too small for both, the calibration images wrap around into the reward images.
+    """
+    n = len(data.train)
+    if reward_images < 1 or calib_images < 1:
+        raise UserError("reward and calibration splits need at least one image each")
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+    reward_idx = perm[:min(reward_images, n)]
+    rest = perm[len(reward_idx):]
+    calib_idx = rest[:calib_images] if len(rest) >= calib_images else perm[-calib_images:]
+    return Splits(data.train.subset(reward_idx), data.train.subset(calib_idx), data.train, data.test)
+
+
+def load_data(spec: str) -> ImageData:
+    """Load ``cifar10:DIR``, ``imagefolder:DIR`` or ``digits``.
+
+    :raises UserError: an unknown spec, a missing folder or a folder with no usable images.
+    """
+    kind, _, path = spec.partition(":")
+    if kind == "digits":
+        return _digits()
+    if kind not in ("cifar10", "imagefolder") or not path:
+        raise UserError(f"unknown data spec {spec!r}; use cifar10:DIR, imagefolder:DIR or digits")
+    root = Path(path).expanduser()
+    if not root.is_dir():
+        raise UserError(f"data folder not found: {root}")
+    return _cifar10(root) if kind == "cifar10" else _imagefolder(root)
+
+
+def _cifar10(root: Path) -> ImageData:
+    folder = root / "cifar-10-batches-py" if (root / "cifar-10-batches-py").is_dir() else root
+    train_files = sorted(folder.glob("data_batch_*"))
+    test_file = folder / "test_batch"
+    if not train_files or not test_file.is_file():
+        raise UserError(f"no CIFAR-10 batches in {folder}: expected data_batch_* and test_batch "
+                        "(the python version of CIFAR-10)")
+
+    def read(files: list[Path]) -> tuple[torch.Tensor, torch.Tensor]:
+        xs, ys = [], []
+        for f in files:
+            try:
+                with open(f, "rb") as fh:
+                    d = pickle.load(fh, encoding="latin1")  # noqa: S301 - CIFAR's own format is a pickle
+                xs.append(np.asarray(d["data"], dtype=np.uint8).reshape(-1, 3, 32, 32))
+                ys.append(np.asarray(d["labels"], dtype=np.int64))
+            except (pickle.UnpicklingError, KeyError, EOFError, ValueError) as e:
+                raise UserError(f"{f} is not a CIFAR-10 python batch: {e}") from e
+        return torch.from_numpy(np.concatenate(xs)), torch.from_numpy(np.concatenate(ys))
+
+    (trx, try_), (tex, tey) = read(train_files), read([test_file])
+    return ImageData("cifar10", Split(trx, try_, CIFAR_MEAN, CIFAR_STD), Split(tex, tey, CIFAR_MEAN, CIFAR_STD), 10)
+
+
+def _imagefolder(root: Path) -> ImageData:
+    try:
+        from PIL import Image
+    except ImportError as e:  # pragma: no cover - Pillow ships with matplotlib
+        raise UserError("imagefolder data needs Pillow: pip install pillow") from e
+    if not (root / "train").is_dir() or not (root / "test").is_dir():
+        raise UserError(f"{root} must hold train/<class>/*.jpg and test/<class>/*.jpg")
+    classes = sorted(p.name for p in (root / "train").iterdir() if p.is_dir())
+    if not classes:
+        raise UserError(f"no class folders in {root / 'train'}")
+
+    def read(split: str) -> tuple[torch.Tensor, torch.Tensor]:
+        xs, ys = [], []
+        for label, cls in enumerate(classes):
+            for f in sorted((root / split / cls).glob("*")):
+                if f.suffix.lower() in (".jpg", ".jpeg", ".png"):
+                    with Image.open(f) as im:
+                        xs.append(np.asarray(im.convert("RGB"), dtype=np.uint8).transpose(2, 0, 1))
+                    ys.append(label)
+        if not xs:
+            raise UserError(f"no images in {root / split}")
+        shapes = {x.shape for x in xs}
+        if len(shapes) > 1:
+            raise UserError(f"images in {root / split} differ in size ({sorted(shapes)[:3]}); resize them first")
+        return torch.from_numpy(np.stack(xs)), torch.tensor(ys)
+
+    (trx, try_), (tex, tey) = read("train"), read("test")
+    return ImageData(f"imagefolder:{root.name}", Split(trx, try_, CIFAR_MEAN, CIFAR_STD),
+                     Split(tex, tey, CIFAR_MEAN, CIFAR_STD), len(classes))
+
+
+def _digits() -> ImageData:
+    try:
+        from sklearn.datasets import load_digits
+    except ImportError as e:
+        raise UserError("the digits data set needs scikit-learn: pip install scikit-learn") from e
+    d = load_digits()
+    x = torch.from_numpy(d.images.astype(np.uint8)).unsqueeze(1)  # values 0..16
+    y = torch.from_numpy(d.target.astype(np.int64))
+    perm = torch.randperm(len(y), generator=torch.Generator().manual_seed(0))
+    test, train = perm[:360], perm[360:]
+    return ImageData("digits", Split(x[train], y[train], DIGITS_MEAN, DIGITS_STD, 1 / 16),
+                     Split(x[test], y[test], DIGITS_MEAN, DIGITS_STD, 1 / 16), 10)

@@ -1,0 +1,69 @@
+"""Export a pruned model so it reloads without its Python class: ``torch.export`` (.pt2) and ONNX."""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from pathlib import Path
+
+import torch
+from torch import nn
+
+__all__ = ["export_model", "load_exported"]
+
+log = logging.getLogger(__name__)
+
+
+def export_model(model: nn.Module, out_dir: str | Path, input_shape: tuple[int, ...], onnx: bool = True,
+                 atol: float = 1e-4) -> dict[str, str]:
+    """Write ``model.pt2`` (``torch.export``, dynamic batch) and, if onnx/onnxruntime are installed, ``model.onnx``.
+
+    Each file is reloaded and checked to give the same logits as ``model`` within ``atol``.
+    Files are written to a temporary name first, so a failure leaves nothing half-written.
+
+    :returns: format name -> path of each file written.
+    """
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    model = model.eval()
+    x = torch.randn(2, *input_shape, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ref = model(x)
+    written: dict[str, str] = {}
+    pt2 = out_dir / "model.pt2"
+    tmp = out_dir / ".model.tmp.pt2"  # torch.export wants the .pt2 suffix
+    batch = torch.export.Dim("batch", min=1, max=4096)
+    program = torch.export.export(model, (x,), dynamic_shapes=({0: batch},))
+    torch.export.save(program, tmp)
+    with torch.no_grad():
+        _check(load_exported(tmp)(x), ref, atol, "torch.export")
+    tmp.replace(pt2)
+    written["pt2"] = str(pt2)
+    if onnx:
+        try:
+            import onnxruntime as ort
+        except ImportError:
+            log.info("onnxruntime not installed: skipping ONNX export (pip install 'prunepilot[export]')")
+            return written
+        path = out_dir / "model.onnx"
+        tmp = out_dir / ".model.tmp.onnx"
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            torch.onnx.export(model, (x,), str(tmp), input_names=["input"], output_names=["logits"],
+                              dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}}, dynamo=False)
+        sess = ort.InferenceSession(str(tmp), providers=["CPUExecutionProvider"])
+        _check(torch.from_numpy(sess.run(None, {"input": x.numpy()})[0]), ref, atol, "ONNX")
+        tmp.replace(path)
+        written["onnx"] = str(path)
+    return written
+
+
+def load_exported(path: str | Path) -> nn.Module:
+    """Reload a ``model.pt2`` as a callable module (no Python class needed)."""
+    return torch.export.load(str(path)).module()
+
+
+def _check(out: torch.Tensor, ref: torch.Tensor, atol: float, what: str) -> None:
+    err = float((out - ref).abs().max())
+    if err > atol:
+        raise RuntimeError(f"{what} export changed the logits (max abs diff {err:.2e} > {atol})")

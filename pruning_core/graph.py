@@ -1,0 +1,373 @@
+"""One trace of a model: prunable channel groups, per-layer shapes and FLOPs, and the layer graph.
+
+Coupling comes from Torch-Pruning's ``DependencyGraph``. Each group it proposes is checked before
+it is accepted: every member whose *output* channels are removed must be covered completely and
+bijectively by the group's channels. Torch-Pruning 1.6.1 couples the three residual streams of the
+CIFAR ResNets (whose "option A" shortcut zero-pads channels) into one 16-index group; that group
+fails the check and is excluded with a logged reason, so those channels stay unpruned.
+
+FLOPs are multiply-accumulates (MACs) of one forward pass at batch 1, counted over conv and linear
+layers only (BN, activations and pooling are not counted). :func:`layer_macs` is the single formula;
+:meth:`ModelTrace.flops` applies it to any choice of kept channels without building the model, and
+:func:`measure_flops` applies it to a real module with forward hooks.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+import torch
+import torch_pruning as tp
+from torch import nn
+
+from pruning_core.errors import UserError
+
+__all__ = ["ChannelGroup", "GraphNode", "LayerInfo", "Member", "ModelTrace", "layer_macs", "measure_flops",
+           "trace_model"]
+
+log = logging.getLogger(__name__)
+
+_SUPPORTED = (nn.Conv2d, nn.Linear, nn.BatchNorm2d)
+# autograd function names (Torch-Pruning's element-wise ops) that become layer-graph nodes
+_GRAPH_OPS = {"AddBackward0": "add", "CatBackward0": "concat", "AvgPool2DBackward0": "pool",
+              "MaxPool2DWithIndicesBackward0": "pool", "AdaptiveAvgPool2DBackward0": "pool",
+              "MeanBackward1": "pool", "AdaptiveMaxPool2DBackward0": "pool"}
+OP_TYPES = ("conv", "dwconv", "linear", "bn", "add", "concat", "pool")
+
+
+@dataclass(frozen=True)
+class LayerInfo:
+    """Static shape of a conv, linear or BN layer in the dense model."""
+
+    name: str
+    kind: str  # "conv" | "linear" | "bn"
+    in_channels: int
+    out_channels: int
+    kernel: int = 1
+    stride: int = 1
+    groups: int = 1
+    out_hw: tuple[int, int] = (1, 1)
+
+    @property
+    def depthwise(self) -> bool:
+        return self.kind == "conv" and self.groups > 1 and self.groups == self.in_channels == self.out_channels
+
+
+@dataclass(frozen=True)
+class Member:
+    """One layer in a channel group: which dimension is cut and where each group channel lands.
+
+    ``index[j]`` lists the channels of this layer's ``dim`` that belong to group channel ``j``
+    (one for a plain layer, several after a flatten).
+    """
+
+    module: str
+    dim: str  # "out" (conv/linear out, BN features, depthwise conv) or "in"
+    index: tuple[tuple[int, ...], ...]
+
+
+@dataclass
+class ChannelGroup:
+    """Layers whose channels must be removed together, named after their root module."""
+
+    name: str
+    channels: int
+    members: list[Member]
+
+    def layers(self, dim: str) -> list[str]:
+        return [m.module for m in self.members if m.dim == dim]
+
+
+@dataclass(frozen=True)
+class GraphNode:
+    name: str
+    op: str  # one of OP_TYPES
+    module: str | None  # named_modules() name for layers, None for functional ops
+
+
+@dataclass
+class ModelTrace:
+    """Everything prunepilot needs to know about a model's structure, from one trace."""
+
+    input_shape: tuple[int, ...]
+    layers: dict[str, LayerInfo]
+    groups: list[ChannelGroup]  # prunable, in topological order
+    excluded: dict[str, str]  # group name -> reason it is not prunable
+    nodes: list[GraphNode]  # layer graph in topological order
+    edges: list[tuple[int, int]]  # data flow between nodes (source, target)
+    out_group: dict[str, str] = field(default_factory=dict)  # layer -> group governing its out channels
+    in_group: dict[str, str] = field(default_factory=dict)  # layer -> group governing its in channels
+
+    has_bias: dict[str, bool] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.group_index = {g.name: i for i, g in enumerate(self.groups)}
+        self.in_multiplicity: dict[str, int] = {}  # input features per group channel (>1 after a flatten)
+        for g in self.groups:
+            for m in g.members:
+                (self.out_group if m.dim == "out" else self.in_group)[m.module] = g.name
+                if m.dim == "in":
+                    self.in_multiplicity[m.module] = len(m.index[0])
+
+    def group(self, name: str) -> ChannelGroup:
+        if name not in self.group_index:
+            raise UserError(f"unknown group {name!r}; prunable groups are: {', '.join(self.group_index)}")
+        return self.groups[self.group_index[name]]
+
+    def channels_of(self, layer: str, kept: dict[str, int]) -> tuple[int, int, int]:
+        """(in, out, groups) channels of ``layer`` when each group keeps ``kept[group]`` channels."""
+        info = self.layers[layer]
+        g_out, g_in = self.out_group.get(layer), self.in_group.get(layer)
+        out_c = kept.get(g_out, info.out_channels) if g_out else info.out_channels
+        if info.depthwise:
+            return out_c, out_c, out_c
+        in_c = info.in_channels
+        if g_in:
+            removed = self.groups[self.group_index[g_in]].channels - kept.get(g_in, 0)
+            in_c -= removed * self.in_multiplicity[layer]
+        return in_c, out_c, info.groups
+
+    def layer_flops(self, kept: dict[str, int] | None = None) -> dict[str, int]:
+        """MACs of each conv/linear layer at batch 1 (dense when ``kept`` is None)."""
+        kept = kept if kept is not None else self.dense_kept()
+        out = {}
+        for name, info in self.layers.items():
+            if info.kind == "bn":
+                continue
+            in_c, out_c, groups = self.channels_of(name, kept)
+            out[name] = layer_macs(info.kind, in_c, out_c, groups, info.kernel, info.out_hw)
+        return out
+
+    def flops(self, kept: dict[str, int] | None = None) -> int:
+        return sum(self.layer_flops(kept).values())
+
+    def layer_params(self, kept: dict[str, int] | None = None) -> dict[str, int]:
+        kept = kept if kept is not None else self.dense_kept()
+        out = {}
+        for name, info in self.layers.items():
+            in_c, out_c, groups = self.channels_of(name, kept)
+            if info.kind == "bn":
+                out[name] = 2 * out_c
+            else:
+                out[name] = out_c * (in_c // groups) * info.kernel**2 + (out_c if self.has_bias.get(name) else 0)
+        return out
+
+    def params(self, kept: dict[str, int] | None = None) -> int:
+        """Parameters of conv, linear and BN layers (weights, biases, BN affine)."""
+        return sum(self.layer_params(kept).values())
+
+    def dense_kept(self) -> dict[str, int]:
+        return {g.name: g.channels for g in self.groups}
+
+
+def layer_macs(kind: str, in_c: int, out_c: int, groups: int, kernel: int, out_hw: tuple[int, int]) -> int:
+    """Multiply-accumulates of one conv or linear layer at batch 1: the project's only FLOPs formula."""
+    if kind == "linear":
+        return in_c * out_c
+    return out_hw[0] * out_hw[1] * out_c * (in_c // groups) * kernel * kernel
+
+
+def measure_flops(model: nn.Module, input_shape: tuple[int, ...]) -> int:
+    """Count MACs of a real module at batch 1 with forward hooks, using :func:`layer_macs`."""
+    total = 0
+
+    def hook(mod: nn.Module, _inp: tuple, out: torch.Tensor) -> None:
+        nonlocal total
+        if isinstance(mod, nn.Conv2d):
+            total += layer_macs("conv", mod.in_channels, mod.out_channels, mod.groups, mod.kernel_size[0],
+                                tuple(out.shape[2:]))
+        else:
+            total += layer_macs("linear", mod.in_features, mod.out_features, 1, 1, (1, 1))
+
+    handles = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    try:
+        was_training = model.training
+        model.eval()
+        with torch.no_grad():
+            model(torch.zeros(1, *input_shape))
+        model.train(was_training)
+    finally:
+        for h in handles:
+            h.remove()
+    return total
+
+
+def _check_supported(model: nn.Module) -> None:
+    for name, mod in model.named_modules():
+        own_params = list(mod.parameters(recurse=False))
+        if own_params and not isinstance(mod, _SUPPORTED):
+            raise UserError(f"module {name!r} ({type(mod).__name__}) has parameters but is not supported; "
+                            "prunepilot prunes Conv2d, Linear and BatchNorm2d networks")
+        if isinstance(mod, nn.Conv2d):
+            if mod.groups > 1 and not (mod.groups == mod.in_channels == mod.out_channels):
+                raise UserError(f"module {name!r}: grouped conv with groups={mod.groups} is not supported "
+                                "(only dense and depthwise convs are)")
+            if mod.kernel_size[0] != mod.kernel_size[1]:
+                raise UserError(f"module {name!r}: non-square kernel {mod.kernel_size} is not supported")
+
+
+def trace_model(model: nn.Module, input_shape: tuple[int, ...]) -> ModelTrace:
+    """Trace ``model`` once (on a copy's forward at batch 1) and return its :class:`ModelTrace`.
+
+    :param input_shape: one input without the batch dimension, e.g. ``(3, 32, 32)``.
+    :raises UserError: an unsupported layer, or a model that does not run on ``input_shape``.
+    """
+    _check_supported(model)
+    was_training = model.training
+    model.eval()
+    names = {m: n for n, m in model.named_modules()}
+    shapes: dict[str, tuple[int, int]] = {}
+
+    def hook(mod: nn.Module, _inp: tuple, out: torch.Tensor) -> None:
+        shapes[names[mod]] = tuple(out.shape[2:4]) if out.dim() == 4 else (1, 1)
+
+    handles = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, _SUPPORTED)]
+    try:
+        dg = tp.DependencyGraph().build_dependency(model, example_inputs=torch.zeros(1, *input_shape))
+    except Exception as e:  # noqa: BLE001 - report any tracing failure as a user error with the cause
+        raise UserError(f"cannot trace {type(model).__name__} on input shape {input_shape}: {e}") from e
+    finally:
+        for h in handles:
+            h.remove()
+        model.train(was_training)
+
+    layers: dict[str, LayerInfo] = {}
+    has_bias: dict[str, bool] = {}
+    for name, mod in model.named_modules():
+        if name not in shapes:
+            continue
+        if isinstance(mod, nn.Conv2d):
+            layers[name] = LayerInfo(name, "conv", mod.in_channels, mod.out_channels, mod.kernel_size[0],
+                                     mod.stride[0], mod.groups, shapes[name])
+            has_bias[name] = mod.bias is not None
+        elif isinstance(mod, nn.Linear):
+            layers[name] = LayerInfo(name, "linear", mod.in_features, mod.out_features)
+            has_bias[name] = mod.bias is not None
+        elif isinstance(mod, nn.BatchNorm2d):
+            layers[name] = LayerInfo(name, "bn", mod.num_features, mod.num_features, out_hw=shapes[name])
+
+    nodes, edges = _layer_graph(dg, names)
+    order = {n.module: i for i, n in enumerate(nodes) if n.module}
+    outputs = [names[m] for m, node in dg.module2node.items()
+               if m in names and not node.outputs and isinstance(m, (nn.Conv2d, nn.Linear))]
+    groups, excluded = _channel_groups(dg, model, names, layers, outputs)
+    groups.sort(key=lambda g: order.get(g.name, len(order)))
+    for name, reason in excluded.items():
+        log.info("group %s is not prunable: %s", name, reason)
+    return ModelTrace(tuple(input_shape), layers, groups, excluded, nodes, edges, has_bias=has_bias)
+
+
+def _channel_groups(dg: tp.DependencyGraph, model: nn.Module, names: dict, layers: dict[str, LayerInfo],
+                    outputs: list[str]) -> tuple[list[ChannelGroup], dict[str, str]]:
+    modules = dict(model.named_modules())
+    ignored = [modules[n] for n in outputs]
+    groups: list[ChannelGroup] = []
+    excluded: dict[str, str] = {}
+    definition_order = {n: i for i, n in enumerate(modules)}
+    for tp_group in dg.get_all_groups(ignored_layers=ignored, root_module_types=[nn.Conv2d, nn.Linear]):
+        root_len = len(tp_group.items[0].idxs)
+        members: list[Member] = []
+        problem = None
+        for item in tp_group.items:
+            mod = item.dep.target.module
+            if mod not in names or not isinstance(mod, _SUPPORTED):
+                continue  # functional op: nothing to cut
+            name = names[mod]
+            handler = item.dep.handler.__name__
+            dim = "out" if handler == "prune_out_channels" or isinstance(mod, nn.BatchNorm2d) else "in"
+            info = layers[name]
+            full = info.out_channels if dim == "out" else info.in_channels
+            root_idxs = [int(r) for r in (item.root_idxs if item.root_idxs is not None else item.idxs)]
+            idxs = [int(i) for i in item.idxs]
+            index: list[list[int]] = [[] for _ in range(root_len)]
+            for r, i in zip(root_idxs, idxs):
+                if r >= root_len:
+                    problem = f"{name} maps to group channel {r} of {root_len}"
+                    break
+                index[r].append(i)
+            if problem:
+                break
+            if dim == "out" and (len(idxs) != full or sorted(idxs) != list(range(full))):
+                problem = (f"{name} has {full} output channels but the traced group covers {len(set(idxs))} of "
+                           "them (a channel-padding or slicing op couples unequal widths)")
+                break
+            if any(len(ix) != len(index[0]) for ix in index) or len(set(idxs)) != len(idxs):
+                problem = f"{name} maps group channels unevenly"
+                break
+            if name not in {m.module for m in members}:
+                members.append(Member(name, dim, tuple(tuple(ix) for ix in index)))
+        outs = [m for m in members if m.dim == "out" and layers[m.module].kind != "bn"]
+        candidates = sorted(outs or members, key=lambda m: (layers[m.module].depthwise, definition_order[m.module]))
+        gname = candidates[0].module if candidates else names.get(tp_group.items[0].dep.target.module, "?")
+        if problem is None and not outs:
+            problem = "no conv or linear layer produces these channels"
+        if problem:
+            excluded[gname] = problem
+            continue
+        groups.append(ChannelGroup(gname, root_len, members))
+    return groups, excluded
+
+
+def _layer_graph(dg: tp.DependencyGraph, names: dict) -> tuple[list[GraphNode], list[tuple[int, int]]]:
+    """Contract Torch-Pruning's traced node graph to the layers and ops that matter."""
+    tp_nodes = list(dg.module2node.values())
+
+    def kind(node) -> str | None:
+        mod = node.module
+        if isinstance(mod, nn.Conv2d):
+            return "dwconv" if mod.groups > 1 else "conv"
+        if isinstance(mod, nn.Linear):
+            return "linear"
+        if isinstance(mod, nn.BatchNorm2d):
+            return "bn"
+        if type(mod).__name__ == "_ConcatOp":
+            return "concat"
+        fn = node.grad_fn.name() if node.grad_fn is not None and hasattr(node.grad_fn, "name") else ""
+        return _GRAPH_OPS.get(fn)
+
+    kept = {id(n): kind(n) for n in tp_nodes}
+    # successors of each kept node, skipping through the others
+    def kept_successors(node, seen: set) -> list:
+        out = []
+        for nxt in node.outputs:
+            if id(nxt) in seen:
+                continue
+            seen.add(id(nxt))
+            out.extend([nxt] if kept[id(nxt)] else kept_successors(nxt, seen))
+        return out
+
+    succ = {id(n): kept_successors(n, set()) for n in tp_nodes if kept[id(n)]}
+    # topological order (Kahn), ties broken by discovery order from the inputs
+    indeg = {k: 0 for k in succ}
+    for outs in succ.values():
+        for o in outs:
+            indeg[id(o)] += 1
+    by_id = {id(n): n for n in tp_nodes}
+    ready = sorted((k for k, d in indeg.items() if d == 0), key=lambda k: _def_key(by_id[k], names))
+    order: list[int] = []
+    while ready:
+        k = ready.pop(0)
+        order.append(k)
+        for o in sorted(succ[k], key=lambda n: _def_key(n, names)):
+            indeg[id(o)] -= 1
+            if indeg[id(o)] == 0:
+                ready.append(id(o))
+    index = {k: i for i, k in enumerate(order)}
+    nodes = []
+    counters: dict[str, int] = {}
+    for k in order:
+        n = by_id[k]
+        op = kept[k]
+        if n.module in names:
+            nodes.append(GraphNode(names[n.module], op, names[n.module]))
+        else:
+            counters[op] = counters.get(op, 0) + 1
+            nodes.append(GraphNode(f"{op}_{counters[op]}", op, None))
+    edges = sorted({(index[k], index[id(o)]) for k in order for o in succ[k]})
+    return nodes, edges
+
+
+def _def_key(node, names: dict) -> tuple[int, str]:
+    name = names.get(node.module)
+    return (0, name) if name is not None else (1, node.name)

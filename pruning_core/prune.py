@@ -1,0 +1,163 @@
+"""Physical channel removal and the ratio helpers (uniform for a FLOPs target, Taylor global ranking)."""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import torch
+from torch import nn
+
+from pruning_core.errors import UserError
+from pruning_core.graph import ModelTrace
+
+__all__ = ["check_ratios", "global_ratios", "kept_channels", "kept_counts", "prune", "uniform_ratios"]
+
+
+def kept_channels(channels: int, ratio: float, round_to: int | None = None) -> int:
+    """Channels a group of ``channels`` keeps at pruning ``ratio``: at least one, rounded up to ``round_to``."""
+    keep = max(1, int(round((1.0 - ratio) * channels)))
+    if round_to and round_to > 1 and channels > round_to:
+        keep = min(channels, int(math.ceil(keep / round_to) * round_to))
+    return keep
+
+
+def check_ratios(trace: ModelTrace, ratios: dict[str, float]) -> None:
+    """Raise :class:`UserError` for an unknown group name or a ratio outside ``[0, 1)``."""
+    for name, r in ratios.items():
+        trace.group(name)  # raises for unknown names
+        if not isinstance(r, (int, float)) or math.isnan(r) or not 0.0 <= r < 1.0:
+            raise UserError(f"ratio for group {name!r} is {r!r}; a pruning ratio must be in [0, 1)")
+
+
+def kept_counts(trace: ModelTrace, ratios: dict[str, float], round_to: int | None = None) -> dict[str, int]:
+    """Channels kept per group; groups missing from ``ratios`` stay dense."""
+    return {g.name: kept_channels(g.channels, ratios.get(g.name, 0.0), round_to) for g in trace.groups}
+
+
+def prune(model: nn.Module, ratios: dict[str, float], scores: dict[str, torch.Tensor], trace: ModelTrace,
+          round_to: int | None = None) -> nn.Module:
+    """Return a physically smaller copy of ``model``; the input model is never modified.
+
+    Each group keeps its ``kept_channels`` highest-scoring channels (in their original order), removed
+    from every member layer's weights, biases and BN statistics.
+
+    :param ratios: pruning ratio per group name, each in ``[0, 1)``; missing groups are not pruned.
+    :param scores: one score per channel per group (e.g. from :class:`TaylorImportance`).
+    """
+    check_ratios(trace, ratios)
+    kept = kept_counts(trace, ratios, round_to)
+    net = copy.deepcopy(model)
+    modules = dict(net.named_modules())
+    for g in trace.groups:
+        if kept[g.name] == g.channels:
+            continue
+        keep = torch.topk(scores[g.name].float(), kept[g.name]).indices.sort().values
+        for m in g.members:
+            idx = torch.tensor(m.index)[keep].flatten()
+            _slice(modules[m.module], m.dim, idx)
+    return net
+
+
+@torch.no_grad()
+def _slice(mod: nn.Module, dim: str, idx: torch.Tensor) -> None:
+    def cut(p: torch.Tensor | None, axis: int) -> torch.Tensor | None:
+        return None if p is None else p.index_select(axis, idx).clone()
+
+    if isinstance(mod, nn.BatchNorm2d):
+        mod.weight = nn.Parameter(cut(mod.weight, 0))
+        mod.bias = nn.Parameter(cut(mod.bias, 0))
+        mod.running_mean, mod.running_var = cut(mod.running_mean, 0), cut(mod.running_var, 0)
+        mod.num_features = len(idx)
+    elif isinstance(mod, nn.Conv2d):
+        if dim == "out":
+            mod.weight = nn.Parameter(cut(mod.weight, 0))
+            if mod.bias is not None:
+                mod.bias = nn.Parameter(cut(mod.bias, 0))
+            mod.out_channels = len(idx)
+            if mod.groups > 1:  # depthwise: input channels and groups follow
+                mod.in_channels = mod.groups = len(idx)
+        else:
+            mod.weight = nn.Parameter(cut(mod.weight, 1))
+            mod.in_channels = len(idx)
+    elif isinstance(mod, nn.Linear):
+        if dim == "out":
+            mod.weight = nn.Parameter(cut(mod.weight, 0))
+            if mod.bias is not None:
+                mod.bias = nn.Parameter(cut(mod.bias, 0))
+            mod.out_features = len(idx)
+        else:
+            mod.weight = nn.Parameter(cut(mod.weight, 1))
+            mod.in_features = len(idx)
+
+
+def _check_target(trace: ModelTrace, target: float, max_ratio: float, round_to: int | None) -> int:
+    if not 0.0 < target <= 1.0:
+        raise UserError(f"FLOPs target {target} must be in (0, 1]")
+    dense = trace.flops()
+    floor = trace.flops(kept_counts(trace, {g.name: max_ratio for g in trace.groups}, round_to)) / dense
+    if floor > target + 1e-12:
+        raise UserError(f"FLOPs target {target:.3f} is unreachable: with every prunable group at max ratio "
+                        f"{max_ratio} the model keeps {floor:.3f} of its FLOPs; raise the target or --max-ratio")
+    return dense
+
+
+def uniform_ratios(trace: ModelTrace, target: float, max_ratio: float = 0.9,
+                   round_to: int | None = None) -> dict[str, float]:
+    """The smallest single ratio for all groups whose pruned FLOPs are at most ``target`` of dense.
+
+    Groups then take back one channel each, in order, while the budget holds, so the result lands
+    close below the target even when every group is narrow.
+    """
+    dense = _check_target(trace, target, max_ratio, round_to)
+    lo, hi = 0.0, max_ratio
+    if trace.flops() <= target * dense:
+        return {g.name: 0.0 for g in trace.groups}
+    for _ in range(40):
+        mid = (lo + hi) / 2
+        if trace.flops(kept_counts(trace, {g.name: mid for g in trace.groups}, round_to)) <= target * dense:
+            hi = mid
+        else:
+            lo = mid
+    # One shared ratio moves every group at once, so the FLOPs step can be coarse; give back one channel
+    # per group, in order, while the budget still holds (ratios stay within one channel of uniform).
+    ratios = {g.name: hi for g in trace.groups}
+    step = round_to if round_to and round_to > 1 else 1
+    for g in trace.groups:
+        kept = kept_channels(g.channels, ratios[g.name], round_to)
+        if kept + step > g.channels:
+            continue
+        trial = {**ratios, g.name: 1.0 - (kept + step) / g.channels}
+        if trace.flops(kept_counts(trace, trial, round_to)) <= target * dense:
+            ratios = trial
+    return ratios
+
+
+def global_ratios(trace: ModelTrace, scores: dict[str, torch.Tensor], target: float, max_ratio: float = 0.9,
+                  round_to: int | None = None) -> dict[str, float]:
+    """Molchanov's global ranking: remove the lowest-scoring channels network-wide until FLOPs meet ``target``.
+
+    No group loses more than ``max_ratio`` of its channels.
+    """
+    dense = _check_target(trace, target, max_ratio, round_to)
+    entries = sorted((float(s), g.name) for g in trace.groups for s in scores[g.name])
+    cap = {g.name: g.channels - kept_channels(g.channels, max_ratio) for g in trace.groups}
+
+    def ratios_for(k: int) -> dict[str, float]:
+        removed = dict.fromkeys(cap, 0)
+        for _, name in entries[:k]:
+            if removed[name] < cap[name]:
+                removed[name] += 1
+        return {g.name: removed[g.name] / g.channels for g in trace.groups}
+
+    def fits(k: int) -> bool:
+        return trace.flops(kept_counts(trace, ratios_for(k), round_to)) <= target * dense
+
+    lo, hi = 0, len(entries)
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if fits(mid):
+            hi = mid
+        else:
+            lo = mid + 1
+    return ratios_for(lo)

@@ -1,0 +1,142 @@
+"""A pruning session: one model, its data splits, its trace and its cached importance scores.
+
+The CLI, the environment and the agent all work through this object, so a model is traced and scored
+once and every method sees the same scores, reward split and calibration images.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import time
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from pruning_core.data import ImageData, Split, load_data, make_splits
+from pruning_core.errors import UserError
+from pruning_core.evaluate import accuracy, adapt_bn, finetune
+from pruning_core.graph import ModelTrace, trace_model
+from pruning_core.importance import L1Importance, TaylorImportance
+from pruning_core.prune import kept_counts, prune
+from pruning_core.zoo import build_model, load_weights
+
+__all__ = ["PruningSession", "SessionConfig"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class SessionConfig:
+    """Data and evaluation settings shared by every method that prunes this model."""
+
+    reward_images: int = 1000
+    """Training images in the reward split (accuracy that search methods optimise)."""
+    calib_batches: int = 10
+    """Minibatches of training images for adaptive BN recalibration."""
+    batch_size: int = 64
+    """Batch size for calibration, scoring and fine-tuning."""
+    taylor_batches: int = 8
+    """Minibatches of training images that Taylor scores are averaged over."""
+    importance: str = "taylor"
+    """Channel criterion: ``taylor`` (Molchanov 2019) or ``l1``."""
+    seed: int = 0
+    """Seed for the reward/calibration subsets and the scoring batches."""
+
+
+class PruningSession:
+    """Load, trace and score a model once; then build, recalibrate and evaluate pruned copies.
+
+    :param model: a zoo name, ``package.module:factory``, or an ``nn.Module`` (used as is, never modified).
+    :param weights: checkpoint path, or None to use the model's current weights.
+    :param data: a data spec (``cifar10:DIR``, ``imagefolder:DIR``, ``digits``) or an :class:`ImageData`.
+    """
+
+    def __init__(self, model: str | nn.Module, weights: str | None, data: str | ImageData,
+                 config: SessionConfig | None = None):
+        self.config = config = config or SessionConfig()
+        self.model_name = model if isinstance(model, str) else type(model).__name__
+        self.model = build_model(model)
+        if weights:
+            load_weights(self.model, weights)
+        self.model.eval()
+        self.data = load_data(data) if isinstance(data, str) else data
+        self.splits = make_splits(self.data, config.reward_images, config.calib_batches * config.batch_size,
+                                  config.seed)
+        self._check_model_fits()
+        t = time.perf_counter()
+        self.trace: ModelTrace = trace_model(self.model, self.data.input_shape)
+        self.timings = {"trace_s": time.perf_counter() - t}
+        if not self.trace.groups:
+            raise UserError(f"{self.model_name} has no prunable channel groups "
+                            f"(excluded: {self.trace.excluded or 'none found'})")
+        t = time.perf_counter()
+        self.scores = self._score()
+        self.timings["score_s"] = time.perf_counter() - t
+        self.flops_dense = self.trace.flops()
+        self.params_dense = self.trace.params()
+        self._dense_acc: dict[str, float] = {}
+
+    def _check_model_fits(self) -> None:
+        x, _ = next(self.data.test.batches(2))
+        try:
+            with torch.no_grad():
+                out = self.model(x)
+        except Exception as e:  # noqa: BLE001
+            raise UserError(f"{self.model_name} does not run on {self.data.name} images of shape "
+                            f"{tuple(x.shape[1:])}: {e}") from e
+        if out.dim() != 2 or out.shape[1] != self.data.num_classes:
+            raise UserError(f"{self.model_name} outputs shape {tuple(out.shape)} but {self.data.name} has "
+                            f"{self.data.num_classes} classes")
+
+    def _score(self) -> dict[str, torch.Tensor]:
+        if self.config.importance == "l1":
+            return L1Importance()(self.model, None, self.trace)
+        if self.config.importance != "taylor":
+            raise UserError(f"unknown importance {self.config.importance!r}; use taylor or l1")
+        gen = torch.Generator().manual_seed(self.config.seed)
+        batches = self.splits.train.batches(self.config.batch_size, shuffle=True, generator=gen)
+        return TaylorImportance(self.config.taylor_batches)(self.model, batches, self.trace)
+
+    def split(self, name: str) -> Split:
+        return {"reward": self.splits.reward, "calib": self.splits.calib, "test": self.splits.test,
+                "train": self.splits.train}[name]
+
+    def dense_accuracy(self, split: str = "test") -> float:
+        if split not in self._dense_acc:
+            self._dense_acc[split] = accuracy(self.model, self.split(split))
+        return self._dense_acc[split]
+
+    def build(self, ratios: dict[str, float], round_to: int | None = None, adapt: bool = True) -> nn.Module:
+        """Prune a copy of the model with the cached scores and, by default, recalibrate its BN."""
+        pruned = prune(self.model, ratios, self.scores, self.trace, round_to)
+        if adapt:
+            adapt_bn(pruned, self.splits.calib, self.config.calib_batches, self.config.batch_size)
+        return pruned.eval()
+
+    def finetune(self, model: nn.Module, epochs: int, kd: bool = True, lr: float = 0.01,
+                 progress: bool = False) -> nn.Module:
+        """Fine-tune ``model`` in place on the training images, distilling from the dense model when ``kd``."""
+        teacher = copy.deepcopy(self.model) if kd else None
+        return finetune(model, self.splits.train, epochs, lr, self.config.batch_size, teacher=teacher,
+                        seed=self.config.seed, augment=self.data.name != "digits", progress=progress)
+
+    def measure(self, ratios: dict[str, float], round_to: int | None = None) -> dict[str, float]:
+        kept = kept_counts(self.trace, ratios, round_to)
+        return {"flops": self.trace.flops(kept), "flops_ratio": self.trace.flops(kept) / self.flops_dense,
+                "params_ratio": self.trace.params(kept) / self.params_dense}
+
+    def report(self, model: nn.Module, ratios: dict[str, float], method: str, seed: int, time_s: float,
+               round_to: int | None = None, **extra: object) -> dict:
+        """The DESIGN.md JSON report for a pruned ``model`` built from ``ratios``."""
+        m = self.measure(ratios, round_to)
+        return {
+            "model": self.model_name, "data": self.data.name, "flops_dense": self.flops_dense,
+            "flops": m["flops"], "flops_ratio": round(m["flops_ratio"], 6),
+            "params_dense": self.params_dense, "params_ratio": round(m["params_ratio"], 6),
+            "acc_dense": self.dense_accuracy("test"), "acc": accuracy(model, self.splits.test), "acc_split": "test",
+            "acc_reward": accuracy(model, self.splits.reward),
+            "ratios": {k: round(float(v), 6) for k, v in ratios.items()}, "method": method, "seed": seed,
+            "time_s": round(time_s, 3), **extra,
+        }

@@ -1,0 +1,42 @@
+from pathlib import Path
+
+import pytest
+import torch
+
+ASSETS = Path(__file__).resolve().parents[2] / "shared" / "assets"
+CIFAR = ASSETS / "cifar10-subset"
+R20 = ASSETS / "weights" / "resnet20-12fca82f.th"
+R56 = ASSETS / "weights" / "resnet56-4bfd9763.th"
+
+needs_assets = pytest.mark.skipif(not (CIFAR.is_dir() and R20.is_file() and R56.is_file()),
+                                  reason=f"shared assets not found at {ASSETS} (clone with ../shared beside it)")
+
+
+@pytest.fixture(autouse=True)
+def _torch_threads():
+    torch.manual_seed(0)
+    yield
+
+
+@pytest.fixture(scope="session")
+def cifar():
+    from pruning_core import load_data
+    return load_data(f"cifar10:{CIFAR}")
+
+
+@pytest.fixture(scope="session")
+def resnet20():
+    from pruning_core import build_model, load_weights
+    return load_weights(build_model("resnet20"), R20).eval()
+
+
+@pytest.fixture(scope="session")
+def resnet56():
+    from pruning_core import build_model, load_weights
+    return load_weights(build_model("resnet56"), R56).eval()
+
+
+@pytest.fixture(scope="session")
+def digits():
+    from pruning_core import load_data
+    return load_data("digits")

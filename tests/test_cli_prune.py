@@ -1,0 +1,79 @@
+import json
+
+import pytest
+from conftest import CIFAR, R20, R56, needs_assets
+
+from agent.cli import main
+
+R56_ARGS = ["--model", "resnet56", "--weights", str(R56), "--data", f"cifar10:{CIFAR}"]
+
+
+def run(capsys, argv):
+    code = main(argv)
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+@needs_assets
+def test_prune_cli_report_meets_budget(tmp_path, capsys):
+    out_dir = tmp_path / "out"
+    code, out, err = run(capsys, ["prune", *R56_ARGS, "--flops", "0.5", "--method", "global", "--json",
+                                  "--reward-images", "200", "--calib-batches", "2", "--out", str(out_dir)])
+    assert code == 0, err
+    report = json.loads(out)
+    for key in ("model", "flops_dense", "flops", "flops_ratio", "params_ratio", "acc_dense", "acc", "acc_split",
+                "acc_reward", "ratios", "method", "seed", "time_s"):
+        assert key in report
+    assert 0.48 <= report["flops_ratio"] <= 0.5
+    assert report["acc_split"] == "test" and report["method"] == "global"
+    assert report["acc"] > 30.0  # adaptive BN keeps a global-ranked 50% ResNet-56 far above chance
+    assert json.loads((out_dir / "report.json").read_text())["flops"] == report["flops"]
+    assert (out_dir / "model.pt2").is_file()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+
+def bad_cases(tmp_path):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    ratios_one = tmp_path / "one.json"
+    ratios_one.write_text(json.dumps({"layer1.0.conv1": 1.0}))
+    ratios_neg = tmp_path / "neg.json"
+    ratios_neg.write_text(json.dumps({"layer1.0.conv1": -0.2}))
+    ratios_unknown = tmp_path / "unknown.json"
+    ratios_unknown.write_text(json.dumps({"layer9.conv": 0.2}))
+    data = ["--data", f"cifar10:{CIFAR}"]
+    r20 = ["--model", "resnet20", "--weights", str(R20), *data]
+    return {
+        "missing weights": (["--model", "resnet20", "--weights", str(tmp_path / "nope.th"), *data],
+                            "weights file not found"),
+        "other architecture": (["--model", "resnet56", "--weights", str(R20), *data], "do not fit"),
+        "ratio 1.0": ([*r20, "--ratios", str(ratios_one)], "must be in [0, 1)"),
+        "negative ratio": ([*r20, "--ratios", str(ratios_neg)], "must be in [0, 1)"),
+        "unknown group": ([*r20, "--ratios", str(ratios_unknown)], "unknown group 'layer9.conv'"),
+        "no batches": (["--model", "resnet20", "--weights", str(R20), "--data", f"cifar10:{empty}"],
+                       "no CIFAR-10 batches"),
+        "unknown model": (["--model", "resnet7", *data], "unknown model"),
+        "unreachable budget": ([*r20, "--flops", "0.05"], "unreachable"),
+    }
+
+
+@needs_assets
+@pytest.mark.parametrize("case", ["missing weights", "other architecture", "ratio 1.0", "negative ratio",
+                                  "unknown group", "no batches", "unknown model", "unreachable budget"])
+def test_bad_input_clear_error(case, tmp_path, capsys):
+    argv, message = bad_cases(tmp_path)[case]
+    out_dir = tmp_path / "out"
+    code, out, err = run(capsys, ["prune", *argv, "--reward-images", "64", "--calib-batches", "1",
+                                  "--out", str(out_dir)])
+    assert code == 2
+    assert message in err
+    assert "Traceback" not in err and err.count("\n") == 1
+    assert not out_dir.exists()
+
+
+def test_help_explains(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["prune", "--help"])
+    assert e.value.code == 0
+    text = capsys.readouterr().out
+    assert "--flops" in text and "--adapt-bn" in text and "--finetune-epochs" in text

@@ -1,0 +1,205 @@
+import copy
+import random
+import time
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import needs_assets
+from torch import nn
+
+from pruning_core import (
+    UserError,
+    accuracy,
+    build_model,
+    export_model,
+    global_ratios,
+    kept_counts,
+    load_exported,
+    measure_flops,
+    prune,
+    trace_model,
+    uniform_ratios,
+)
+from pruning_core.importance import TaylorImportance
+
+
+def randomise(model: nn.Module, seed: int = 0) -> nn.Module:
+    """Give BN layers non-trivial statistics so that masking mistakes show in the logits."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.weight.copy_(torch.rand(m.num_features, generator=g) + 0.5)
+                m.bias.copy_(torch.randn(m.num_features, generator=g) * 0.2)
+                m.running_mean.copy_(torch.randn(m.num_features, generator=g) * 0.1)
+                m.running_var.copy_(torch.rand(m.num_features, generator=g) + 0.5)
+    return model.eval()
+
+
+def masked(model: nn.Module, trace, ratios, scores) -> nn.Module:
+    """The dense model with the pruned channels' BN gates (or, without BN, filters) zeroed."""
+    net = copy.deepcopy(model)
+    mods = dict(net.named_modules())
+    kept = kept_counts(trace, ratios)
+    with torch.no_grad():
+        for g in trace.groups:
+            keep = set(torch.topk(scores[g.name].float(), kept[g.name]).indices.tolist())
+            drop = [c for c in range(g.channels) if c not in keep]
+            outs = [m for m in g.members if m.dim == "out"]
+            bns = [m for m in outs if isinstance(mods[m.module], nn.BatchNorm2d)]
+            for m in bns or outs:
+                idx = torch.tensor([i for c in drop for i in m.index[c]], dtype=torch.long)
+                mod = mods[m.module]
+                mod.weight[idx] = 0
+                if mod.bias is not None:
+                    mod.bias[idx] = 0
+    return net
+
+
+def random_ratios(trace, rng: random.Random) -> dict[str, float]:
+    return {g.name: rng.uniform(0.0, 0.9) for g in trace.groups if rng.random() < 0.85}
+
+
+def check_equivalence(model, input_shape, n_dicts=3):
+    trace = trace_model(model, input_shape)
+    rng = random.Random(0)
+    x = torch.randn(8, *input_shape)
+    for i in range(n_dicts):
+        scores = {g.name: torch.rand(g.channels, generator=torch.Generator().manual_seed(i)) for g in trace.groups}
+        ratios = random_ratios(trace, rng)
+        pruned = prune(model, ratios, scores, trace)
+        with torch.no_grad():
+            ref, out = masked(model, trace, ratios, scores)(x), pruned(x)
+        assert measure_flops(pruned, input_shape) == trace.flops(kept_counts(trace, ratios))
+        assert sum(p.numel() for p in pruned.parameters()) == trace.params(kept_counts(trace, ratios))
+        assert torch.allclose(out, ref, atol=1e-4), float((out - ref).abs().max())
+
+
+@needs_assets
+@pytest.mark.parametrize("name", ["resnet20", "resnet56"])
+def test_equivalence_real_resnets(name, request):
+    check_equivalence(request.getfixturevalue(name), (3, 32, 32))
+
+
+@pytest.mark.parametrize("name", ["vgg16_bn", "vgg11_bn", "mobilenetv2", "digits_cnn"])
+def test_equivalence_random_weights(name):
+    shape = (1, 8, 8) if name.startswith("digits") else (3, 32, 32)
+    check_equivalence(randomise(build_model(name)), shape)
+
+
+def test_resnet_padding_shortcut_group_is_excluded():
+    trace = trace_model(build_model("resnet20"), (3, 32, 32))
+    assert [g.name for g in trace.groups] == [f"layer{s}.{b}.conv1" for s in (1, 2, 3) for b in range(3)]
+    assert len(trace.excluded) == 1
+    reason = next(iter(trace.excluded.values()))
+    assert "output channels" in reason and "covers 16" in reason
+
+
+def test_depthwise_conv_coupled_with_producer():
+    trace = trace_model(build_model("mobilenetv2"), (3, 32, 32))
+    for layer, info in trace.layers.items():
+        if info.depthwise and layer != "features.3.conv.0":
+            group = trace.group(trace.out_group[layer])
+            producers = [m.module for m in group.members if m.dim == "out" and not trace.layers[m.module].depthwise
+                         and trace.layers[m.module].kind == "conv"]
+            assert producers, f"depthwise {layer} has no producing conv in its group"
+
+
+def test_prune_leaves_input_model_untouched_and_is_fast():
+    model = randomise(build_model("resnet56"))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    trace = trace_model(model, (3, 32, 32))
+    scores = {g.name: torch.rand(g.channels) for g in trace.groups}
+    t = time.perf_counter()
+    prune(model, uniform_ratios(trace, 0.5), scores, trace)
+    assert time.perf_counter() - t < 1.0
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_round_to_and_min_one_channel():
+    trace = trace_model(build_model("vgg11_bn"), (3, 32, 32))
+    scores = {g.name: torch.rand(g.channels) for g in trace.groups}
+    pruned = prune(build_model("vgg11_bn"), {g.name: 0.37 for g in trace.groups}, scores, trace, round_to=8)
+    convs = [m for m in pruned.modules() if isinstance(m, nn.Conv2d)]
+    assert all(c.out_channels % 8 == 0 for c in convs)
+    tiny = prune(build_model("vgg11_bn"), {g.name: 0.999 for g in trace.groups}, scores, trace)
+    assert all(c.out_channels == 1 for c in tiny.modules() if isinstance(c, nn.Conv2d))
+
+
+@pytest.mark.parametrize("name", ["resnet56", "mobilenetv2", "vgg16_bn"])
+def test_budget_never_exceeded(name):
+    trace = trace_model(build_model(name), (3, 32, 32))
+    rng = random.Random(1)
+    dense = trace.flops()
+    for _ in range(15):
+        target = rng.uniform(0.3, 0.9)
+        scores = {g.name: torch.rand(g.channels) for g in trace.groups}
+        for ratios in (uniform_ratios(trace, target), global_ratios(trace, scores, target)):
+            achieved = trace.flops(kept_counts(trace, ratios)) / dense
+            assert achieved <= target
+            assert achieved >= target - 0.02
+
+
+def test_unreachable_target_and_bad_ratios():
+    trace = trace_model(build_model("resnet20"), (3, 32, 32))
+    with pytest.raises(UserError, match="unreachable"):
+        uniform_ratios(trace, 0.01)
+    scores = {g.name: torch.rand(g.channels) for g in trace.groups}
+    for bad in (1.0, -0.1, float("nan")):
+        with pytest.raises(UserError, match=r"\[0, 1\)"):
+            prune(build_model("resnet20"), {"layer1.0.conv1": bad}, scores, trace)
+    with pytest.raises(UserError, match="unknown group 'nope'"):
+        prune(build_model("resnet20"), {"nope": 0.5}, scores, trace)
+
+
+def test_unsupported_layer_names_the_module():
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.GroupNorm(2, 8), nn.Flatten(), nn.LazyLinear(10))
+    model(torch.zeros(1, 3, 8, 8))
+    with pytest.raises(UserError, match=r"'1' \(GroupNorm\)"):
+        trace_model(model, (3, 8, 8))
+
+
+@needs_assets
+def test_pretrained_accuracy(cifar, resnet20, resnet56):
+    assert len(cifar.test) == 1017 and len(cifar.train) == 5085
+    assert accuracy(resnet56, cifar.test) >= 92.0
+    assert accuracy(resnet20, cifar.test) >= 91.0
+
+
+@needs_assets
+def test_taylor_quality_against_oracle(cifar, resnet20):
+    """Spearman(Taylor, oracle loss increase of removing each channel alone) on layer1.0.conv1."""
+    from scipy.stats import spearmanr
+    trace = trace_model(resnet20, (3, 32, 32))
+    x, y = cifar.train.normalise(cifar.train.x[:1024]), cifar.train.y[:1024]
+    batches = [(x[i:i + 128], y[i:i + 128]) for i in range(0, 1024, 128)]
+    scores = TaylorImportance(8)(resnet20, batches, trace)["layer1.0.conv1"]
+    net = copy.deepcopy(resnet20)
+    bn = net.layer1[0].bn1
+    with torch.no_grad():
+        base = sum(F.cross_entropy(net(a), b).item() for a, b in batches)
+        oracle = []
+        for c in range(16):
+            w, b_ = bn.weight[c].item(), bn.bias[c].item()
+            bn.weight[c], bn.bias[c] = 0.0, 0.0
+            oracle.append(sum(F.cross_entropy(net(a), b).item() for a, b in batches) - base)
+            bn.weight[c], bn.bias[c] = w, b_
+    rho = spearmanr(scores.numpy(), oracle).correlation
+    assert rho >= 0.5, rho
+
+
+def test_export_reloads_with_same_logits(tmp_path):
+    model = randomise(build_model("mobilenetv2"))
+    trace = trace_model(model, (3, 32, 32))
+    scores = {g.name: torch.rand(g.channels) for g in trace.groups}
+    pruned = prune(model, uniform_ratios(trace, 0.5), scores, trace)
+    files = export_model(pruned, tmp_path, (3, 32, 32))
+    x = torch.randn(5, 3, 32, 32)  # a batch size other than the one exported with
+    with torch.no_grad():
+        assert torch.allclose(load_exported(files["pt2"])(x), pruned(x), atol=1e-5)
+    import onnxruntime as ort
+    sess = ort.InferenceSession(files["onnx"], providers=["CPUExecutionProvider"])
+    with torch.no_grad():
+        assert torch.allclose(torch.from_numpy(sess.run(None, {"input": x.numpy()})[0]), pruned(x), atol=1e-4)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.onnx", "model.pt2"]
