@@ -40,3 +40,12 @@ def resnet56():
 def digits():
     from pruning_core import load_data
     return load_data("digits")
+
+
+@pytest.fixture(scope="session")
+def digits_session(digits):
+    """A random-init digits CNN with tiny splits: fast enough for env and agent smoke tests."""
+    from pruning_core import PruningSession, SessionConfig
+    torch.manual_seed(0)
+    return PruningSession("digits_cnn", None, digits, SessionConfig(reward_images=64, calib_batches=1,
+                                                                     taylor_batches=2))

@@ -1,0 +1,273 @@
+"""Gymnasium environment: choose a pruning ratio for each prunable channel group of a trained CNN."""
+
+from __future__ import annotations
+
+import math
+import time
+from typing import Any
+
+import gymnasium as gym
+import numpy as np
+from gymnasium import spaces
+from torch import nn
+
+from graph_encoder.features import DYNAMIC_FEATURES, FEATURE_BOUND, NUM_FEATURES, STATIC_FEATURES, LayerGraph
+from pruning_core.data import ImageData
+from pruning_core.errors import UserError
+from pruning_core.evaluate import accuracy, adapt_bn
+from pruning_core.latency import measure_latency
+from pruning_core.prune import kept_channels, prune
+from pruning_core.session import PruningSession, SessionConfig
+
+__all__ = ["DEFAULT_MAX_NODES", "REWARDS", "PruneEnv"]
+
+DEFAULT_MAX_NODES = 320  # ResNet-110 has 274 layer-graph nodes, MobileNetV2 116, ResNet-56 139
+REWARDS = ("acc", "acc_flops", "latency")
+
+
+class PruneEnv(gym.Env):
+    """## Description
+
+    AMC-style channel pruning (He et al., ECCV 2018) over a graph view of the network. The agent visits
+    the prunable channel groups of a trained CNN in topological order and picks a pruning ratio for each.
+    At the end of the episode the pruning core removes the lowest-Taylor-scored channels for real,
+    recalibrates BN statistics on training images (adaptive BN) and measures accuracy on a fixed reward
+    split of training images. The FLOPs budget is enforced by clamping actions, so every finished episode
+    meets it.
+
+    ## Action Space
+
+    `Box(-1, 1, (1,), float32)`: the action `a` maps linearly to a pruning ratio `(a + 1) / 2 * max_ratio`
+    for the current group (a symmetric box, as SB3 recommends; a Gaussian policy's initial mean 0 is a ratio
+    of `max_ratio / 2`). Before it is applied it is raised, if needed, to the smallest ratio that keeps the budget
+    reachable when every later group is pruned at `max_ratio` (AMC's resource-constrained clamp).
+
+    ## Observation Space
+
+    A fixed-size `spaces.Dict` of 1-D boxes (SB3 wants 1-D vectors), padded to `max_nodes` nodes and
+    `max_edges` edges, so one policy runs on any model whose graph fits:
+
+    | key          | shape                       | dtype   | meaning                                     |
+    |--------------|-----------------------------|---------|---------------------------------------------|
+    | `x`          | (max_nodes * NUM_FEATURES,) | float32 | node features, row-major (node, feature):   |
+    |              |                             |         | static, then dynamic; clipped to [-10, 10]  |
+    | `edge_index` | (2 * max_edges,)            | int64   | max_edges sources, then max_edges targets   |
+    | `edge_mask`  | (max_edges,)                | float32 | 1 for real edges                            |
+    | `node_mask`  | (max_nodes,)                | float32 | 1 for real nodes                            |
+    | `cursor`     | (1,)                        | int64   | node index of the current group's root      |
+    | `graph_id`   | (1,)                        | int64   | fingerprint of the static graph (24 bits)   |
+
+    Dynamic features, per node: the ratio chosen for its group so far, whether it is in the current group,
+    whether its group is decided, the FLOPs share removed so far and still to remove (all nodes), and the
+    clamped minimum ratio for the current step (all nodes). See `graph_encoder.features` for static ones.
+
+    ## Rewards
+
+    0 on every intermediate step. At the end, with `acc` the reward-split accuracy in [0, 1]:
+
+    - `acc` (default): `acc` (resource-constrained: the budget is enforced, so accuracy alone is optimised)
+    - `acc_flops`: `-(1 - acc) * log(FLOPs)` (AMC's FLOPs-aware reward)
+    - `latency`: `-(1 - acc) * log(latency_us)`, the pruned model's median latency measured on this machine
+
+    ## Starting State
+
+    Every group unpruned, cursor on the first group in topological order. Deterministic.
+
+    ## Episode End
+
+    Terminates after one step per prunable group. Never truncates. `info` then holds `acc`, `flops_ratio`,
+    `params_ratio`, `ratios`, `eval_s` (plus `prune_s`, `adapt_s`, `cached`, `episode`).
+
+    ## Arguments
+
+    ```python
+    gymnasium.make("prunepilot/ChannelPrune-v0", model="resnet20", weights=PATH, data="cifar10:DIR", flops=0.5)
+    ```
+
+    - `model`: zoo name, `package.module:factory`, or an `nn.Module` (not modified).
+    - `weights`, `data`: as on the CLI (`data` may also be an `ImageData`).
+    - `flops`: FLOPs budget as a fraction of dense. `max_ratio`: largest ratio per group.
+    - `reward`: one of `acc`, `acc_flops`, `latency`. `round_to`: round kept channels up to a multiple.
+    - `reward_images`, `calib_batches`, `seed`: the reward split, adaptive-BN batches, split seed.
+    - `max_nodes`, `max_edges`: observation padding (default 320 and 2 * max_nodes).
+    - `session`: an existing `PruningSession`, to share its trace, scores and splits between envs.
+
+    Taylor scores are computed once per env. An episode whose rounded channel counts were already
+    evaluated reuses the cached reward.
+
+    ## Version History
+
+    - v0: initial version.
+    """
+
+    metadata = {"render_modes": []}
+
+    def __init__(self, model: str | nn.Module | None = None, weights: str | None = None,
+                 data: str | ImageData | None = None, flops: float = 0.5, reward: str = "acc",
+                 max_ratio: float = 0.8, round_to: int | None = None, reward_images: int = 1000,
+                 calib_batches: int = 10, seed: int = 0, max_nodes: int = DEFAULT_MAX_NODES,
+                 max_edges: int | None = None, session: PruningSession | None = None, latency_batch: int = 1):
+        super().__init__()
+        if reward not in REWARDS:
+            raise UserError(f"unknown reward {reward!r}; use one of {', '.join(REWARDS)}")
+        if not 0.0 < max_ratio < 1.0:
+            raise UserError(f"max_ratio {max_ratio} must be in (0, 1)")
+        if session is None:
+            if model is None or data is None:
+                raise UserError("PruneEnv needs model= and data= (or session=)")
+            session = PruningSession(model, weights, data, SessionConfig(reward_images=reward_images,
+                                                                         calib_batches=calib_batches, seed=seed))
+        self.session = session
+        self.trace = session.trace
+        self.target, self.reward_kind, self.max_ratio, self.round_to = flops, reward, max_ratio, round_to
+        self.latency_batch = latency_batch
+        self.graph = LayerGraph.from_trace(self.trace, session.scores)
+        self.max_nodes = max_nodes
+        self.max_edges = max_edges if max_edges is not None else 2 * max_nodes
+        name = session.model_name
+        if self.graph.num_nodes > self.max_nodes:
+            raise UserError(f"{name} has {self.graph.num_nodes} layer-graph nodes but max_nodes={self.max_nodes}; "
+                            f"pass max_nodes >= {self.graph.num_nodes} (--max-nodes on the CLI)")
+        if self.graph.num_edges > self.max_edges:
+            raise UserError(f"{name} has {self.graph.num_edges} layer-graph edges but max_edges={self.max_edges}; "
+                            f"pass max_edges >= {self.graph.num_edges}")
+        self.groups = self.trace.groups
+        self.dense_flops = session.flops_dense
+        self.budget = flops * self.dense_flops
+        self.min_kept = {g.name: kept_channels(g.channels, max_ratio, round_to) for g in self.groups}
+        floor = self.trace.flops(self.min_kept)
+        if floor > self.budget:
+            raise UserError(f"FLOPs target {flops:.3f} is unreachable for {name}: with every prunable group at "
+                            f"max_ratio {max_ratio} it keeps {floor / self.dense_flops:.3f}; raise the target or "
+                            "max_ratio")
+        self.candidates = {g.name: sorted({kept_channels(g.channels, 1 - k / g.channels, round_to)
+                                           for k in range(1, g.channels + 1)}) for g in self.groups}
+
+        self.action_space = spaces.Box(-1.0, 1.0, (1,), np.float32)
+        self.observation_space = spaces.Dict({
+            "x": spaces.Box(-FEATURE_BOUND, FEATURE_BOUND, (self.max_nodes * NUM_FEATURES,), np.float32),
+            "edge_index": spaces.Box(0, self.max_nodes - 1, (2 * self.max_edges,), np.int64),
+            "edge_mask": spaces.Box(0.0, 1.0, (self.max_edges,), np.float32),
+            "node_mask": spaces.Box(0.0, 1.0, (self.max_nodes,), np.float32),
+            "cursor": spaces.Box(0, self.max_nodes - 1, (1,), np.int64),
+            "graph_id": spaces.Box(0, 2**24 - 1, (1,), np.int64),
+        })
+        n, e = self.graph.num_nodes, self.graph.num_edges
+        self._x = np.zeros((self.max_nodes, NUM_FEATURES), np.float32)
+        self._x[:n, :len(STATIC_FEATURES)] = self.graph.x_static
+        self._edges = np.zeros((2, self.max_edges), np.int64)
+        self._edges[:, :e] = self.graph.edge_index
+        self._edge_mask = np.zeros(self.max_edges, np.float32)
+        self._edge_mask[:e] = 1
+        self._node_mask = np.zeros(self.max_nodes, np.float32)
+        self._node_mask[:n] = 1
+        self._graph_id = np.array([self.graph.fingerprint() % 2**24], np.int64)
+        self._dyn = {name: len(STATIC_FEATURES) + i for i, name in enumerate(DYNAMIC_FEATURES)}
+        self.cache: dict[tuple[int, ...], tuple[float, dict]] = {}
+        self.episodes = 0
+        self.timings = {"prune_s": 0.0, "adapt_s": 0.0, "eval_s": 0.0, "step_s": 0.0}
+        self._reset_state()
+
+    # ---- episode state -------------------------------------------------------------------------------
+    def _reset_state(self) -> None:
+        self.t = 0
+        self.kept = {g.name: g.channels for g in self.groups}
+        self.ratios: dict[str, float] = {}
+        self._x[:, len(STATIC_FEATURES):] = 0.0
+
+    def _max_kept_now(self, i: int) -> int:
+        """Most channels group ``i`` may keep so that the budget stays reachable with later groups at max.
+
+        FLOPs grow with the channels kept, so this is a binary search over the group's possible widths.
+        """
+        g = self.groups[i]
+        trial = {**self.kept, **{h.name: self.min_kept[h.name] for h in self.groups[i + 1:]}}
+        widths = [k for k in self.candidates[g.name] if k >= self.min_kept[g.name]]
+        lo, hi = 0, len(widths) - 1  # widths[0] fits: the constructor checked the all-max floor
+        while lo < hi:
+            mid = (lo + hi + 1) // 2
+            trial[g.name] = widths[mid]
+            if self.trace.flops(trial) <= self.budget:
+                lo = mid
+            else:
+                hi = mid - 1
+        return widths[lo]
+
+    def _observation(self) -> dict[str, np.ndarray]:
+        d = self._dyn
+        flops_now = self.trace.flops(self.kept)
+        self._x[:self.graph.num_nodes, d["flops_removed"]] = 1 - flops_now / self.dense_flops
+        self._x[:self.graph.num_nodes, d["flops_to_remove"]] = max(0.0, flops_now - self.budget) / self.dense_flops
+        self._x[:, d["is_current"]] = 0.0
+        cursor = 0
+        if self.t < len(self.groups):
+            g = self.groups[self.t]
+            self._x[self.graph.group_nodes[self.t], d["is_current"]] = 1.0
+            self._allowed = self._max_kept_now(self.t)
+            self._x[:self.graph.num_nodes, d["min_ratio_now"]] = (1 - self._allowed / g.channels) / self.max_ratio
+            cursor = int(self.graph.group_roots[self.t])
+        else:
+            cursor = int(self.graph.group_roots[-1])
+        return {"x": self._x.reshape(-1).copy(), "edge_index": self._edges.reshape(-1).copy(),
+                "edge_mask": self._edge_mask.copy(), "node_mask": self._node_mask.copy(),
+                "cursor": np.array([cursor], np.int64), "graph_id": self._graph_id.copy()}
+
+    # ---- gymnasium API -------------------------------------------------------------------------------
+    def reset(self, *, seed: int | None = None, options: dict[str, Any] | None = None):
+        super().reset(seed=seed)
+        self._reset_state()
+        return self._observation(), {}
+
+    def step(self, action):
+        if self.t >= len(self.groups):
+            raise RuntimeError("step() called after the episode ended; call reset()")
+        t0 = time.perf_counter()
+        a = float(np.clip(np.asarray(action, dtype=np.float64).reshape(-1)[0], -1.0, 1.0))
+        g = self.groups[self.t]
+        wanted = (a + 1.0) / 2.0 * self.max_ratio
+        kept = min(kept_channels(g.channels, wanted, self.round_to), self._allowed)  # set by _observation
+        self.kept[g.name] = kept
+        ratio = 1.0 - kept / g.channels
+        self.ratios[g.name] = ratio
+        d = self._dyn
+        nodes = self.graph.group_nodes[self.t]
+        self._x[nodes, d["ratio"]] = ratio / self.max_ratio
+        self._x[nodes, d["decided"]] = 1.0
+        self.t += 1
+        self.timings["step_s"] += time.perf_counter() - t0
+        if self.t < len(self.groups):
+            return self._observation(), 0.0, False, False, {}
+        reward, info = self._evaluate()
+        return self._observation(), reward, True, False, info
+
+    def _evaluate(self) -> tuple[float, dict]:
+        self.episodes += 1
+        key = tuple(self.kept[g.name] for g in self.groups)
+        if key in self.cache:
+            reward, info = self.cache[key]
+            return reward, {**info, "cached": True, "episode": self.episodes}
+        s = self.session
+        t0 = time.perf_counter()
+        model = prune(s.model, self.ratios, s.scores, self.trace, self.round_to)
+        t1 = time.perf_counter()
+        adapt_bn(model, s.splits.calib, s.config.calib_batches, s.config.batch_size)
+        t2 = time.perf_counter()
+        acc = accuracy(model, s.splits.reward)
+        t3 = time.perf_counter()
+        flops = self.trace.flops(self.kept)
+        info = {"acc": acc, "flops_ratio": flops / self.dense_flops,
+                "params_ratio": self.trace.params(self.kept) / s.params_dense,
+                "ratios": dict(self.ratios), "prune_s": t1 - t0, "adapt_s": t2 - t1, "eval_s": t3 - t2}
+        err = 1.0 - acc / 100.0
+        if self.reward_kind == "acc":
+            reward = acc / 100.0
+        elif self.reward_kind == "acc_flops":
+            reward = -err * math.log(flops)
+        else:
+            latency_ms = 1000 * measure_latency(model, s.data.input_shape, self.latency_batch, min_run_time=0.2)
+            info["latency_ms"] = latency_ms
+            reward = -err * math.log(max(1000 * latency_ms, 1.0))  # microseconds, so the log stays positive
+        for k in ("prune_s", "adapt_s", "eval_s"):
+            self.timings[k] += info[k]
+        self.cache[key] = (reward, info)
+        return reward, {**info, "cached": False, "episode": self.episodes}

@@ -1,0 +1,103 @@
+import warnings
+
+import gymnasium
+import numpy as np
+import pytest
+from gymnasium.utils.env_checker import check_env as gym_check_env
+from stable_baselines3.common.env_checker import check_env as sb3_check_env
+
+from envs import ENV_ID, PruneEnv
+from pruning_core import UserError, kept_channels
+
+
+class BudgetOnlyEnv(PruneEnv):
+    """Skips the (slow) model evaluation so the clamp can be exercised over many episodes."""
+
+    def _evaluate(self):
+        return 0.0, {"flops_ratio": self.trace.flops(self.kept) / self.dense_flops, "ratios": dict(self.ratios)}
+
+
+def test_check_env_passes_without_warnings(digits_session):
+    env = PruneEnv(session=digits_session, flops=0.6)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        gym_check_env(env, skip_render_check=True)
+        sb3_check_env(env, warn=True)
+
+
+def test_registered_make_with_cli_keywords(digits_session):
+    env = gymnasium.make(ENV_ID, model=digits_session.model, data=digits_session.data, flops=0.5,
+                         reward_images=32, calib_batches=1)
+    obs, _ = env.reset(seed=0)
+    assert env.observation_space.contains(obs)
+    done = False
+    while not done:
+        obs, reward, done, truncated, info = env.step(env.action_space.sample())
+    assert set(info) >= {"acc", "flops_ratio", "params_ratio", "ratios", "eval_s"}
+    assert info["flops_ratio"] <= 0.5 and 0 <= reward <= 1
+
+
+@pytest.mark.parametrize("model", ["resnet56", "mobilenetv2", "vgg16_bn"])
+def test_budget_holds_over_hundreds_of_random_episodes(model, request):
+    from test_graph_encoder import _tiny_cifar
+
+    from pruning_core import PruningSession, SessionConfig, build_model
+    session = PruningSession(build_model(model), None, _tiny_cifar(),
+                             SessionConfig(reward_images=8, calib_batches=1, taylor_batches=1, batch_size=8))
+    rng = np.random.default_rng(0)
+    for target in (0.3, 0.5, 0.8):
+        env = BudgetOnlyEnv(session=session, flops=target, round_to=8 if model == "vgg16_bn" else None)
+        for episode in range(100):
+            env.reset(seed=episode)
+            style = episode % 4  # random, never prune, always max, bimodal
+            done = False
+            while not done:
+                a = {0: rng.uniform(-1, 1), 1: -1.0, 2: 1.0, 3: float(rng.random() < 0.5) * 2 - 1}[style]
+                _, _, done, _, info = env.step(np.array([a], np.float32))
+            assert info["flops_ratio"] <= target + 1e-12
+            for g in env.groups:  # never below the channels that max_ratio keeps (ratios are exact channel counts)
+                kept = kept_channels(g.channels, info["ratios"][g.name], env.round_to)
+                assert env.min_kept[g.name] <= kept <= g.channels
+
+
+def test_cache_and_seeding(digits_session):
+    env = PruneEnv(session=digits_session, flops=0.6)
+
+    def episode(seed):
+        env.reset(seed=seed)
+        done, actions = False, []
+        while not done:
+            a = env.np_random.uniform(-1, 1, 1).astype(np.float32)
+            actions.append(float(a[0]))
+            _, reward, done, _, info = env.step(a)
+        return actions, reward, info
+
+    a1, r1, i1 = episode(7)
+    a2, r2, i2 = episode(7)
+    assert a1 == a2 and r1 == r2
+    assert not i1["cached"] and i2["cached"]
+    assert env.timings["eval_s"] > 0
+
+
+def test_bad_arguments(digits_session):
+    with pytest.raises(UserError, match="unknown reward"):
+        PruneEnv(session=digits_session, reward="speed")
+    with pytest.raises(UserError, match="unreachable"):
+        PruneEnv(session=digits_session, flops=0.01)
+    env = PruneEnv(session=digits_session, flops=0.6)
+    env.reset()
+    for _ in env.groups:
+        env.step(np.array([0.0], np.float32))
+    with pytest.raises(RuntimeError, match="reset"):
+        env.step(np.array([0.5], np.float32))
+
+
+@pytest.mark.parametrize("reward", ["acc_flops", "latency"])
+def test_other_rewards(digits_session, reward):
+    env = PruneEnv(session=digits_session, flops=0.6, reward=reward)
+    env.reset(seed=0)
+    done = False
+    while not done:
+        _, r, done, _, info = env.step(np.array([0.5], np.float32))
+    assert r < 0
+    assert (reward == "latency") == ("latency_ms" in info)
