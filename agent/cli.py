@@ -137,10 +137,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress details to stderr")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     prune_command_parser(sub)
-    from agent.commands import apply_command_parser, export_command_parser, train_command_parser
+    from agent.commands import apply_command_parser, demo_command_parser, export_command_parser, train_command_parser
     train_command_parser(sub)
     export_command_parser(sub)
     apply_command_parser(sub)
+    demo_command_parser(sub)
     return parser
 
 

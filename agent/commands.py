@@ -1,13 +1,150 @@
-"""train / export / apply subcommands (filled in by the agent package)."""
+"""The ``train``, ``export``, ``apply`` and ``demo`` subcommands: thin layers over the Python API."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from dataclasses import fields
+from pathlib import Path
+
+from agent.config import ALGOS, TrainConfig
+from envs import REWARDS
+from pruning_core import UserError
+
+_DEFAULTS = TrainConfig()
 
 
-def train_command_parser(subparsers) -> None:  # placeholder until the agent lands in this commit series
-    pass
+def _field_help(name: str) -> str:
+    """The TrainConfig field docstring, so --help and the dataclass never disagree."""
+    import ast
+    import inspect
+    src = inspect.getsource(TrainConfig)
+    body = ast.parse(src).body[0].body
+    for node, nxt in zip(body, body[1:]):
+        if isinstance(node, ast.AnnAssign) and node.target.id == name and isinstance(nxt, ast.Expr):
+            return f"{nxt.value.value} (default: {getattr(_DEFAULTS, name)})"
+    return f"(default: {getattr(_DEFAULTS, name)})"
+
+
+def train_command_parser(subparsers) -> None:
+    p = subparsers.add_parser(
+        "train", help="search a sparsity policy with RL on one model",
+        description="Train the GNN-embedded RL agent to pick per-group pruning ratios under a FLOPs budget. "
+                    "The best episode is saved as it is found; agent, replay buffer and counters are "
+                    "checkpointed every --checkpoint-every episodes, and --resume RUN_DIR continues after a "
+                    "kill. At the end the best pruned model is evaluated on the test split and exported.")
+    p.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its last checkpoint")
+    p.add_argument("--model", help="zoo name or package.module:factory " + _field_help("model"))
+    p.add_argument("--weights", help=_field_help("weights"))
+    p.add_argument("--data", help=_field_help("data"))
+    p.add_argument("--algo", choices=ALGOS, help=_field_help("algo"))
+    p.add_argument("--reward", choices=REWARDS, help=_field_help("reward"))
+    for name, typ in (("flops", float), ("episodes", int), ("seed", int), ("max_ratio", float), ("round_to", int),
+                      ("reward_images", int), ("calib_batches", int), ("warmup_episodes", int),
+                      ("noise_sigma", float), ("noise_decay", float), ("hidden", int), ("gnn_layers", int),
+                      ("learning_rate", float), ("batch_size", int), ("gradient_steps", int),
+                      ("checkpoint_every", int), ("max_nodes", int), ("finetune_epochs", int)):
+        p.add_argument("--" + name.replace("_", "-"), type=typ, help=_field_help(name))
+    p.add_argument("--baseline", action=argparse.BooleanOptionalAction, help=_field_help("baseline"))
+    p.add_argument("--out", help="run folder " + _field_help("out"))
+    p.add_argument("--json", action="store_true", help="print the final JSON report on stdout")
+    p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    p.set_defaults(func=train_command)
+
+
+def train_command(args: argparse.Namespace) -> dict:
+    from agent.train import resume, train
+    if args.resume:
+        given = [f.name for f in fields(TrainConfig) if f.name not in ("episodes",)
+                 and getattr(args, f.name, None) is not None]
+        if given:
+            raise UserError(f"--resume continues a run with its own settings; drop {', '.join('--' + g for g in given)}"
+                            " (only --episodes may change)")
+        report = resume(args.resume, episodes=args.episodes, progress=not args.no_progress and None)
+    else:
+        if not args.model:
+            raise UserError("--model is required (or --resume RUN_DIR)")
+        overrides = {f.name: getattr(args, f.name) for f in fields(TrainConfig)
+                     if getattr(args, f.name, None) is not None}
+        overrides["progress"] = not args.no_progress
+        report = train(**overrides)
+    _print(report, args.json)
+    return report
 
 
 def export_command_parser(subparsers) -> None:
-    pass
+    p = subparsers.add_parser("export", help="write a training run's policy as a portable file",
+                              description="Export the learned policy of RUN_DIR as safetensors weights plus a "
+                                          "JSON config (a folder, or a .zip if OUT ends in .zip). Loading it "
+                                          "never unpickles; a corrupted or foreign file fails with a clear message.")
+    p.add_argument("run_dir", metavar="RUN_DIR", help="folder written by prunepilot train")
+    p.add_argument("--out", required=True, metavar="POLICY", help="policy folder or .zip to write")
+    p.set_defaults(func=export_command)
+
+
+def export_command(args: argparse.Namespace) -> Path:
+    from agent.policy import export_policy, load_policy
+    path = export_policy(args.run_dir, args.out)
+    load_policy(path)  # prove it loads before saying so
+    print(f"wrote policy {path}")
+    return path
 
 
 def apply_command_parser(subparsers) -> None:
-    pass
+    from agent.cli import add_output_args
+    p = subparsers.add_parser("apply", help="prune a new model with a learned policy",
+                              description="Run a policy deterministically on a new model's layer graph with "
+                                          "the FLOPs budget enforced, prune with Taylor scores, recalibrate BN, "
+                                          "optionally fine-tune, and export the model with a JSON report. "
+                                          "--search-episodes K first fine-tunes the policy on the new model.")
+    p.add_argument("policy", metavar="POLICY", help="policy folder or .zip from prunepilot export")
+    p.add_argument("--model", required=True, help="zoo name or package.module:factory")
+    p.add_argument("--weights", help="checkpoint of the new model")
+    p.add_argument("--data", required=True, help="cifar10:DIR, imagefolder:DIR or digits")
+    p.add_argument("--flops", type=float, help="FLOPs budget (default: the policy's own)")
+    p.add_argument("--search-episodes", type=int, default=0,
+                   help="episodes of RL fine-tuning on the new model before applying (default: 0, zero-shot)")
+    p.add_argument("--round-to", type=int, default=None, help="round kept channels up to a multiple of this")
+    p.add_argument("--reward-images", type=int, default=1000, help="training images in the reward split")
+    p.add_argument("--calib-batches", type=int, default=10, help="batches of 64 images for adaptive BN")
+    p.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
+    add_output_args(p, out_required=True)
+    p.set_defaults(func=apply_command)
+
+
+def apply_command(args: argparse.Namespace) -> dict:
+    from agent.apply import apply_policy
+    if not args.adapt_bn:
+        raise UserError("apply always recalibrates BN (the policy was trained with adaptive BN in its reward)")
+    report = apply_policy(args.policy, args.model, args.weights, args.data, flops=args.flops, out=args.out,
+                          search_episodes=args.search_episodes, finetune_epochs=args.finetune_epochs,
+                          seed=args.seed, reward_images=args.reward_images, calib_batches=args.calib_batches,
+                          round_to=args.round_to, progress=sys.stderr.isatty())
+    _print(report, args.json)
+    return report
+
+
+def demo_command_parser(subparsers) -> None:
+    p = subparsers.add_parser("demo", help="the built-in end-to-end job on scikit-learn's digits",
+                              description="Train a small CNN on digits, train the agent at 50%% FLOPs, export "
+                                          "the policy, apply it to a differently shaped CNN, and print dense, "
+                                          "uniform and RL side by side. Needs no files; a few minutes on 2 cores.")
+    p.add_argument("--out", default="runs/demo", help="folder for everything the demo writes (default: runs/demo)")
+    p.add_argument("--episodes", type=int, default=60, help="agent episodes (default: 60)")
+    p.add_argument("--flops", type=float, default=0.5, help="FLOPs budget (default: 0.5)")
+    p.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
+    p.set_defaults(func=demo_command)
+
+
+def demo_command(args: argparse.Namespace) -> list[dict]:
+    from agent.demo import run_demo
+    return run_demo(args.out, episodes=args.episodes, flops=args.flops, seed=args.seed)
+
+
+def _print(report: dict, as_json: bool) -> None:
+    if as_json:
+        print(json.dumps(report))
+        return
+    print(f"{report['model']} [{report['method']}]: FLOPs {report['flops_ratio']:.3f} of dense, params "
+          f"{report['params_ratio']:.3f}, test acc {report['acc']:.2f}% (dense {report['acc_dense']:.2f}%)")

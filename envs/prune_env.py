@@ -11,7 +11,7 @@ import numpy as np
 from gymnasium import spaces
 from torch import nn
 
-from graph_encoder.features import DYNAMIC_FEATURES, FEATURE_BOUND, NUM_FEATURES, STATIC_FEATURES, LayerGraph
+from graph_encoder.features import DYNAMIC_FEATURES, NUM_FEATURES, STATIC_FEATURES, LayerGraph, observation_space
 from pruning_core.data import ImageData
 from pruning_core.errors import UserError
 from pruning_core.evaluate import accuracy, adapt_bn
@@ -144,14 +144,7 @@ class PruneEnv(gym.Env):
                                            for k in range(1, g.channels + 1)}) for g in self.groups}
 
         self.action_space = spaces.Box(-1.0, 1.0, (1,), np.float32)
-        self.observation_space = spaces.Dict({
-            "x": spaces.Box(-FEATURE_BOUND, FEATURE_BOUND, (self.max_nodes * NUM_FEATURES,), np.float32),
-            "edge_index": spaces.Box(0, self.max_nodes - 1, (2 * self.max_edges,), np.int64),
-            "edge_mask": spaces.Box(0.0, 1.0, (self.max_edges,), np.float32),
-            "node_mask": spaces.Box(0.0, 1.0, (self.max_nodes,), np.float32),
-            "cursor": spaces.Box(0, self.max_nodes - 1, (1,), np.int64),
-            "graph_id": spaces.Box(0, 2**24 - 1, (1,), np.int64),
-        })
+        self.observation_space = observation_space(self.max_nodes, self.max_edges)
         n, e = self.graph.num_nodes, self.graph.num_edges
         self._x = np.zeros((self.max_nodes, NUM_FEATURES), np.float32)
         self._x[:n, :len(STATIC_FEATURES)] = self.graph.x_static

@@ -2,7 +2,7 @@
 
 from graph_encoder.encoder import LayerGraphEncoder
 from graph_encoder.extractor import GraphFeaturesExtractor, batch_observations
-from graph_encoder.features import DYNAMIC_FEATURES, NUM_FEATURES, STATIC_FEATURES, LayerGraph
+from graph_encoder.features import DYNAMIC_FEATURES, NUM_FEATURES, STATIC_FEATURES, LayerGraph, observation_space
 
 __all__ = ["DYNAMIC_FEATURES", "NUM_FEATURES", "STATIC_FEATURES", "GraphFeaturesExtractor", "LayerGraph",
-           "LayerGraphEncoder", "batch_observations"]
+           "LayerGraphEncoder", "batch_observations", "observation_space"]

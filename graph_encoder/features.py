@@ -13,10 +13,11 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+from gymnasium import spaces
 
 from pruning_core.graph import OP_TYPES, ModelTrace
 
-__all__ = ["DYNAMIC_FEATURES", "FEATURE_BOUND", "LayerGraph", "NUM_FEATURES", "STATIC_FEATURES"]
+__all__ = ["DYNAMIC_FEATURES", "FEATURE_BOUND", "LayerGraph", "observation_space", "NUM_FEATURES", "STATIC_FEATURES"]
 
 STATIC_FEATURES = (
     *[f"op_{op}" for op in OP_TYPES],
@@ -27,6 +28,18 @@ STATIC_FEATURES = (
 DYNAMIC_FEATURES = ("ratio", "is_current", "decided", "flops_removed", "flops_to_remove", "min_ratio_now")
 NUM_FEATURES = len(STATIC_FEATURES) + len(DYNAMIC_FEATURES)
 FEATURE_BOUND = 10.0  # every feature is clipped to [-FEATURE_BOUND, FEATURE_BOUND]
+
+
+def observation_space(max_nodes: int, max_edges: int) -> spaces.Dict:
+    """The padded observation space of a layer graph (see :class:`envs.PruneEnv` for each key)."""
+    return spaces.Dict({
+        "x": spaces.Box(-FEATURE_BOUND, FEATURE_BOUND, (max_nodes * NUM_FEATURES,), np.float32),
+        "edge_index": spaces.Box(0, max_nodes - 1, (2 * max_edges,), np.int64),
+        "edge_mask": spaces.Box(0.0, 1.0, (max_edges,), np.float32),
+        "node_mask": spaces.Box(0.0, 1.0, (max_nodes,), np.float32),
+        "cursor": spaces.Box(0, max_nodes - 1, (1,), np.int64),
+        "graph_id": spaces.Box(0, 2**24 - 1, (1,), np.int64),
+    })
 
 
 @dataclass

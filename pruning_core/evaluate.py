@@ -78,7 +78,7 @@ def finetune(model: nn.Module, train: Split, epochs: int = 2, lr: float = 0.01, 
     bar = None
     if progress:
         from tqdm.auto import tqdm
-        bar = tqdm(total=steps, desc="fine-tune", unit="step", leave=False)
+        bar = tqdm(total=steps, desc="fine-tune", unit="step", leave=False, disable=None)
     for _ in range(epochs):
         model.train()
         for x, y in train.batches(batch_size, shuffle=True, generator=gen):

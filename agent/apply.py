@@ -1,0 +1,82 @@
+"""``apply``: run a portable policy on a new model, with the budget enforced, and build the pruned model."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import replace
+from pathlib import Path
+
+from torch import nn
+
+from agent.config import TrainConfig
+from agent.outputs import staged_dir, write_json
+from agent.policy import PortablePolicy, load_policy
+from agent.search import Search
+from envs import PruneEnv
+from pruning_core import ImageData, PruningSession, SessionConfig, accuracy, export_model
+
+__all__ = ["apply_policy", "policy_ratios"]
+
+
+def policy_ratios(policy: PortablePolicy, env: PruneEnv) -> tuple[dict[str, float], float, dict]:
+    """Run one deterministic episode of ``policy`` on ``env``; return (ratios, reward, final info)."""
+    obs, _ = env.reset()
+    done = False
+    while not done:
+        obs, reward, done, _, info = env.step(policy.act(obs))
+    return dict(info["ratios"]), float(reward), info
+
+
+def apply_policy(policy: str | Path | PortablePolicy, model: str | nn.Module, weights: str | None = None,
+                 data: str | ImageData = "digits", flops: float | None = None, out: str | Path | None = None,
+                 search_episodes: int = 0, finetune_epochs: int = 0, seed: int = 0, reward_images: int = 1000,
+                 calib_batches: int = 10, round_to: int | None = None, progress: bool = False,
+                 session: PruningSession | None = None) -> dict:
+    """Prune a new model with a learned policy and return the JSON report (``method: "rl-transfer"``).
+
+    :param flops: FLOPs budget (default: the one the policy was trained for).
+    :param search_episodes: fine-tune the policy on this model for K episodes first (a warm start); the
+        better of the policy's own episode and the search's best episode is kept.
+    :param out: folder for the exported model and ``report.json``.
+    """
+    started = time.perf_counter()
+    policy = load_policy(policy) if not isinstance(policy, PortablePolicy) else policy
+    trained = policy.train_config
+    flops = flops if flops is not None else trained["flops"]
+    if session is None:
+        session = PruningSession(model, weights, data, SessionConfig(reward_images=reward_images,
+                                                                     calib_batches=calib_batches, seed=seed))
+    env = PruneEnv(session=session, flops=flops, reward=trained["reward"], max_ratio=trained["max_ratio"],
+                   round_to=round_to, max_nodes=max(policy.config["observation"]["max_nodes"],
+                                                    len(session.trace.nodes)))
+    ratios, reward, info = policy_ratios(policy, env)
+    transfer = {"policy_model": trained["model"], "policy_algo": policy.config["algorithm"],
+                "zero_shot_reward": reward, "zero_shot_acc_reward": info["acc"], "search_episodes": search_episodes}
+    if search_episodes > 0:
+        config = replace(TrainConfig(), algo=policy.config["algorithm"], flops=flops, seed=seed,
+                         max_ratio=trained["max_ratio"], reward=trained["reward"], warmup_episodes=0,
+                         noise_sigma=0.3, hidden=policy.config["network"]["extractor"]["hidden_channels"],
+                         gnn_layers=policy.config["network"]["extractor"]["num_layers"],
+                         net_arch=tuple(policy.config["network"]["hidden"]), progress=progress,
+                         episodes=search_episodes, checkpoint_every=max(1, search_episodes))
+        search = Search(config, env)
+        search.load_policy_weights(policy.state_dict())
+        best = search.run(search_episodes)
+        transfer["search_best_reward"] = best["reward"]
+        transfer["search_s"] = round(search.search_s, 2)
+        if best["reward"] > reward:
+            ratios, reward = best["ratios"], best["reward"]
+    pruned = session.build(ratios, round_to)
+    acc_before = accuracy(pruned, session.splits.test)
+    if finetune_epochs > 0:
+        session.finetune(pruned, finetune_epochs, progress=progress)
+    report_kwargs = dict(round_to=round_to, acc_before_finetune=acc_before, finetune_epochs=finetune_epochs,
+                         transfer=transfer)
+    if out is None:
+        return session.report(pruned, ratios, "rl-transfer", seed, time.perf_counter() - started, **report_kwargs)
+    with staged_dir(out) as tmp:
+        files = export_model(pruned, tmp, session.data.input_shape)
+        report = session.report(pruned, ratios, "rl-transfer", seed, time.perf_counter() - started,
+                                files={k: str(Path(out) / Path(v).name) for k, v in files.items()}, **report_kwargs)
+        write_json(tmp / "report.json", report)
+    return report

@@ -1,0 +1,93 @@
+"""Training configuration: one dataclass, one docstring per field (the CLI flags mirror it)."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields
+
+from pruning_core.errors import UserError
+
+ALGOS = ("ddpg", "td3", "sac", "ppo")
+
+
+@dataclass
+class TrainConfig:
+    """Everything ``prunepilot train`` needs; saved as ``config.json`` in the run folder for ``--resume``."""
+
+    model: str = "digits_cnn"
+    """Zoo name or ``package.module:factory``."""
+    weights: str | None = None
+    """Checkpoint of the trained model (state_dict, loaded with ``weights_only=True``)."""
+    data: str = "digits"
+    """``cifar10:DIR``, ``imagefolder:DIR`` or ``digits``."""
+    flops: float = 0.5
+    """FLOPs budget as a fraction of dense; every episode meets it."""
+    episodes: int = 120
+    """Episodes (one pruned-model evaluation each, cached repeats included)."""
+    algo: str = "ddpg"
+    """SB3 algorithm: ddpg (AMC's choice), td3, sac or ppo."""
+    reward: str = "acc"
+    """acc (accuracy under the enforced budget), acc_flops, or latency."""
+    seed: int = 0
+    """Seed for the agent, the exploration and the data splits."""
+    out: str = "runs/train"
+    """Run folder: config, best episode, checkpoints, TensorBoard logs, plots, final model and report."""
+    max_ratio: float = 0.8
+    """Largest pruning ratio of any one group."""
+    round_to: int | None = None
+    """Round kept channels up to a multiple of this (e.g. 8 for fast kernels)."""
+    reward_images: int = 1000
+    """Training images in the reward split."""
+    calib_batches: int = 10
+    """Batches of 64 training images for adaptive BN in every episode."""
+    warmup_episodes: int = 20
+    """Episodes of uniformly random actions before learning starts (AMC: 100 of 400)."""
+    noise_sigma: float = 1.0
+    """Std of the Gaussian exploration noise on the [-1, 1] action (AMC's 0.5 on [0, 1])."""
+    noise_decay: float = 0.95
+    """Noise std multiplier per episode after warm-up (AMC: 0.95)."""
+    baseline: bool = True
+    """Subtract a moving average of past episode rewards from the reward (AMC's baseline)."""
+    hidden: int = 64
+    """GNN embedding size (the features are twice this)."""
+    gnn_layers: int = 3
+    """GATv2 layers in the encoder."""
+    net_arch: tuple[int, ...] = (300, 300)
+    """Hidden layers of the actor and critic MLPs (AMC: 300, 300)."""
+    learning_rate: float = 1e-3
+    """Adam learning rate (for DDPG/TD3 actor and critic; SAC and PPO too)."""
+    batch_size: int = 64
+    """Replay (or PPO minibatch) size."""
+    gradient_steps: int = 8
+    """Off-policy updates after each episode (bounded so that the agent's share of wall time stays small)."""
+    buffer_size: int = 4000
+    """Replay buffer transitions (AMC: 2000)."""
+    checkpoint_every: int = 10
+    """Episodes between checkpoints of agent, replay buffer and counters; a kill loses at most this many."""
+    max_nodes: int = 320
+    """Observation padding: layer-graph nodes (fits ResNet-110 and MobileNetV2)."""
+    finetune_epochs: int = 0
+    """Fine-tune epochs (KD from the dense model) for the final pruned model."""
+    progress: bool = True
+    """Show a progress bar with the best reward so far."""
+
+    def validate(self) -> None:
+        if self.algo not in ALGOS:
+            raise UserError(f"unknown algorithm {self.algo!r}; use one of {', '.join(ALGOS)}")
+        if self.episodes < 1:
+            raise UserError("--episodes must be at least 1")
+        if not 0.0 < self.flops <= 1.0:
+            raise UserError(f"--flops {self.flops} must be in (0, 1]")
+        if self.warmup_episodes < 0 or self.checkpoint_every < 1:
+            raise UserError("--warmup-episodes must be >= 0 and --checkpoint-every >= 1")
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["net_arch"] = list(self.net_arch)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> TrainConfig:
+        known = {f.name for f in fields(cls)}
+        cfg = cls(**{k: v for k, v in d.items() if k in known})
+        cfg.net_arch = tuple(cfg.net_arch)
+        return cfg

@@ -1,0 +1,261 @@
+"""An RL search over pruning ratios: SB3 algorithm + GNN extractor + PruneEnv, with best-episode tracking,
+exploration schedule, TensorBoard charts and checkpoints. ``train`` and ``apply --search-episodes`` use it.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from pathlib import Path
+
+import gymnasium as gym
+import numpy as np
+from stable_baselines3 import DDPG, PPO, SAC, TD3
+from stable_baselines3.common.base_class import BaseAlgorithm
+from stable_baselines3.common.callbacks import BaseCallback
+from stable_baselines3.common.noise import NormalActionNoise
+from torch import nn
+
+from agent.config import TrainConfig
+from agent.outputs import write_json
+from envs import PruneEnv
+from graph_encoder import GraphFeaturesExtractor
+
+__all__ = ["DecayingNormalNoise", "MovingAverageBaseline", "Search", "policy_modules"]
+
+ALGO_CLASSES: dict[str, type[BaseAlgorithm]] = {"ddpg": DDPG, "td3": TD3, "sac": SAC, "ppo": PPO}
+
+
+class DecayingNormalNoise(NormalActionNoise):
+    """Gaussian exploration noise whose std shrinks by ``decay`` after every episode (AMC's schedule).
+
+    SB3 calls ``reset()`` at the end of each episode. Actions plus noise are clipped to the action box.
+    """
+
+    def __init__(self, sigma: float, decay: float, dims: int = 1):
+        super().__init__(np.zeros(dims), np.full(dims, sigma))
+        self.decay = decay
+
+    def reset(self) -> None:
+        self._sigma = self._sigma * self.decay
+
+    @property
+    def sigma(self) -> float:
+        return float(self._sigma[0])
+
+    @sigma.setter
+    def sigma(self, value: float) -> None:
+        self._sigma = np.full_like(self._sigma, value)
+
+
+class MovingAverageBaseline(gym.Wrapper):
+    """Subtract a moving average of past final rewards from each final reward (AMC's variance reduction).
+
+    The unshifted reward stays in ``info["reward_raw"]``.
+    """
+
+    def __init__(self, env: gym.Env, alpha: float = 0.1):
+        super().__init__(env)
+        self.alpha = alpha
+        self.average: float | None = None
+
+    def step(self, action):
+        obs, reward, terminated, truncated, info = self.env.step(action)
+        if terminated or truncated:
+            info = {**info, "reward_raw": reward}
+            if self.average is None:
+                self.average = reward
+            shifted = reward - self.average
+            self.average += self.alpha * (reward - self.average)
+            reward = shifted
+        return obs, reward, terminated, truncated, info
+
+
+def policy_modules(algo: BaseAlgorithm, name: str) -> tuple[nn.Module, nn.Sequential, nn.Linear, str]:
+    """The deterministic actor of an SB3 model as (features extractor, hidden MLP, output layer, squash).
+
+    The modules are the model's own (not copies), so loading weights into them loads the model.
+    """
+    if name in ("ddpg", "td3"):
+        layers = list(algo.actor.mu)
+        return algo.actor.features_extractor, nn.Sequential(*layers[:-2]), layers[-2], "tanh"
+    if name == "sac":
+        return algo.actor.features_extractor, algo.actor.latent_pi, algo.actor.mu, "tanh"
+    policy = algo.policy
+    return policy.pi_features_extractor, policy.mlp_extractor.policy_net, policy.action_net, "clip"
+
+
+class _EpisodeCallback(BaseCallback):
+    def __init__(self, search: Search):
+        super().__init__()
+        self.search = search
+
+    def _on_step(self) -> bool:
+        for done, info in zip(self.locals["dones"], self.locals["infos"]):
+            if done:
+                self.search.on_episode_end(info)
+        return self.search.episodes_done < self.search.target_episodes
+
+
+class Search:
+    """Run (or resume) an RL search on one :class:`PruneEnv`.
+
+    :param config: the training config (algorithm, exploration, budget, sizes).
+    :param env: the environment, built on the session whose scores and splits every method shares.
+    :param run_dir: where best.json, checkpoints and TensorBoard logs go; None keeps everything in memory.
+    """
+
+    def __init__(self, config: TrainConfig, env: PruneEnv, run_dir: str | Path | None = None):
+        self.config = config
+        self.env = env
+        self.run_dir = Path(run_dir) if run_dir else None
+        self.steps_per_episode = len(env.groups)
+        self.wrapped = MovingAverageBaseline(env) if config.baseline else env
+        self.algo = self._build_algo()
+        self.noise: DecayingNormalNoise | None = getattr(self.algo, "action_noise", None)
+        self.best: dict | None = None
+        self.history: list[dict] = []
+        self.episodes_done = 0
+        self.target_episodes = 0
+        self.search_s = 0.0
+        self._bar = None
+        self._writer = None
+
+    # ---- set-up --------------------------------------------------------------------------------------
+    def _build_algo(self) -> BaseAlgorithm:
+        c = self.config
+        kwargs = dict(
+            policy_kwargs=dict(features_extractor_class=GraphFeaturesExtractor, net_arch=list(c.net_arch),
+                               features_extractor_kwargs=dict(hidden_channels=c.hidden, num_layers=c.gnn_layers)),
+            learning_rate=c.learning_rate, seed=c.seed, verbose=0, device="cpu",
+            tensorboard_log=str(self.run_dir / "tb") if self.run_dir else None,
+        )
+        n = self.steps_per_episode
+        if c.algo == "ppo":
+            kwargs["policy_kwargs"]["net_arch"] = dict(pi=list(c.net_arch), vf=list(c.net_arch))
+            return PPO("MultiInputPolicy", self.wrapped, n_steps=4 * n, batch_size=n, n_epochs=4, gamma=1.0,
+                       gae_lambda=0.95, **kwargs)
+        off = dict(buffer_size=c.buffer_size, learning_starts=c.warmup_episodes * n, batch_size=c.batch_size,
+                   gamma=1.0, train_freq=(1, "episode"), gradient_steps=c.gradient_steps, **kwargs)
+        if c.algo == "sac":
+            return SAC("MultiInputPolicy", self.wrapped, **off)
+        off["policy_kwargs"]["share_features_extractor"] = True  # the critic trains the GNN; cheaper updates
+        noise = DecayingNormalNoise(c.noise_sigma, c.noise_decay)
+        return ALGO_CLASSES[c.algo]("MultiInputPolicy", self.wrapped, action_noise=noise, **off)
+
+    def load_policy_weights(self, state: dict) -> None:
+        """Warm-start the actor (and target networks) from a portable policy's state dict."""
+        extractor, mlp, head, _ = policy_modules(self.algo, self.config.algo)
+        parts = {"extractor": extractor, "mlp": mlp, "head": head}
+        for prefix, module in parts.items():
+            module.load_state_dict({k[len(prefix) + 1:]: v for k, v in state.items() if k.startswith(prefix + ".")})
+        for online, target in (("actor", "actor_target"), ("critic", "critic_target")):
+            if hasattr(self.algo, target):
+                getattr(self.algo, target).load_state_dict(getattr(self.algo, online).state_dict())
+
+    # ---- the loop ------------------------------------------------------------------------------------
+    def run(self, episodes: int) -> dict:
+        """Search until ``episodes`` episodes are done in total; return the best episode."""
+        self.target_episodes = episodes
+        remaining = episodes - self.episodes_done
+        if remaining <= 0:
+            return self.best
+        if self.config.progress:
+            from tqdm.auto import tqdm
+            self._bar = tqdm(total=episodes, initial=self.episodes_done, desc=f"search {self.config.algo}",
+                             unit="ep", dynamic_ncols=True, disable=None)
+        if self.run_dir:
+            from torch.utils.tensorboard import SummaryWriter
+            self._writer = SummaryWriter(str(self.run_dir / "tb" / "episodes"))
+        started = time.perf_counter()
+        try:
+            self.algo.learn(remaining * self.steps_per_episode, callback=_EpisodeCallback(self),
+                            reset_num_timesteps=False, tb_log_name="sb3")
+        finally:
+            self.search_s += time.perf_counter() - started
+            if self._bar is not None:
+                self._bar.close()
+            if self._writer is not None:
+                self._writer.close()
+        if self.run_dir:
+            self.checkpoint()
+        return self.best
+
+    def on_episode_end(self, info: dict) -> None:
+        self.episodes_done += 1
+        reward = float(info.get("reward_raw", self._last_reward()))
+        record = {"episode": self.episodes_done, "reward": reward, "acc": info["acc"],
+                  "flops_ratio": info["flops_ratio"], "params_ratio": info["params_ratio"],
+                  "cached": bool(info.get("cached")), "noise_sigma": self.noise.sigma if self.noise else None,
+                  "wall_s": self.search_s}
+        self.history.append(record)
+        if self.best is None or reward > self.best["reward"]:
+            self.best = {**record, "ratios": info["ratios"]}
+            if self.run_dir:
+                write_json(self.run_dir / "best.json", self.best)
+        if self._writer is not None:
+            for key in ("reward", "acc", "flops_ratio"):
+                self._writer.add_scalar(f"charts/episode_{key}", record[key], self.episodes_done)
+            self._writer.add_scalar("charts/best_reward", self.best["reward"], self.episodes_done)
+            if self.noise:
+                self._writer.add_scalar("charts/noise_sigma", self.noise.sigma, self.episodes_done)
+        if self.noise is not None and self.episodes_done <= self.config.warmup_episodes:
+            self.noise.sigma = self.config.noise_sigma  # no decay while actions are still random
+        if self._bar is not None:
+            self._bar.update(1)
+            self._bar.set_postfix(best=f"{self.best['reward']:.4f}", acc=f"{self.best['acc']:.2f}",
+                                  flops=f"{self.best['flops_ratio']:.3f}")
+        if self.run_dir and self.episodes_done % self.config.checkpoint_every == 0:
+            self.checkpoint()
+
+    def _last_reward(self) -> float:
+        rewards = self.algo.ep_info_buffer  # Monitor's record of the last episode
+        return float(rewards[-1]["r"]) if rewards else float("nan")
+
+    # ---- checkpoints ---------------------------------------------------------------------------------
+    def checkpoint(self) -> None:
+        """Write agent, replay buffer and counters to ``ckpt/`` through a fresh folder and a rename."""
+        ckpt, tmp, old = (self.run_dir / n for n in ("ckpt", "ckpt.tmp", "ckpt.old"))
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        self.algo.save(tmp / "agent.zip")
+        if hasattr(self.algo, "replay_buffer"):
+            self.algo.save_replay_buffer(tmp / "replay.pkl")
+        baseline = self.wrapped.average if isinstance(self.wrapped, MovingAverageBaseline) else None
+        state = {"episodes_done": self.episodes_done, "num_timesteps": self.algo.num_timesteps,
+                 "best": self.best, "history": self.history, "search_s": self.search_s,
+                 "noise_sigma": self.noise.sigma if self.noise else None, "baseline": baseline,
+                 "env_episodes": self.env.episodes, "env_timings": self.env.timings,
+                 "cache": [[list(k), r, info] for k, (r, info) in self.env.cache.items()]}
+        (tmp / "state.json").write_text(json.dumps(state))
+        if ckpt.exists():
+            shutil.rmtree(old, ignore_errors=True)
+            ckpt.rename(old)
+        tmp.rename(ckpt)
+        shutil.rmtree(old, ignore_errors=True)
+
+    @classmethod
+    def resume(cls, config: TrainConfig, env: PruneEnv, run_dir: str | Path) -> Search:
+        """Rebuild a search from the last checkpoint in ``run_dir`` (``ckpt/``, or ``ckpt.old/`` after a
+        kill mid-swap).
+        """
+        run_dir = Path(run_dir)
+        ckpt = next((run_dir / n for n in ("ckpt", "ckpt.old") if (run_dir / n / "state.json").is_file()), None)
+        search = cls(config, env, run_dir)
+        if ckpt is None:
+            return search  # killed before the first checkpoint: start over
+        state = json.loads((ckpt / "state.json").read_text())
+        search.algo = ALGO_CLASSES[config.algo].load(ckpt / "agent.zip", env=search.wrapped, device="cpu")
+        if (ckpt / "replay.pkl").is_file():
+            search.algo.load_replay_buffer(ckpt / "replay.pkl")
+        search.noise = getattr(search.algo, "action_noise", None)
+        if search.noise is not None and state["noise_sigma"] is not None:
+            search.noise.sigma = state["noise_sigma"]
+        if isinstance(search.wrapped, MovingAverageBaseline):
+            search.wrapped.average = state["baseline"]
+        search.episodes_done, search.best, search.history = state["episodes_done"], state["best"], state["history"]
+        search.search_s = state["search_s"]
+        env.episodes, env.timings = state["env_episodes"], state["env_timings"]
+        env.cache = {tuple(k): (r, info) for k, r, info in state["cache"]}
+        return search

@@ -1,0 +1,143 @@
+"""``train``: search a sparsity policy on one model, then build, evaluate and export its best pruned model."""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import replace
+from pathlib import Path
+
+from agent.config import TrainConfig
+from agent.outputs import staged_dir, write_json
+from agent.search import Search
+from envs import PruneEnv
+from pruning_core import PruningSession, SessionConfig, UserError, accuracy, export_model, uniform_ratios
+
+__all__ = ["build_env", "resume", "train"]
+
+log = logging.getLogger(__name__)
+
+
+def build_env(config: TrainConfig, session: PruningSession | None = None) -> PruneEnv:
+    """The environment a config describes (loading, tracing and scoring the model unless ``session`` is given)."""
+    if session is None:
+        session = PruningSession(config.model, config.weights, config.data, SessionConfig(
+            reward_images=config.reward_images, calib_batches=config.calib_batches, seed=config.seed))
+    return PruneEnv(session=session, flops=config.flops, reward=config.reward, max_ratio=config.max_ratio,
+                    round_to=config.round_to, max_nodes=max(config.max_nodes, len(session.trace.nodes)))
+
+
+def train(config: TrainConfig | None = None, session: PruningSession | None = None, **overrides) -> dict:
+    """Train the agent, keep the best episode, and write the run folder; return the final report.
+
+    ``overrides`` replace fields of ``config`` (``train(model="resnet20", episodes=50, ...)``).
+    """
+    config = replace(config or TrainConfig(), **overrides)
+    config.validate()
+    run_dir = Path(config.out)
+    if (run_dir / "config.json").exists():
+        raise UserError(f"{run_dir} already holds a run; continue it with --resume {run_dir} or pick another --out")
+    env = build_env(config, session)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    write_json(run_dir / "config.json", config.to_dict())
+    search = Search(config, env, run_dir)
+    return _finish(config, search)
+
+
+def resume(run_dir: str | Path, episodes: int | None = None, progress: bool | None = None) -> dict:
+    """Continue a killed or finished run from its last checkpoint (losing at most ``checkpoint_every`` episodes).
+
+    :param episodes: a new total episode budget (default: the run's own).
+    """
+    run_dir = Path(run_dir)
+    cfg_path = run_dir / "config.json"
+    if not cfg_path.is_file():
+        raise UserError(f"{run_dir} holds no run to resume (no config.json)")
+    config = TrainConfig.from_dict(json.loads(cfg_path.read_text()))
+    if episodes is not None:
+        config.episodes = episodes
+    if progress is not None:
+        config.progress = progress
+    config.out = str(run_dir)
+    search = Search.resume(config, build_env(config), run_dir)
+    log.info("resuming %s at episode %d of %d", run_dir, search.episodes_done, config.episodes)
+    return _finish(config, search)
+
+
+def _finish(config: TrainConfig, search: Search) -> dict:
+    run_dir, env = Path(config.out), search.env
+    best = search.run(config.episodes)
+    write_json(run_dir / "history.json", search.history)
+    session = env.session
+    # the learned policy's own deterministic episode, for the record (one more evaluation, cached if seen)
+    policy_episode = run_policy_episode(search)
+    started = time.perf_counter()
+    model = session.build(best["ratios"], config.round_to)
+    acc_before = accuracy(model, session.splits.test)
+    if config.finetune_epochs > 0:
+        session.finetune(model, config.finetune_epochs, progress=config.progress)
+    eval_s = sum(env.timings[k] for k in ("prune_s", "adapt_s", "eval_s"))
+    uniform = uniform_ratios(session.trace, config.flops, config.max_ratio, config.round_to)
+    stats = {"episodes": search.episodes_done, "search_s": round(search.search_s, 2),
+             "episodes_per_min": round(60 * search.episodes_done / max(search.search_s, 1e-9), 2),
+             "env_eval_s": round(eval_s, 2), "agent_share": round(max(0.0, 1 - eval_s / max(search.search_s,
+                                                                                          1e-9)), 4),
+             "best_episode": best["episode"], "best_reward": best["reward"], "algo": config.algo,
+             "policy_episode": policy_episode}
+    with staged_dir(run_dir / "final") as tmp:
+        files = export_model(model, tmp, session.data.input_shape)
+        report = session.report(model, best["ratios"], "rl", config.seed, search.search_s + time.perf_counter()
+                                - started, round_to=config.round_to, acc_before_finetune=acc_before,
+                                finetune_epochs=config.finetune_epochs, search=stats,
+                                files={k: str(run_dir / "final" / Path(v).name) for k, v in files.items()})
+        write_json(tmp / "report.json", report)
+    write_json(run_dir / "report.json", report)
+    _plots(run_dir, search.history, best["ratios"], uniform)
+    return report
+
+
+def run_policy_episode(search: Search) -> dict:
+    """One deterministic episode of the current policy; returns its reward, accuracy and FLOPs."""
+    env = search.env
+    obs, _ = env.reset()
+    done = False
+    while not done:
+        action, _ = search.algo.predict(obs, deterministic=True)
+        obs, reward, done, _, info = env.step(action)
+    return {"reward": reward, "acc": info["acc"], "flops_ratio": info["flops_ratio"], "ratios": info["ratios"]}
+
+
+def _plots(run_dir: Path, history: list[dict], best: dict[str, float], uniform: dict[str, float]) -> None:
+    """reward.png (reward per episode and best so far) and ratios.png (best policy against uniform)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    eps = [h["episode"] for h in history]
+    rewards = [h["reward"] for h in history]
+    best_so_far = [max(rewards[:i + 1]) for i in range(len(rewards))]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    ax.plot(eps, rewards, ".", alpha=0.5, label="episode reward")
+    ax.plot(eps, best_so_far, "-", label="best so far")
+    ax.set_xlabel("episode")
+    ax.set_ylabel("reward")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(run_dir / "reward.png", dpi=110)
+    plt.close(fig)
+
+    names = list(best)
+    fig, ax = plt.subplots(figsize=(max(6, 0.28 * len(names)), 4))
+    xs = range(len(names))
+    ax.bar([x - 0.2 for x in xs], [best[n] for n in names], 0.4, label="RL (best episode)")
+    ax.bar([x + 0.2 for x in xs], [uniform[n] for n in names], 0.4, label="uniform")
+    ax.set_xticks(list(xs))
+    ax.set_xticklabels(names, rotation=90, fontsize=7)
+    ax.set_ylabel("pruning ratio")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(run_dir / "ratios.png", dpi=110)
+    plt.close(fig)
+
+

@@ -1,0 +1,157 @@
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from agent import Search, TrainConfig, apply_policy, load_policy, save_policy
+from agent.cli import main
+from envs import PruneEnv
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def digits_weights(tmp_path_factory, digits):
+    from pruning_core import build_model, finetune
+    torch.manual_seed(0)
+    model = finetune(build_model("digits_cnn"), digits.train, epochs=3, lr=0.05, augment=False)
+    path = tmp_path_factory.mktemp("w") / "digits_cnn.pt"
+    torch.save(model.state_dict(), path)
+    return path
+
+
+def tiny_config(**kw):
+    base = dict(episodes=6, warmup_episodes=2, gradient_steps=2, batch_size=16, hidden=16, gnn_layers=1,
+                net_arch=(32, 32), progress=False, reward_images=64, calib_batches=1)
+    return TrainConfig(**{**base, **kw})
+
+
+@pytest.mark.parametrize("algo", ["ddpg", "td3", "sac", "ppo"])
+def test_short_runs_respect_budget_and_round_trip(algo, digits_session, tmp_path):
+    cfg = tiny_config(algo=algo, flops=0.6, episodes=12 if algo == "ppo" else 8)
+    env = PruneEnv(session=digits_session, flops=0.6)
+    search = Search(cfg, env)
+    best = search.run(cfg.episodes)
+    assert search.episodes_done == cfg.episodes == len(search.history)
+    assert all(h["flops_ratio"] <= 0.6 for h in search.history)
+    assert best["reward"] == max(h["reward"] for h in search.history)
+    # export -> load gives the same deterministic actions as the SB3 model
+    path = save_policy(search.algo, cfg, best, tmp_path / "policy")
+    policy = load_policy(path)
+    obs, _ = env.reset(seed=0)
+    for _ in range(len(env.groups)):
+        sb3_action, _ = search.algo.predict(obs, deterministic=True)
+        assert np.allclose(policy.act(obs), sb3_action, atol=1e-5)
+        obs, *_ = env.step(sb3_action)
+
+
+def test_policy_file_errors(digits_session, tmp_path):
+    cfg = tiny_config(episodes=3)
+    search = Search(cfg, PruneEnv(session=digits_session, flops=0.6))
+    search.run(3)
+    good = save_policy(search.algo, cfg, search.best, tmp_path / "p")
+    zipped = save_policy(search.algo, cfg, search.best, tmp_path / "p.zip")
+    assert load_policy(zipped).config == load_policy(good).config
+    from pruning_core import UserError
+
+    weights = good / "policy.safetensors"
+    blob = weights.read_bytes()
+    weights.write_bytes(blob[: len(blob) // 2])  # truncated
+    with pytest.raises(UserError, match="truncated, corrupted or was edited"):
+        load_policy(good)
+    weights.write_bytes(blob)
+    meta = json.loads((good / "policy.json").read_text())
+    (good / "policy.json").write_text(json.dumps({**meta, "format_version": 99}))
+    with pytest.raises(UserError, match="format version 99"):
+        load_policy(good)
+    (good / "policy.json").write_text("{not json")
+    with pytest.raises(UserError, match="corrupted"):
+        load_policy(good)
+    with zipfile.ZipFile(tmp_path / "bad.zip", "w") as z:
+        z.writestr("other.txt", "x")
+    with pytest.raises(UserError, match="policy.json"):
+        load_policy(tmp_path / "bad.zip")
+    # a pickle disguised as a policy is never unpickled: its bytes fail the checksum first
+    (good / "policy.json").write_text(json.dumps(meta))
+    weights.write_bytes(b"\x80\x04\x95" + blob[3:])
+    with pytest.raises(UserError):
+        load_policy(good)
+
+
+def test_cli_train_export_apply_to_other_architecture(digits_weights, tmp_path, capsys):
+    run = tmp_path / "run"
+    common = ["--reward-images", "64", "--calib-batches", "1"]
+    assert main(["train", "--model", "digits_cnn", "--weights", str(digits_weights), "--data", "digits",
+                 "--episodes", "6", "--warmup-episodes", "2", "--gradient-steps", "2", "--hidden", "16",
+                 "--out", str(run), "--json", "--no-progress", *common]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["method"] == "rl" and report["flops_ratio"] <= 0.5 and report["search"]["episodes"] == 6
+    for f in ("config.json", "best.json", "history.json", "report.json", "reward.png", "ratios.png",
+              "final/model.pt2", "ckpt/agent.zip"):
+        assert (run / f).is_file(), f
+    assert list((run / "tb").rglob("events.out.tfevents.*"))
+    assert main(["export", str(run), "--out", str(tmp_path / "policy")]) == 0
+    capsys.readouterr()
+    assert main(["apply", str(tmp_path / "policy"), "--model", "digits_cnn_wide", "--data", "digits",
+                 "--flops", "0.4", "--out", str(tmp_path / "applied"), "--json", *common]) == 0
+    applied = json.loads(capsys.readouterr().out)
+    assert applied["method"] == "rl-transfer" and applied["model"] == "digits_cnn_wide"
+    assert applied["flops_ratio"] <= 0.4
+    assert (tmp_path / "applied" / "model.pt2").is_file()
+    assert main(["train", "--model", "digits_cnn", "--data", "digits", "--out", str(run)]) == 2  # run exists
+    assert "--resume" in capsys.readouterr().err
+
+
+def test_apply_to_other_models_meets_budget(digits_session, tmp_path):
+    from test_graph_encoder import _tiny_cifar
+
+    from pruning_core import PruningSession, SessionConfig, build_model
+    cfg = tiny_config(episodes=3, flops=0.6)
+    search = Search(cfg, PruneEnv(session=digits_session, flops=0.6))
+    search.run(3)
+    path = save_policy(search.algo, cfg, search.best, tmp_path / "p")
+    for name, flops in (("resnet20", 0.5), ("mobilenetv2", 0.45)):
+        session = PruningSession(build_model(name), None, _tiny_cifar(), SessionConfig(
+            reward_images=8, calib_batches=1, taylor_batches=1, batch_size=8))
+        report = apply_policy(path, name, flops=flops, session=session, search_episodes=2 if name == "resnet20" else 0)
+        assert report["flops_ratio"] <= flops
+        assert set(report["ratios"]) == {g.name for g in session.trace.groups}
+
+
+@pytest.mark.slow
+def test_resume_after_kill_9(tmp_path):
+    run = tmp_path / "run"
+    argv = [sys.executable, "-m", "agent.cli", "train", "--model", "digits_cnn", "--data", "digits",
+            "--reward-images", "64", "--calib-batches", "1", "--warmup-episodes", "3", "--hidden", "16",
+            "--gradient-steps", "2", "--checkpoint-every", "4", "--no-progress", "--out", str(run)]
+    proc = subprocess.Popen([*argv, "--episodes", "1000"], cwd=ROOT, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE)
+    state = run / "ckpt" / "state.json"
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        if state.is_file() and json.loads(state.read_text())["episodes_done"] >= 8:
+            break
+        assert proc.poll() is None, proc.stderr.read().decode()
+        time.sleep(0.2)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    saved = json.loads(state.read_text())
+    assert 8 <= saved["episodes_done"] < 1000
+    history_before = saved["history"]
+    done = subprocess.run([*argv[:4], "--resume", str(run), "--episodes", str(saved["episodes_done"] + 6),
+                           "--no-progress", "--json"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    report = json.loads(done.stdout)
+    history = json.loads((run / "history.json").read_text())
+    assert report["search"]["episodes"] == saved["episodes_done"] + 6 == len(history)
+    assert history[:len(history_before)] == history_before  # nothing before the checkpoint was lost
+    assert [h["episode"] for h in history] == list(range(1, len(history) + 1))
+    assert report["flops_ratio"] <= 0.5
