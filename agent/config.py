@@ -23,8 +23,8 @@ class TrainConfig:
     """FLOPs budget as a fraction of dense; every episode meets it."""
     episodes: int = 120
     """Episodes (one pruned-model evaluation each, cached repeats included)."""
-    algo: str = "ddpg"
-    """SB3 algorithm: ddpg (AMC's choice), td3, sac or ppo."""
+    algo: str = "ppo"
+    """SB3 algorithm: ppo (measured best here), ddpg (AMC's choice), td3 or sac."""
     reward: str = "acc"
     """acc (accuracy under the enforced budget), acc_flops, or latency."""
     seed: int = 0
@@ -62,7 +62,9 @@ class TrainConfig:
     buffer_size: int = 4000
     """Replay buffer transitions (AMC: 2000)."""
     checkpoint_every: int = 10
-    """Episodes between checkpoints of agent, replay buffer and counters; a kill loses at most this many."""
+    """Episodes between checkpoints of agent, replay buffer and counters, taken at the end of the rollout that
+    completes them (every episode off-policy, every 4 episodes for PPO); a kill loses at most this many plus
+    one rollout."""
     max_nodes: int = 320
     """Observation padding: layer-graph nodes (fits ResNet-110 and MobileNetV2)."""
     finetune_epochs: int = 0

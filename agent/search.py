@@ -13,6 +13,7 @@ import gymnasium as gym
 import numpy as np
 from stable_baselines3 import DDPG, PPO, SAC, TD3
 from stable_baselines3.common.base_class import BaseAlgorithm
+from stable_baselines3.common.buffers import DictReplayBuffer
 from stable_baselines3.common.callbacks import BaseCallback
 from stable_baselines3.common.noise import NormalActionNoise
 from torch import nn
@@ -52,12 +53,13 @@ class DecayingNormalNoise(NormalActionNoise):
 class MovingAverageBaseline(gym.Wrapper):
     """Subtract a moving average of past final rewards from each final reward (AMC's variance reduction).
 
-    The unshifted reward stays in ``info["reward_raw"]``.
+    The unshifted reward is always kept in ``info["reward_raw"]``; with ``enabled=False`` nothing is shifted.
     """
 
-    def __init__(self, env: gym.Env, alpha: float = 0.1):
+    def __init__(self, env: gym.Env, alpha: float = 0.1, enabled: bool = True):
         super().__init__(env)
         self.alpha = alpha
+        self.enabled = enabled
         self.average: float | None = None
 
     def step(self, action):
@@ -68,8 +70,34 @@ class MovingAverageBaseline(gym.Wrapper):
                 self.average = reward
             shifted = reward - self.average
             self.average += self.alpha * (reward - self.average)
-            reward = shifted
+            reward = shifted if self.enabled else reward
         return obs, reward, terminated, truncated, info
+
+
+class FinalRewardReplayBuffer(DictReplayBuffer):
+    """Store what the env did, credited with the episode's outcome (AMC's credit assignment).
+
+    - The stored action is the env's ``info["action_applied"]`` (after the budget clamp), not the proposed one.
+      Otherwise the clamp, which overrides low early actions, teaches the critic that larger actions always
+      pay, and DDPG's actor saturates at the maximum ratio within a few episodes.
+    - Every transition of an episode gets the episode's final reward as a terminal, so the critic's target
+      for ``Q(s_t, a_t)`` is that reward rather than a bootstrapped estimate through many zero-reward steps.
+    """
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.open_episode: list[int] = []
+
+    def add(self, obs, next_obs, action, reward, done, infos) -> None:
+        self.open_episode.append(self.pos)
+        if "action_applied" in infos[0]:
+            action = np.stack([info["action_applied"] for info in infos])
+        super().add(obs, next_obs, action, reward, done, infos)
+        if done[0]:
+            idx = np.array(self.open_episode)
+            self.rewards[idx, 0] = reward[0]
+            self.dones[idx, 0] = 1.0
+            self.open_episode = []
 
 
 def policy_modules(algo: BaseAlgorithm, name: str) -> tuple[nn.Module, nn.Sequential, nn.Linear, str]:
@@ -97,6 +125,10 @@ class _EpisodeCallback(BaseCallback):
                 self.search.on_episode_end(info)
         return self.search.episodes_done < self.search.target_episodes
 
+    def _on_rollout_end(self) -> None:
+        # after the rollout's transitions are stored: the replay buffer holds whole episodes only
+        self.search.maybe_checkpoint()
+
 
 class Search:
     """Run (or resume) an RL search on one :class:`PruneEnv`.
@@ -111,7 +143,7 @@ class Search:
         self.env = env
         self.run_dir = Path(run_dir) if run_dir else None
         self.steps_per_episode = len(env.groups)
-        self.wrapped = MovingAverageBaseline(env) if config.baseline else env
+        self.wrapped = MovingAverageBaseline(env, enabled=config.baseline)
         self.algo = self._build_algo()
         self.noise: DecayingNormalNoise | None = getattr(self.algo, "action_noise", None)
         self.best: dict | None = None
@@ -121,6 +153,8 @@ class Search:
         self.search_s = 0.0
         self._bar = None
         self._writer = None
+        self._checkpoint_due = False
+        self._run_started: float | None = None
 
     # ---- set-up --------------------------------------------------------------------------------------
     def _build_algo(self) -> BaseAlgorithm:
@@ -134,10 +168,12 @@ class Search:
         n = self.steps_per_episode
         if c.algo == "ppo":
             kwargs["policy_kwargs"]["net_arch"] = dict(pi=list(c.net_arch), vf=list(c.net_arch))
+            # gamma = lambda = 1: every step's advantage is the final reward minus the value (AMC's assignment)
             return PPO("MultiInputPolicy", self.wrapped, n_steps=4 * n, batch_size=n, n_epochs=4, gamma=1.0,
-                       gae_lambda=0.95, **kwargs)
+                       gae_lambda=1.0, **kwargs)
         off = dict(buffer_size=c.buffer_size, learning_starts=c.warmup_episodes * n, batch_size=c.batch_size,
-                   gamma=1.0, train_freq=(1, "episode"), gradient_steps=c.gradient_steps, **kwargs)
+                   gamma=1.0, train_freq=(1, "episode"), gradient_steps=c.gradient_steps,
+                   replay_buffer_class=FinalRewardReplayBuffer, **kwargs)
         if c.algo == "sac":
             return SAC("MultiInputPolicy", self.wrapped, **off)
         off["policy_kwargs"]["share_features_extractor"] = True  # the critic trains the GNN; cheaper updates
@@ -168,12 +204,14 @@ class Search:
         if self.run_dir:
             from torch.utils.tensorboard import SummaryWriter
             self._writer = SummaryWriter(str(self.run_dir / "tb" / "episodes"))
-        started = time.perf_counter()
+        self._run_started = time.perf_counter()
+        self.algo._last_obs = None  # start from a fresh episode even if the env was used in between
         try:
             self.algo.learn(remaining * self.steps_per_episode, callback=_EpisodeCallback(self),
                             reset_num_timesteps=False, tb_log_name="sb3")
         finally:
-            self.search_s += time.perf_counter() - started
+            self.search_s = self.elapsed()
+            self._run_started = None
             if self._bar is not None:
                 self._bar.close()
             if self._writer is not None:
@@ -182,13 +220,18 @@ class Search:
             self.checkpoint()
         return self.best
 
+    def elapsed(self) -> float:
+        """Search wall time so far, this run included."""
+        running = time.perf_counter() - self._run_started if self._run_started is not None else 0.0
+        return self.search_s + running
+
     def on_episode_end(self, info: dict) -> None:
         self.episodes_done += 1
-        reward = float(info.get("reward_raw", self._last_reward()))
+        reward = float(info["reward_raw"])
         record = {"episode": self.episodes_done, "reward": reward, "acc": info["acc"],
                   "flops_ratio": info["flops_ratio"], "params_ratio": info["params_ratio"],
                   "cached": bool(info.get("cached")), "noise_sigma": self.noise.sigma if self.noise else None,
-                  "wall_s": self.search_s}
+                  "wall_s": round(self.elapsed(), 3)}
         self.history.append(record)
         if self.best is None or reward > self.best["reward"]:
             self.best = {**record, "ratios": info["ratios"]}
@@ -206,12 +249,13 @@ class Search:
             self._bar.update(1)
             self._bar.set_postfix(best=f"{self.best['reward']:.4f}", acc=f"{self.best['acc']:.2f}",
                                   flops=f"{self.best['flops_ratio']:.3f}")
-        if self.run_dir and self.episodes_done % self.config.checkpoint_every == 0:
-            self.checkpoint()
+        if self.episodes_done % self.config.checkpoint_every == 0:
+            self._checkpoint_due = True
 
-    def _last_reward(self) -> float:
-        rewards = self.algo.ep_info_buffer  # Monitor's record of the last episode
-        return float(rewards[-1]["r"]) if rewards else float("nan")
+    def maybe_checkpoint(self) -> None:
+        if self.run_dir and self._checkpoint_due:
+            self.checkpoint()
+        self._checkpoint_due = False
 
     # ---- checkpoints ---------------------------------------------------------------------------------
     def checkpoint(self) -> None:
@@ -222,9 +266,9 @@ class Search:
         self.algo.save(tmp / "agent.zip")
         if hasattr(self.algo, "replay_buffer"):
             self.algo.save_replay_buffer(tmp / "replay.pkl")
-        baseline = self.wrapped.average if isinstance(self.wrapped, MovingAverageBaseline) else None
+        baseline = self.wrapped.average
         state = {"episodes_done": self.episodes_done, "num_timesteps": self.algo.num_timesteps,
-                 "best": self.best, "history": self.history, "search_s": self.search_s,
+                 "best": self.best, "history": self.history, "search_s": self.elapsed(),
                  "noise_sigma": self.noise.sigma if self.noise else None, "baseline": baseline,
                  "env_episodes": self.env.episodes, "env_timings": self.env.timings,
                  "cache": [[list(k), r, info] for k, (r, info) in self.env.cache.items()]}
@@ -252,8 +296,7 @@ class Search:
         search.noise = getattr(search.algo, "action_noise", None)
         if search.noise is not None and state["noise_sigma"] is not None:
             search.noise.sigma = state["noise_sigma"]
-        if isinstance(search.wrapped, MovingAverageBaseline):
-            search.wrapped.average = state["baseline"]
+        search.wrapped.average = state["baseline"]
         search.episodes_done, search.best, search.history = state["episodes_done"], state["best"], state["history"]
         search.search_s = state["search_s"]
         env.episodes, env.timings = state["env_episodes"], state["env_timings"]

@@ -16,7 +16,7 @@ from pruning_core.data import ImageData
 from pruning_core.errors import UserError
 from pruning_core.evaluate import accuracy, adapt_bn
 from pruning_core.latency import measure_latency
-from pruning_core.prune import kept_channels, prune
+from pruning_core.prune import kept_channels, prune, uniform_ratios
 from pruning_core.session import PruningSession, SessionConfig
 
 __all__ = ["DEFAULT_MAX_NODES", "REWARDS", "PruneEnv"]
@@ -37,10 +37,14 @@ class PruneEnv(gym.Env):
 
     ## Action Space
 
-    `Box(-1, 1, (1,), float32)`: the action `a` maps linearly to a pruning ratio `(a + 1) / 2 * max_ratio`
-    for the current group (a symmetric box, as SB3 recommends; a Gaussian policy's initial mean 0 is a ratio
-    of `max_ratio / 2`). Before it is applied it is raised, if needed, to the smallest ratio that keeps the budget
-    reachable when every later group is pruned at `max_ratio` (AMC's resource-constrained clamp).
+    `Box(-1, 1, (1,), float32)` (symmetric, as SB3 recommends), mapped monotonically onto a pruning ratio in
+    `[0, max_ratio]` for the current group. With `action_center="uniform"` (default) the map is piecewise
+    linear through the uniform allocation `u` that meets the budget: `a = -1 -> 0`, `a = 0 -> u`,
+    `a = 1 -> max_ratio`. An untrained policy (outputs near 0) thus starts from uniform pruning and learns
+    deviations from it, which also carry over between models. With `action_center="zero"` the map is
+    linear, `(a + 1) / 2 * max_ratio`. Before it is applied, the ratio is raised, if needed, to the smallest
+    one that keeps the budget reachable when every later group is pruned at `max_ratio` (AMC's
+    resource-constrained clamp).
 
     ## Observation Space
 
@@ -76,7 +80,9 @@ class PruneEnv(gym.Env):
     ## Episode End
 
     Terminates after one step per prunable group. Never truncates. `info` then holds `acc`, `flops_ratio`,
-    `params_ratio`, `ratios`, `eval_s` (plus `prune_s`, `adapt_s`, `cached`, `episode`).
+    `params_ratio`, `ratios`, `eval_s` (plus `prune_s`, `adapt_s`, `cached`, `episode`). Every step's `info`
+    holds `action_applied`: the action after the budget clamp, in the action space (agents should learn from
+    it, not from the action they proposed).
 
     ## Arguments
 
@@ -90,6 +96,7 @@ class PruneEnv(gym.Env):
     - `reward`: one of `acc`, `acc_flops`, `latency`. `round_to`: round kept channels up to a multiple.
     - `reward_images`, `calib_batches`, `seed`: the reward split, adaptive-BN batches, split seed.
     - `max_nodes`, `max_edges`: observation padding (default 320 and 2 * max_nodes).
+    - `action_center`: `uniform` (default) or `zero`, see Action Space.
     - `session`: an existing `PruningSession`, to share its trace, scores and splits between envs.
 
     Taylor scores are computed once per env. An episode whose rounded channel counts were already
@@ -106,7 +113,8 @@ class PruneEnv(gym.Env):
                  data: str | ImageData | None = None, flops: float = 0.5, reward: str = "acc",
                  max_ratio: float = 0.8, round_to: int | None = None, reward_images: int = 1000,
                  calib_batches: int = 10, seed: int = 0, max_nodes: int = DEFAULT_MAX_NODES,
-                 max_edges: int | None = None, session: PruningSession | None = None, latency_batch: int = 1):
+                 max_edges: int | None = None, session: PruningSession | None = None, latency_batch: int = 1,
+                 action_center: str = "uniform"):
         super().__init__()
         if reward not in REWARDS:
             raise UserError(f"unknown reward {reward!r}; use one of {', '.join(REWARDS)}")
@@ -140,6 +148,11 @@ class PruneEnv(gym.Env):
             raise UserError(f"FLOPs target {flops:.3f} is unreachable for {name}: with every prunable group at "
                             f"max_ratio {max_ratio} it keeps {floor / self.dense_flops:.3f}; raise the target or "
                             "max_ratio")
+        if action_center not in ("uniform", "zero"):
+            raise UserError(f"unknown action_center {action_center!r}; use uniform or zero")
+        self.action_center = action_center
+        self.center = (uniform_ratios(self.trace, flops, max_ratio, round_to) if action_center == "uniform"
+                       else {g.name: max_ratio / 2 for g in self.groups})
         self.candidates = {g.name: sorted({kept_channels(g.channels, 1 - k / g.channels, round_to)
                                            for k in range(1, g.channels + 1)}) for g in self.groups}
 
@@ -205,6 +218,18 @@ class PruneEnv(gym.Env):
                 "edge_mask": self._edge_mask.copy(), "node_mask": self._node_mask.copy(),
                 "cursor": np.array([cursor], np.int64), "graph_id": self._graph_id.copy()}
 
+    def action_to_ratio(self, group: str, a: float) -> float:
+        """Map an action in [-1, 1] to a pruning ratio in [0, max_ratio] through the group's centre."""
+        c = self.center[group]
+        return c * (1.0 + a) if a < 0 else c + a * (self.max_ratio - c)
+
+    def ratio_to_action(self, group: str, ratio: float) -> float:
+        """The inverse of :meth:`action_to_ratio` (clipped to the action box)."""
+        c, r = self.center[group], min(ratio, self.max_ratio)
+        if r < c:
+            return float(np.clip(r / c - 1.0, -1.0, 0.0))
+        return float(np.clip((r - c) / (self.max_ratio - c), 0.0, 1.0)) if self.max_ratio > c else 0.0
+
     # ---- gymnasium API -------------------------------------------------------------------------------
     def reset(self, *, seed: int | None = None, options: dict[str, Any] | None = None):
         super().reset(seed=seed)
@@ -217,8 +242,7 @@ class PruneEnv(gym.Env):
         t0 = time.perf_counter()
         a = float(np.clip(np.asarray(action, dtype=np.float64).reshape(-1)[0], -1.0, 1.0))
         g = self.groups[self.t]
-        wanted = (a + 1.0) / 2.0 * self.max_ratio
-        kept = min(kept_channels(g.channels, wanted, self.round_to), self._allowed)  # set by _observation
+        kept = min(kept_channels(g.channels, self.action_to_ratio(g.name, a), self.round_to), self._allowed)
         self.kept[g.name] = kept
         ratio = 1.0 - kept / g.channels
         self.ratios[g.name] = ratio
@@ -228,10 +252,11 @@ class PruneEnv(gym.Env):
         self._x[nodes, d["decided"]] = 1.0
         self.t += 1
         self.timings["step_s"] += time.perf_counter() - t0
+        applied = {"action_applied": np.array([self.ratio_to_action(g.name, ratio)], np.float32)}
         if self.t < len(self.groups):
-            return self._observation(), 0.0, False, False, {}
+            return self._observation(), 0.0, False, False, applied
         reward, info = self._evaluate()
-        return self._observation(), reward, True, False, info
+        return self._observation(), reward, True, False, {**info, **applied}
 
     def _evaluate(self) -> tuple[float, dict]:
         self.episodes += 1

@@ -1,0 +1,67 @@
+"""Shared pieces of the benchmarks: paths, the machine's description, timing and per-method evaluation."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import time
+from pathlib import Path
+
+import torch
+
+from pruning_core import PruningSession, accuracy, measure_latency
+
+ROOT = Path(__file__).resolve().parents[1]
+ASSETS = ROOT.parent / "shared" / "assets"
+CIFAR = f"cifar10:{ASSETS / 'cifar10-subset'}"
+WEIGHTS = {"resnet20": str(ASSETS / "weights" / "resnet20-12fca82f.th"),
+           "resnet56": str(ASSETS / "weights" / "resnet56-4bfd9763.th")}
+RESULTS = ROOT / "bench" / "results"
+
+
+def machine() -> dict:
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {"cpu": cpu, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+            "torch": torch.__version__, "python": platform.python_version()}
+
+
+def write_result(name: str, payload: dict) -> Path:
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    path = RESULTS / f"{name}.json"
+    path.write_text(json.dumps({"machine": machine(), "date": time.strftime("%Y-%m-%d %H:%M"), **payload},
+                               indent=2) + "\n")
+    print(f"wrote {path}")
+    return path
+
+
+def latency_ms(model, input_shape, batch: int) -> float:
+    return 1000 * measure_latency(model, input_shape, batch, min_run_time=1.0)
+
+
+def evaluate_method(session: PruningSession, ratios: dict[str, float], finetune_epochs: int, dense_latency: dict,
+                    **extra) -> dict:
+    """Build with adaptive BN, measure accuracy, latency, then the shared fine-tune recipe."""
+    model = session.build(ratios)
+    m = session.measure(ratios)
+    row = {"flops_ratio": m["flops_ratio"], "params_ratio": m["params_ratio"],
+           "acc_reward": accuracy(model, session.splits.reward), "acc_test": accuracy(model, session.splits.test)}
+    shape = session.data.input_shape
+    for b in (1, 64):
+        row[f"latency_b{b}_ms"] = latency_ms(model, shape, b)
+        row[f"speedup_b{b}"] = dense_latency[b] / row[f"latency_b{b}_ms"]
+    row["flops_speedup"] = 1 / m["flops_ratio"]
+    if finetune_epochs:
+        t = time.perf_counter()
+        session.finetune(model, finetune_epochs)
+        row["acc_test_finetuned"] = accuracy(model, session.splits.test)
+        row["finetune_s"] = time.perf_counter() - t
+    row["ratios"] = ratios
+    return {**row, **extra}

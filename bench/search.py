@@ -1,0 +1,124 @@
+"""Side-by-side search benchmark on the shared ResNet-56 (see ../shared/DESIGN.md, benchmark protocol).
+
+Every method uses the same session: the same Taylor scores, reward split, calibration batches, and (for the
+search methods) the same number of pruned-model evaluations. Test images are only used for reporting.
+
+    python bench/search.py --targets 0.5 0.3 --episodes 100 --seeds 0 1 2 --algos ddpg ppo
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import statistics
+import time
+
+import numpy as np
+from common import CIFAR, WEIGHTS, evaluate_method, latency_ms, write_result
+
+from agent import Search, TrainConfig
+from envs import PruneEnv
+from pruning_core import L1Importance, PruningSession, SessionConfig, global_ratios, uniform_ratios
+
+
+def random_search(session: PruningSession, target: float, episodes: int, seed: int, max_ratio: float) -> dict:
+    """EagleEye-style: ``episodes`` random ratio vectors pushed into the budget by the env's clamp; best reward."""
+    env = PruneEnv(session=session, flops=target, max_ratio=max_ratio)
+    rng = np.random.default_rng(seed)
+    best, started = None, time.perf_counter()
+    for _ in range(episodes):
+        env.reset()
+        done = False
+        while not done:
+            _, reward, done, _, info = env.step(rng.uniform(-1, 1, 1).astype(np.float32))
+        if best is None or reward > best["reward"]:
+            best = {"reward": reward, "ratios": info["ratios"]}
+    wall = time.perf_counter() - started
+    eval_s = sum(env.timings[k] for k in ("prune_s", "adapt_s", "eval_s"))
+    return {**best, "search_s": wall, "episodes": episodes, "episodes_per_min": 60 * episodes / wall,
+            "agent_share": max(0.0, 1 - eval_s / wall)}
+
+
+def rl_search(session: PruningSession, target: float, episodes: int, seed: int, algo: str, max_ratio: float,
+              warmup: int) -> dict:
+    cfg = TrainConfig(algo=algo, flops=target, episodes=episodes, seed=seed, max_ratio=max_ratio,
+                      warmup_episodes=warmup, progress=False)
+    env = PruneEnv(session=session, flops=target, max_ratio=max_ratio)
+    search = Search(cfg, env)
+    best = search.run(episodes)
+    eval_s = sum(env.timings[k] for k in ("prune_s", "adapt_s", "eval_s"))
+    return {"reward": best["reward"], "ratios": best["ratios"], "search_s": search.search_s, "episodes": episodes,
+            "episodes_per_min": 60 * episodes / search.search_s, "best_episode": best["episode"],
+            "agent_share": max(0.0, 1 - eval_s / search.search_s),
+            "unique_evaluations": len(env.cache)}
+
+
+def summarise(rows: list[dict], keys: tuple[str, ...]) -> dict:
+    out = {}
+    for k in keys:
+        vals = [r[k] for r in rows if k in r]
+        if vals:
+            out[k] = {"mean": statistics.mean(vals), "std": statistics.stdev(vals) if len(vals) > 1 else 0.0,
+                      "min": min(vals), "max": max(vals)}
+    return out
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="resnet56")
+    p.add_argument("--targets", type=float, nargs="+", default=[0.5, 0.3])
+    p.add_argument("--episodes", type=int, default=100, help="evaluation budget of each search method")
+    p.add_argument("--warmup", type=int, default=25)
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--algos", nargs="+", default=["ddpg", "ppo"], help="the first one runs with every seed")
+    p.add_argument("--reward-images", type=int, default=1000)
+    p.add_argument("--calib-batches", type=int, default=10)
+    p.add_argument("--max-ratio", type=float, default=0.8)
+    p.add_argument("--finetune-epochs", type=int, default=1)
+    p.add_argument("--name", default="search")
+    args = p.parse_args()
+
+    t = time.perf_counter()
+    session = PruningSession(args.model, WEIGHTS[args.model], CIFAR, SessionConfig(
+        reward_images=args.reward_images, calib_batches=args.calib_batches, seed=0))
+    setup_s = time.perf_counter() - t
+    l1 = copy.copy(session)
+    l1.scores = L1Importance()(session.model, None, session.trace)
+    shape = session.data.input_shape
+    dense_latency = {b: latency_ms(session.model, shape, b) for b in (1, 64)}
+    results = {"config": vars(args), "setup_s": setup_s, "timings": session.timings,
+               "dense": {"acc_test": session.dense_accuracy("test"), "acc_reward": session.dense_accuracy("reward"),
+                         "latency_b1_ms": dense_latency[1], "latency_b64_ms": dense_latency[64],
+                         "flops": session.flops_dense, "params": session.params_dense},
+               "targets": {}}
+    for target in args.targets:
+        mr = args.max_ratio
+        rows: dict[str, object] = {}
+        print(f"== target {target}: fixed allocations", flush=True)
+        rows["uniform"] = evaluate_method(session, uniform_ratios(session.trace, target, mr), args.finetune_epochs,
+                                          dense_latency, search_s=0.0)
+        rows["global"] = evaluate_method(session, global_ratios(session.trace, session.scores, target, mr),
+                                         args.finetune_epochs, dense_latency, search_s=0.0)
+        rows["l1-uniform"] = evaluate_method(l1, uniform_ratios(session.trace, target, mr), args.finetune_epochs,
+                                             dense_latency, search_s=0.0)
+        print(f"== target {target}: random search ({args.episodes} evaluations)", flush=True)
+        rs = random_search(session, target, args.episodes, 0, mr)
+        rows["random"] = evaluate_method(session, rs.pop("ratios"), args.finetune_epochs, dense_latency, **rs)
+        for i, algo in enumerate(args.algos):
+            runs = []
+            for seed in args.seeds if i == 0 else args.seeds[:1]:
+                print(f"== target {target}: {algo} seed {seed} ({args.episodes} episodes)", flush=True)
+                r = rl_search(session, target, args.episodes, seed, algo, mr, args.warmup)
+                runs.append(evaluate_method(session, r.pop("ratios"), args.finetune_epochs if seed == args.seeds[0]
+                                            else 0, dense_latency, seed=seed, **r))
+                print(f"   reward-split {runs[-1]['acc_reward']:.2f}  test {runs[-1]['acc_test']:.2f}  "
+                      f"{runs[-1]['search_s']:.0f}s  agent share {runs[-1]['agent_share']:.3f}", flush=True)
+            rows[f"rl-{algo}"] = {"runs": runs, "summary": summarise(runs, (
+                "acc_test", "acc_reward", "acc_test_finetuned", "search_s", "episodes_per_min", "agent_share",
+                "flops_ratio", "speedup_b1", "speedup_b64"))}
+        results["targets"][str(target)] = rows
+        write_result(args.name, results)  # after every target, so a long run leaves partial results
+
+
+if __name__ == "__main__":
+    main()
