@@ -70,9 +70,11 @@ def scale_table(res: dict) -> list[str]:
 
 def main() -> None:
     out = []
-    for name, render in (("search", search_table), ("transfer", transfer_table), ("scale", scale_table)):
-        path = RESULTS / f"{name}.json"
-        if not path.is_file():
+    renderers = {"search": search_table, "transfer": transfer_table, "scale": scale_table}
+    for path in sorted(RESULTS.glob("*.json")):
+        name = path.stem
+        render = renderers.get(name.split("_")[0])
+        if render is None:
             continue
         res = json.loads(path.read_text())
         m = res["machine"]

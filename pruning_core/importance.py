@@ -48,10 +48,11 @@ class TaylorImportance:
     weights where a group has no BN: ``(sum over the filter of w*dL/dw)^2``. Averaged over minibatches and
     summed over the layers of a coupled group. Runs on a copy in eval mode, so the model is untouched.
 
-    :param num_batches: minibatches to average over (the paper accumulates over many; 8-16 suffice here).
+    :param num_batches: minibatches to average over (the paper accumulates over many; see
+        :class:`pruning_core.SessionConfig` for the measured default).
     """
 
-    def __init__(self, num_batches: int = 8):
+    def __init__(self, num_batches: int = 32):
         self.num_batches = num_batches
 
     def __call__(self, model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
