@@ -10,7 +10,7 @@ from torch import nn
 
 from pruning_core.data import Split
 
-__all__ = ["accuracy", "adapt_bn", "augment", "finetune"]
+__all__ = ["accuracy", "adapt_bn", "augment_batch", "finetune"]
 
 log = logging.getLogger(__name__)
 
@@ -49,7 +49,7 @@ def adapt_bn(model: nn.Module, calib: Split, num_batches: int = 10, batch_size: 
     return model.eval()
 
 
-def augment(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+def augment_batch(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
     """Random horizontal flip per image and a random shift of up to 1/8 of the size per batch."""
     flip = torch.rand(len(x), generator=gen) < 0.5
     x = torch.where(flip.view(-1, 1, 1, 1), x.flip(3), x)
@@ -83,7 +83,7 @@ def finetune(model: nn.Module, train: Split, epochs: int = 2, lr: float = 0.01, 
         model.train()
         for x, y in train.batches(batch_size, shuffle=True, generator=gen):
             if augment:
-                x = augment(x, gen)
+                x = augment_batch(x, gen)
             logits = model(x)
             loss = F.cross_entropy(logits, y)
             if teacher is not None:

@@ -16,7 +16,7 @@ from torch import nn
 
 from pruning_core.data import ImageData, Split, load_data, make_splits
 from pruning_core.errors import UserError
-from pruning_core.evaluate import accuracy, adapt_bn, augment, finetune
+from pruning_core.evaluate import accuracy, adapt_bn, augment_batch, finetune
 from pruning_core.graph import ModelTrace, trace_model
 from pruning_core.importance import L1Importance, TaylorImportance
 from pruning_core.prune import kept_counts, prune
@@ -102,7 +102,7 @@ class PruningSession:
         gen = torch.Generator().manual_seed(self.config.seed)
         batches = self.splits.train.batches(self.config.batch_size, shuffle=True, generator=gen)
         if self.config.taylor_augment and self.data.name != "digits":
-            batches = ((augment(x, gen), y) for x, y in batches)
+            batches = ((augment_batch(x, gen), y) for x, y in batches)
         return TaylorImportance(self.config.taylor_batches)(self.model, batches, self.trace)
 
     def split(self, name: str) -> Split:
