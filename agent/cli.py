@@ -13,7 +13,16 @@ import sys
 import time
 from pathlib import Path
 
-from pruning_core import PruningSession, SessionConfig, UserError, export_model, global_ratios, uniform_ratios
+from agent.outputs import print_report, staged_dir, write_json
+from pruning_core import (
+    PruningSession,
+    SessionConfig,
+    UserError,
+    accuracy,
+    export_model,
+    global_ratios,
+    uniform_ratios,
+)
 from pruning_core.prune import check_ratios
 
 log = logging.getLogger("prunepilot")
@@ -61,7 +70,6 @@ def finish(session: PruningSession, model, ratios: dict[str, float], method: str
     """Fine-tune if asked, evaluate, write ``--out`` and print the report: the last steps every command shares."""
     acc_before = None
     if args.finetune_epochs > 0:
-        from pruning_core import accuracy
         acc_before = accuracy(model, session.splits.test)
         log.info("fine-tuning %d epochs with KD from the dense model", args.finetune_epochs)
         session.finetune(model, args.finetune_epochs, progress=sys.stderr.isatty())
@@ -69,18 +77,13 @@ def finish(session: PruningSession, model, ratios: dict[str, float], method: str
                             round_to=args.round_to, acc_before_finetune=acc_before,
                             finetune_epochs=args.finetune_epochs, adapt_bn=args.adapt_bn, **extra)
     if args.out:
-        from agent.outputs import staged_dir, write_json
         with staged_dir(args.out) as tmp:
             report["files"] = {k: str(Path(args.out) / Path(v).name)
                                for k, v in export_model(model, tmp, session.data.input_shape).items()}
             write_json(tmp / "report.json", report)
-    if args.json:
-        print(json.dumps(report))
-    else:
-        print(f"{report['model']} [{method}]: FLOPs {report['flops_ratio']:.3f} of dense, params "
-              f"{report['params_ratio']:.3f}, test acc {report['acc']:.2f}% (dense {report['acc_dense']:.2f}%)")
-        if args.out:
-            print(f"wrote {args.out}/report.json and the exported model")
+    print_report(report, args.json)
+    if args.out and not args.json:
+        print(f"wrote {args.out}/report.json and the exported model")
     return report
 
 
@@ -117,16 +120,9 @@ def prune_command(args: argparse.Namespace) -> dict:
                                        args.round_to), "global"
     else:
         ratios, method = uniform_ratios(session.trace, args.flops, args.max_ratio, args.round_to), args.method
-    t = time.perf_counter()
-    model = session.build(ratios, args.round_to, adapt=False)
-    prune_s = time.perf_counter() - t
-    t = time.perf_counter()
-    if args.adapt_bn:
-        from pruning_core import adapt_bn
-        adapt_bn(model, session.splits.calib, session.config.calib_batches, session.config.batch_size)
-    adapt_s = time.perf_counter() - t
-    return finish(session, model, ratios, method, args, started,
-                  timings={**session.timings, "prune_s": prune_s, "adapt_bn_s": adapt_s})
+    timings = dict(session.timings)
+    model = session.build(ratios, args.round_to, adapt=args.adapt_bn, timings=timings)
+    return finish(session, model, ratios, method, args, started, timings=timings)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from dataclasses import fields
 from pathlib import Path
 
 from agent.config import ALGOS, TrainConfig
+from agent.outputs import print_report
 from envs import REWARDS
 from pruning_core import UserError
 
@@ -69,7 +69,7 @@ def train_command(args: argparse.Namespace) -> dict:
                      if getattr(args, f.name, None) is not None}
         overrides["progress"] = not args.no_progress
         report = train(**overrides)
-    _print(report, args.json)
+    print_report(report, args.json)
     return report
 
 
@@ -121,7 +121,7 @@ def apply_command(args: argparse.Namespace) -> dict:
                           search_episodes=args.search_episodes, finetune_epochs=args.finetune_epochs,
                           seed=args.seed, reward_images=args.reward_images, calib_batches=args.calib_batches,
                           round_to=args.round_to, progress=sys.stderr.isatty())
-    _print(report, args.json)
+    print_report(report, args.json)
     return report
 
 
@@ -140,11 +140,3 @@ def demo_command_parser(subparsers) -> None:
 def demo_command(args: argparse.Namespace) -> list[dict]:
     from agent.demo import run_demo
     return run_demo(args.out, episodes=args.episodes, flops=args.flops, seed=args.seed)
-
-
-def _print(report: dict, as_json: bool) -> None:
-    if as_json:
-        print(json.dumps(report))
-        return
-    print(f"{report['model']} [{report['method']}]: FLOPs {report['flops_ratio']:.3f} of dense, params "
-          f"{report['params_ratio']:.3f}, test acc {report['acc']:.2f}% (dense {report['acc_dense']:.2f}%)")

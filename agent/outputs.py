@@ -11,7 +11,7 @@ from pathlib import Path
 
 from pruning_core.errors import UserError
 
-__all__ = ["staged_dir", "write_json"]
+__all__ = ["print_report", "staged_dir", "write_json"]
 
 
 @contextlib.contextmanager
@@ -43,3 +43,12 @@ def write_json(path: str | Path, obj: object) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps(obj, indent=2, sort_keys=False) + "\n")
     tmp.replace(path)
+
+
+def print_report(report: dict, as_json: bool) -> None:
+    """Print a report as one JSON line (``--json``) or as a one-line summary."""
+    if as_json:
+        print(json.dumps(report))
+        return
+    print(f"{report['model']} [{report['method']}]: FLOPs {report['flops_ratio']:.3f} of dense, params "
+          f"{report['params_ratio']:.3f}, test acc {report['acc']:.2f}% (dense {report['acc_dense']:.2f}%)")

@@ -20,6 +20,8 @@ from safetensors.torch import save as save_safetensors
 from torch import nn
 
 from agent.config import TrainConfig
+from agent.outputs import staged_dir
+from agent.search import ALGO_CLASSES, policy_modules
 from graph_encoder import DYNAMIC_FEATURES, STATIC_FEATURES, GraphFeaturesExtractor, observation_space
 from pruning_core import UserError, __version__
 
@@ -71,8 +73,6 @@ def export_policy(run_dir: str | Path, out: str | Path) -> Path:
 
     :raises UserError: ``run_dir`` holds no run or no checkpoint.
     """
-    from agent.search import ALGO_CLASSES
-
     run_dir = Path(run_dir)
     cfg_path, ckpt = run_dir / "config.json", run_dir / "ckpt" / "agent.zip"
     if not cfg_path.is_file() or not ckpt.is_file():
@@ -86,8 +86,6 @@ def export_policy(run_dir: str | Path, out: str | Path) -> Path:
 
 def save_policy(algo, config: TrainConfig, best: dict | None, out: str | Path) -> Path:
     """Write an SB3 model's actor as a portable policy (see :func:`export_policy`)."""
-    from agent.search import policy_modules
-
     extractor, mlp, head, squash = policy_modules(algo, config.algo)
     activations = [type(m).__name__ for m in mlp if not isinstance(m, nn.Linear)]
     space = algo.observation_space
@@ -120,7 +118,6 @@ def save_policy(algo, config: TrainConfig, best: dict | None, out: str | Path) -
             z.writestr("policy.safetensors", blob)
         tmp.replace(out)
     else:
-        from agent.outputs import staged_dir
         with staged_dir(out) as tmp:
             (tmp / "policy.json").write_text(text)
             (tmp / "policy.safetensors").write_bytes(blob)

@@ -70,7 +70,8 @@ def main() -> None:
     p.add_argument("--episodes", type=int, default=100, help="evaluation budget of each search method")
     p.add_argument("--warmup", type=int, default=25)
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    p.add_argument("--algos", nargs="+", default=["ddpg", "ppo"], help="the first one runs with every seed")
+    p.add_argument("--algos", nargs="+", default=["ppo", "ddpg"],
+                   help="the first (the default algorithm) runs with every seed, the others with the first seed")
     p.add_argument("--reward-images", type=int, default=1000)
     p.add_argument("--calib-batches", type=int, default=10)
     p.add_argument("--max-ratio", type=float, default=0.8)

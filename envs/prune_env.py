@@ -14,9 +14,9 @@ from torch import nn
 from graph_encoder.features import DYNAMIC_FEATURES, NUM_FEATURES, STATIC_FEATURES, LayerGraph, observation_space
 from pruning_core.data import ImageData
 from pruning_core.errors import UserError
-from pruning_core.evaluate import accuracy, adapt_bn
+from pruning_core.evaluate import accuracy
 from pruning_core.latency import measure_latency
-from pruning_core.prune import kept_channels, prune, uniform_ratios
+from pruning_core.prune import kept_channels, uniform_ratios
 from pruning_core.session import PruningSession, SessionConfig
 
 __all__ = ["DEFAULT_MAX_NODES", "REWARDS", "PruneEnv"]
@@ -265,17 +265,15 @@ class PruneEnv(gym.Env):
             reward, info = self.cache[key]
             return reward, {**info, "cached": True, "episode": self.episodes}
         s = self.session
-        t0 = time.perf_counter()
-        model = prune(s.model, self.ratios, s.scores, self.trace, self.round_to)
-        t1 = time.perf_counter()
-        adapt_bn(model, s.splits.calib, s.config.calib_batches, s.config.batch_size)
+        timings: dict[str, float] = {}
+        model = s.build(self.ratios, self.round_to, timings=timings)
         t2 = time.perf_counter()
         acc = accuracy(model, s.splits.reward)
-        t3 = time.perf_counter()
+        timings["eval_s"] = time.perf_counter() - t2
         flops = self.trace.flops(self.kept)
         info = {"acc": acc, "flops_ratio": flops / self.dense_flops,
                 "params_ratio": self.trace.params(self.kept) / s.params_dense,
-                "ratios": dict(self.ratios), "prune_s": t1 - t0, "adapt_s": t2 - t1, "eval_s": t3 - t2}
+                "ratios": dict(self.ratios), **timings}
         err = 1.0 - acc / 100.0
         if self.reward_kind == "acc":
             reward = acc / 100.0
