@@ -6,6 +6,7 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
+import numpy as np
 from torch import nn
 
 from agent.config import TrainConfig
@@ -18,12 +19,16 @@ from pruning_core import ImageData, PruningSession, SessionConfig, accuracy, exp
 __all__ = ["apply_policy", "policy_ratios"]
 
 
-def policy_ratios(policy: PortablePolicy, env: PruneEnv) -> tuple[dict[str, float], float, dict]:
-    """Run one deterministic episode of ``policy`` on ``env``; return (ratios, reward, final info)."""
+def policy_ratios(policy: PortablePolicy | None, env: PruneEnv) -> tuple[dict[str, float], float, dict]:
+    """Run one deterministic episode of ``policy`` on ``env``; return (ratios, reward, final info).
+
+    With ``policy=None`` every action is 0, which the env maps to the uniform allocation.
+    """
     obs, _ = env.reset()
     done = False
     while not done:
-        obs, reward, done, _, info = env.step(policy.act(obs))
+        action = policy.act(obs) if policy is not None else np.zeros(1, np.float32)
+        obs, reward, done, _, info = env.step(action)
     return dict(info["ratios"]), float(reward), info
 
 
@@ -31,13 +36,15 @@ def apply_policy(policy: str | Path | PortablePolicy, model: str | nn.Module, we
                  data: str | ImageData = "digits", flops: float | None = None, out: str | Path | None = None,
                  search_episodes: int = 0, finetune_epochs: int = 0, seed: int = 0, reward_images: int = 1000,
                  calib_batches: int = 10, round_to: int | None = None, progress: bool = False,
-                 session: PruningSession | None = None) -> dict:
+                 session: PruningSession | None = None, fallback: bool = True) -> dict:
     """Prune a new model with a learned policy and return the JSON report (``method: "rl-transfer"``).
 
     :param flops: FLOPs budget (default: the one the policy was trained for).
     :param search_episodes: fine-tune the policy on this model for K episodes first (a warm start); the
         better of the policy's own episode and the search's best episode is kept.
     :param out: folder for the exported model and ``report.json``.
+    :param fallback: also score the uniform allocation (one more evaluation on the same reward split of
+        training images) and keep it if it beats the policy; ``report["transfer"]`` says which was kept.
     """
     started = time.perf_counter()
     policy = load_policy(policy) if not isinstance(policy, PortablePolicy) else policy
@@ -66,6 +73,12 @@ def apply_policy(policy: str | Path | PortablePolicy, model: str | nn.Module, we
         transfer["search_s"] = round(search.search_s, 2)
         if best["reward"] > reward:
             ratios, reward = best["ratios"], best["reward"]
+    transfer["chosen"] = "policy" if search_episodes == 0 or reward == transfer["zero_shot_reward"] else "search"
+    if fallback:
+        uniform, uniform_reward, _ = policy_ratios(None, env)
+        transfer["uniform_reward"] = uniform_reward
+        if uniform_reward > reward:
+            ratios, reward, transfer["chosen"] = uniform, uniform_reward, "uniform"
     pruned = session.build(ratios, round_to)
     acc_before = accuracy(pruned, session.splits.test)
     if finetune_epochs > 0:

@@ -109,6 +109,9 @@ def apply_command_parser(subparsers) -> None:
     p.add_argument("--reward-images", type=int, default=1000, help="training images in the reward split")
     p.add_argument("--calib-batches", type=int, default=10, help="batches of 64 images for adaptive BN")
     p.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
+    p.add_argument("--fallback", action=argparse.BooleanOptionalAction, default=True,
+                   help="also score the uniform allocation on the reward split and keep it if it beats the "
+                        "policy (default: on; the report's transfer.chosen says which was kept)")
     add_output_args(p, out_required=True)
     p.set_defaults(func=apply_command)
 
@@ -120,7 +123,7 @@ def apply_command(args: argparse.Namespace) -> dict:
     report = apply_policy(args.policy, args.model, args.weights, args.data, flops=args.flops, out=args.out,
                           search_episodes=args.search_episodes, finetune_epochs=args.finetune_epochs,
                           seed=args.seed, reward_images=args.reward_images, calib_batches=args.calib_batches,
-                          round_to=args.round_to, progress=sys.stderr.isatty())
+                          round_to=args.round_to, progress=sys.stderr.isatty(), fallback=args.fallback)
     print_report(report, args.json)
     return report
 

@@ -124,6 +124,10 @@ def test_apply_to_other_models_meets_budget(digits_session, tmp_path):
         report = apply_policy(path, name, flops=flops, session=session, search_episodes=2 if name == "resnet20" else 0)
         assert report["flops_ratio"] <= flops
         assert set(report["ratios"]) == {g.name for g in session.trace.groups}
+        t = report["transfer"]
+        assert t["chosen"] in ("policy", "search", "uniform")
+        kept = max(t["zero_shot_reward"], t.get("search_best_reward", 0), t["uniform_reward"])
+        assert report["acc_reward"] == pytest.approx(100 * kept)
 
 
 @pytest.mark.slow
