@@ -10,11 +10,11 @@ import numpy as np
 from torch import nn
 
 from agent.config import TrainConfig
-from agent.outputs import staged_dir, write_json
+from agent.outputs import write_pruned
 from agent.policy import PortablePolicy, load_policy
 from agent.search import Search
 from envs import PruneEnv
-from pruning_core import ImageData, PruningSession, SessionConfig, accuracy, export_model
+from pruning_core import ImageData, PruningSession, SessionConfig, accuracy
 
 __all__ = ["apply_policy", "policy_ratios"]
 
@@ -83,13 +83,6 @@ def apply_policy(policy: str | Path | PortablePolicy, model: str | nn.Module, we
     acc_before = accuracy(pruned, session.splits.test)
     if finetune_epochs > 0:
         session.finetune(pruned, finetune_epochs, progress=progress)
-    report_kwargs = dict(round_to=round_to, acc_before_finetune=acc_before, finetune_epochs=finetune_epochs,
-                         transfer=transfer)
-    if out is None:
-        return session.report(pruned, ratios, "rl-transfer", seed, time.perf_counter() - started, **report_kwargs)
-    with staged_dir(out) as tmp:
-        files = export_model(pruned, tmp, session.data.input_shape)
-        report = session.report(pruned, ratios, "rl-transfer", seed, time.perf_counter() - started,
-                                files={k: str(Path(out) / Path(v).name) for k, v in files.items()}, **report_kwargs)
-        write_json(tmp / "report.json", report)
-    return report
+    report = session.report(pruned, ratios, "rl-transfer", seed, time.perf_counter() - started, round_to=round_to,
+                            acc_before_finetune=acc_before, finetune_epochs=finetune_epochs, transfer=transfer)
+    return write_pruned(out, pruned, report, session.data.input_shape) if out is not None else report

@@ -13,13 +13,12 @@ import sys
 import time
 from pathlib import Path
 
-from agent.outputs import print_report, staged_dir, write_json
+from agent.outputs import print_report, write_pruned
 from pruning_core import (
     PruningSession,
     SessionConfig,
     UserError,
     accuracy,
-    export_model,
     global_ratios,
     uniform_ratios,
 )
@@ -77,10 +76,7 @@ def finish(session: PruningSession, model, ratios: dict[str, float], method: str
                             round_to=args.round_to, acc_before_finetune=acc_before,
                             finetune_epochs=args.finetune_epochs, adapt_bn=args.adapt_bn, **extra)
     if args.out:
-        with staged_dir(args.out) as tmp:
-            report["files"] = {k: str(Path(args.out) / Path(v).name)
-                               for k, v in export_model(model, tmp, session.data.input_shape).items()}
-            write_json(tmp / "report.json", report)
+        write_pruned(args.out, model, report, session.data.input_shape)
     print_report(report, args.json)
     if args.out and not args.json:
         print(f"wrote {args.out}/report.json and the exported model")

@@ -10,8 +10,9 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from pruning_core.errors import UserError
+from pruning_core.export import export_model
 
-__all__ = ["print_report", "staged_dir", "write_json"]
+__all__ = ["print_report", "staged_dir", "write_json", "write_pruned"]
 
 
 @contextlib.contextmanager
@@ -52,3 +53,15 @@ def print_report(report: dict, as_json: bool) -> None:
         return
     print(f"{report['model']} [{report['method']}]: FLOPs {report['flops_ratio']:.3f} of dense, params "
           f"{report['params_ratio']:.3f}, test acc {report['acc']:.2f}% (dense {report['acc_dense']:.2f}%)")
+
+
+def write_pruned(out: str | Path, model, report: dict, input_shape: tuple[int, ...]) -> dict:
+    """Export ``model`` (model.pt2, model.onnx) and ``report.json`` into ``out`` through a staged folder.
+
+    Adds ``report["files"]`` (the final paths) and returns the report.
+    """
+    out = Path(out)
+    with staged_dir(out) as tmp:
+        report["files"] = {k: str(out / Path(v).name) for k, v in export_model(model, tmp, input_shape).items()}
+        write_json(tmp / "report.json", report)
+    return report

@@ -9,10 +9,10 @@ from dataclasses import replace
 from pathlib import Path
 
 from agent.config import TrainConfig
-from agent.outputs import staged_dir, write_json
+from agent.outputs import write_json, write_pruned
 from agent.search import Search
 from envs import PruneEnv
-from pruning_core import PruningSession, SessionConfig, UserError, accuracy, export_model, uniform_ratios
+from pruning_core import PruningSession, SessionConfig, UserError, accuracy, uniform_ratios
 
 __all__ = ["build_env", "resume", "train"]
 
@@ -85,13 +85,10 @@ def _finish(config: TrainConfig, search: Search) -> dict:
                                                                                           1e-9)), 4),
              "best_episode": best["episode"], "best_reward": best["reward"], "algo": config.algo,
              "policy_episode": policy_episode}
-    with staged_dir(run_dir / "final") as tmp:
-        files = export_model(model, tmp, session.data.input_shape)
-        report = session.report(model, best["ratios"], "rl", config.seed, search.search_s + time.perf_counter()
-                                - started, round_to=config.round_to, acc_before_finetune=acc_before,
-                                finetune_epochs=config.finetune_epochs, search=stats,
-                                files={k: str(run_dir / "final" / Path(v).name) for k, v in files.items()})
-        write_json(tmp / "report.json", report)
+    report = session.report(model, best["ratios"], "rl", config.seed, search.search_s + time.perf_counter() - started,
+                            round_to=config.round_to, acc_before_finetune=acc_before,
+                            finetune_epochs=config.finetune_epochs, search=stats)
+    write_pruned(run_dir / "final", model, report, session.data.input_shape)
     write_json(run_dir / "report.json", report)
     _plots(run_dir, search.history, best["ratios"], uniform)
     return report
