@@ -24,7 +24,7 @@ def main() -> None:
     p.add_argument("--train-episodes", type=int, default=100)
     p.add_argument("--warmup", type=int, default=25)
     p.add_argument("--k", type=int, default=20, help="episodes of warm-start (and of the cold search)")
-    p.add_argument("--algo", default="ddpg")
+    p.add_argument("--algo", default="ppo")
     p.add_argument("--reward-images", type=int, default=1000)
     p.add_argument("--calib-batches", type=int, default=10)
     p.add_argument("--seed", type=int, default=0)

@@ -1,0 +1,57 @@
+"""CPU latency of the pruned models of the search benchmarks, measured alone (nothing else running).
+
+Rebuilds each method's architecture from the ratios in bench/results/search_*.json (latency depends on the
+channel counts, not on the weights) and takes the median of ``--repeats`` blocked-autorange medians, at batch
+1 and 64. Adds uniform with kept channels rounded to multiples of 8, the usual fix for odd widths.
+
+    python bench/latency.py
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+
+import torch
+from common import RESULTS, latency_ms, write_result
+
+from pruning_core import build_model, kept_counts, prune, trace_model, uniform_ratios
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--repeats", type=int, default=3)
+    args = p.parse_args()
+    dense = build_model("resnet56").eval()
+    shape = (3, 32, 32)
+    trace = trace_model(dense, shape)
+    scores = {g.name: torch.arange(g.channels, 0, -1).float() for g in trace.groups}  # any ranking will do
+
+    def lat(model) -> dict:
+        return {f"b{b}_ms": statistics.median(latency_ms(model, shape, b) for _ in range(args.repeats)) for b in (1, 64)}
+
+    base = lat(dense)
+    rows = {"dense": {**base, "flops_ratio": 1.0}}
+    for path in sorted(RESULTS.glob("search_*.json")):
+        res = json.loads(path.read_text())
+        for target, methods in res["targets"].items():
+            candidates = {m: r for m, r in methods.items() if "ratios" in r}
+            for m, r in methods.items():
+                if "runs" in r:
+                    candidates[f"{m} seed {r['runs'][0]['seed']}"] = r["runs"][0]
+            candidates["uniform round_to=8"] = {"ratios": uniform_ratios(trace, float(target), 0.8, round_to=8),
+                                                "round_to": 8}
+            for name, r in candidates.items():
+                rt = r.get("round_to")
+                model = prune(dense, r["ratios"], scores, trace, round_to=rt)
+                flops = trace.flops(kept_counts(trace, r["ratios"], rt)) / trace.flops()
+                t = lat(model)
+                rows[f"{target} {name}"] = {**t, "flops_ratio": flops, "flops_speedup": 1 / flops,
+                                            **{f"speedup_b{b}": base[f"b{b}_ms"] / t[f"b{b}_ms"] for b in (1, 64)}}
+                print(target, name, {k: round(v, 3) for k, v in rows[f"{target} {name}"].items()}, flush=True)
+    write_result("latency", {"repeats": args.repeats, "models": rows})
+
+
+if __name__ == "__main__":
+    main()
