@@ -29,7 +29,8 @@ def main() -> None:
     scores = {g.name: torch.arange(g.channels, 0, -1).float() for g in trace.groups}  # any ranking will do
 
     def lat(model) -> dict:
-        return {f"b{b}_ms": statistics.median(latency_ms(model, shape, b) for _ in range(args.repeats)) for b in (1, 64)}
+        return {f"b{b}_ms": statistics.median(latency_ms(model, shape, b) for _ in range(args.repeats))
+                for b in (1, 64)}
 
     base = lat(dense)
     rows = {"dense": {**base, "flops_ratio": 1.0}}
