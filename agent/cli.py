@@ -72,9 +72,12 @@ def finish(session: PruningSession, model, ratios: dict[str, float], method: str
         acc_before = accuracy(model, session.splits.test)
         log.info("fine-tuning %d epochs with KD from the dense model", args.finetune_epochs)
         session.finetune(model, args.finetune_epochs, progress=sys.stderr.isatty())
+    t = time.perf_counter()
     report = session.report(model, ratios, method, args.seed, time.perf_counter() - started,
                             round_to=args.round_to, acc_before_finetune=acc_before,
                             finetune_epochs=args.finetune_epochs, adapt_bn=args.adapt_bn, **extra)
+    if "timings" in report:  # evaluation of the test and reward splits
+        report["timings"]["eval_s"] = time.perf_counter() - t
     if args.out:
         write_pruned(args.out, model, report, session.data.input_shape)
     print_report(report, args.json)
