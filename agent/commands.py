@@ -42,7 +42,8 @@ def train_command_parser(subparsers) -> None:
     p.add_argument("--reward", choices=REWARDS, help=_field_help("reward"))
     for name, typ in (("flops", float), ("episodes", int), ("seed", int), ("max_ratio", float), ("round_to", int),
                       ("reward_images", int), ("calib_batches", int), ("warmup_episodes", int),
-                      ("noise_sigma", float), ("noise_decay", float), ("hidden", int), ("gnn_layers", int),
+                      ("noise_sigma", float), ("noise_decay", float), ("init_std", float), ("hidden", int),
+                      ("gnn_layers", int),
                       ("learning_rate", float), ("batch_size", int), ("gradient_steps", int),
                       ("checkpoint_every", int), ("max_nodes", int), ("finetune_epochs", int)):
         p.add_argument("--" + name.replace("_", "-"), type=typ, help=_field_help(name))

@@ -166,6 +166,8 @@ class Search:
             tensorboard_log=str(self.run_dir / "tb") if self.run_dir else None,
         )
         n = self.steps_per_episode
+        if c.algo in ("ppo", "sac"):
+            kwargs["policy_kwargs"]["log_std_init"] = float(np.log(c.init_std))
         if c.algo == "ppo":
             kwargs["policy_kwargs"]["net_arch"] = dict(pi=list(c.net_arch), vf=list(c.net_arch))
             # gamma = lambda = 1: every step's advantage is the final reward minus the value (AMC's assignment)
