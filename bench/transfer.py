@@ -52,7 +52,7 @@ def main() -> None:
             reward_images=64, calib_batches=1, seed=args.seed))
     for name, session in targets.items():
         t = time.perf_counter()
-        rep = apply_policy(policy_dir, name, session=session, flops=args.flops)
+        rep = apply_policy(policy_dir, name, session=session, flops=args.flops, fallback=False)  # the raw policy
         row = {"flops_ratio": rep["flops_ratio"], "params_ratio": rep["params_ratio"],
                "apply_s": time.perf_counter() - t, "ratios": rep["ratios"]}
         if name == "resnet56":
@@ -68,7 +68,7 @@ def main() -> None:
         t = time.perf_counter()
         if warm:
             rep = apply_policy(policy_dir, "resnet56", session=r56, flops=args.flops, search_episodes=args.k,
-                               seed=args.seed)
+                               seed=args.seed, fallback=False)
             acc_test, acc_reward = rep["acc"], rep["acc_reward"]
         else:
             cold_cfg = TrainConfig(algo=args.algo, flops=args.flops, episodes=args.k, seed=args.seed,
