@@ -61,11 +61,14 @@ def run_demo(out: str | Path = "runs/demo", episodes: int = 60, flops: float = 0
             {"model": name, "method": "dense", "flops_ratio": 1.0, "acc": s.dense_accuracy("test")},
             {"model": name, "method": "uniform", "flops_ratio": u["flops_ratio"],
              "acc": accuracy(uniform, s.splits.test)},
-            {"model": name, "method": report["method"], "flops_ratio": report["flops_ratio"], "acc": report["acc"]},
+            {"model": name, "method": report["method"] + (f" ({report['transfer']['chosen']})" if "transfer" in report
+                                                          else ""),
+             "flops_ratio": report["flops_ratio"], "acc": report["acc"]},
         ]
     write_json(out / "summary.json", rows)
-    print(f"\n{'model':<16} {'method':<12} {'FLOPs':>6} {'test acc':>9}")
+    print(f"\n{'model':<16} {'method':<22} {'FLOPs':>6} {'test acc':>9}")
     for r in rows:
-        print(f"{r['model']:<16} {r['method']:<12} {r['flops_ratio']:>6.3f} {r['acc']:>8.2f}%")
+        print(f"{r['model']:<16} {r['method']:<22} {r['flops_ratio']:>6.3f} {r['acc']:>8.2f}%")
+    print("(rl-transfer keeps the policy's allocation, or uniform when uniform scores better on the reward split)")
     print(f"\n[demo] everything is under {out}/ (policy: {out / 'policy'}, plots: {out / 'train'}/*.png)")
     return rows
