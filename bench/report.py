@@ -68,9 +68,43 @@ def scale_table(res: dict) -> list[str]:
     return lines
 
 
+def latency_table(res: dict) -> list[str]:
+    lines = [f"Median of {res['repeats']} blocked-autorange medians, measured alone; architectures rebuilt from "
+             "the search results' ratios.", "",
+             "| model | FLOPs | b1 ms | b64 ms | speed-up b1 | speed-up b64 | FLOPs speed-up | b64 / FLOPs |",
+             "|---|---|---|---|---|---|---|---|"]
+    for name, r in res["models"].items():
+        if name == "dense":
+            lines.append(f"| dense | 1.000 | {r['b1_ms']:.2f} | {r['b64_ms']:.1f} | 1.00 | 1.00 | 1.00 | – |")
+            continue
+        lines.append(f"| {name} | {r['flops_ratio']:.3f} | {r['b1_ms']:.2f} | {r['b64_ms']:.1f} | "
+                     f"{r['speedup_b1']:.2f} | {r['speedup_b64']:.2f} | {r['flops_speedup']:.2f} | "
+                     f"{r['speedup_b64'] / r['flops_speedup']:.0%} |")
+    return lines
+
+
+def ppo_table(res: dict) -> list[str]:
+    lines = ["PPO's initial exploration std on ResNet-56 at 50% FLOPs (protocol of search_0.5; std 1.0 is SB3's "
+             "default, seed 0 of it is in search_0.5).", "",
+             "| init std | seed | reward acc | test acc (adapt-BN) | FLOPs | search s |", "|---|---|---|---|---|---|"]
+    for r in res["runs"]:
+        lines.append(f"| {r['init_std']} | {r['seed']} | {r['acc_reward']:.2f} | {r['acc_test']:.2f} | "
+                     f"{r['flops_ratio']:.3f} | {r['search_s']:.0f} |")
+    return lines
+
+
+def env_table(res: dict) -> list[str]:
+    sh = res["share"]
+    return [f"PruneEnv on ResNet-56, {res['config']['reward_images']}-image reward split, "
+            f"{res['config']['calib_batches']} x 64 calibration images: {res['episodes_per_min']:.1f} episodes/min; "
+            f"time split: evaluate {sh['eval_s']:.1%}, recalibrate {sh['adapt_s']:.1%}, prune {sh['prune_s']:.1%}, "
+            f"other {sh['other_s']:.1%}."]
+
+
 def main() -> None:
     out = []
-    renderers = {"search": search_table, "transfer": transfer_table, "scale": scale_table}
+    renderers = {"search": search_table, "transfer": transfer_table, "scale": scale_table,
+                 "latency": latency_table, "ppo": ppo_table, "env": env_table}
     for path in sorted(RESULTS.glob("*.json")):
         name = path.stem
         render = renderers.get(name.split("_")[0])
