@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 
@@ -16,7 +17,16 @@ from agent.search import Search
 from envs import PruneEnv
 from pruning_core import ImageData, PruningSession, SessionConfig, accuracy
 
-__all__ = ["apply_policy", "policy_ratios"]
+__all__ = ["apply_policy", "policy_ratios", "run_episode"]
+
+
+def run_episode(env: PruneEnv, act: Callable[[dict], np.ndarray]) -> tuple[float, dict]:
+    """Run one episode of ``env`` with ``act(observation) -> action``; return (final reward, final info)."""
+    obs, _ = env.reset()
+    done = False
+    while not done:
+        obs, reward, done, _, info = env.step(act(obs))
+    return float(reward), info
 
 
 def policy_ratios(policy: PortablePolicy | None, env: PruneEnv) -> tuple[dict[str, float], float, dict]:
@@ -24,12 +34,8 @@ def policy_ratios(policy: PortablePolicy | None, env: PruneEnv) -> tuple[dict[st
 
     With ``policy=None`` every action is 0, which the env maps to the uniform allocation.
     """
-    obs, _ = env.reset()
-    done = False
-    while not done:
-        action = policy.act(obs) if policy is not None else np.zeros(1, np.float32)
-        obs, reward, done, _, info = env.step(action)
-    return dict(info["ratios"]), float(reward), info
+    reward, info = run_episode(env, policy.act if policy is not None else lambda _: np.zeros(1, np.float32))
+    return dict(info["ratios"]), reward, info
 
 
 def apply_policy(policy: str | Path | PortablePolicy, model: str | nn.Module, weights: str | None = None,

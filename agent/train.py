@@ -8,6 +8,7 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
+from agent.apply import run_episode
 from agent.config import TrainConfig
 from agent.outputs import write_json, write_pruned
 from agent.search import Search
@@ -77,7 +78,7 @@ def _finish(config: TrainConfig, search: Search) -> dict:
     acc_before = accuracy(model, session.splits.test)
     if config.finetune_epochs > 0:
         session.finetune(model, config.finetune_epochs, progress=config.progress)
-    eval_s = sum(env.timings[k] for k in ("prune_s", "adapt_s", "eval_s"))
+    eval_s = env.evaluation_s
     uniform = uniform_ratios(session.trace, config.flops, config.max_ratio, config.round_to)
     stats = {"episodes": search.episodes_done, "search_s": round(search.search_s, 2),
              "episodes_per_min": round(60 * search.episodes_done / max(search.search_s, 1e-9), 2),
@@ -96,12 +97,7 @@ def _finish(config: TrainConfig, search: Search) -> dict:
 
 def run_policy_episode(search: Search) -> dict:
     """One deterministic episode of the current policy; returns its reward, accuracy and FLOPs."""
-    env = search.env
-    obs, _ = env.reset()
-    done = False
-    while not done:
-        action, _ = search.algo.predict(obs, deterministic=True)
-        obs, reward, done, _, info = env.step(action)
+    reward, info = run_episode(search.env, lambda obs: search.algo.predict(obs, deterministic=True)[0])
     return {"reward": reward, "acc": info["acc"], "flops_ratio": info["flops_ratio"], "ratios": info["ratios"]}
 
 

@@ -11,6 +11,7 @@ import time
 import numpy as np
 from common import CIFAR, WEIGHTS, write_result
 
+from agent.apply import run_episode
 from envs import PruneEnv
 from pruning_core import PruningSession, SessionConfig
 
@@ -27,10 +28,7 @@ def main() -> None:
     rng = np.random.default_rng(0)
     started = time.perf_counter()
     for _ in range(args.episodes):
-        env.reset()
-        done = False
-        while not done:
-            _, _, done, _, _ = env.step(rng.uniform(-1, 1, 1).astype(np.float32))
+        run_episode(env, lambda _: rng.uniform(-1, 1, 1).astype(np.float32))
     wall = time.perf_counter() - started
     split = {k: env.timings[k] for k in ("prune_s", "adapt_s", "eval_s")}
     split["other_s"] = wall - sum(split.values())

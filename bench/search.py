@@ -17,6 +17,7 @@ import numpy as np
 from common import CIFAR, WEIGHTS, evaluate_method, latency_ms, write_result
 
 from agent import Search, TrainConfig
+from agent.apply import run_episode
 from envs import PruneEnv
 from pruning_core import L1Importance, PruningSession, SessionConfig, global_ratios, uniform_ratios
 
@@ -27,16 +28,12 @@ def random_search(session: PruningSession, target: float, episodes: int, seed: i
     rng = np.random.default_rng(seed)
     best, started = None, time.perf_counter()
     for _ in range(episodes):
-        env.reset()
-        done = False
-        while not done:
-            _, reward, done, _, info = env.step(rng.uniform(-1, 1, 1).astype(np.float32))
+        reward, info = run_episode(env, lambda _: rng.uniform(-1, 1, 1).astype(np.float32))
         if best is None or reward > best["reward"]:
             best = {"reward": reward, "ratios": info["ratios"]}
     wall = time.perf_counter() - started
-    eval_s = sum(env.timings[k] for k in ("prune_s", "adapt_s", "eval_s"))
     return {**best, "search_s": wall, "episodes": episodes, "episodes_per_min": 60 * episodes / wall,
-            "agent_share": max(0.0, 1 - eval_s / wall)}
+            "agent_share": max(0.0, 1 - env.evaluation_s / wall)}
 
 
 def rl_search(session: PruningSession, target: float, episodes: int, seed: int, algo: str, max_ratio: float,
@@ -46,10 +43,9 @@ def rl_search(session: PruningSession, target: float, episodes: int, seed: int, 
     env = PruneEnv(session=session, flops=target, max_ratio=max_ratio)
     search = Search(cfg, env)
     best = search.run(episodes)
-    eval_s = sum(env.timings[k] for k in ("prune_s", "adapt_s", "eval_s"))
     return {"reward": best["reward"], "ratios": best["ratios"], "search_s": search.search_s, "episodes": episodes,
             "episodes_per_min": 60 * episodes / search.search_s, "best_episode": best["episode"],
-            "agent_share": max(0.0, 1 - eval_s / search.search_s),
+            "agent_share": max(0.0, 1 - env.evaluation_s / search.search_s),
             "unique_evaluations": len(env.cache)}
 
 

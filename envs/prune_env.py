@@ -218,6 +218,11 @@ class PruneEnv(gym.Env):
                 "edge_mask": self._edge_mask.copy(), "node_mask": self._node_mask.copy(),
                 "cursor": np.array([cursor], np.int64), "graph_id": self._graph_id.copy()}
 
+    @property
+    def evaluation_s(self) -> float:
+        """Seconds spent building, recalibrating and evaluating pruned models so far."""
+        return self.timings["prune_s"] + self.timings["adapt_s"] + self.timings["eval_s"]
+
     def action_to_ratio(self, group: str, a: float) -> float:
         """Map an action in [-1, 1] to a pruning ratio in [0, max_ratio] through the group's centre."""
         c = self.center[group]
