@@ -9,7 +9,7 @@ from pathlib import Path
 
 from agent.config import ALGOS, TrainConfig
 from agent.outputs import print_report
-from envs import REWARDS
+from envs import GRANULARITIES, REWARDS
 from pruning_core import UserError
 
 _DEFAULTS = TrainConfig()
@@ -40,6 +40,7 @@ def train_command_parser(subparsers) -> None:
     p.add_argument("--data", help=_field_help("data"))
     p.add_argument("--algo", choices=ALGOS, help=_field_help("algo"))
     p.add_argument("--reward", choices=REWARDS, help=_field_help("reward"))
+    p.add_argument("--granularity", choices=GRANULARITIES, help=_field_help("granularity"))
     for name, typ in (("flops", float), ("episodes", int), ("seed", int), ("max_ratio", float), ("round_to", int),
                       ("reward_images", int), ("calib_batches", int), ("warmup_episodes", int),
                       ("noise_sigma", float), ("noise_decay", float), ("init_std", float), ("hidden", int),
@@ -48,6 +49,7 @@ def train_command_parser(subparsers) -> None:
                       ("checkpoint_every", int), ("max_nodes", int), ("finetune_epochs", int)):
         p.add_argument("--" + name.replace("_", "-"), type=typ, help=_field_help(name))
     p.add_argument("--baseline", action=argparse.BooleanOptionalAction, help=_field_help("baseline"))
+    p.add_argument("--sde", action=argparse.BooleanOptionalAction, help=_field_help("sde"))
     p.add_argument("--out", help="run folder " + _field_help("out"))
     p.add_argument("--json", action="store_true", help="print the final JSON report on stdout")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")

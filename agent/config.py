@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, fields
 
+from envs.prune_env import GRANULARITIES
 from pruning_core.errors import UserError
 
 ALGOS = ("ddpg", "td3", "sac", "ppo")
@@ -33,6 +34,9 @@ class TrainConfig:
     """Run folder: config, best episode, checkpoints, TensorBoard logs, plots, final model and report."""
     max_ratio: float = 0.8
     """Largest pruning ratio of any one group."""
+    granularity: str = "group"
+    """One step per channel group (``group``) or per stage (``stage``: consecutive groups of equal width and
+    resolution, e.g. the blocks of a ResNet stage, share one ratio)."""
     round_to: int | None = None
     """Round kept channels up to a multiple of this (e.g. 8 for fast kernels)."""
     reward_images: int = 1000
@@ -49,6 +53,11 @@ class TrainConfig:
     """Initial std of PPO's and SAC's Gaussian policy on the [-1, 1] action. SB3's default of 1 mostly
     samples clipped, extreme allocations; 0.3 explores around the uniform centre (measured on ResNet-56 at 50%
     FLOPs: bench/ppo_init_std.py)."""
+    sde: bool = True
+    """PPO only: generalized state-dependent exploration (gSDE, Raffin et al. 2022), its noise matrix drawn
+    once per episode. Groups with similar embeddings (e.g. one stage of a ResNet) then move together, so an
+    episode explores a few structured directions instead of one independent perturbation per group, which
+    mostly just degrades the uniform allocation. ``init_std`` is the initial action std either way."""
     baseline: bool = True
     """Subtract a moving average of past episode rewards from the reward (AMC's baseline)."""
     hidden: int = 64
@@ -79,6 +88,8 @@ class TrainConfig:
     def validate(self) -> None:
         if self.algo not in ALGOS:
             raise UserError(f"unknown algorithm {self.algo!r}; use one of {', '.join(ALGOS)}")
+        if self.granularity not in GRANULARITIES:
+            raise UserError(f"unknown granularity {self.granularity!r}; use one of {', '.join(GRANULARITIES)}")
         if self.episodes < 1:
             raise UserError("--episodes must be at least 1")
         if not 0.0 < self.flops <= 1.0:

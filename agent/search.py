@@ -11,6 +11,7 @@ from pathlib import Path
 
 import gymnasium as gym
 import numpy as np
+import torch
 from stable_baselines3 import DDPG, PPO, SAC, TD3
 from stable_baselines3.common.base_class import BaseAlgorithm
 from stable_baselines3.common.buffers import DictReplayBuffer
@@ -142,7 +143,7 @@ class Search:
         self.config = config
         self.env = env
         self.run_dir = Path(run_dir) if run_dir else None
-        self.steps_per_episode = len(env.groups)
+        self.steps_per_episode = env.num_steps
         self.wrapped = MovingAverageBaseline(env, enabled=config.baseline)
         self.algo = self._build_algo()
         self.noise: DecayingNormalNoise | None = getattr(self.algo, "action_noise", None)
@@ -171,8 +172,13 @@ class Search:
         if c.algo == "ppo":
             kwargs["policy_kwargs"]["net_arch"] = dict(pi=list(c.net_arch), vf=list(c.net_arch))
             # gamma = lambda = 1: every step's advantage is the final reward minus the value (AMC's assignment)
-            return PPO("MultiInputPolicy", self.wrapped, n_steps=4 * n, batch_size=n, n_epochs=4, gamma=1.0,
-                       gae_lambda=1.0, **kwargs)
+            sde = dict(use_sde=True, sde_sample_freq=n) if c.sde else {}  # a fresh noise matrix every episode
+            # rollouts of 4 episodes; minibatches of one episode, or the whole rollout when episodes are short
+            ppo = PPO("MultiInputPolicy", self.wrapped, n_steps=4 * n, batch_size=4 * n if 4 * n <= 64 else n,
+                      n_epochs=4, gamma=1.0, gae_lambda=1.0, **sde, **kwargs)
+            if c.sde:
+                self._calibrate_sde(ppo, c.init_std)
+            return ppo
         off = dict(buffer_size=c.buffer_size, learning_starts=c.warmup_episodes * n, batch_size=c.batch_size,
                    gamma=1.0, train_freq=(1, "episode"), gradient_steps=c.gradient_steps,
                    replay_buffer_class=FinalRewardReplayBuffer, **kwargs)
@@ -181,6 +187,20 @@ class Search:
         off["policy_kwargs"]["share_features_extractor"] = True  # the critic trains the GNN; cheaper updates
         noise = DecayingNormalNoise(c.noise_sigma, c.noise_decay)
         return ALGO_CLASSES[c.algo]("MultiInputPolicy", self.wrapped, action_noise=noise, **off)
+
+    def _calibrate_sde(self, ppo: PPO, std: float) -> None:
+        """Scale gSDE's noise so that the initial action std is ``std``.
+
+        gSDE's action noise is ``latent @ eps`` with ``eps ~ N(0, sigma^2)`` per entry, so its std is
+        ``sigma * |latent|``; sigma is set from the policy latent of the first observation.
+        """
+        policy = ppo.policy
+        obs, _ = self.env.reset()
+        with torch.no_grad():
+            obs_t, _ = policy.obs_to_tensor(obs)
+            latent = policy.mlp_extractor.forward_actor(policy.extract_features(obs_t, policy.pi_features_extractor))
+            policy.log_std.fill_(float(np.log(std / max(float(latent.norm()), 1e-6))))
+        policy.reset_noise()
 
     def load_policy_weights(self, state: dict) -> None:
         """Warm-start the actor (and target networks) from a portable policy's state dict."""

@@ -42,8 +42,8 @@ def write_result(name: str, payload: dict) -> Path:
     return path
 
 
-def latency_ms(model, input_shape, batch: int) -> float:
-    return 1000 * measure_latency(model, input_shape, batch, min_run_time=1.0)
+def latency_ms(model, input_shape, batch: int, backend: str = "torch") -> float:
+    return 1000 * measure_latency(model, input_shape, batch, min_run_time=1.0, backend=backend)
 
 
 def evaluate_method(session: PruningSession, ratios: dict[str, float], finetune_epochs: int, dense_latency: dict,

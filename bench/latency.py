@@ -1,8 +1,9 @@
 """CPU latency of the pruned models of the search benchmarks, measured alone (nothing else running).
 
 Rebuilds each method's architecture from the ratios in bench/results/search_*.json (latency depends on the
-channel counts, not on the weights) and takes the median of ``--repeats`` blocked-autorange medians, at batch
-1 and 64. Adds uniform with kept channels rounded to multiples of 8, the usual fix for odd widths.
+channel counts, not on the weights) and takes the median of ``--repeats`` latency medians, at batch 1 and 64,
+in PyTorch eager mode and in ONNX Runtime (exported in memory, Conv+BN+ReLU fused by ORT). Adds uniform with
+kept channels rounded to multiples of 8, the usual fix for odd widths.
 
     python bench/latency.py
 """
@@ -29,8 +30,9 @@ def main() -> None:
     scores = {g.name: torch.arange(g.channels, 0, -1).float() for g in trace.groups}  # any ranking will do
 
     def lat(model) -> dict:
-        return {f"b{b}_ms": statistics.median(latency_ms(model, shape, b) for _ in range(args.repeats))
-                for b in (1, 64)}
+        return {f"{prefix}b{b}_ms": statistics.median(latency_ms(model, shape, b, backend)
+                                                       for _ in range(args.repeats))
+                for backend, prefix in (("torch", ""), ("onnxruntime", "ort_")) for b in (1, 64)}
 
     base = lat(dense)
     rows = {"dense": {**base, "flops_ratio": 1.0}}
@@ -52,7 +54,8 @@ def main() -> None:
                 flops = trace.flops(kept_counts(trace, r["ratios"], rt)) / trace.flops()
                 t = lat(model)
                 rows[f"{target} {name}"] = {**t, "flops_ratio": flops, "flops_speedup": 1 / flops,
-                                            **{f"speedup_b{b}": base[f"b{b}_ms"] / t[f"b{b}_ms"] for b in (1, 64)}}
+                                            **{k.replace("_ms", "").replace("b", "speedup_b", 1): base[k] / v
+                                               for k, v in t.items()}}
                 print(target, name, {k: round(v, 3) for k, v in rows[f"{target} {name}"].items()}, flush=True)
     write_result("latency", {"repeats": args.repeats, "models": rows})
 

@@ -69,27 +69,58 @@ def scale_table(res: dict) -> list[str]:
 
 
 def latency_table(res: dict) -> list[str]:
-    lines = [f"Median of {res['repeats']} blocked-autorange medians, measured alone; architectures rebuilt from "
-             "the search results' ratios.", "",
-             "| model | FLOPs | b1 ms | b64 ms | speed-up b1 | speed-up b64 | FLOPs speed-up | b64 / FLOPs |",
-             "|---|---|---|---|---|---|---|---|"]
+    ort = "ort_b1_ms" in res["models"]["dense"]
+    backends = [("eager", "")] + ([("ORT", "ort_")] if ort else [])
+    lines = [f"Median of {res['repeats']} latency medians, measured alone; architectures rebuilt from the search "
+             "results' ratios. eager: PyTorch eager mode; ORT: the same model exported to ONNX and run by ONNX "
+             "Runtime (CPU, all graph optimisations). Speed-ups against dense, with their share of the FLOPs "
+             "speed-up in brackets.", "",
+             "| model | FLOPs | FLOPs speed-up | " + " | ".join(f"{n} b1 ms | {n} b64 ms | {n} speed-up b1 | "
+                                                             f"{n} speed-up b64" for n, _ in backends) + " |",
+             "|---|---|---|" + "---|---|---|---|" * len(backends)]
     for name, r in res["models"].items():
-        if name == "dense":
-            lines.append(f"| dense | 1.000 | {r['b1_ms']:.2f} | {r['b64_ms']:.1f} | 1.00 | 1.00 | 1.00 | – |")
-            continue
-        lines.append(f"| {name} | {r['flops_ratio']:.3f} | {r['b1_ms']:.2f} | {r['b64_ms']:.1f} | "
-                     f"{r['speedup_b1']:.2f} | {r['speedup_b64']:.2f} | {r['flops_speedup']:.2f} | "
-                     f"{r['speedup_b64'] / r['flops_speedup']:.0%} |")
+        fs = r.get("flops_speedup", 1.0)
+        cells = [name, f"{r['flops_ratio']:.3f}", f"{fs:.2f}"]
+        for _, p in backends:
+            cells += [f"{r[p + 'b1_ms']:.2f}", f"{r[p + 'b64_ms']:.1f}"]
+            for b in (1, 64):
+                sp = r.get(f"{p}speedup_b{b}", 1.0)
+                cells.append(f"{sp:.2f} ({sp / fs:.0%})")
+        lines.append("| " + " | ".join(cells) + " |")
     return lines
 
 
-def ppo_table(res: dict) -> list[str]:
-    lines = ["PPO's initial exploration std on ResNet-56 at 50% FLOPs (protocol of search_0.5; std 1.0 is SB3's "
-             "default, seed 0 of it is in search_0.5).", "",
-             "| init std | seed | reward acc | test acc (adapt-BN) | FLOPs | search s |", "|---|---|---|---|---|---|"]
-    for r in res["runs"]:
-        lines.append(f"| {r['init_std']} | {r['seed']} | {r['acc_reward']:.2f} | {r['acc_test']:.2f} | "
-                     f"{r['flops_ratio']:.3f} | {r['search_s']:.0f} |")
+def ablation_table(res: dict) -> list[str]:
+    c = res["config"]
+    lines = [f"ResNet-56 at {c.get('target', 0.5):.0%} FLOPs; shared settings: `{c['base']}`. Best episode of each "
+             "run, rebuilt with adaptive BN; test = the 1,017 exact test images, never searched.", "",
+             "| variant | settings | seed | reward acc | test acc | best episode | search s | agent share |",
+             "|---|---|---|---|---|---|---|---|"]
+    for key, v in res.items():
+        if key.startswith("uniform@"):
+            lines.insert(1, f"Uniform with the same split ({key[8:]}): reward {v['acc_reward']:.2f}, "
+                            f"test {v['acc_test']:.2f}.")
+    for name, v in res["variants"].items():
+        changed = ", ".join(f"{k}={x}" for k, x in v["settings"].items() if f"{k}=" not in c["base"])
+        for r in v["runs"]:
+            lines.append(f"| {name} | {changed} | {r['seed']} | {r['acc_reward']:.2f} | {r['acc_test']:.2f} | "
+                         f"{r['best_episode']} | {r['search_s']:.0f} | {fmt(r.get('agent_share'), 3)} |")
+        lines.append(f"| {name} | mean ± std | | | {v['acc_test_mean']:.2f} ± {v['acc_test_std']:.2f} | | | |")
+    if "note" in c:
+        lines += ["", c["note"]]
+    return lines
+
+
+def reward_signal_table(res: dict) -> list[str]:
+    s = res["summary"]
+    lines = [f"{res['config']['samples']} allocations at {res['config']['target']:.0%} FLOPs sampled around uniform "
+             f"(action spreads {res['config']['spreads']}), {res['config']['reward_images']} reward images. "
+             f"Uniform's test accuracy: {s['uniform_acc_test']:.2%}; best sampled: {s['oracle_acc_test']:.2%}.", "",
+             "| signal | Spearman with test acc | test acc of its pick | mean test acc of its top 5 |",
+             "|---|---|---|---|"]
+    for k in ("acc", "acc_half", "neg_ce", "neg_kl"):
+        lines.append(f"| {k} | {s[k]['spearman_test']:.3f} | {s[k]['pick_acc_test']:.2%} | "
+                     f"{s[k]['top5_mean_acc_test']:.2%} |")
     return lines
 
 
@@ -104,7 +135,8 @@ def env_table(res: dict) -> list[str]:
 def main() -> None:
     out = []
     renderers = {"search": search_table, "transfer": transfer_table, "scale": scale_table,
-                 "latency": latency_table, "ppo": ppo_table, "env": env_table}
+                 "latency": latency_table, "ablation": ablation_table, "env": env_table,
+                 "reward": reward_signal_table}
     for path in sorted(RESULTS.glob("*.json")):
         name = path.stem
         render = renderers.get(name.split("_")[0])

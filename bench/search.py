@@ -18,13 +18,16 @@ from common import CIFAR, WEIGHTS, evaluate_method, latency_ms, write_result
 
 from agent import Search, TrainConfig
 from agent.apply import run_episode
+from agent.train import build_env
 from envs import PruneEnv
 from pruning_core import L1Importance, PruningSession, SessionConfig, global_ratios, uniform_ratios
 
 
-def random_search(session: PruningSession, target: float, episodes: int, seed: int, max_ratio: float) -> dict:
-    """EagleEye-style: ``episodes`` random ratio vectors pushed into the budget by the env's clamp; best reward."""
-    env = PruneEnv(session=session, flops=target, max_ratio=max_ratio)
+def random_search(session: PruningSession, target: float, episodes: int, seed: int, max_ratio: float,
+                  granularity: str = "group") -> dict:
+    """EagleEye-style: ``episodes`` random ratio vectors (one ratio per group, or per stage) pushed into the budget
+    by the env's clamp; best reward."""
+    env = PruneEnv(session=session, flops=target, max_ratio=max_ratio, granularity=granularity)
     rng = np.random.default_rng(seed)
     best, started = None, time.perf_counter()
     for _ in range(episodes):
@@ -40,7 +43,7 @@ def rl_search(session: PruningSession, target: float, episodes: int, seed: int, 
               warmup: int) -> dict:
     cfg = TrainConfig(algo=algo, flops=target, episodes=episodes, seed=seed, max_ratio=max_ratio,
                       warmup_episodes=warmup, progress=False)
-    env = PruneEnv(session=session, flops=target, max_ratio=max_ratio)
+    env = build_env(cfg, session)
     search = Search(cfg, env)
     best = search.run(episodes)
     return {"reward": best["reward"], "ratios": best["ratios"], "search_s": search.search_s, "episodes": episodes,
@@ -98,9 +101,11 @@ def main() -> None:
                                          args.finetune_epochs, dense_latency, search_s=0.0)
         rows["l1-uniform"] = evaluate_method(l1, uniform_ratios(session.trace, target, mr), args.finetune_epochs,
                                              dense_latency, search_s=0.0)
-        print(f"== target {target}: random search ({args.episodes} evaluations)", flush=True)
-        rs = random_search(session, target, args.episodes, 0, mr)
-        rows["random"] = evaluate_method(session, rs.pop("ratios"), args.finetune_epochs, dense_latency, **rs)
+        for granularity in ("group", "stage"):
+            print(f"== target {target}: random search per {granularity} ({args.episodes} evaluations)", flush=True)
+            rs = random_search(session, target, args.episodes, 0, mr, granularity)
+            rows["random" if granularity == "group" else "random-stage"] = evaluate_method(
+                session, rs.pop("ratios"), args.finetune_epochs, dense_latency, **rs)
         for i, algo in enumerate(args.algos):
             runs = []
             for seed in args.seeds if i == 0 else args.seeds[:1]:

@@ -14,7 +14,7 @@ from pathlib import Path
 from common import CIFAR, WEIGHTS, write_result
 
 from agent import Search, TrainConfig, apply_policy, save_policy
-from envs import PruneEnv
+from agent.train import build_env
 from pruning_core import PruningSession, SessionConfig, accuracy, build_model, uniform_ratios
 
 
@@ -35,7 +35,7 @@ def main() -> None:
     source = PruningSession("resnet20", WEIGHTS["resnet20"], CIFAR, cfg)
     train_cfg = TrainConfig(algo=args.algo, flops=args.flops, episodes=args.train_episodes, seed=args.seed,
                             warmup_episodes=args.warmup, progress=False, model="resnet20")
-    search = Search(train_cfg, PruneEnv(session=source, flops=args.flops))
+    search = Search(train_cfg, build_env(train_cfg, source))
     t = time.perf_counter()
     best = search.run(args.train_episodes)
     result["source"] = {"model": "resnet20", "search_s": time.perf_counter() - t, "best_reward": best["reward"],
@@ -73,7 +73,7 @@ def main() -> None:
         else:
             cold_cfg = TrainConfig(algo=args.algo, flops=args.flops, episodes=args.k, seed=args.seed,
                                    warmup_episodes=min(args.warmup, args.k // 2), progress=False)
-            cold = Search(cold_cfg, PruneEnv(session=r56, flops=args.flops))
+            cold = Search(cold_cfg, build_env(cold_cfg, r56))
             best = cold.run(args.k)
             model = r56.build(best["ratios"])
             acc_test, acc_reward = accuracy(model, r56.splits.test), accuracy(model, r56.splits.reward)

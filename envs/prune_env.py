@@ -19,17 +19,20 @@ from pruning_core.latency import measure_latency
 from pruning_core.prune import kept_channels, uniform_ratios
 from pruning_core.session import PruningSession, SessionConfig
 
-__all__ = ["DEFAULT_MAX_NODES", "REWARDS", "PruneEnv"]
+__all__ = ["DEFAULT_MAX_NODES", "GRANULARITIES", "REWARDS", "PruneEnv"]
 
 DEFAULT_MAX_NODES = 320  # ResNet-110 has 274 layer-graph nodes, MobileNetV2 116, ResNet-56 139
 REWARDS = ("acc", "acc_flops", "latency")
+GRANULARITIES = ("group", "stage")
 
 
 class PruneEnv(gym.Env):
     """## Description
 
     AMC-style channel pruning (He et al., ECCV 2018) over a graph view of the network. The agent visits
-    the prunable channel groups of a trained CNN in topological order and picks a pruning ratio for each.
+    the prunable channel groups of a trained CNN in topological order and picks a pruning ratio for each
+    (`granularity="group"`), or for each stage: a run of consecutive groups with the same width and
+    resolution, such as the blocks of one ResNet stage (`granularity="stage"`, fewer and more decisive steps).
     At the end of the episode the pruning core removes the lowest-Taylor-scored channels for real,
     recalibrates BN statistics on training images (adaptive BN) and measures accuracy on a fixed reward
     split of training images. The FLOPs budget is enforced by clamping actions, so every finished episode
@@ -44,7 +47,7 @@ class PruneEnv(gym.Env):
     deviations from it, which also carry over between models. With `action_center="zero"` the map is
     linear, `(a + 1) / 2 * max_ratio`. Before it is applied, the ratio is raised, if needed, to the smallest
     one that keeps the budget reachable when every later group is pruned at `max_ratio` (AMC's
-    resource-constrained clamp).
+    resource-constrained clamp). A stage's ratio applies to each of its groups.
 
     ## Observation Space
 
@@ -63,7 +66,8 @@ class PruneEnv(gym.Env):
 
     Dynamic features, per node: the ratio chosen for its group so far, whether it is in the current group,
     whether its group is decided, the FLOPs share removed so far and still to remove (all nodes), and the
-    clamped minimum ratio for the current step (all nodes). See `graph_encoder.features` for static ones.
+    clamped minimum ratio for the current step (all nodes). "Current" covers every group of the current stage.
+    See `graph_encoder.features` for static ones.
 
     ## Rewards
 
@@ -79,10 +83,10 @@ class PruneEnv(gym.Env):
 
     ## Episode End
 
-    Terminates after one step per prunable group. Never truncates. `info` then holds `acc`, `flops_ratio`,
-    `params_ratio`, `ratios`, `eval_s` (plus `prune_s`, `adapt_s`, `cached`, `episode`). Every step's `info`
-    holds `action_applied`: the action after the budget clamp, in the action space (agents should learn from
-    it, not from the action they proposed).
+    Terminates after one step per prunable group (per stage with `granularity="stage"`). Never truncates.
+    `info` then holds `acc`, `flops_ratio`, `params_ratio`, `ratios`, `eval_s` (plus `prune_s`, `adapt_s`,
+    `cached`, `episode`). Every step's `info` holds `action_applied`: the action after the budget clamp, in the
+    action space (agents should learn from it, not from the action they proposed).
 
     ## Arguments
 
@@ -97,6 +101,7 @@ class PruneEnv(gym.Env):
     - `reward_images`, `calib_batches`, `seed`: the reward split, adaptive-BN batches, split seed.
     - `max_nodes`, `max_edges`: observation padding (default 320 and 2 * max_nodes).
     - `action_center`: `uniform` (default) or `zero`, see Action Space.
+    - `granularity`: `group` (default, one step per channel group) or `stage`, see Description.
     - `session`: an existing `PruningSession`, to share its trace, scores and splits between envs.
 
     Taylor scores are computed once per env. An episode whose rounded channel counts were already
@@ -114,7 +119,7 @@ class PruneEnv(gym.Env):
                  max_ratio: float = 0.8, round_to: int | None = None, reward_images: int = 1000,
                  calib_batches: int = 10, seed: int = 0, max_nodes: int = DEFAULT_MAX_NODES,
                  max_edges: int | None = None, session: PruningSession | None = None, latency_batch: int = 1,
-                 action_center: str = "uniform"):
+                 action_center: str = "uniform", granularity: str = "group"):
         super().__init__()
         if reward not in REWARDS:
             raise UserError(f"unknown reward {reward!r}; use one of {', '.join(REWARDS)}")
@@ -151,10 +156,19 @@ class PruneEnv(gym.Env):
         if action_center not in ("uniform", "zero"):
             raise UserError(f"unknown action_center {action_center!r}; use uniform or zero")
         self.action_center = action_center
-        self.center = (uniform_ratios(self.trace, flops, max_ratio, round_to) if action_center == "uniform"
-                       else {g.name: max_ratio / 2 for g in self.groups})
-        self.candidates = {g.name: sorted({kept_channels(g.channels, 1 - k / g.channels, round_to)
-                                           for k in range(1, g.channels + 1)}) for g in self.groups}
+        if granularity not in GRANULARITIES:
+            raise UserError(f"unknown granularity {granularity!r}; use one of {', '.join(GRANULARITIES)}")
+        self.granularity = granularity
+        self.decisions = self._decisions(granularity)
+        center = (uniform_ratios(self.trace, flops, max_ratio, round_to) if action_center == "uniform"
+                  else {g.name: max_ratio / 2 for g in self.groups})
+        self.center = [float(np.mean([center[self.groups[i].name] for i in d])) for d in self.decisions]
+        self.ratio_grid = []  # per decision: the ratios that give distinct widths, up to each group's max_ratio
+        for d in self.decisions:
+            grid = {1 - k / g.channels for g in (self.groups[i] for i in d)
+                    for k in {kept_channels(g.channels, 1 - j / g.channels, round_to) for j in range(1, g.channels + 1)}
+                    if k >= self.min_kept[g.name]}
+            self.ratio_grid.append(sorted(grid))
 
         self.action_space = spaces.Box(-1.0, 1.0, (1,), np.float32)
         self.observation_space = observation_space(self.max_nodes, self.max_edges)
@@ -174,6 +188,26 @@ class PruneEnv(gym.Env):
         self.timings = {"prune_s": 0.0, "adapt_s": 0.0, "eval_s": 0.0, "step_s": 0.0}
         self._reset_state()
 
+    def _decisions(self, granularity: str) -> list[list[int]]:
+        """Group indices decided by each step: one group each, or runs of equal (width, resolution)."""
+        if granularity == "group":
+            return [[i] for i in range(len(self.groups))]
+        out: list[list[int]] = []
+        last = None
+        for i, g in enumerate(self.groups):
+            key = (g.channels, self.trace.layers[g.name].out_hw)
+            if out and key == last:
+                out[-1].append(i)
+            else:
+                out.append([i])
+            last = key
+        return out
+
+    @property
+    def num_steps(self) -> int:
+        """Steps per episode: the number of decisions (groups, or stages)."""
+        return len(self.decisions)
+
     # ---- episode state -------------------------------------------------------------------------------
     def _reset_state(self) -> None:
         self.t = 0
@@ -181,23 +215,27 @@ class PruneEnv(gym.Env):
         self.ratios: dict[str, float] = {}
         self._x[:, len(STATIC_FEATURES):] = 0.0
 
-    def _max_kept_now(self, i: int) -> int:
-        """Most channels group ``i`` may keep so that the budget stays reachable with later groups at max.
+    def _kept_at(self, t: int, ratio: float) -> dict[str, int]:
+        """Channels each group of decision ``t`` keeps at ``ratio`` (never fewer than at its max_ratio)."""
+        return {g.name: max(self.min_kept[g.name], kept_channels(g.channels, ratio, self.round_to))
+                for g in (self.groups[i] for i in self.decisions[t])}
 
-        FLOPs grow with the channels kept, so this is a binary search over the group's possible widths.
+    def _min_ratio_now(self, t: int) -> float:
+        """Smallest ratio for decision ``t`` that keeps the budget reachable with every later group at max.
+
+        FLOPs fall as the ratio grows, so this is a binary search over the decision's distinct widths.
         """
-        g = self.groups[i]
-        trial = {**self.kept, **{h.name: self.min_kept[h.name] for h in self.groups[i + 1:]}}
-        widths = [k for k in self.candidates[g.name] if k >= self.min_kept[g.name]]
-        lo, hi = 0, len(widths) - 1  # widths[0] fits: the constructor checked the all-max floor
+        later = [self.groups[i] for d in self.decisions[t + 1:] for i in d]
+        trial = {**self.kept, **{h.name: self.min_kept[h.name] for h in later}}
+        grid = self.ratio_grid[t]
+        lo, hi = 0, len(grid) - 1  # grid[-1] fits: the constructor checked the all-max floor
         while lo < hi:
-            mid = (lo + hi + 1) // 2
-            trial[g.name] = widths[mid]
-            if self.trace.flops(trial) <= self.budget:
-                lo = mid
+            mid = (lo + hi) // 2
+            if self.trace.flops({**trial, **self._kept_at(t, grid[mid])}) <= self.budget:
+                hi = mid
             else:
-                hi = mid - 1
-        return widths[lo]
+                lo = mid + 1
+        return grid[lo]
 
     def _observation(self) -> dict[str, np.ndarray]:
         d = self._dyn
@@ -206,12 +244,13 @@ class PruneEnv(gym.Env):
         self._x[:self.graph.num_nodes, d["flops_to_remove"]] = max(0.0, flops_now - self.budget) / self.dense_flops
         self._x[:, d["is_current"]] = 0.0
         cursor = 0
-        if self.t < len(self.groups):
-            g = self.groups[self.t]
-            self._x[self.graph.group_nodes[self.t], d["is_current"]] = 1.0
-            self._allowed = self._max_kept_now(self.t)
-            self._x[:self.graph.num_nodes, d["min_ratio_now"]] = (1 - self._allowed / g.channels) / self.max_ratio
-            cursor = int(self.graph.group_roots[self.t])
+        if self.t < self.num_steps:
+            decision = self.decisions[self.t]
+            for i in decision:
+                self._x[self.graph.group_nodes[i], d["is_current"]] = 1.0
+            self._min_ratio = self._min_ratio_now(self.t)
+            self._x[:self.graph.num_nodes, d["min_ratio_now"]] = self._min_ratio / self.max_ratio
+            cursor = int(self.graph.group_roots[decision[0]])
         else:
             cursor = int(self.graph.group_roots[-1])
         return {"x": self._x.reshape(-1).copy(), "edge_index": self._edges.reshape(-1).copy(),
@@ -223,14 +262,14 @@ class PruneEnv(gym.Env):
         """Seconds spent building, recalibrating and evaluating pruned models so far."""
         return self.timings["prune_s"] + self.timings["adapt_s"] + self.timings["eval_s"]
 
-    def action_to_ratio(self, group: str, a: float) -> float:
-        """Map an action in [-1, 1] to a pruning ratio in [0, max_ratio] through the group's centre."""
-        c = self.center[group]
+    def action_to_ratio(self, t: int, a: float) -> float:
+        """Map an action in [-1, 1] to a pruning ratio in [0, max_ratio] through step ``t``'s centre."""
+        c = self.center[t]
         return c * (1.0 + a) if a < 0 else c + a * (self.max_ratio - c)
 
-    def ratio_to_action(self, group: str, ratio: float) -> float:
+    def ratio_to_action(self, t: int, ratio: float) -> float:
         """The inverse of :meth:`action_to_ratio` (clipped to the action box)."""
-        c, r = self.center[group], min(ratio, self.max_ratio)
+        c, r = self.center[t], min(ratio, self.max_ratio)
         if r < c:
             return float(np.clip(r / c - 1.0, -1.0, 0.0))
         return float(np.clip((r - c) / (self.max_ratio - c), 0.0, 1.0)) if self.max_ratio > c else 0.0
@@ -242,23 +281,24 @@ class PruneEnv(gym.Env):
         return self._observation(), {}
 
     def step(self, action):
-        if self.t >= len(self.groups):
+        if self.t >= self.num_steps:
             raise RuntimeError("step() called after the episode ended; call reset()")
         t0 = time.perf_counter()
         a = float(np.clip(np.asarray(action, dtype=np.float64).reshape(-1)[0], -1.0, 1.0))
-        g = self.groups[self.t]
-        kept = min(kept_channels(g.channels, self.action_to_ratio(g.name, a), self.round_to), self._allowed)
-        self.kept[g.name] = kept
-        ratio = 1.0 - kept / g.channels
-        self.ratios[g.name] = ratio
+        kept = self._kept_at(self.t, max(self.action_to_ratio(self.t, a), self._min_ratio))
         d = self._dyn
-        nodes = self.graph.group_nodes[self.t]
-        self._x[nodes, d["ratio"]] = ratio / self.max_ratio
-        self._x[nodes, d["decided"]] = 1.0
+        for i in self.decisions[self.t]:
+            g = self.groups[i]
+            self.kept[g.name] = kept[g.name]
+            self.ratios[g.name] = 1.0 - kept[g.name] / g.channels
+            nodes = self.graph.group_nodes[i]
+            self._x[nodes, d["ratio"]] = self.ratios[g.name] / self.max_ratio
+            self._x[nodes, d["decided"]] = 1.0
+        ratio = 1.0 - sum(kept.values()) / sum(self.groups[i].channels for i in self.decisions[self.t])
+        applied = {"action_applied": np.array([self.ratio_to_action(self.t, ratio)], np.float32)}
         self.t += 1
         self.timings["step_s"] += time.perf_counter() - t0
-        applied = {"action_applied": np.array([self.ratio_to_action(g.name, ratio)], np.float32)}
-        if self.t < len(self.groups):
+        if self.t < self.num_steps:
             return self._observation(), 0.0, False, False, applied
         reward, info = self._evaluate()
         return self._observation(), reward, True, False, {**info, **applied}

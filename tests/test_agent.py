@@ -53,6 +53,27 @@ def test_short_runs_respect_budget_and_round_trip(algo, digits_session, tmp_path
         obs, *_ = env.step(sb3_action)
 
 
+@pytest.mark.parametrize("sde", [True, False])
+def test_ppo_exploration_std_and_per_episode_noise(sde, digits_session):
+    """gSDE's noise is scaled to init_std and drawn once per episode: within an episode the same observation
+    gets the same action; across episodes the actions spread with std near init_std (as without gSDE)."""
+    cfg = tiny_config(algo="ppo", sde=sde, init_std=0.3)
+    env = PruneEnv(session=digits_session, flops=0.6)
+    algo = Search(cfg, env).algo
+    obs, _ = env.reset()
+    first = algo.predict(obs, deterministic=False)[0]
+    again = algo.predict(obs, deterministic=False)[0]
+    assert np.allclose(first, again) == sde
+    samples = []
+    for _ in range(300):
+        if sde:
+            algo.policy.reset_noise()  # what SB3 does at every episode start with sde_sample_freq = episode length
+        samples.append(float(algo.predict(obs, deterministic=False)[0][0]))
+    mean = float(algo.predict(obs, deterministic=True)[0][0])
+    assert abs(np.mean(samples) - mean) < 0.06
+    assert 0.24 < np.std(samples) < 0.36
+
+
 def test_policy_file_errors(digits_session, tmp_path):
     cfg = tiny_config(episodes=3)
     search = Search(cfg, PruneEnv(session=digits_session, flops=0.6))

@@ -37,8 +37,9 @@ def test_registered_make_with_cli_keywords(digits_session):
     assert info["flops_ratio"] <= 0.5 and 0 <= reward <= 1
 
 
+@pytest.mark.parametrize("granularity", ["group", "stage"])
 @pytest.mark.parametrize("model", ["resnet56", "mobilenetv2", "vgg16_bn"])
-def test_budget_holds_over_hundreds_of_random_episodes(model, request):
+def test_budget_holds_over_hundreds_of_random_episodes(model, granularity):
     from test_graph_encoder import _tiny_cifar
 
     from pruning_core import PruningSession, SessionConfig, build_model
@@ -46,7 +47,8 @@ def test_budget_holds_over_hundreds_of_random_episodes(model, request):
                              SessionConfig(reward_images=8, calib_batches=1, taylor_batches=1, batch_size=8))
     rng = np.random.default_rng(0)
     for target in (0.3, 0.5, 0.8):
-        env = BudgetOnlyEnv(session=session, flops=target, round_to=8 if model == "vgg16_bn" else None)
+        env = BudgetOnlyEnv(session=session, flops=target, round_to=8 if model == "vgg16_bn" else None,
+                            granularity=granularity)
         for episode in range(100):
             env.reset(seed=episode)
             style = episode % 4  # random, never prune, always max, bimodal
@@ -58,6 +60,33 @@ def test_budget_holds_over_hundreds_of_random_episodes(model, request):
             for g in env.groups:  # never below the channels that max_ratio keeps (ratios are exact channel counts)
                 kept = kept_channels(g.channels, info["ratios"][g.name], env.round_to)
                 assert env.min_kept[g.name] <= kept <= g.channels
+
+
+def test_stage_granularity_shares_one_ratio_per_stage():
+    from test_graph_encoder import _tiny_cifar
+
+    from pruning_core import PruningSession, SessionConfig, build_model, uniform_ratios
+    session = PruningSession(build_model("resnet56"), None, _tiny_cifar(),
+                             SessionConfig(reward_images=8, calib_batches=1, taylor_batches=1, batch_size=8))
+    env = BudgetOnlyEnv(session=session, flops=0.5, granularity="stage")
+    assert [len(d) for d in env.decisions] == [9, 9, 9]  # the block-internal convs of the three stages
+    assert [env.groups[d[0]].name for d in env.decisions] == ["layer1.0.conv1", "layer2.0.conv1", "layer3.0.conv1"]
+    stage_of = {env.groups[i].name: k for k, d in enumerate(env.decisions) for i in d}
+    for actions in ([0.0] * 3, [0.6, 0.2, -0.9], [-1.0, -1.0, -1.0]):
+        obs, _ = env.reset()
+        for a in actions:
+            current = obs["x"].reshape(env.max_nodes, -1)[:, env._dyn["is_current"]]
+            assert current.sum() > 9  # every group of the stage is current
+            obs, _, done, _, info = env.step(np.array([a], np.float32))
+        assert done and info["flops_ratio"] <= 0.5
+        for k in range(3):
+            assert len({round(r, 9) for g, r in info["ratios"].items() if stage_of[g] == k}) == 1
+    obs, _ = env.reset()  # action 0 everywhere is the uniform allocation
+    for _ in range(3):
+        *_, info = env.step(np.zeros(1, np.float32))
+    assert info["ratios"] == pytest.approx(uniform_ratios(session.trace, 0.5, 0.8), abs=1 / 16)
+    with pytest.raises(UserError, match="granularity"):
+        PruneEnv(session=session, granularity="layer")
 
 
 def test_cache_and_seeding(digits_session):

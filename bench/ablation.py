@@ -1,0 +1,84 @@
+"""Agent ablations on the shared ResNet-56: one change at a time, several seeds, the same Taylor scores.
+
+Each variant is ``NAME:field=value,...`` over :class:`agent.TrainConfig` fields plus the session's
+``reward_images`` and ``calib_batches``; unset fields keep the defaults given by ``--base``. Every run reports
+the best episode's reward-split accuracy and its test accuracy (adaptive BN, no fine-tune), the episode it was
+found in, the search wall time and the agent's share of it.
+
+    python bench/ablation.py --name sde --seeds 0 1 2 \\
+        --variant "no-sde:sde=false" --variant "sde:sde=true"
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+from dataclasses import fields
+
+from common import CIFAR, WEIGHTS, write_result
+
+from agent import Search, TrainConfig
+from agent.train import build_env
+from pruning_core import PruningSession, SessionConfig, accuracy, uniform_ratios
+
+SESSION_FIELDS = ("reward_images", "calib_batches")
+
+
+def parse_variant(spec: str, base: dict) -> tuple[str, dict]:
+    name, _, body = spec.partition(":")
+    types = {f.name: type(getattr(TrainConfig(), f.name)) for f in fields(TrainConfig)}
+    out = dict(base)
+    for item in filter(None, body.split(",")):
+        key, _, raw = item.partition("=")
+        if key not in types:
+            raise SystemExit(f"unknown field {key!r} in variant {spec!r}")
+        typ = types[key]
+        out[key] = raw.lower() in ("1", "true", "yes") if typ is bool else typ(raw)
+    return name, out
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--variant", action="append", required=True, help="NAME:field=value,... (repeatable)")
+    p.add_argument("--base", default="episodes=120,reward_images=1000,calib_batches=10,warmup_episodes=20",
+                   help="field=value,... shared by every variant")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--target", type=float, default=0.5)
+    p.add_argument("--name", default="ablation")
+    args = p.parse_args()
+    _, base = parse_variant(":" + args.base, {})
+    sessions: dict[tuple, PruningSession] = {}
+    out = {"config": vars(args), "variants": {}}
+    for spec in args.variant:
+        name, v = parse_variant(spec, base)
+        key = tuple(v.get(k, getattr(TrainConfig(), k)) for k in SESSION_FIELDS)
+        if key not in sessions:
+            sessions[key] = PruningSession("resnet56", WEIGHTS["resnet56"], CIFAR,
+                                           SessionConfig(reward_images=key[0], calib_batches=key[1], seed=0))
+        s = sessions[key]
+        if f"uniform@{key}" not in out:
+            model = s.build(uniform_ratios(s.trace, args.target, v.get("max_ratio", 0.8)))
+            out[f"uniform@{key}"] = {"acc_reward": accuracy(model, s.splits.reward),
+                                     "acc_test": accuracy(model, s.splits.test)}
+        runs = []
+        for seed in args.seeds:
+            cfg = TrainConfig(**{**v, "seed": seed, "flops": args.target, "progress": False})
+            env = build_env(cfg, s)
+            search = Search(cfg, env)
+            best = search.run(cfg.episodes)
+            model = s.build(best["ratios"])
+            runs.append({"seed": seed, "acc_reward": accuracy(model, s.splits.reward),
+                         "acc_test": accuracy(model, s.splits.test), "best_episode": best["episode"],
+                         "flops_ratio": s.measure(best["ratios"])["flops_ratio"], "search_s": search.search_s,
+                         "agent_share": max(0.0, 1 - env.evaluation_s / search.search_s),
+                         "unique_evaluations": len(env.cache), "ratios": best["ratios"]})
+            print(f"{name} seed {seed}: reward {runs[-1]['acc_reward']:.2f} test {runs[-1]['acc_test']:.2f} "
+                  f"best ep {best['episode']} {search.search_s:.0f}s share {runs[-1]['agent_share']:.3f}", flush=True)
+        tests = [r["acc_test"] for r in runs]
+        out["variants"][name] = {"settings": v, "runs": runs, "acc_test_mean": statistics.mean(tests),
+                                 "acc_test_std": statistics.stdev(tests) if len(tests) > 1 else 0.0}
+        write_result(args.name, out)  # after every variant, so a long run leaves partial results
+
+
+if __name__ == "__main__":
+    main()
