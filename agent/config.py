@@ -34,9 +34,11 @@ class TrainConfig:
     """Run folder: config, best episode, checkpoints, TensorBoard logs, plots, final model and report."""
     max_ratio: float = 0.8
     """Largest pruning ratio of any one group."""
-    granularity: str = "group"
-    """One step per channel group (``group``) or per stage (``stage``: consecutive groups of equal width and
-    resolution, e.g. the blocks of a ResNet stage, share one ratio)."""
+    granularity: str = "stage"
+    """One step per stage (``stage``: consecutive groups of equal width and resolution, e.g. the blocks of a
+    ResNet stage, share one ratio) or per channel group (``group``). Measured on ResNet-56 at 50% FLOPs: random
+    per-group deviations from uniform almost always hurt, while stage-level allocations reach +4 to +5 points
+    (bench/results/ablation_*.json, search_*.json)."""
     round_to: int | None = None
     """Round kept channels up to a multiple of this (e.g. 8 for fast kernels)."""
     reward_images: int = 1000
