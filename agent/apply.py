@@ -62,14 +62,15 @@ def apply_policy(policy: str | Path | PortablePolicy, model: str | nn.Module, we
     env = PruneEnv(session=session, flops=flops, reward=trained["reward"], max_ratio=trained["max_ratio"],
                    round_to=round_to, max_nodes=max(policy.config["observation"]["max_nodes"],
                                                     len(session.trace.nodes)),
-                   granularity=trained.get("granularity", "group"))
+                   granularity=trained.get("granularity", "group"),
+                   action_center=trained.get("action_center", "uniform"))
     ratios, reward, info = policy_ratios(policy, env)
     transfer = {"policy_model": trained["model"], "policy_algo": policy.config["algorithm"],
                 "zero_shot_reward": reward, "zero_shot_acc_reward": info["acc"], "search_episodes": search_episodes}
     if search_episodes > 0:
         config = replace(TrainConfig(), algo=policy.config["algorithm"], flops=flops, seed=seed,
                          max_ratio=trained["max_ratio"], reward=trained["reward"], warmup_episodes=0,
-                         granularity=env.granularity,
+                         granularity=env.granularity, action_center=env.action_center,
                          noise_sigma=0.3, hidden=policy.config["network"]["extractor"]["hidden_channels"],
                          gnn_layers=policy.config["network"]["extractor"]["num_layers"],
                          net_arch=tuple(policy.config["network"]["hidden"]), progress=progress,

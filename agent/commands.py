@@ -9,7 +9,7 @@ from pathlib import Path
 
 from agent.config import ALGOS, TrainConfig
 from agent.outputs import print_report
-from envs import GRANULARITIES, REWARDS
+from envs import ACTION_CENTERS, GRANULARITIES, REWARDS
 from pruning_core import UserError
 
 _DEFAULTS = TrainConfig()
@@ -41,6 +41,7 @@ def train_command_parser(subparsers) -> None:
     p.add_argument("--algo", choices=ALGOS, help=_field_help("algo"))
     p.add_argument("--reward", choices=REWARDS, help=_field_help("reward"))
     p.add_argument("--granularity", choices=GRANULARITIES, help=_field_help("granularity"))
+    p.add_argument("--action-center", choices=ACTION_CENTERS, help=_field_help("action_center"))
     for name, typ in (("flops", float), ("episodes", int), ("seed", int), ("max_ratio", float), ("round_to", int),
                       ("reward_images", int), ("calib_batches", int), ("warmup_episodes", int),
                       ("noise_sigma", float), ("noise_decay", float), ("init_std", float), ("hidden", int),

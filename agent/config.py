@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, fields
 
-from envs.prune_env import GRANULARITIES
+from envs.prune_env import ACTION_CENTERS, GRANULARITIES
 from pruning_core.errors import UserError
 
 ALGOS = ("ddpg", "td3", "sac", "ppo")
@@ -39,6 +39,9 @@ class TrainConfig:
     ResNet stage, share one ratio) or per channel group (``group``). Measured on ResNet-56 at 50% FLOPs: random
     per-group deviations from uniform almost always hurt, while stage-level allocations reach +4 to +5 points
     (bench/results/ablation_*.json, search_*.json)."""
+    action_center: str = "uniform"
+    """What action 0 means: the uniform allocation (``uniform``), or at every step the ratio that spends the
+    budget left evenly over this and the later steps (``remaining``), or half of max_ratio (``zero``)."""
     round_to: int | None = None
     """Round kept channels up to a multiple of this (e.g. 8 for fast kernels)."""
     reward_images: int = 1000
@@ -92,6 +95,8 @@ class TrainConfig:
             raise UserError(f"unknown algorithm {self.algo!r}; use one of {', '.join(ALGOS)}")
         if self.granularity not in GRANULARITIES:
             raise UserError(f"unknown granularity {self.granularity!r}; use one of {', '.join(GRANULARITIES)}")
+        if self.action_center not in ACTION_CENTERS:
+            raise UserError(f"unknown action center {self.action_center!r}; use one of {', '.join(ACTION_CENTERS)}")
         if self.episodes < 1:
             raise UserError("--episodes must be at least 1")
         if not 0.0 < self.flops <= 1.0:

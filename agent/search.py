@@ -211,6 +211,8 @@ class Search:
         for online, target in (("actor", "actor_target"), ("critic", "critic_target")):
             if hasattr(self.algo, target):
                 getattr(self.algo, target).load_state_dict(getattr(self.algo, online).state_dict())
+        if getattr(self.algo, "use_sde", False):
+            self._calibrate_sde(self.algo, self.config.init_std)  # the loaded latent has its own scale
 
     # ---- the loop ------------------------------------------------------------------------------------
     def run(self, episodes: int) -> dict:

@@ -27,7 +27,7 @@ def build_env(config: TrainConfig, session: PruningSession | None = None) -> Pru
             reward_images=config.reward_images, calib_batches=config.calib_batches, seed=config.seed))
     return PruneEnv(session=session, flops=config.flops, reward=config.reward, max_ratio=config.max_ratio,
                     round_to=config.round_to, max_nodes=max(config.max_nodes, len(session.trace.nodes)),
-                    granularity=config.granularity)
+                    granularity=config.granularity, action_center=config.action_center)
 
 
 def train(config: TrainConfig | None = None, session: PruningSession | None = None, **overrides) -> dict:

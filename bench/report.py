@@ -1,10 +1,12 @@
 """Render bench/results/*.json as one markdown document (the README quotes it).
 
-    python bench/report.py > bench/results/REPORT.md
+    python bench/report.py            # print it
+    python bench/report.py --write    # bench/results/REPORT.md and the README's benchmark tables
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 
 from common import RESULTS
@@ -20,7 +22,9 @@ def search_table(res: dict) -> list[str]:
              f"{d['latency_b64_ms']:.1f} ms (b64). Reward split: {res['config']['reward_images']} training images; "
              f"{res['config']['calib_batches']} x 64 calibration images; evaluation budget "
              f"{res['config']['episodes']} episodes per search method; fine-tune: {res['config']['finetune_epochs']} "
-             "epoch(s) SGD + KD from the dense model on the 5,085 training images.", ""]
+             "epoch(s) SGD + KD from the dense model on the 5,085 training images. RL rows: mean ± std over seeds; "
+             f"settings {res.get('rl_config', 'TrainConfig defaults at the time of the run')}. Speed-ups here are "
+             "timed inside the run; bench/latency.py's table times them alone.", ""]
     lines += ["| target | method | FLOPs | params | reward acc | test acc (adapt-BN) | test acc (fine-tuned) | "
               "search s | ep/min | agent share | speed-up b1 | speed-up b64 | FLOPs speed-up |",
               "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
@@ -132,21 +136,43 @@ def env_table(res: dict) -> list[str]:
             f"other {sh['other_s']:.1%}."]
 
 
-def main() -> None:
-    out = []
+ORDER = ("search", "latency", "transfer", "ablation", "reward", "scale", "env")
+README_START, README_END = "<!-- bench:start -->", "<!-- bench:end -->"
+
+
+def render_all() -> str:
     renderers = {"search": search_table, "transfer": transfer_table, "scale": scale_table,
                  "latency": latency_table, "ablation": ablation_table, "env": env_table,
                  "reward": reward_signal_table}
-    for path in sorted(RESULTS.glob("*.json")):
-        name = path.stem
-        render = renderers.get(name.split("_")[0])
+    out = []
+    paths = sorted(RESULTS.glob("*.json"), key=lambda p: (ORDER.index(p.stem.split("_")[0])
+                                                          if p.stem.split("_")[0] in ORDER else len(ORDER), p.stem))
+    for path in paths:
+        render = renderers.get(path.stem.split("_")[0])
         if render is None:
             continue
         res = json.loads(path.read_text())
         m = res["machine"]
-        out += [f"### {name} ({res['date']}; {m['cpu']}, {m['cores']} cores, torch {m['torch']})", "",
+        out += [f"### {path.stem} ({res['date']}; {m['cpu']}, {m['cores']} cores, torch {m['torch']})", "",
                 *render(res), ""]
-    print("\n".join(out))
+    return "\n".join(out)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--write", action="store_true",
+                   help="write bench/results/REPORT.md and replace the tables between the README's bench markers")
+    args = p.parse_args()
+    text = render_all()
+    if not args.write:
+        print(text)
+        return
+    (RESULTS / "REPORT.md").write_text(text + "\n")
+    readme = RESULTS.parents[1] / "README.md"
+    body = readme.read_text()
+    start, end = body.index(README_START) + len(README_START), body.index(README_END)
+    readme.write_text(body[:start] + "\n" + text + "\n" + body[end:])
+    print(f"wrote {RESULTS / 'REPORT.md'} and {readme}")
 
 
 if __name__ == "__main__":

@@ -86,7 +86,10 @@ def main() -> None:
     l1.scores = L1Importance()(session.model, None, session.trace)
     shape = session.data.input_shape
     dense_latency = {b: latency_ms(session.model, shape, b) for b in (1, 64)}
+    defaults = TrainConfig()
     results = {"config": vars(args), "setup_s": setup_s, "timings": session.timings,
+               "rl_config": {k: getattr(defaults, k) for k in ("granularity", "action_center", "sde", "init_std",
+                                                                    "max_ratio")},
                "dense": {"acc_test": session.dense_accuracy("test"), "acc_reward": session.dense_accuracy("reward"),
                          "latency_b1_ms": dense_latency[1], "latency_b64_ms": dense_latency[64],
                          "flops": session.flops_dense, "params": session.params_dense},

@@ -19,11 +19,12 @@ from pruning_core.latency import measure_latency
 from pruning_core.prune import kept_channels, uniform_ratios
 from pruning_core.session import PruningSession, SessionConfig
 
-__all__ = ["DEFAULT_MAX_NODES", "GRANULARITIES", "REWARDS", "PruneEnv"]
+__all__ = ["ACTION_CENTERS", "DEFAULT_MAX_NODES", "GRANULARITIES", "REWARDS", "PruneEnv"]
 
 DEFAULT_MAX_NODES = 320  # ResNet-110 has 274 layer-graph nodes, MobileNetV2 116, ResNet-56 139
 REWARDS = ("acc", "acc_flops", "latency")
 GRANULARITIES = ("group", "stage")
+ACTION_CENTERS = ("uniform", "remaining", "zero")
 
 
 class PruneEnv(gym.Env):
@@ -44,7 +45,10 @@ class PruneEnv(gym.Env):
     `[0, max_ratio]` for the current group. With `action_center="uniform"` (default) the map is piecewise
     linear through the uniform allocation `u` that meets the budget: `a = -1 -> 0`, `a = 0 -> u`,
     `a = 1 -> max_ratio`. An untrained policy (outputs near 0) thus starts from uniform pruning and learns
-    deviations from it, which also carry over between models. With `action_center="zero"` the map is
+    deviations from it, which also carry over between models. With `action_center="remaining"` the centre is
+    recomputed at every step as the ratio that, applied to this and every later group, spends exactly the
+    budget left; so `a = 0` always fills the budget, and a deviation early in the episode is balanced by
+    the later steps rather than wasting or overdrawing FLOPs. With `action_center="zero"` the map is
     linear, `(a + 1) / 2 * max_ratio`. Before it is applied, the ratio is raised, if needed, to the smallest
     one that keeps the budget reachable when every later group is pruned at `max_ratio` (AMC's
     resource-constrained clamp). A stage's ratio applies to each of its groups.
@@ -100,7 +104,7 @@ class PruneEnv(gym.Env):
     - `reward`: one of `acc`, `acc_flops`, `latency`. `round_to`: round kept channels up to a multiple.
     - `reward_images`, `calib_batches`, `seed`: the reward split, adaptive-BN batches, split seed.
     - `max_nodes`, `max_edges`: observation padding (default 320 and 2 * max_nodes).
-    - `action_center`: `uniform` (default) or `zero`, see Action Space.
+    - `action_center`: `uniform` (default), `remaining` or `zero`, see Action Space.
     - `granularity`: `group` (default, one step per channel group) or `stage`, see Description.
     - `session`: an existing `PruningSession`, to share its trace, scores and splits between envs.
 
@@ -153,15 +157,15 @@ class PruneEnv(gym.Env):
             raise UserError(f"FLOPs target {flops:.3f} is unreachable for {name}: with every prunable group at "
                             f"max_ratio {max_ratio} it keeps {floor / self.dense_flops:.3f}; raise the target or "
                             "max_ratio")
-        if action_center not in ("uniform", "zero"):
-            raise UserError(f"unknown action_center {action_center!r}; use uniform or zero")
+        if action_center not in ACTION_CENTERS:
+            raise UserError(f"unknown action_center {action_center!r}; use one of {', '.join(ACTION_CENTERS)}")
         self.action_center = action_center
         if granularity not in GRANULARITIES:
             raise UserError(f"unknown granularity {granularity!r}; use one of {', '.join(GRANULARITIES)}")
         self.granularity = granularity
         self.decisions = self._decisions(granularity)
-        center = (uniform_ratios(self.trace, flops, max_ratio, round_to) if action_center == "uniform"
-                  else {g.name: max_ratio / 2 for g in self.groups})
+        center = (uniform_ratios(self.trace, flops, max_ratio, round_to) if action_center != "zero"
+                  else {g.name: max_ratio / 2 for g in self.groups})  # "remaining" recomputes it at each step
         self.center = [float(np.mean([center[self.groups[i].name] for i in d])) for d in self.decisions]
         self.ratio_grid = []  # per decision: the ratios that give distinct widths, up to each group's max_ratio
         for d in self.decisions:
@@ -237,6 +241,22 @@ class PruneEnv(gym.Env):
                 lo = mid + 1
         return grid[lo]
 
+    def _fill_ratio_now(self, t: int) -> float:
+        """The one ratio that, applied to decision ``t`` and every later one, spends exactly the budget left."""
+        rest = [self.groups[i] for d in self.decisions[t:] for i in d]
+
+        def fits(r: float) -> bool:
+            trial = {g.name: max(self.min_kept[g.name], kept_channels(g.channels, r, self.round_to)) for g in rest}
+            return self.trace.flops({**self.kept, **trial}) <= self.budget
+
+        if fits(0.0):
+            return 0.0
+        lo, hi = 0.0, self.max_ratio  # hi fits: every reachable state keeps the all-max floor within budget
+        for _ in range(20):
+            mid = (lo + hi) / 2
+            lo, hi = (lo, mid) if fits(mid) else (mid, hi)
+        return hi
+
     def _observation(self) -> dict[str, np.ndarray]:
         d = self._dyn
         flops_now = self.trace.flops(self.kept)
@@ -249,6 +269,8 @@ class PruneEnv(gym.Env):
             for i in decision:
                 self._x[self.graph.group_nodes[i], d["is_current"]] = 1.0
             self._min_ratio = self._min_ratio_now(self.t)
+            if self.action_center == "remaining":
+                self.center[self.t] = self._fill_ratio_now(self.t)
             self._x[:self.graph.num_nodes, d["min_ratio_now"]] = self._min_ratio / self.max_ratio
             cursor = int(self.graph.group_roots[decision[0]])
         else:

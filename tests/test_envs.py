@@ -89,6 +89,30 @@ def test_stage_granularity_shares_one_ratio_per_stage():
         PruneEnv(session=session, granularity="layer")
 
 
+@pytest.mark.parametrize("granularity", ["group", "stage"])
+def test_remaining_center_spends_the_budget(granularity):
+    """With action_center="remaining", action 0 fills the budget, and an early deviation is paid back later."""
+    from test_graph_encoder import _tiny_cifar
+
+    from pruning_core import PruningSession, SessionConfig, build_model
+    session = PruningSession(build_model("resnet56"), None, _tiny_cifar(),
+                             SessionConfig(reward_images=8, calib_batches=1, taylor_batches=1, batch_size=8))
+    rng = np.random.default_rng(0)
+    for target in (0.3, 0.5, 0.7):
+        env = BudgetOnlyEnv(session=session, flops=target, granularity=granularity, action_center="remaining")
+        for first in (0.0, 0.8, -0.8, None):
+            env.reset()
+            actions = [first if first is not None else rng.uniform(-1, 1)] + [0.0] * (env.num_steps - 1)
+            for a in actions:
+                *_, info = env.step(np.array([a], np.float32))
+            assert target - 0.03 <= info["flops_ratio"] <= target + 1e-12, (target, first, info["flops_ratio"])
+        for _ in range(20):  # any actions: still never over budget
+            env.reset()
+            for _ in range(env.num_steps):
+                *_, info = env.step(np.array([rng.uniform(-1, 1)], np.float32))
+            assert info["flops_ratio"] <= target + 1e-12
+
+
 def test_cache_and_seeding(digits_session):
     env = PruneEnv(session=digits_session, flops=0.6)
 
