@@ -43,7 +43,7 @@ class TrainConfig:
     """What action 0 means: at every step, the ratio that spends the budget left evenly over this and the later
     steps (``remaining``), so every episode uses its budget; or the fixed uniform allocation (``uniform``); or
     half of max_ratio (``zero``). On ResNet-56 at 50% FLOPs (3 seeds, stage level) ``remaining`` gave
-    83.55 +- 1.09% test accuracy against 81.81 +- 2.92% for ``uniform`` (bench/results/ablation_action_center.json)."""
+    83.55 +- 1.10% test accuracy against 81.81 +- 2.94% for ``uniform`` (bench/results/ablation_action_center.json)."""
     round_to: int | None = None
     """Round kept channels up to a multiple of this (e.g. 8 for fast kernels)."""
     reward_images: int = 1000
