@@ -24,7 +24,7 @@ def main() -> None:
     args = p.parse_args()
     session = PruningSession("resnet56", WEIGHTS["resnet56"], CIFAR, SessionConfig(
         reward_images=args.reward_images, calib_batches=args.calib_batches))
-    env = PruneEnv(session=session, flops=0.5)
+    env = PruneEnv(session=session, flops=0.5, granularity="group", action_center="uniform")  # as measured
     rng = np.random.default_rng(0)
     started = time.perf_counter()
     for _ in range(args.episodes):

@@ -29,13 +29,7 @@ def main() -> None:
     trace = trace_model(dense, shape)
     scores = {g.name: torch.arange(g.channels, 0, -1).float() for g in trace.groups}  # any ranking will do
 
-    def lat(model) -> dict:
-        return {f"{prefix}b{b}_ms": statistics.median(latency_ms(model, shape, b, backend)
-                                                       for _ in range(args.repeats))
-                for backend, prefix in (("torch", ""), ("onnxruntime", "ort_")) for b in (1, 64)}
-
-    base = lat(dense)
-    rows = {"dense": {**base, "flops_ratio": 1.0}}
+    models = {"dense": (dense, 1.0)}
     for path in sorted(RESULTS.glob("search_*.json")):
         res = json.loads(path.read_text())
         for target, methods in res["targets"].items():
@@ -50,13 +44,24 @@ def main() -> None:
                 print(f"skip uniform round_to=8 at {target}: {e}")
             for name, r in candidates.items():
                 rt = r.get("round_to")
-                model = prune(dense, r["ratios"], scores, trace, round_to=rt)
-                flops = trace.flops(kept_counts(trace, r["ratios"], rt)) / trace.flops()
-                t = lat(model)
-                rows[f"{target} {name}"] = {**t, "flops_ratio": flops, "flops_speedup": 1 / flops,
-                                            **{k.replace("_ms", "").replace("b", "speedup_b", 1): base[k] / v
-                                               for k, v in t.items()}}
-                print(target, name, {k: round(v, 3) for k, v in rows[f"{target} {name}"].items()}, flush=True)
+                models[f"{target} {name}"] = (prune(dense, r["ratios"], scores, trace, round_to=rt),
+                                              trace.flops(kept_counts(trace, r["ratios"], rt)) / trace.flops())
+    # one backend at a time (their thread pools never overlap), and each repeat sweeps every model, so a burst
+    # of noise from the machine spreads over all models instead of landing on one
+    times: dict[str, dict[str, list[float]]] = {name: {} for name in models}
+    for backend, prefix in (("torch", ""), ("onnxruntime", "ort_")):
+        for _ in range(args.repeats):
+            for name, (model, _) in models.items():
+                for b in (1, 64):
+                    times[name].setdefault(f"{prefix}b{b}_ms", []).append(latency_ms(model, shape, b, backend))
+        print(f"{backend} done", flush=True)
+    base = {k: statistics.median(v) for k, v in times["dense"].items()}
+    rows = {}
+    for name, (_, flops) in models.items():
+        t = {k: statistics.median(v) for k, v in times[name].items()}
+        rows[name] = {**t, "flops_ratio": flops, "flops_speedup": 1 / flops,
+                      **{k.replace("_ms", "").replace("b", "speedup_b", 1): base[k] / v for k, v in t.items()}}
+        print(name, {k: round(v, 3) for k, v in rows[name].items()}, flush=True)
     write_result("latency", {"repeats": args.repeats, "models": rows})
 
 

@@ -55,7 +55,7 @@ def main() -> None:
 
     session = PruningSession(args.model, WEIGHTS[args.model], CIFAR, SessionConfig(
         reward_images=args.reward_images, calib_batches=args.calib_batches, seed=0))
-    env = PruneEnv(session=session, flops=args.target)
+    env = PruneEnv(session=session, flops=args.target, granularity="group", action_center="uniform")
     rng = np.random.default_rng(args.seed)
     y_reward = session.splits.reward.y
     dense_reward = logits(session.model, session.splits.reward)

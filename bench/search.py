@@ -27,7 +27,8 @@ def random_search(session: PruningSession, target: float, episodes: int, seed: i
                   granularity: str = "group") -> dict:
     """EagleEye-style: ``episodes`` random ratio vectors (one ratio per group, or per stage) pushed into the budget
     by the env's clamp; best reward."""
-    env = PruneEnv(session=session, flops=target, max_ratio=max_ratio, granularity=granularity)
+    env = PruneEnv(session=session, flops=target, max_ratio=max_ratio, granularity=granularity,
+                   action_center="uniform")  # actions uniform in [-1, 1] around the fixed uniform allocation
     rng = np.random.default_rng(seed)
     best, started = None, time.perf_counter()
     for _ in range(episodes):

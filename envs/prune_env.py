@@ -32,8 +32,8 @@ class PruneEnv(gym.Env):
 
     AMC-style channel pruning (He et al., ECCV 2018) over a graph view of the network. The agent visits
     the prunable channel groups of a trained CNN in topological order and picks a pruning ratio for each
-    (`granularity="group"`), or for each stage: a run of consecutive groups with the same width and
-    resolution, such as the blocks of one ResNet stage (`granularity="stage"`, fewer and more decisive steps).
+    stage: a run of consecutive groups with the same width and resolution, such as the blocks of one ResNet
+    stage (`granularity="stage"`, the default: few, decisive steps), or for each group (`granularity="group"`).
     At the end of the episode the pruning core removes the lowest-Taylor-scored channels for real,
     recalibrates BN statistics on training images (adaptive BN) and measures accuracy on a fixed reward
     split of training images. The FLOPs budget is enforced by clamping actions, so every finished episode
@@ -42,13 +42,13 @@ class PruneEnv(gym.Env):
     ## Action Space
 
     `Box(-1, 1, (1,), float32)` (symmetric, as SB3 recommends), mapped monotonically onto a pruning ratio in
-    `[0, max_ratio]` for the current group. With `action_center="uniform"` (default) the map is piecewise
-    linear through the uniform allocation `u` that meets the budget: `a = -1 -> 0`, `a = 0 -> u`,
-    `a = 1 -> max_ratio`. An untrained policy (outputs near 0) thus starts from uniform pruning and learns
-    deviations from it, which also carry over between models. With `action_center="remaining"` the centre is
-    recomputed at every step as the ratio that, applied to this and every later group, spends exactly the
-    budget left; so `a = 0` always fills the budget, and a deviation early in the episode is balanced by
-    the later steps rather than wasting or overdrawing FLOPs. With `action_center="zero"` the map is
+    `[0, max_ratio]` for the current step. The map is piecewise linear through a centre `c`: `a = -1 -> 0`,
+    `a = 0 -> c`, `a = 1 -> max_ratio`. With `action_center="remaining"` (default) `c` is recomputed at every
+    step as the ratio that, applied to this and every later group, spends exactly the budget left; so `a = 0`
+    always fills the budget, and a deviation early in the episode is balanced by the later steps rather than
+    wasting or overdrawing FLOPs. With `action_center="uniform"`, `c` is the fixed uniform allocation that
+    meets the budget. Either way an untrained policy (outputs near 0) starts from uniform pruning and learns
+    deviations from it, which also carry over between models. With `action_center="zero"` the map is
     linear, `(a + 1) / 2 * max_ratio`. Before it is applied, the ratio is raised, if needed, to the smallest
     one that keeps the budget reachable when every later group is pruned at `max_ratio` (AMC's
     resource-constrained clamp). A stage's ratio applies to each of its groups.
@@ -104,8 +104,8 @@ class PruneEnv(gym.Env):
     - `reward`: one of `acc`, `acc_flops`, `latency`. `round_to`: round kept channels up to a multiple.
     - `reward_images`, `calib_batches`, `seed`: the reward split, adaptive-BN batches, split seed.
     - `max_nodes`, `max_edges`: observation padding (default 320 and 2 * max_nodes).
-    - `action_center`: `uniform` (default), `remaining` or `zero`, see Action Space.
-    - `granularity`: `group` (default, one step per channel group) or `stage`, see Description.
+    - `action_center`: `remaining` (default), `uniform` or `zero`, see Action Space.
+    - `granularity`: `stage` (default) or `group` (one step per channel group), see Description.
     - `session`: an existing `PruningSession`, to share its trace, scores and splits between envs.
 
     Taylor scores are computed once per env. An episode whose rounded channel counts were already
@@ -123,7 +123,7 @@ class PruneEnv(gym.Env):
                  max_ratio: float = 0.8, round_to: int | None = None, reward_images: int = 1000,
                  calib_batches: int = 10, seed: int = 0, max_nodes: int = DEFAULT_MAX_NODES,
                  max_edges: int | None = None, session: PruningSession | None = None, latency_batch: int = 1,
-                 action_center: str = "uniform", granularity: str = "group"):
+                 action_center: str = "remaining", granularity: str = "stage"):
         super().__init__()
         if reward not in REWARDS:
             raise UserError(f"unknown reward {reward!r}; use one of {', '.join(REWARDS)}")

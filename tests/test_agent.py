@@ -47,7 +47,7 @@ def test_short_runs_respect_budget_and_round_trip(algo, digits_session, tmp_path
     path = save_policy(search.algo, cfg, best, tmp_path / "policy")
     policy = load_policy(path)
     obs, _ = env.reset(seed=0)
-    for _ in range(len(env.groups)):
+    for _ in range(env.num_steps):
         sb3_action, _ = search.algo.predict(obs, deterministic=True)
         assert np.allclose(policy.act(obs), sb3_action, atol=1e-5)
         obs, *_ = env.step(sb3_action)
