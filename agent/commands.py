@@ -16,15 +16,15 @@ _DEFAULTS = TrainConfig()
 
 
 def _field_help(name: str) -> str:
-    """The TrainConfig field docstring, so --help and the dataclass never disagree."""
+    """The TrainConfig field docstring, so --help and the dataclass never disagree (``%`` escaped for argparse)."""
     import ast
     import inspect
     src = inspect.getsource(TrainConfig)
     body = ast.parse(src).body[0].body
     for node, nxt in zip(body, body[1:]):
         if isinstance(node, ast.AnnAssign) and node.target.id == name and isinstance(nxt, ast.Expr):
-            return f"{nxt.value.value} (default: {getattr(_DEFAULTS, name)})"
-    return f"(default: {getattr(_DEFAULTS, name)})"
+            return f"{nxt.value.value} (default: {getattr(_DEFAULTS, name)})".replace("%", "%%")
+    return f"(default: {getattr(_DEFAULTS, name)})".replace("%", "%%")
 
 
 def train_command_parser(subparsers) -> None:

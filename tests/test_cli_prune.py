@@ -77,3 +77,15 @@ def test_help_explains(capsys):
     assert e.value.code == 0
     text = capsys.readouterr().out
     assert "--flops" in text and "--adapt-bn" in text and "--finetune-epochs" in text
+
+
+@pytest.mark.parametrize("command,flags", [("train", ["--granularity", "--action-center", "--sde", "--init-std"]),
+                                           ("export", ["--out"]), ("apply", ["--search-episodes"]),
+                                           ("demo", ["--out"])])
+def test_every_subcommand_help_renders(command, flags, capsys):
+    """Field docstrings carry '%' (e.g. '50% FLOPs'); argparse must still render them."""
+    with pytest.raises(SystemExit) as e:
+        main([command, "--help"])
+    assert e.value.code == 0
+    text = capsys.readouterr().out
+    assert all(f in text for f in flags), text
