@@ -219,23 +219,26 @@ class PruneEnv(gym.Env):
         self.ratios: dict[str, float] = {}
         self._x[:, len(STATIC_FEATURES):] = 0.0
 
-    def _kept_at(self, t: int, ratio: float) -> dict[str, int]:
-        """Channels each group of decision ``t`` keeps at ``ratio`` (never fewer than at its max_ratio)."""
-        return {g.name: max(self.min_kept[g.name], kept_channels(g.channels, ratio, self.round_to))
-                for g in (self.groups[i] for i in self.decisions[t])}
+    def _groups_of(self, decisions: list[list[int]]) -> list:
+        """The channel groups that ``decisions`` set, in order."""
+        return [self.groups[i] for d in decisions for i in d]
+
+    def _kept_at(self, groups: list, ratio: float) -> dict[str, int]:
+        """Channels each of ``groups`` keeps at ``ratio`` (never fewer than at its max_ratio)."""
+        return {g.name: max(self.min_kept[g.name], kept_channels(g.channels, ratio, self.round_to)) for g in groups}
 
     def _min_ratio_now(self, t: int) -> float:
         """Smallest ratio for decision ``t`` that keeps the budget reachable with every later group at max.
 
         FLOPs fall as the ratio grows, so this is a binary search over the decision's distinct widths.
         """
-        later = [self.groups[i] for d in self.decisions[t + 1:] for i in d]
-        trial = {**self.kept, **{h.name: self.min_kept[h.name] for h in later}}
+        trial = {**self.kept, **{h.name: self.min_kept[h.name] for h in self._groups_of(self.decisions[t + 1:])}}
+        mine = self._groups_of(self.decisions[t:t + 1])
         grid = self.ratio_grid[t]
         lo, hi = 0, len(grid) - 1  # grid[-1] fits: the constructor checked the all-max floor
         while lo < hi:
             mid = (lo + hi) // 2
-            if self.trace.flops({**trial, **self._kept_at(t, grid[mid])}) <= self.budget:
+            if self.trace.flops({**trial, **self._kept_at(mine, grid[mid])}) <= self.budget:
                 hi = mid
             else:
                 lo = mid + 1
@@ -243,11 +246,10 @@ class PruneEnv(gym.Env):
 
     def _fill_ratio_now(self, t: int) -> float:
         """The one ratio that, applied to decision ``t`` and every later one, spends exactly the budget left."""
-        rest = [self.groups[i] for d in self.decisions[t:] for i in d]
+        rest = self._groups_of(self.decisions[t:])
 
         def fits(r: float) -> bool:
-            trial = {g.name: max(self.min_kept[g.name], kept_channels(g.channels, r, self.round_to)) for g in rest}
-            return self.trace.flops({**self.kept, **trial}) <= self.budget
+            return self.trace.flops({**self.kept, **self._kept_at(rest, r)}) <= self.budget
 
         if fits(0.0):
             return 0.0
@@ -307,7 +309,8 @@ class PruneEnv(gym.Env):
             raise RuntimeError("step() called after the episode ended; call reset()")
         t0 = time.perf_counter()
         a = float(np.clip(np.asarray(action, dtype=np.float64).reshape(-1)[0], -1.0, 1.0))
-        kept = self._kept_at(self.t, max(self.action_to_ratio(self.t, a), self._min_ratio))
+        mine = self._groups_of(self.decisions[self.t:self.t + 1])
+        kept = self._kept_at(mine, max(self.action_to_ratio(self.t, a), self._min_ratio))
         d = self._dyn
         for i in self.decisions[self.t]:
             g = self.groups[i]
@@ -316,7 +319,7 @@ class PruneEnv(gym.Env):
             nodes = self.graph.group_nodes[i]
             self._x[nodes, d["ratio"]] = self.ratios[g.name] / self.max_ratio
             self._x[nodes, d["decided"]] = 1.0
-        ratio = 1.0 - sum(kept.values()) / sum(self.groups[i].channels for i in self.decisions[self.t])
+        ratio = 1.0 - sum(kept.values()) / sum(g.channels for g in mine)
         applied = {"action_applied": np.array([self.ratio_to_action(self.t, ratio)], np.float32)}
         self.t += 1
         self.timings["step_s"] += time.perf_counter() - t0
