@@ -16,9 +16,9 @@ import statistics
 from dataclasses import fields
 
 from common import CIFAR, WEIGHTS, write_result
+from search import rl_search
 
-from agent import Search, TrainConfig
-from agent.train import build_env
+from agent import TrainConfig
 from pruning_core import PruningSession, SessionConfig, accuracy, uniform_ratios
 
 SESSION_FIELDS = ("reward_images", "calib_batches")
@@ -62,18 +62,15 @@ def main() -> None:
                                      "acc_test": accuracy(model, s.splits.test)}
         runs = []
         for seed in args.seeds:
-            cfg = TrainConfig(**{**v, "seed": seed, "flops": args.target, "progress": False})
-            env = build_env(cfg, s)
-            search = Search(cfg, env)
-            best = search.run(cfg.episodes)
-            model = s.build(best["ratios"])
+            r = rl_search(s, TrainConfig(**{**v, "seed": seed, "flops": args.target, "progress": False}))
+            model = s.build(r["ratios"])
             runs.append({"seed": seed, "acc_reward": accuracy(model, s.splits.reward),
-                         "acc_test": accuracy(model, s.splits.test), "best_episode": best["episode"],
-                         "flops_ratio": s.measure(best["ratios"])["flops_ratio"], "search_s": search.search_s,
-                         "agent_share": max(0.0, 1 - env.evaluation_s / search.search_s),
-                         "unique_evaluations": len(env.cache), "ratios": best["ratios"]})
+                         "acc_test": accuracy(model, s.splits.test), "best_episode": r["best_episode"],
+                         "flops_ratio": s.measure(r["ratios"])["flops_ratio"], "search_s": r["search_s"],
+                         "agent_share": r["agent_share"], "unique_evaluations": r["unique_evaluations"],
+                         "ratios": r["ratios"]})
             print(f"{name} seed {seed}: reward {runs[-1]['acc_reward']:.2f} test {runs[-1]['acc_test']:.2f} "
-                  f"best ep {best['episode']} {search.search_s:.0f}s share {runs[-1]['agent_share']:.3f}", flush=True)
+                  f"best ep {r['best_episode']} {r['search_s']:.0f}s share {r['agent_share']:.3f}", flush=True)
         tests = [r["acc_test"] for r in runs]
         out["variants"][name] = {"settings": v, "runs": runs, "acc_test_mean": statistics.mean(tests),
                                  "acc_test_std": statistics.stdev(tests) if len(tests) > 1 else 0.0}

@@ -40,15 +40,13 @@ def random_search(session: PruningSession, target: float, episodes: int, seed: i
             "agent_share": max(0.0, 1 - env.evaluation_s / wall)}
 
 
-def rl_search(session: PruningSession, target: float, episodes: int, seed: int, algo: str, max_ratio: float,
-              warmup: int) -> dict:
-    cfg = TrainConfig(algo=algo, flops=target, episodes=episodes, seed=seed, max_ratio=max_ratio,
-                      warmup_episodes=warmup, progress=False)
+def rl_search(session: PruningSession, cfg: TrainConfig) -> dict:
+    """One RL search of ``cfg.episodes`` episodes on ``session``; the best episode and what the search cost."""
     env = build_env(cfg, session)
     search = Search(cfg, env)
-    best = search.run(episodes)
-    return {"reward": best["reward"], "ratios": best["ratios"], "search_s": search.search_s, "episodes": episodes,
-            "episodes_per_min": 60 * episodes / search.search_s, "best_episode": best["episode"],
+    best = search.run(cfg.episodes)
+    return {"reward": best["reward"], "ratios": best["ratios"], "search_s": search.search_s, "episodes": cfg.episodes,
+            "episodes_per_min": 60 * cfg.episodes / search.search_s, "best_episode": best["episode"],
             "agent_share": max(0.0, 1 - env.evaluation_s / search.search_s),
             "unique_evaluations": len(env.cache)}
 
@@ -114,7 +112,8 @@ def main() -> None:
             runs = []
             for seed in args.seeds if i == 0 else args.seeds[:1]:
                 print(f"== target {target}: {algo} seed {seed} ({args.episodes} episodes)", flush=True)
-                r = rl_search(session, target, args.episodes, seed, algo, mr, args.warmup)
+                r = rl_search(session, TrainConfig(algo=algo, flops=target, episodes=args.episodes, seed=seed,
+                                                   max_ratio=mr, warmup_episodes=args.warmup, progress=False))
                 runs.append(evaluate_method(session, r.pop("ratios"), args.finetune_epochs if seed == args.seeds[0]
                                             else 0, dense_latency, seed=seed, **r))
                 print(f"   reward-split {runs[-1]['acc_reward']:.2f}  test {runs[-1]['acc_test']:.2f}  "
