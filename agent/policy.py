@@ -97,10 +97,13 @@ def save_policy(algo, config: TrainConfig, best: dict | None, out: str | Path) -
                     "activation": activations[0] if activations else "ReLU", "squash": squash},
         "observation": {"max_nodes": int(space["node_mask"].shape[0]), "max_edges": int(space["edge_mask"].shape[0]),
                         "static_features": list(STATIC_FEATURES), "dynamic_features": list(DYNAMIC_FEATURES),
-                        "action": "Box(-1, 1) -> ratio (a + 1) / 2 * max_ratio"},
+                        "action": f"Box(-1, 1) -> ratio in [0, max_ratio], action 0 at the {config.action_center!r} "
+                                  f"centre, one step per {config.granularity} (see envs.PruneEnv)"},
         "training": {"model": config.model, "data": config.data, "flops": config.flops,
                      "max_ratio": config.max_ratio, "reward": config.reward, "episodes": config.episodes,
-                     "seed": config.seed, "round_to": config.round_to},
+                     "seed": config.seed, "round_to": config.round_to,
+                     # the action space the policy learned in; apply must replay the same one
+                     "granularity": config.granularity, "action_center": config.action_center},
         "best": best,
     }
     state = {f"extractor.{k}": v for k, v in extractor.state_dict().items()}
