@@ -13,7 +13,7 @@ from torch import nn
 from agent.config import TrainConfig
 from agent.outputs import write_pruned
 from agent.policy import PortablePolicy, load_policy
-from agent.search import Search
+from agent.search import Search, keep_best
 from envs import PruneEnv
 from pruning_core import ImageData, PruningSession, SessionConfig, accuracy
 
@@ -42,7 +42,8 @@ def apply_policy(policy: str | Path | PortablePolicy, model: str | nn.Module, we
                  data: str | ImageData = "digits", flops: float | None = None, out: str | Path | None = None,
                  search_episodes: int = 0, finetune_epochs: int = 0, seed: int = 0, reward_images: int = 1000,
                  calib_batches: int = 10, round_to: int | None = None, progress: bool = False,
-                 session: PruningSession | None = None, fallback: bool = True) -> dict:
+                 session: PruningSession | None = None, fallback: bool = True, rescore_top: int = 5,
+                 select_images: int = 1000) -> dict:
     """Prune a new model with a learned policy and return the JSON report (``method: "rl-transfer"``).
 
     :param flops: FLOPs budget (default: the one the policy was trained for).
@@ -51,20 +52,23 @@ def apply_policy(policy: str | Path | PortablePolicy, model: str | nn.Module, we
     :param out: folder for the exported model and ``report.json``.
     :param fallback: also score the uniform allocation (one more evaluation on the same reward split of
         training images) and keep it if it beats the policy; ``report["transfer"]`` says which was kept.
+    :param rescore_top: re-score this many of the best candidates (policy, search episodes, uniform) on
+        ``select_images`` more training images and keep the best over both splits, as ``train`` does.
     """
     started = time.perf_counter()
     policy = load_policy(policy) if not isinstance(policy, PortablePolicy) else policy
     trained = policy.train_config
     flops = flops if flops is not None else trained["flops"]
     if session is None:
-        session = PruningSession(model, weights, data, SessionConfig(reward_images=reward_images,
-                                                                     calib_batches=calib_batches, seed=seed))
+        session = PruningSession(model, weights, data, SessionConfig(
+            reward_images=reward_images, calib_batches=calib_batches, select_images=select_images, seed=seed))
     env = PruneEnv(session=session, flops=flops, reward=trained["reward"], max_ratio=trained["max_ratio"],
                    round_to=round_to, max_nodes=max(policy.config["observation"]["max_nodes"],
                                                     len(session.trace.nodes)),
                    granularity=trained.get("granularity", "group"),
                    action_center=trained.get("action_center", "uniform"))
     ratios, reward, info = policy_ratios(policy, env)
+    zero_shot = ratios
     transfer = {"policy_model": trained["model"], "policy_algo": policy.config["algorithm"],
                 "zero_shot_reward": reward, "zero_shot_acc_reward": info["acc"], "search_episodes": search_episodes}
     if search_episodes > 0:
@@ -82,12 +86,16 @@ def apply_policy(policy: str | Path | PortablePolicy, model: str | nn.Module, we
         transfer["search_s"] = round(search.search_s, 2)
         if best["reward"] > reward:
             ratios, reward = best["ratios"], best["reward"]
-    transfer["chosen"] = "policy" if search_episodes == 0 or reward == transfer["zero_shot_reward"] else "search"
+    uniform = None
     if fallback:
         uniform, uniform_reward, _ = policy_ratios(None, env)
         transfer["uniform_reward"] = uniform_reward
         if uniform_reward > reward:
-            ratios, reward, transfer["chosen"] = uniform, uniform_reward, "uniform"
+            ratios, reward = uniform, uniform_reward
+    # every candidate is in the env's cache: re-score the best of them on the select split, as train does
+    kept, transfer["rescored"] = keep_best(env, {"ratios": ratios, "reward": reward}, rescore_top)
+    ratios = kept["ratios"]
+    transfer["chosen"] = "policy" if ratios == zero_shot else "uniform" if ratios == uniform else "search"
     pruned = session.build(ratios, round_to)
     acc_before = accuracy(pruned, session.splits.test)
     if finetune_epochs > 0:

@@ -43,7 +43,8 @@ def train_command_parser(subparsers) -> None:
     p.add_argument("--granularity", choices=GRANULARITIES, help=_field_help("granularity"))
     p.add_argument("--action-center", choices=ACTION_CENTERS, help=_field_help("action_center"))
     for name, typ in (("flops", float), ("episodes", int), ("seed", int), ("max_ratio", float), ("round_to", int),
-                      ("reward_images", int), ("calib_batches", int), ("warmup_episodes", int),
+                      ("reward_images", int), ("calib_batches", int), ("rescore_top", int), ("select_images", int),
+                      ("warmup_episodes", int),
                       ("noise_sigma", float), ("noise_decay", float), ("init_std", float), ("hidden", int),
                       ("gnn_layers", int),
                       ("learning_rate", float), ("batch_size", int), ("gradient_steps", int),
@@ -116,6 +117,8 @@ def apply_command_parser(subparsers) -> None:
     p.add_argument("--fallback", action=argparse.BooleanOptionalAction, default=True,
                    help="also score the uniform allocation on the reward split and keep it if it beats the "
                         "policy (default: on; the report's transfer.chosen says which was kept)")
+    p.add_argument("--rescore-top", type=int, default=5, help=_field_help("rescore_top"))
+    p.add_argument("--select-images", type=int, default=1000, help=_field_help("select_images"))
     add_output_args(p, out_required=True)
     p.set_defaults(func=apply_command)
 
@@ -127,7 +130,8 @@ def apply_command(args: argparse.Namespace) -> dict:
     report = apply_policy(args.policy, args.model, args.weights, args.data, flops=args.flops, out=args.out,
                           search_episodes=args.search_episodes, finetune_epochs=args.finetune_epochs,
                           seed=args.seed, reward_images=args.reward_images, calib_batches=args.calib_batches,
-                          round_to=args.round_to, progress=sys.stderr.isatty(), fallback=args.fallback)
+                          round_to=args.round_to, progress=sys.stderr.isatty(), fallback=args.fallback,
+                          rescore_top=args.rescore_top, select_images=args.select_images)
     print_report(report, args.json)
     return report
 

@@ -51,6 +51,12 @@ class TrainConfig:
     """Training images in the reward split."""
     calib_batches: int = 10
     """Batches of 64 training images for adaptive BN in every episode."""
+    rescore_top: int = 5
+    """After the search, re-score this many of the best distinct allocations on ``select_images`` more training
+    images and keep the best over both splits (0: keep the best reward-split episode). The reward split's noise
+    otherwise favours a lucky candidate among near-ties."""
+    select_images: int = 1000
+    """Training images, disjoint from the reward and calibration images, for that re-scoring."""
     warmup_episodes: int = 20
     """Episodes of uniformly random actions before learning starts (AMC: 100 of 400)."""
     noise_sigma: float = 1.0
@@ -104,6 +110,8 @@ class TrainConfig:
             raise UserError("--episodes must be at least 1")
         if not 0.0 < self.flops <= 1.0:
             raise UserError(f"--flops {self.flops} must be in (0, 1]")
+        if self.rescore_top < 0 or self.select_images < 0:
+            raise UserError("--rescore-top and --select-images must be >= 0")
         if self.warmup_episodes < 0 or self.checkpoint_every < 1:
             raise UserError("--warmup-episodes must be >= 0 and --checkpoint-every >= 1")
 

@@ -24,7 +24,7 @@ from agent.outputs import write_json
 from envs import PruneEnv
 from graph_encoder import GraphFeaturesExtractor
 
-__all__ = ["DecayingNormalNoise", "MovingAverageBaseline", "Search", "policy_modules"]
+__all__ = ["DecayingNormalNoise", "MovingAverageBaseline", "Search", "keep_best", "policy_modules"]
 
 ALGO_CLASSES: dict[str, type[BaseAlgorithm]] = {"ddpg": DDPG, "td3": TD3, "sac": SAC, "ppo": PPO}
 
@@ -326,3 +326,15 @@ class Search:
         env.episodes, env.timings = state["env_episodes"], state["env_timings"]
         env.cache = {tuple(k): (r, info) for k, r, info in state["cache"]}
         return search
+
+
+def keep_best(env: PruneEnv, best: dict, top: int) -> tuple[dict, list[dict]]:
+    """The allocation a search keeps: the best of its ``top`` candidates re-scored on the select split
+    (:meth:`PruneEnv.rescore`), or ``best`` (the best reward-split episode) when there is nothing to re-score.
+
+    Returns (kept, the re-scored candidates without their ratios, best first).
+    """
+    ranked = env.rescore(top)
+    if not ranked:
+        return best, []
+    return ranked[0], [{k: v for k, v in c.items() if k != "ratios"} for c in ranked]

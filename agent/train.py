@@ -11,11 +11,11 @@ from pathlib import Path
 from agent.apply import run_episode
 from agent.config import TrainConfig
 from agent.outputs import write_json, write_pruned
-from agent.search import Search
+from agent.search import Search, keep_best
 from envs import PruneEnv
 from pruning_core import PruningSession, SessionConfig, UserError, accuracy, uniform_ratios
 
-__all__ = ["build_env", "resume", "train"]
+__all__ = ["build_env", "finish_search", "resume", "train"]
 
 log = logging.getLogger(__name__)
 
@@ -24,7 +24,8 @@ def build_env(config: TrainConfig, session: PruningSession | None = None) -> Pru
     """The environment a config describes (loading, tracing and scoring the model unless ``session`` is given)."""
     if session is None:
         session = PruningSession(config.model, config.weights, config.data, SessionConfig(
-            reward_images=config.reward_images, calib_batches=config.calib_batches, seed=config.seed))
+            reward_images=config.reward_images, calib_batches=config.calib_batches,
+            select_images=config.select_images, seed=config.seed))
     return PruneEnv(session=session, flops=config.flops, reward=config.reward, max_ratio=config.max_ratio,
                     round_to=config.round_to, max_nodes=max(config.max_nodes, len(session.trace.nodes)),
                     granularity=config.granularity, action_center=config.action_center)
@@ -70,30 +71,41 @@ def resume(run_dir: str | Path, episodes: int | None = None, progress: bool | No
 def _finish(config: TrainConfig, search: Search) -> dict:
     run_dir, env = Path(config.out), search.env
     best = search.run(config.episodes)
+    eval_s = env.evaluation_s  # the search's own share, before the policy episode and the re-scoring
     write_json(run_dir / "history.json", search.history)
     session = env.session
-    # the learned policy's own deterministic episode, for the record (one more evaluation, cached if seen)
-    policy_episode = run_policy_episode(search)
     started = time.perf_counter()
-    model = session.build(best["ratios"], config.round_to)
+    kept, rescored, policy_episode = finish_search(search, config.rescore_top)
+    model = session.build(kept["ratios"], config.round_to)
     acc_before = accuracy(model, session.splits.test)
     if config.finetune_epochs > 0:
         session.finetune(model, config.finetune_epochs, progress=config.progress)
-    eval_s = env.evaluation_s
     uniform = uniform_ratios(session.trace, config.flops, config.max_ratio, config.round_to)
     stats = {"episodes": search.episodes_done, "search_s": round(search.search_s, 2),
              "episodes_per_min": round(60 * search.episodes_done / max(search.search_s, 1e-9), 2),
              "env_eval_s": round(eval_s, 2), "agent_share": round(max(0.0, 1 - eval_s / max(search.search_s,
                                                                                           1e-9)), 4),
              "best_episode": best["episode"], "best_reward": best["reward"], "algo": config.algo,
-             "policy_episode": policy_episode}
-    report = session.report(model, best["ratios"], "rl", config.seed, search.search_s + time.perf_counter() - started,
+             "policy_episode": policy_episode, "rescored": rescored}
+    report = session.report(model, kept["ratios"], "rl", config.seed, search.search_s + time.perf_counter() - started,
                             round_to=config.round_to, acc_before_finetune=acc_before,
                             finetune_epochs=config.finetune_epochs, search=stats)
     write_pruned(run_dir / "final", model, report, session.data.input_shape)
     write_json(run_dir / "report.json", report)
-    _plots(run_dir, search.history, best["ratios"], uniform)
+    _plots(run_dir, search.history, kept["ratios"], uniform)
     return report
+
+
+def finish_search(search: Search, top: int) -> tuple[dict, list[dict], dict]:
+    """After the search episodes: the learned policy's deterministic episode (one more evaluation, cached if
+    seen, and a candidate like the others), then :func:`keep_best`. Returns (kept, re-scored, policy episode).
+    """
+    policy = run_policy_episode(search)
+    best = search.best
+    if policy["reward"] > best["reward"]:
+        best = {**policy, "episode": search.episodes_done + 1}
+    kept, rescored = keep_best(search.env, best, top)
+    return kept, rescored, policy
 
 
 def run_policy_episode(search: Search) -> dict:
@@ -124,7 +136,7 @@ def _plots(run_dir: Path, history: list[dict], best: dict[str, float], uniform: 
     names = list(best)
     fig, ax = plt.subplots(figsize=(max(6, 0.28 * len(names)), 4))
     xs = range(len(names))
-    ax.bar([x - 0.2 for x in xs], [best[n] for n in names], 0.4, label="RL (best episode)")
+    ax.bar([x - 0.2 for x in xs], [best[n] for n in names], 0.4, label="RL (kept)")
     ax.bar([x + 0.2 for x in xs], [uniform[n] for n in names], 0.4, label="uniform")
     ax.set_xticks(list(xs))
     ax.set_xticklabels(names, rotation=90, fontsize=7)

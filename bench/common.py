@@ -64,4 +64,10 @@ def evaluate_method(session: PruningSession, ratios: dict[str, float], finetune_
         row["acc_test_finetuned"] = accuracy(model, session.splits.test)
         row["finetune_s"] = time.perf_counter() - t
     row["ratios"] = ratios
+    best = extra.get("search_best")
+    if best is not None:  # a search's own best episode, before re-scoring kept another candidate (or the same)
+        model = session.build(best["ratios"])
+        best.update(acc_reward=accuracy(model, session.splits.reward), acc_test=accuracy(model, session.splits.test),
+                    same_as_kept=best["ratios"] == ratios)
+        row["search_best_acc_test"] = best["acc_test"]
     return {**row, **extra}

@@ -18,15 +18,16 @@ from common import CIFAR, WEIGHTS, evaluate_method, latency_ms, write_result
 
 from agent import Search, TrainConfig
 from agent.apply import run_episode
-from agent.train import build_env
+from agent.search import keep_best
+from agent.train import build_env, finish_search
 from envs import PruneEnv
 from pruning_core import L1Importance, PruningSession, SessionConfig, global_ratios, uniform_ratios
 
 
 def random_search(session: PruningSession, target: float, episodes: int, seed: int, max_ratio: float,
-                  granularity: str = "group") -> dict:
+                  granularity: str = "group", rescore_top: int = TrainConfig.rescore_top) -> dict:
     """EagleEye-style: ``episodes`` random ratio vectors (one ratio per group, or per stage) pushed into the budget
-    by the env's clamp; best reward."""
+    by the env's clamp; the best by reward, re-scored like the agent's (``agent.train.keep_best``)."""
     env = PruneEnv(session=session, flops=target, max_ratio=max_ratio, granularity=granularity,
                    action_center="uniform")  # actions uniform in [-1, 1] around the fixed uniform allocation
     rng = np.random.default_rng(seed)
@@ -35,20 +36,37 @@ def random_search(session: PruningSession, target: float, episodes: int, seed: i
         reward, info = run_episode(env, lambda _: rng.uniform(-1, 1, 1).astype(np.float32))
         if best is None or reward > best["reward"]:
             best = {"reward": reward, "ratios": info["ratios"]}
-    wall = time.perf_counter() - started
-    return {**best, "search_s": wall, "episodes": episodes, "episodes_per_min": 60 * episodes / wall,
-            "agent_share": max(0.0, 1 - env.evaluation_s / wall)}
+    wall, eval_s = time.perf_counter() - started, env.evaluation_s
+    t = time.perf_counter()
+    kept, rescored = keep_best(env, best, rescore_top)
+    return {**kept_after_rescoring(kept, rescored, best, t), "search_s": wall, "episodes": episodes,
+            "episodes_per_min": 60 * episodes / wall, "agent_share": max(0.0, 1 - eval_s / wall),
+            "unique_evaluations": len(env.cache)}
 
 
 def rl_search(session: PruningSession, cfg: TrainConfig) -> dict:
-    """One RL search of ``cfg.episodes`` episodes on ``session``; the best episode and what the search cost."""
+    """One RL search on ``session`` as ``prunepilot train`` runs it: ``cfg.episodes - 1`` search episodes, the
+    learned policy's deterministic episode (a candidate like the others), then the re-scoring. Returns the kept
+    allocation and what the search cost."""
     env = build_env(cfg, session)
     search = Search(cfg, env)
-    best = search.run(cfg.episodes)
-    return {"reward": best["reward"], "ratios": best["ratios"], "search_s": search.search_s, "episodes": cfg.episodes,
-            "episodes_per_min": 60 * cfg.episodes / search.search_s, "best_episode": best["episode"],
-            "agent_share": max(0.0, 1 - env.evaluation_s / search.search_s),
+    search.run(cfg.episodes - 1)
+    eval_s = env.evaluation_s
+    t = time.perf_counter()
+    kept, rescored, policy = finish_search(search, cfg.rescore_top)
+    best = search.best if search.best["reward"] >= policy["reward"] else {**policy, "episode": cfg.episodes}
+    return {**kept_after_rescoring(kept, rescored, best, t), "search_s": search.search_s, "policy_episode": policy,
+            "episodes": cfg.episodes, "episodes_per_min": 60 * cfg.episodes / search.search_s,
+            "best_episode": best["episode"], "agent_share": max(0.0, 1 - eval_s / search.search_s),
             "unique_evaluations": len(env.cache)}
+
+
+def kept_after_rescoring(kept: dict, rescored: list[dict], best: dict, started: float) -> dict:
+    """``reward`` and ``ratios`` of the allocation kept after re-scoring, the search's own best episode
+    (``search_best``), the re-scored candidates and the seconds since ``started`` (the re-scoring's cost)."""
+    return {"reward": kept["reward"], "ratios": kept["ratios"], "rescored": rescored,
+            "rescore_s": time.perf_counter() - started, "search_best": {"reward": best["reward"],
+                                                                        "ratios": best["ratios"]}}
 
 
 def summarise(rows: list[dict], keys: tuple[str, ...]) -> dict:
@@ -74,6 +92,8 @@ def main() -> None:
     p.add_argument("--calib-batches", type=int, default=10)
     p.add_argument("--max-ratio", type=float, default=0.8)
     p.add_argument("--finetune-epochs", type=int, default=1)
+    p.add_argument("--rescore-top", type=int, default=TrainConfig.rescore_top,
+                   help="candidates every search method re-scores on the select split (0: keep its best episode)")
     p.add_argument("--name", default="search")
     args = p.parse_args()
 
@@ -88,7 +108,7 @@ def main() -> None:
     defaults = TrainConfig()
     results = {"config": vars(args), "setup_s": setup_s, "timings": session.timings,
                "rl_config": {k: getattr(defaults, k) for k in ("granularity", "action_center", "sde", "init_std",
-                                                                    "max_ratio")},
+                                                                    "max_ratio", "select_images")},
                "dense": {"acc_test": session.dense_accuracy("test"), "acc_reward": session.dense_accuracy("reward"),
                          "latency_b1_ms": dense_latency[1], "latency_b64_ms": dense_latency[64],
                          "flops": session.flops_dense, "params": session.params_dense},
@@ -103,24 +123,30 @@ def main() -> None:
                                          args.finetune_epochs, dense_latency, search_s=0.0)
         rows["l1-uniform"] = evaluate_method(l1, uniform_ratios(session.trace, target, mr), args.finetune_epochs,
                                              dense_latency, search_s=0.0)
-        for granularity in ("group", "stage"):
-            print(f"== target {target}: random search per {granularity} ({args.episodes} evaluations)", flush=True)
-            rs = random_search(session, target, args.episodes, 0, mr, granularity)
-            rows["random" if granularity == "group" else "random-stage"] = evaluate_method(
-                session, rs.pop("ratios"), args.finetune_epochs, dense_latency, **rs)
-        for i, algo in enumerate(args.algos):
+        # the search methods: random per group (one seed), random per stage (every seed: the agent's own action
+        # space, so the baseline it must beat) and the agents (the default algorithm with every seed)
+        searches = [("random", None, args.seeds[:1]), ("random-stage", None, args.seeds)]
+        searches += [(f"rl-{algo}", algo, args.seeds if i == 0 else args.seeds[:1])
+                     for i, algo in enumerate(args.algos)]
+        for method, algo, seeds in searches:
             runs = []
-            for seed in args.seeds if i == 0 else args.seeds[:1]:
-                print(f"== target {target}: {algo} seed {seed} ({args.episodes} episodes)", flush=True)
-                r = rl_search(session, TrainConfig(algo=algo, flops=target, episodes=args.episodes, seed=seed,
-                                                   max_ratio=mr, warmup_episodes=args.warmup, progress=False))
-                runs.append(evaluate_method(session, r.pop("ratios"), args.finetune_epochs if seed == args.seeds[0]
+            for seed in seeds:
+                print(f"== target {target}: {method} seed {seed} ({args.episodes} evaluations)", flush=True)
+                if algo is None:
+                    r = random_search(session, target, args.episodes, seed, mr,
+                                      "group" if method == "random" else "stage", args.rescore_top)
+                else:
+                    r = rl_search(session, TrainConfig(algo=algo, flops=target, episodes=args.episodes, seed=seed,
+                                                       max_ratio=mr, warmup_episodes=args.warmup, progress=False,
+                                                       rescore_top=args.rescore_top))
+                runs.append(evaluate_method(session, r.pop("ratios"), args.finetune_epochs if seed == seeds[0]
                                             else 0, dense_latency, seed=seed, **r))
-                print(f"   reward-split {runs[-1]['acc_reward']:.2f}  test {runs[-1]['acc_test']:.2f}  "
-                      f"{runs[-1]['search_s']:.0f}s  agent share {runs[-1]['agent_share']:.3f}", flush=True)
-            rows[f"rl-{algo}"] = {"runs": runs, "summary": summarise(runs, (
-                "acc_test", "acc_reward", "acc_test_finetuned", "search_s", "episodes_per_min", "agent_share",
-                "flops_ratio", "speedup_b1", "speedup_b64"))}
+                print(f"   reward-split {runs[-1]['acc_reward']:.2f}  test {runs[-1]['acc_test']:.2f} (search best "
+                      f"{runs[-1]['search_best_acc_test']:.2f})  {runs[-1]['search_s']:.0f}s  agent share "
+                      f"{runs[-1]['agent_share']:.3f}", flush=True)
+            rows[method] = runs[0] if len(runs) == 1 else {"runs": runs, "summary": summarise(runs, (
+                "acc_test", "acc_reward", "acc_test_finetuned", "search_best_acc_test", "search_s",
+                "episodes_per_min", "agent_share", "flops_ratio", "speedup_b1", "speedup_b64"))}
         results["targets"][str(target)] = rows
         write_result(args.name, results)  # after every target, so a long run leaves partial results
 

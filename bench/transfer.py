@@ -14,7 +14,7 @@ from pathlib import Path
 from common import CIFAR, WEIGHTS, write_result
 
 from agent import Search, TrainConfig, apply_policy, save_policy
-from agent.train import build_env
+from agent.train import build_env, finish_search
 from pruning_core import PruningSession, SessionConfig, accuracy, build_model, uniform_ratios
 
 
@@ -38,8 +38,9 @@ def main() -> None:
     search = Search(train_cfg, build_env(train_cfg, source))
     t = time.perf_counter()
     best = search.run(args.train_episodes)
+    kept, _, _ = finish_search(search, train_cfg.rescore_top)
     result["source"] = {"model": "resnet20", "search_s": time.perf_counter() - t, "best_reward": best["reward"],
-                        "acc_test": accuracy(source.build(best["ratios"]), source.splits.test),
+                        "acc_test": accuracy(source.build(kept["ratios"]), source.splits.test),
                         "acc_test_uniform": accuracy(source.build(uniform_ratios(source.trace, args.flops, 0.8)),
                                                      source.splits.test)}
     policy_dir = Path(tempfile.mkdtemp()) / "policy"
@@ -74,8 +75,9 @@ def main() -> None:
             cold_cfg = TrainConfig(algo=args.algo, flops=args.flops, episodes=args.k, seed=args.seed,
                                    warmup_episodes=min(args.warmup, args.k // 2), progress=False)
             cold = Search(cold_cfg, build_env(cold_cfg, r56))
-            best = cold.run(args.k)
-            model = r56.build(best["ratios"])
+            cold.run(args.k)
+            kept, _, _ = finish_search(cold, cold_cfg.rescore_top)  # as apply's warm start: policy episode, re-score
+            model = r56.build(kept["ratios"])
             acc_test, acc_reward = accuracy(model, r56.splits.test), accuracy(model, r56.splits.reward)
         result["targets"][f"resnet56_k{args.k}_{label}"] = {"acc_test": acc_test, "acc_reward": acc_reward,
                                                             "wall_s": time.perf_counter() - t}

@@ -68,27 +68,38 @@ class ImageData:
 
 @dataclass
 class Splits:
-    """The splits a search uses: ``reward`` and ``calib`` are disjoint subsets of training images."""
+    """The splits a search uses: ``reward``, ``calib`` and ``select`` are disjoint subsets of training images.
+
+    ``select`` (None when no training images are left for it) re-scores a search's top candidates.
+    """
 
     reward: Split
     calib: Split
     train: Split
     test: Split
+    select: Split | None = None
 
 
-def make_splits(data: ImageData, reward_images: int = 1000, calib_images: int = 640, seed: int = 0) -> Splits:
-    """Draw a fixed, seeded reward subset and a disjoint calibration subset from the training images.
+def make_splits(data: ImageData, reward_images: int = 1000, calib_images: int = 640, seed: int = 0,
+                select_images: int = 0) -> Splits:
+    """Draw a fixed, seeded reward subset, a disjoint calibration subset and, from the training images left
+    after both, up to ``select_images`` for the select split.
 
-    When the training set is too small for both, the calibration images wrap around into the reward images.
+    When the training set is too small for both, the calibration images wrap around into the reward images
+    (and no select split is drawn). The reward and calibration subsets do not depend on ``select_images``.
     """
     n = len(data.train)
     if reward_images < 1 or calib_images < 1:
         raise UserError("reward and calibration splits need at least one image each")
+    if select_images < 0:
+        raise UserError(f"select_images must be >= 0, got {select_images}")
     perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
     reward_idx = perm[:min(reward_images, n)]
     rest = perm[len(reward_idx):]
     calib_idx = rest[:calib_images] if len(rest) >= calib_images else perm[-calib_images:]
-    return Splits(data.train.subset(reward_idx), data.train.subset(calib_idx), data.train, data.test)
+    left = rest[calib_images:calib_images + select_images] if len(rest) > calib_images else rest[:0]
+    select = data.train.subset(left) if len(left) else None
+    return Splits(data.train.subset(reward_idx), data.train.subset(calib_idx), data.train, data.test, select)
 
 
 def load_data(spec: str) -> ImageData:

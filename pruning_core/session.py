@@ -35,6 +35,9 @@ class SessionConfig:
     """Training images in the reward split (accuracy that search methods optimise)."""
     calib_batches: int = 10
     """Minibatches of training images for adaptive BN recalibration."""
+    select_images: int = 1000
+    """Training images, disjoint from the reward and calibration images, on which a search re-scores its best
+    candidates before it keeps one (fewer when the training set runs out; 0: no select split)."""
     batch_size: int = 64
     """Batch size for calibration, scoring and fine-tuning."""
     taylor_batches: int = 32
@@ -67,7 +70,7 @@ class PruningSession:
         self.model.eval()
         self.data = load_data(data) if isinstance(data, str) else data
         self.splits = make_splits(self.data, config.reward_images, config.calib_batches * config.batch_size,
-                                  config.seed)
+                                  config.seed, config.select_images)
         self._check_model_fits()
         t = time.perf_counter()
         self.trace: ModelTrace = trace_model(self.model, self.data.input_shape)
@@ -106,8 +109,11 @@ class PruningSession:
         return TaylorImportance(self.config.taylor_batches)(self.model, batches, self.trace)
 
     def split(self, name: str) -> Split:
-        return {"reward": self.splits.reward, "calib": self.splits.calib, "test": self.splits.test,
-                "train": self.splits.train}[name]
+        split = {"reward": self.splits.reward, "calib": self.splits.calib, "test": self.splits.test,
+                 "train": self.splits.train, "select": self.splits.select}[name]
+        if split is None:
+            raise UserError(f"{self.model_name} on {self.data.name} has no {name} split (too few training images)")
+        return split
 
     def dense_accuracy(self, split: str = "test") -> float:
         if split not in self._dense_acc:

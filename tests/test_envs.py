@@ -154,3 +154,26 @@ def test_other_rewards(digits_session, reward):
         _, r, done, _, info = env.step(np.array([0.5], np.float32))
     assert r < 0
     assert (reward == "latency") == ("latency_ms" in info)
+
+
+def test_rescore_ranks_the_top_candidates_over_both_splits(digits_session):
+    """rescore() re-evaluates the best distinct allocations on the select split, and ranks them by the
+    accuracy over reward and select images together."""
+    from agent.apply import run_episode
+    from pruning_core import accuracy
+    env = PruneEnv(session=digits_session, flops=0.6, granularity="group")
+    rng = np.random.default_rng(0)
+    for _ in range(8):
+        run_episode(env, lambda _: rng.uniform(-1, 1, 1).astype(np.float32))
+    top = sorted(env.cache.values(), key=lambda entry: entry[0], reverse=True)[:3]
+    spent = env.evaluation_s
+    ranked = env.rescore(3)
+    assert len(ranked) == 3 and env.evaluation_s > spent  # re-scoring is charged as evaluation time
+    assert [c["reward"] for c in ranked] == sorted((c["reward"] for c in ranked), reverse=True)
+    assert sorted(c["reward_search"] for c in ranked) == sorted(r for r, _ in top)
+    reward, select = digits_session.splits.reward, digits_session.splits.select
+    for c in ranked:
+        assert c["acc_select"] == pytest.approx(accuracy(digits_session.build(c["ratios"]), select))
+        both = (c["acc_reward"] * len(reward) + c["acc_select"] * len(select)) / (len(reward) + len(select))
+        assert c["acc"] == pytest.approx(both) and c["reward"] == pytest.approx(both / 100)
+    assert env.rescore(0) == []

@@ -31,3 +31,20 @@ def test_finetune_trains_and_distils(digits):
     assert accuracy(student, digits.test) > max(before, 85.0)
     assert not student.training
     assert all(isinstance(m, nn.Module) for m in student.modules())
+
+
+def test_splits_are_disjoint_and_the_select_split_moves_nothing():
+    from pruning_core import ImageData, Split, make_splits
+
+    def data(n):  # one label per image, so the splits' label sets show which images they hold
+        return ImageData("ids", Split(torch.zeros(n, 1, 2, 2, dtype=torch.uint8), torch.arange(n), (0.0,), (1.0,)),
+                         Split(torch.zeros(1, 1, 2, 2, dtype=torch.uint8), torch.zeros(1, dtype=torch.long),
+                               (0.0,), (1.0,)), n)
+
+    plain, with_select = make_splits(data(200), 100, 64, seed=1), make_splits(data(200), 100, 64, 1, 500)
+    assert plain.select is None
+    assert torch.equal(plain.reward.y, with_select.reward.y) and torch.equal(plain.calib.y, with_select.calib.y)
+    ids = [set(s.y.tolist()) for s in (with_select.reward, with_select.calib, with_select.select)]
+    assert [len(i) for i in ids] == [100, 64, 36]  # the select split takes what is left
+    assert not (ids[0] & ids[1] or ids[0] & ids[2] or ids[1] & ids[2])
+    assert make_splits(data(150), 100, 64, 1, 500).select is None  # calibration already wrapped around
