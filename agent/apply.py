@@ -47,8 +47,8 @@ def apply_policy(policy: str | Path | PortablePolicy, model: str | nn.Module, we
     """Prune a new model with a learned policy and return the JSON report (``method: "rl-transfer"``).
 
     :param flops: FLOPs budget (default: the one the policy was trained for).
-    :param search_episodes: fine-tune the policy on this model for K episodes first (a warm start); the
-        better of the policy's own episode and the search's best episode is kept.
+    :param search_episodes: fine-tune the policy on this model for K episodes first (a warm start); its
+        episodes are candidates next to the policy's own episode.
     :param out: folder for the exported model and ``report.json``.
     :param fallback: also score the uniform allocation (one more evaluation on the same reward split of
         training images) and keep it if it beats the policy; ``report["transfer"]`` says which was kept.

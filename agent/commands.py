@@ -30,10 +30,11 @@ def _field_help(name: str) -> str:
 def train_command_parser(subparsers) -> None:
     p = subparsers.add_parser(
         "train", help="search a sparsity policy with RL on one model",
-        description="Train the GNN-embedded RL agent to pick per-group pruning ratios under a FLOPs budget. "
-                    "The best episode is saved as it is found; agent, replay buffer and counters are "
-                    "checkpointed every --checkpoint-every episodes, and --resume RUN_DIR continues after a "
-                    "kill. At the end the best pruned model is evaluated on the test split and exported.")
+        description="Train the GNN-embedded RL agent to pick pruning ratios (per stage, or per channel group) "
+                    "under a FLOPs budget. The best episode is saved as it is found; agent, replay buffer and "
+                    "counters are checkpointed every --checkpoint-every episodes, and --resume RUN_DIR continues "
+                    "after a kill. At the end the best candidates are re-scored on --select-images more training "
+                    "images, and the one kept is evaluated on the test split and exported.")
     p.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its last checkpoint")
     p.add_argument("--model", help="zoo name or package.module:factory " + _field_help("model"))
     p.add_argument("--weights", help=_field_help("weights"))

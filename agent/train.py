@@ -32,7 +32,7 @@ def build_env(config: TrainConfig, session: PruningSession | None = None) -> Pru
 
 
 def train(config: TrainConfig | None = None, session: PruningSession | None = None, **overrides) -> dict:
-    """Train the agent, keep the best episode, and write the run folder; return the final report.
+    """Train the agent, keep the best candidate after re-scoring, and write the run folder; return the report.
 
     ``overrides`` replace fields of ``config`` (``train(model="resnet20", episodes=50, ...)``).
     """

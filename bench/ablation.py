@@ -1,9 +1,9 @@
 """Agent ablations on the shared ResNet-56: one change at a time, several seeds, the same Taylor scores.
 
 Each variant is ``NAME:field=value,...`` over :class:`agent.TrainConfig` fields plus the session's
-``reward_images`` and ``calib_batches``; unset fields keep the defaults given by ``--base``. Every run reports
-the best episode's reward-split accuracy and its test accuracy (adaptive BN, no fine-tune), the episode it was
-found in, the search wall time and the agent's share of it.
+``reward_images``, ``calib_batches`` and ``select_images``; unset fields keep the defaults given by ``--base``.
+Every run reports the kept allocation's (after re-scoring, as ``train`` keeps it) reward-split accuracy and test
+accuracy (adaptive BN, no fine-tune), the search's best episode, the search wall time and the agent's share.
 
     python bench/ablation.py --name sde --seeds 0 1 2 \\
         --variant "no-sde:sde=false" --variant "sde:sde=true"
@@ -21,7 +21,7 @@ from search import rl_search
 from agent import TrainConfig
 from pruning_core import PruningSession, SessionConfig, accuracy, uniform_ratios
 
-SESSION_FIELDS = ("reward_images", "calib_batches")
+SESSION_FIELDS = ("reward_images", "calib_batches", "select_images")
 
 
 def parse_variant(spec: str, base: dict) -> tuple[str, dict]:
@@ -54,7 +54,8 @@ def main() -> None:
         key = tuple(v.get(k, getattr(TrainConfig(), k)) for k in SESSION_FIELDS)
         if key not in sessions:
             sessions[key] = PruningSession("resnet56", WEIGHTS["resnet56"], CIFAR,
-                                           SessionConfig(reward_images=key[0], calib_batches=key[1], seed=0))
+                                           SessionConfig(reward_images=key[0], calib_batches=key[1],
+                                                         select_images=key[2], seed=0))
         s = sessions[key]
         if f"uniform@{key}" not in out:
             model = s.build(uniform_ratios(s.trace, args.target, v.get("max_ratio", 0.8)))
