@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable
 from dataclasses import replace
@@ -18,6 +19,8 @@ from envs import PruneEnv
 from pruning_core import ImageData, PruningSession, SessionConfig, accuracy
 
 __all__ = ["apply_policy", "policy_ratios", "run_episode"]
+
+log = logging.getLogger(__name__)
 
 
 def run_episode(env: PruneEnv, act: Callable[[dict], np.ndarray]) -> tuple[float, dict]:
@@ -62,6 +65,10 @@ def apply_policy(policy: str | Path | PortablePolicy, model: str | nn.Module, we
     if session is None:
         session = PruningSession(model, weights, data, SessionConfig(
             reward_images=reward_images, calib_batches=calib_batches, select_images=select_images, seed=seed))
+    if "granularity" not in trained:
+        log.warning("the policy file does not say which action space it learned in (exported before prunepilot "
+                    "recorded it); assuming one step per channel group with the uniform centre. Re-export its "
+                    "training run to record it.")
     env = PruneEnv(session=session, flops=flops, reward=trained["reward"], max_ratio=trained["max_ratio"],
                    round_to=round_to, max_nodes=max(policy.config["observation"]["max_nodes"],
                                                     len(session.trace.nodes)),

@@ -22,7 +22,7 @@ def search_table(res: dict) -> list[str]:
              f"{d['latency_b64_ms']:.1f} ms (b64). Reward split: {res['config']['reward_images']} training images; "
              f"{res['config']['calib_batches']} x 64 calibration images; evaluation budget "
              f"{res['config']['episodes']} episodes per search method; fine-tune: {res['config']['finetune_epochs']} "
-             "epoch(s) SGD + KD from the dense model on the 5,085 training images. RL rows: mean ± std over seeds; "
+             "epoch(s) SGD + KD from the dense model on the 5,085 training images. Rows with seeds: mean ± std; RL "
              f"settings {res.get('rl_config', 'TrainConfig defaults at the time of the run')}. Speed-ups here are "
              "timed inside the run; bench/latency.py's table times them alone.", ""]
     rescore = res["config"].get("rescore_top", 0)
