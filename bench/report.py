@@ -41,9 +41,10 @@ def search_table(res: dict) -> list[str]:
 
                 def ms(k, nd=2, s=s):
                     return f"{s[k]['mean']:.{nd}f} ± {s[k]['std']:.{nd}f}" if k in s else "–"
-                ft = r["runs"][0].get("acc_test_finetuned")
+                ft = (ms("acc_test_finetuned") if all("acc_test_finetuned" in x for x in r["runs"])
+                      else f"{fmt(r['runs'][0].get('acc_test_finetuned'))} (seed 0)")
                 lines.append(f"| {target} | {method} ({n} seeds) | {ms('flops_ratio', 3)} | – | {ms('acc_reward')} | "
-                             f"{ms('acc_test')} | {ms('search_best_acc_test')} | {fmt(ft)} (seed 0) | "
+                             f"{ms('acc_test')} | {ms('search_best_acc_test')} | {ft} | "
                              f"{ms('search_s', 0)} | "
                              f"{ms('episodes_per_min', 1)} | {ms('agent_share', 3)} | {ms('speedup_b1')} | "
                              f"{ms('speedup_b64')} | {fmt(1 / s['flops_ratio']['mean'])} |")

@@ -69,6 +69,10 @@ def kept_after_rescoring(kept: dict, rescored: list[dict], best: dict, started: 
                                                                         "ratios": best["ratios"]}}
 
 
+SUMMARY_KEYS = ("acc_test", "acc_reward", "acc_test_finetuned", "search_best_acc_test", "search_s", "episodes_per_min",
+                "agent_share", "flops_ratio", "speedup_b1", "speedup_b64")
+
+
 def summarise(rows: list[dict], keys: tuple[str, ...]) -> dict:
     out = {}
     for k in keys:
@@ -139,14 +143,12 @@ def main() -> None:
                     r = rl_search(session, TrainConfig(algo=algo, flops=target, episodes=args.episodes, seed=seed,
                                                        max_ratio=mr, warmup_episodes=args.warmup, progress=False,
                                                        rescore_top=args.rescore_top))
-                runs.append(evaluate_method(session, r.pop("ratios"), args.finetune_epochs if seed == seeds[0]
-                                            else 0, dense_latency, seed=seed, **r))
+                runs.append(evaluate_method(session, r.pop("ratios"), args.finetune_epochs, dense_latency,
+                                            seed=seed, **r))
                 print(f"   reward-split {runs[-1]['acc_reward']:.2f}  test {runs[-1]['acc_test']:.2f} (search best "
                       f"{runs[-1]['search_best_acc_test']:.2f})  {runs[-1]['search_s']:.0f}s  agent share "
                       f"{runs[-1]['agent_share']:.3f}", flush=True)
-            rows[method] = runs[0] if len(runs) == 1 else {"runs": runs, "summary": summarise(runs, (
-                "acc_test", "acc_reward", "acc_test_finetuned", "search_best_acc_test", "search_s",
-                "episodes_per_min", "agent_share", "flops_ratio", "speedup_b1", "speedup_b64"))}
+            rows[method] = runs[0] if len(runs) == 1 else {"runs": runs, "summary": summarise(runs, SUMMARY_KEYS)}
         results["targets"][str(target)] = rows
         write_result(args.name, results)  # after every target, so a long run leaves partial results
 

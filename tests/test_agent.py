@@ -107,6 +107,22 @@ def test_policy_file_errors(digits_session, tmp_path):
         load_policy(good)
 
 
+def test_old_policy_file_without_action_space_warns(digits_session, tmp_path, caplog):
+    cfg = tiny_config(episodes=2, granularity="group", action_center="uniform")
+    search = Search(cfg, PruneEnv(session=digits_session, flops=0.6, granularity="group", action_center="uniform"))
+    search.run(2)
+    path = save_policy(search.algo, cfg, search.best, tmp_path / "p")
+    meta = json.loads((path / "policy.json").read_text())
+    assert meta["training"]["granularity"] == "group" and meta["training"]["action_center"] == "uniform"
+    for key in ("granularity", "action_center"):  # as files exported before they were recorded
+        del meta["training"][key]
+    (path / "policy.json").write_text(json.dumps(meta))
+    with caplog.at_level("WARNING", logger="agent.apply"):
+        report = apply_policy(path, "digits_cnn", session=digits_session, flops=0.6, fallback=False)
+    assert "does not say which action space" in caplog.text
+    assert report["flops_ratio"] <= 0.6
+
+
 def test_cli_train_export_apply_to_other_architecture(digits_weights, tmp_path, capsys):
     run = tmp_path / "run"
     common = ["--reward-images", "64", "--calib-batches", "1"]
