@@ -60,7 +60,8 @@ def main() -> None:
     for name, (_, flops) in models.items():
         t = {k: statistics.median(v) for k, v in times[name].items()}
         rows[name] = {**t, "flops_ratio": flops, "flops_speedup": 1 / flops,
-                      **{k.replace("_ms", "").replace("b", "speedup_b", 1): base[k] / v for k, v in t.items()}}
+                      **{k.replace("_ms", "").replace("b", "speedup_b", 1): base[k] / v for k, v in t.items()},
+                      "repeats_ms": times[name]}  # every sweep's median, to show the spread
         print(name, {k: round(v, 3) for k, v in rows[name].items()}, flush=True)
     write_result("latency", {"repeats": args.repeats, "models": rows})
 

@@ -64,7 +64,8 @@ def transfer_table(res: dict) -> list[str]:
              "", "| target | FLOPs | test acc | uniform test acc | reward acc | uniform reward acc |",
              "|---|---|---|---|---|---|"]
     for name, r in res["targets"].items():
-        lines.append(f"| {name} | {fmt(r.get('flops_ratio'), 3)} | {fmt(r.get('acc_test'))} | "
+        acc = fmt(r.get("acc_test")) + (f" ± {r['acc_test_std']:.2f} ({len(r['runs'])} seeds)" if "runs" in r else "")
+        lines.append(f"| {name} | {fmt(r.get('flops_ratio'), 3)} | {acc} | "
                      f"{fmt(r.get('acc_test_uniform'))} | {fmt(r.get('acc_reward'))} | "
                      f"{fmt(r.get('acc_reward_uniform'))} |")
     return lines

@@ -1,5 +1,5 @@
 """Zero-shot transfer: a policy trained on ResNet-20 applied to ResNet-56, VGG-16 and MobileNetV2, and a
-K-episode warm start on ResNet-56 against a cold RL search with the same K episodes.
+K-episode warm start on ResNet-56 against a cold RL search and random search per stage with the same budget.
 
     python bench/transfer.py --train-episodes 100 --k 20
 """
@@ -7,11 +7,13 @@ K-episode warm start on ResNet-56 against a cold RL search with the same K episo
 from __future__ import annotations
 
 import argparse
+import statistics
 import tempfile
 import time
 from pathlib import Path
 
 from common import CIFAR, WEIGHTS, write_result
+from search import random_search
 
 from agent import Search, TrainConfig, apply_policy, save_policy
 from agent.train import build_env, finish_search
@@ -27,7 +29,8 @@ def main() -> None:
     p.add_argument("--algo", default="ppo")
     p.add_argument("--reward-images", type=int, default=1000)
     p.add_argument("--calib-batches", type=int, default=10)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seed of the source search and the sessions")
+    p.add_argument("--k-seeds", type=int, nargs="+", default=[0, 1, 2], help="seeds of the K-episode searches")
     args = p.parse_args()
     cfg = SessionConfig(reward_images=args.reward_images, calib_batches=args.calib_batches, seed=args.seed)
     result: dict = {"config": vars(args), "targets": {}}
@@ -64,24 +67,32 @@ def main() -> None:
         result["targets"][name] = row
         print(name, {k: v for k, v in row.items() if k != "ratios"}, flush=True)
 
-    # K episodes on ResNet-56: warm start from the ResNet-20 policy against a cold start
-    for label, warm in (("warm", True), ("cold", False)):
-        t = time.perf_counter()
-        if warm:
-            rep = apply_policy(policy_dir, "resnet56", session=r56, flops=args.flops, search_episodes=args.k,
-                               seed=args.seed, fallback=False)
-            acc_test, acc_reward = rep["acc"], rep["acc_reward"]
-        else:
-            cold_cfg = TrainConfig(algo=args.algo, flops=args.flops, episodes=args.k, seed=args.seed,
-                                   warmup_episodes=min(args.warmup, args.k // 2), progress=False)
-            cold = Search(cold_cfg, build_env(cold_cfg, r56))
-            cold.run(args.k)
-            kept, _, _ = finish_search(cold, cold_cfg.rescore_top)  # as apply's warm start: policy episode, re-score
-            model = r56.build(kept["ratios"])
-            acc_test, acc_reward = accuracy(model, r56.splits.test), accuracy(model, r56.splits.reward)
-        result["targets"][f"resnet56_k{args.k}_{label}"] = {"acc_test": acc_test, "acc_reward": acc_reward,
-                                                            "wall_s": time.perf_counter() - t}
-        print(label, acc_test, acc_reward, flush=True)
+    # K episodes on ResNet-56, each with K + 1 evaluations and the same re-scoring: a warm start from the
+    # ResNet-20 policy (its zero-shot episode + K search episodes), a cold search (K episodes + its policy's
+    # episode), and random search per stage (K + 1 samples), the equal-budget baseline, over --k-seeds
+    for label in ("warm", "cold", "random-stage"):
+        runs = []
+        for seed in args.k_seeds:
+            t = time.perf_counter()
+            if label == "warm":
+                ratios = apply_policy(policy_dir, "resnet56", session=r56, flops=args.flops, search_episodes=args.k,
+                                      seed=seed, fallback=False)["ratios"]
+            elif label == "cold":
+                cold_cfg = TrainConfig(algo=args.algo, flops=args.flops, episodes=args.k, seed=seed,
+                                       warmup_episodes=min(args.warmup, args.k // 2), progress=False)
+                cold = Search(cold_cfg, build_env(cold_cfg, r56))
+                cold.run(args.k)
+                ratios = finish_search(cold, cold_cfg.rescore_top)[0]["ratios"]
+            else:
+                ratios = random_search(r56, args.flops, args.k + 1, seed, 0.8, "stage")["ratios"]
+            model = r56.build(ratios)
+            runs.append({"seed": seed, "acc_test": accuracy(model, r56.splits.test),
+                         "acc_reward": accuracy(model, r56.splits.reward), "wall_s": time.perf_counter() - t})
+            print(label, runs[-1], flush=True)
+        tests = [r["acc_test"] for r in runs]
+        result["targets"][f"resnet56_k{args.k}_{label}"] = {
+            "acc_test": statistics.mean(tests), "acc_test_std": statistics.stdev(tests) if len(tests) > 1 else 0.0,
+            "acc_reward": statistics.mean(r["acc_reward"] for r in runs), "runs": runs}
     write_result("transfer", result)
 
 
