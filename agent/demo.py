@@ -69,6 +69,7 @@ def run_demo(out: str | Path = "runs/demo", episodes: int = 60, flops: float = 0
     print(f"\n{'model':<16} {'method':<22} {'FLOPs':>6} {'test acc':>9}")
     for r in rows:
         print(f"{r['model']:<16} {r['method']:<22} {r['flops_ratio']:>6.3f} {r['acc']:>8.2f}%")
-    print("(rl-transfer keeps the policy's allocation, or uniform when uniform scores better on the reward split)")
+    print("(rl-transfer keeps the policy's allocation, or uniform when uniform scores better on the training images "
+          "of the reward and select splits)")
     print(f"\n[demo] everything is under {out}/ (policy: {out / 'policy'}, plots: {out / 'train'}/*.png)")
     return rows

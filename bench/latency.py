@@ -62,7 +62,7 @@ def main() -> None:
         rows[name] = {**t, "flops_ratio": flops, "flops_speedup": 1 / flops,
                       **{k.replace("_ms", "").replace("b", "speedup_b", 1): base[k] / v for k, v in t.items()},
                       "repeats_ms": times[name]}  # every sweep's median, to show the spread
-        print(name, {k: round(v, 3) for k, v in rows[name].items()}, flush=True)
+        print(name, {k: round(v, 3) for k, v in rows[name].items() if k != "repeats_ms"}, flush=True)
     write_result("latency", {"repeats": args.repeats, "models": rows})
 
 
