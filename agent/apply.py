@@ -53,8 +53,8 @@ def apply_policy(policy: str | Path | PortablePolicy, model: str | nn.Module, we
     :param search_episodes: fine-tune the policy on this model for K episodes first (a warm start); its
         episodes are candidates next to the policy's own episode.
     :param out: folder for the exported model and ``report.json``.
-    :param fallback: also score the uniform allocation (one more evaluation on the same reward split of
-        training images) and keep it if it beats the policy; ``report["transfer"]`` says which was kept.
+    :param fallback: also score the uniform allocation (one more evaluation) and keep it if it beats the
+        policy; ``report["transfer"]`` says which was kept.
     :param rescore_top: re-score this many of the best candidates (policy, search episodes, uniform) on
         ``select_images`` more training images and keep the best over both splits, as ``train`` does.
     """

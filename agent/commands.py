@@ -116,8 +116,8 @@ def apply_command_parser(subparsers) -> None:
     p.add_argument("--calib-batches", type=int, default=10, help="batches of 64 images for adaptive BN")
     p.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
     p.add_argument("--fallback", action=argparse.BooleanOptionalAction, default=True,
-                   help="also score the uniform allocation on the reward split and keep it if it beats the "
-                        "policy (default: on; the report's transfer.chosen says which was kept)")
+                   help="also score the uniform allocation and keep it if it beats the policy on the reward "
+                        "and select splits (default: on; the report's transfer.chosen says which was kept)")
     p.add_argument("--rescore-top", type=int, default=5, help=_field_help("rescore_top"))
     p.add_argument("--select-images", type=int, default=1000, help=_field_help("select_images"))
     add_output_args(p, out_required=True)
