@@ -75,7 +75,8 @@ def _finish(config: TrainConfig, search: Search) -> dict:
     write_json(run_dir / "history.json", search.history)
     session = env.session
     started = time.perf_counter()
-    kept, rescored, policy_episode = finish_search(search, config.rescore_top)
+    done = finish_search(search, config.rescore_top)
+    kept = done["kept"]
     model = session.build(kept["ratios"], config.round_to)
     acc_before = accuracy(model, session.splits.test)
     if config.finetune_epochs > 0:
@@ -86,7 +87,7 @@ def _finish(config: TrainConfig, search: Search) -> dict:
              "env_eval_s": round(eval_s, 2), "agent_share": round(max(0.0, 1 - eval_s / max(search.search_s,
                                                                                           1e-9)), 4),
              "best_episode": best["episode"], "best_reward": best["reward"], "algo": config.algo,
-             "policy_episode": policy_episode, "rescored": rescored}
+             "policy_episode": done["policy_episode"], "rescored": done["rescored"]}
     report = session.report(model, kept["ratios"], "rl", config.seed, search.search_s + time.perf_counter() - started,
                             round_to=config.round_to, acc_before_finetune=acc_before,
                             finetune_epochs=config.finetune_epochs, search=stats)
@@ -96,16 +97,19 @@ def _finish(config: TrainConfig, search: Search) -> dict:
     return report
 
 
-def finish_search(search: Search, top: int) -> tuple[dict, list[dict], dict]:
+def finish_search(search: Search, top: int) -> dict:
     """After the search episodes: the learned policy's deterministic episode (one more evaluation, cached if
-    seen, and a candidate like the others), then :func:`keep_best`. Returns (kept, re-scored, policy episode).
+    seen, and a candidate like the others), then :func:`keep_best`.
+
+    Returns ``kept``, ``rescored``, ``policy_episode`` and ``best``: the best reward-split episode, the policy's
+    included, which is what would be kept without re-scoring.
     """
     policy = run_policy_episode(search)
     best = search.best
     if policy["reward"] > best["reward"]:
         best = {**policy, "episode": search.episodes_done + 1}
     kept, rescored = keep_best(search.env, best, top)
-    return kept, rescored, policy
+    return {"kept": kept, "rescored": rescored, "policy_episode": policy, "best": best}
 
 
 def run_policy_episode(search: Search) -> dict:

@@ -66,8 +66,12 @@ def evaluate_method(session: PruningSession, ratios: dict[str, float], finetune_
     row["ratios"] = ratios
     best = extra.get("search_best")
     if best is not None:  # a search's own best episode, before re-scoring kept another candidate (or the same)
-        model = session.build(best["ratios"])
-        best.update(acc_reward=accuracy(model, session.splits.reward), acc_test=accuracy(model, session.splits.test),
-                    same_as_kept=best["ratios"] == ratios)
+        best["same_as_kept"] = best["ratios"] == ratios
+        if best["same_as_kept"]:  # the same model: its accuracies are the row's, measured before fine-tuning
+            best.update(acc_reward=row["acc_reward"], acc_test=row["acc_test"])
+        else:
+            model = session.build(best["ratios"])
+            best.update(acc_reward=accuracy(model, session.splits.reward),
+                        acc_test=accuracy(model, session.splits.test))
         row["search_best_acc_test"] = best["acc_test"]
     return {**row, **extra}

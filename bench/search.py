@@ -53,12 +53,11 @@ def rl_search(session: PruningSession, cfg: TrainConfig) -> dict:
     search.run(cfg.episodes - 1)
     eval_s = env.evaluation_s
     t = time.perf_counter()
-    kept, rescored, policy = finish_search(search, cfg.rescore_top)
-    best = search.best if search.best["reward"] >= policy["reward"] else {**policy, "episode": cfg.episodes}
-    return {**kept_after_rescoring(kept, rescored, best, t), "search_s": search.search_s, "policy_episode": policy,
-            "episodes": cfg.episodes, "episodes_per_min": 60 * cfg.episodes / search.search_s,
-            "best_episode": best["episode"], "agent_share": max(0.0, 1 - eval_s / search.search_s),
-            "unique_evaluations": len(env.cache)}
+    done = finish_search(search, cfg.rescore_top)
+    return {**kept_after_rescoring(done["kept"], done["rescored"], done["best"], t), "search_s": search.search_s,
+            "policy_episode": done["policy_episode"], "episodes": cfg.episodes,
+            "episodes_per_min": 60 * cfg.episodes / search.search_s, "best_episode": done["best"]["episode"],
+            "agent_share": max(0.0, 1 - eval_s / search.search_s), "unique_evaluations": len(env.cache)}
 
 
 def kept_after_rescoring(kept: dict, rescored: list[dict], best: dict, started: float) -> dict:

@@ -41,7 +41,7 @@ def main() -> None:
     search = Search(train_cfg, build_env(train_cfg, source))
     t = time.perf_counter()
     best = search.run(args.train_episodes)
-    kept, _, _ = finish_search(search, train_cfg.rescore_top)
+    kept = finish_search(search, train_cfg.rescore_top)["kept"]
     result["source"] = {"model": "resnet20", "search_s": time.perf_counter() - t, "best_reward": best["reward"],
                         "acc_test": accuracy(source.build(kept["ratios"]), source.splits.test),
                         "acc_test_uniform": accuracy(source.build(uniform_ratios(source.trace, args.flops, 0.8)),
@@ -82,7 +82,7 @@ def main() -> None:
                                        warmup_episodes=min(args.warmup, args.k // 2), progress=False)
                 cold = Search(cold_cfg, build_env(cold_cfg, r56))
                 cold.run(args.k)
-                ratios = finish_search(cold, cold_cfg.rescore_top)[0]["ratios"]
+                ratios = finish_search(cold, cold_cfg.rescore_top)["kept"]["ratios"]
             else:
                 ratios = random_search(r56, args.flops, args.k + 1, seed, 0.8, "stage")["ratios"]
             model = r56.build(ratios)

@@ -97,7 +97,7 @@ def make_splits(data: ImageData, reward_images: int = 1000, calib_images: int = 
     reward_idx = perm[:min(reward_images, n)]
     rest = perm[len(reward_idx):]
     calib_idx = rest[:calib_images] if len(rest) >= calib_images else perm[-calib_images:]
-    left = rest[calib_images:calib_images + select_images] if len(rest) > calib_images else rest[:0]
+    left = rest[calib_images:calib_images + select_images]  # empty when calibration took the rest or wrapped
     select = data.train.subset(left) if len(left) else None
     return Splits(data.train.subset(reward_idx), data.train.subset(calib_idx), data.train, data.test, select)
 
