@@ -53,6 +53,8 @@ def apply_policy(policy: str | Path | PortablePolicy, model: str | nn.Module, we
     :param search_episodes: fine-tune the policy on this model for K episodes first (a warm start); its
         episodes are candidates next to the policy's own episode.
     :param out: folder for the exported model and ``report.json``.
+    :param round_to: round kept channels up to a multiple of this (default: the policy's own, as it was
+        trained; 1 for no rounding).
     :param fallback: also score the uniform allocation (one more evaluation) and keep it if it beats the
         policy; ``report["transfer"]`` says which was kept.
     :param rescore_top: re-score this many of the best candidates (policy, search episodes, uniform) on
@@ -62,6 +64,7 @@ def apply_policy(policy: str | Path | PortablePolicy, model: str | nn.Module, we
     policy = load_policy(policy) if not isinstance(policy, PortablePolicy) else policy
     trained = policy.train_config
     flops = flops if flops is not None else trained["flops"]
+    round_to = round_to if round_to is not None else trained.get("round_to")
     if session is None:
         session = PruningSession(model, weights, data, SessionConfig(
             reward_images=reward_images, calib_batches=calib_batches, select_images=select_images, seed=seed))

@@ -111,7 +111,8 @@ def apply_command_parser(subparsers) -> None:
     p.add_argument("--flops", type=float, help="FLOPs budget (default: the policy's own)")
     p.add_argument("--search-episodes", type=int, default=0,
                    help="episodes of RL fine-tuning on the new model before applying (default: 0, zero-shot)")
-    p.add_argument("--round-to", type=int, default=None, help="round kept channels up to a multiple of this")
+    p.add_argument("--round-to", type=int, default=None,
+                   help="round kept channels up to a multiple of this (default: the policy's own; 1: none)")
     p.add_argument("--reward-images", type=int, default=1000, help="training images in the reward split")
     p.add_argument("--calib-batches", type=int, default=10, help="batches of 64 images for adaptive BN")
     p.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")

@@ -36,7 +36,8 @@ class TrainConfig:
     """Largest pruning ratio of any one group."""
     granularity: str = "stage"
     """One step per stage (``stage``: consecutive groups of equal width and resolution, e.g. the blocks of a
-    ResNet stage, share one ratio) or per channel group (``group``). Measured on ResNet-56 at 50% FLOPs: 48
+    ResNet stage, share one ratio), per stage with each downsampling (strided) group a step of its own
+    (``substage``), or per channel group (``group``). Measured on ResNet-56 at 50% FLOPs: 48
     random per-group deviations from uniform all scored at or below it (bench/results/reward_signal.json);
     PPO at stage level reached 83.55 +- 1.10% test accuracy against 79.15% for uniform
     (bench/results/ablation_action_center.json)."""

@@ -15,11 +15,11 @@ import argparse
 import statistics
 from dataclasses import fields
 
-from common import CIFAR, WEIGHTS, write_result
+from common import cifar_session, write_result
 from search import rl_search
 
 from agent import TrainConfig
-from pruning_core import PruningSession, SessionConfig, accuracy, uniform_ratios
+from pruning_core import PruningSession, accuracy, uniform_ratios
 
 SESSION_FIELDS = ("reward_images", "calib_batches", "select_images")
 
@@ -53,9 +53,7 @@ def main() -> None:
         name, v = parse_variant(spec, base)
         key = tuple(v.get(k, getattr(TrainConfig(), k)) for k in SESSION_FIELDS)
         if key not in sessions:
-            sessions[key] = PruningSession("resnet56", WEIGHTS["resnet56"], CIFAR,
-                                           SessionConfig(reward_images=key[0], calib_batches=key[1],
-                                                         select_images=key[2], seed=0))
+            sessions[key] = cifar_session("resnet56", **dict(zip(SESSION_FIELDS, key)))
         s = sessions[key]
         if f"uniform@{key}" not in out:
             model = s.build(uniform_ratios(s.trace, args.target, v.get("max_ratio", 0.8)))

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from pruning_core import PruningSession, accuracy, measure_latency
+from pruning_core import PruningSession, SessionConfig, accuracy, measure_latency
 
 ROOT = Path(__file__).resolve().parents[1]
 ASSETS = ROOT.parent / "shared" / "assets"
@@ -33,6 +33,12 @@ def machine() -> dict:
             "torch": torch.__version__, "python": platform.python_version()}
 
 
+def cifar_session(model: str, **config) -> PruningSession:
+    """A session on the shared pretrained ``model`` and CIFAR-10 subset; ``config``: SessionConfig fields
+    (split seed 0 unless given)."""
+    return PruningSession(model, WEIGHTS[model], CIFAR, SessionConfig(**{"seed": 0, **config}))
+
+
 def write_result(name: str, payload: dict) -> Path:
     RESULTS.mkdir(parents=True, exist_ok=True)
     path = RESULTS / f"{name}.json"
@@ -47,11 +53,12 @@ def latency_ms(model, input_shape, batch: int, backend: str = "torch") -> float:
 
 
 def evaluate_method(session: PruningSession, ratios: dict[str, float], finetune_epochs: int, dense_latency: dict,
-                    **extra) -> dict:
-    """Build with adaptive BN, measure accuracy, latency, then the shared fine-tune recipe."""
-    model = session.build(ratios)
-    m = session.measure(ratios)
-    row = {"flops_ratio": m["flops_ratio"], "params_ratio": m["params_ratio"],
+                    round_to: int | None = None, **extra) -> dict:
+    """Build with adaptive BN (kept channels rounded up to ``round_to``), measure accuracy, latency, then the
+    shared fine-tune recipe."""
+    model = session.build(ratios, round_to)
+    m = session.measure(ratios, round_to)
+    row = {"round_to": round_to, "flops_ratio": m["flops_ratio"], "params_ratio": m["params_ratio"],
            "acc_reward": accuracy(model, session.splits.reward), "acc_test": accuracy(model, session.splits.test)}
     shape = session.data.input_shape
     for b in (1, 64):
@@ -70,7 +77,7 @@ def evaluate_method(session: PruningSession, ratios: dict[str, float], finetune_
         if best["same_as_kept"]:  # the same model: its accuracies are the row's, measured before fine-tuning
             best.update(acc_reward=row["acc_reward"], acc_test=row["acc_test"])
         else:
-            model = session.build(best["ratios"])
+            model = session.build(best["ratios"], round_to)
             best.update(acc_reward=accuracy(model, session.splits.reward),
                         acc_test=accuracy(model, session.splits.test))
         row["search_best_acc_test"] = best["acc_test"]

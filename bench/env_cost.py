@@ -9,11 +9,10 @@ import argparse
 import time
 
 import numpy as np
-from common import CIFAR, WEIGHTS, write_result
+from common import cifar_session, write_result
 
 from agent.apply import run_episode
 from envs import PruneEnv
-from pruning_core import PruningSession, SessionConfig
 
 
 def main() -> None:
@@ -22,8 +21,7 @@ def main() -> None:
     p.add_argument("--reward-images", type=int, default=1000)
     p.add_argument("--calib-batches", type=int, default=10)
     args = p.parse_args()
-    session = PruningSession("resnet56", WEIGHTS["resnet56"], CIFAR, SessionConfig(
-        reward_images=args.reward_images, calib_batches=args.calib_batches))
+    session = cifar_session("resnet56", reward_images=args.reward_images, calib_batches=args.calib_batches)
     env = PruneEnv(session=session, flops=0.5, granularity="group", action_center="uniform")  # as measured
     rng = np.random.default_rng(0)
     started = time.perf_counter()

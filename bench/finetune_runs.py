@@ -13,10 +13,10 @@ import argparse
 import json
 import time
 
-from common import CIFAR, RESULTS, WEIGHTS
+from common import RESULTS, cifar_session
 from search import SUMMARY_KEYS, summarise
 
-from pruning_core import PruningSession, SessionConfig, accuracy
+from pruning_core import accuracy
 
 
 def main() -> None:
@@ -27,15 +27,14 @@ def main() -> None:
         path = RESULTS / f"{name}.json"
         res = json.loads(path.read_text())
         c = res["config"]
-        session = PruningSession(c["model"], WEIGHTS[c["model"]], CIFAR, SessionConfig(
-            reward_images=c["reward_images"], calib_batches=c["calib_batches"], seed=0))
+        session = cifar_session(c["model"], reward_images=c["reward_images"], calib_batches=c["calib_batches"])
         for target, rows in res["targets"].items():
             for method, row in rows.items():
                 for run in row.get("runs", []):
                     if "acc_test_finetuned" in run:
                         continue
                     t = time.perf_counter()
-                    model = session.build(run["ratios"])
+                    model = session.build(run["ratios"], run.get("round_to"))
                     session.finetune(model, c["finetune_epochs"])
                     run["acc_test_finetuned"] = accuracy(model, session.splits.test)
                     run["finetune_s"] = time.perf_counter() - t

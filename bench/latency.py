@@ -1,11 +1,14 @@
 """CPU latency of the pruned models of the search benchmarks, measured alone (nothing else running).
 
 Rebuilds each method's architecture from the ratios in bench/results/search_*.json (latency depends on the
-channel counts, not on the weights) and takes the median of ``--repeats`` latency medians, at batch 1 and 64,
-in PyTorch eager mode and in ONNX Runtime (exported in memory, Conv+BN+ReLU fused by ORT). Adds uniform with
-kept channels rounded to multiples of 8, the usual fix for odd widths.
+channel counts, not on the weights; a run with ``--round-to`` keeps its rounding) and times it at batch 1 and 64,
+in PyTorch eager mode and in ONNX Runtime (exported in memory, Conv+BN+ReLU fused by ORT).
 
-    python bench/latency.py
+The speed-ups are paired: in every sweep, the dense model is timed right before each pruned model, and the
+speed-up is the median over ``--repeats`` sweeps of dense / pruned. On a shared VM whose speed drifts by tens of
+percent over minutes, the pairing cancels the drift that a ratio of two far-apart medians keeps.
+
+    python bench/latency.py --repeats 5
 """
 
 from __future__ import annotations
@@ -15,21 +18,32 @@ import json
 import statistics
 
 import torch
-from common import RESULTS, latency_ms, write_result
+from common import RESULTS, write_result
 
-from pruning_core import UserError, build_model, kept_counts, prune, trace_model, uniform_ratios
+from pruning_core import build_model, kept_counts, prune, trace_model
+from pruning_core.latency import latency_runner, time_runner
+
+BACKENDS = (("torch", ""), ("onnxruntime", "ort_"))
+BLOCK = 8  # channels per SIMD block of the CPU conv kernels with AVX2 (this machine has no AVX-512)
+
+
+def aligned(kept: dict[str, int], trace, block: int = BLOCK) -> dict[str, int]:
+    """Kept channels padded up to whole ``block``s: the widths a CPU conv kernel that packs channels in blocks of
+    8 (oneDNN and MLAS with AVX2) computes on, whatever the model's own widths."""
+    return {g.name: min(g.channels, -(-kept[g.name] // block) * block) for g in trace.groups}
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--repeats", type=int, default=5, help="sweeps; each times every (dense, pruned) pair once")
+    p.add_argument("--min-run-time", type=float, default=0.5, help="seconds of timing per model per measurement")
     args = p.parse_args()
     dense = build_model("resnet56").eval()
     shape = (3, 32, 32)
     trace = trace_model(dense, shape)
     scores = {g.name: torch.arange(g.channels, 0, -1).float() for g in trace.groups}  # any ranking will do
 
-    models = {"dense": (dense, 1.0)}
+    models = {}
     for path in sorted(RESULTS.glob("search_*.json")):
         res = json.loads(path.read_text())
         for target, methods in res["targets"].items():
@@ -37,33 +51,40 @@ def main() -> None:
             for m, r in methods.items():
                 if "runs" in r:
                     candidates[f"{m} seed {r['runs'][0]['seed']}"] = r["runs"][0]
-            try:
-                candidates["uniform round_to=8"] = {"ratios": uniform_ratios(trace, float(target), 0.8, round_to=8),
-                                                    "round_to": 8}
-            except UserError as e:  # 16-channel groups rounded to 8 cannot reach low targets
-                print(f"skip uniform round_to=8 at {target}: {e}")
             for name, r in candidates.items():
                 rt = r.get("round_to")
-                models[f"{target} {name}"] = (prune(dense, r["ratios"], scores, trace, round_to=rt),
-                                              trace.flops(kept_counts(trace, r["ratios"], rt)) / trace.flops())
-    # one backend at a time (their thread pools never overlap), and each repeat sweeps every model, so a burst
-    # of noise from the machine spreads over all models instead of landing on one
-    times: dict[str, dict[str, list[float]]] = {name: {} for name in models}
-    for backend, prefix in (("torch", ""), ("onnxruntime", "ort_")):
-        for _ in range(args.repeats):
-            for name, (model, _) in models.items():
+                label = f"{target} {name}" + (f" round_to={rt}" if rt else "")
+                kept = kept_counts(trace, r["ratios"], rt)
+                models[label] = (prune(dense, r["ratios"], scores, trace, round_to=rt),
+                                 trace.flops(kept) / trace.flops(), trace.flops(aligned(kept, trace)) / trace.flops())
+    times: dict[str, dict[str, list[float]]] = {name: {} for name in ["dense", *models]}
+    speedups: dict[str, dict[str, list[float]]] = {name: {} for name in models}
+    # one backend at a time (their thread pools never overlap); each model is exported once per backend and
+    # batch size, then every sweep times every (dense, pruned) pair once
+    for backend, prefix in BACKENDS:
+        runners = {name: {b: latency_runner(m, shape, b, backend=backend) for b in (1, 64)}
+                   for name, m in [("dense", dense), *((n, m) for n, (m, *_) in models.items())]}
+        for sweep in range(args.repeats):
+            for name in models:
                 for b in (1, 64):
-                    times[name].setdefault(f"{prefix}b{b}_ms", []).append(latency_ms(model, shape, b, backend))
-        print(f"{backend} done", flush=True)
-    base = {k: statistics.median(v) for k, v in times["dense"].items()}
-    rows = {}
-    for name, (_, flops) in models.items():
-        t = {k: statistics.median(v) for k, v in times[name].items()}
-        rows[name] = {**t, "flops_ratio": flops, "flops_speedup": 1 / flops,
-                      **{k.replace("_ms", "").replace("b", "speedup_b", 1): base[k] / v for k, v in t.items()},
-                      "repeats_ms": times[name]}  # every sweep's median, to show the spread
-        print(name, {k: round(v, 3) for k, v in rows[name].items() if k != "repeats_ms"}, flush=True)
-    write_result("latency", {"repeats": args.repeats, "models": rows})
+                    key = f"{prefix}b{b}_ms"
+                    base = 1000 * time_runner(runners["dense"][b], args.min_run_time)
+                    mine = 1000 * time_runner(runners[name][b], args.min_run_time)
+                    times["dense"].setdefault(key, []).append(base)
+                    times[name].setdefault(key, []).append(mine)
+                    speedups[name].setdefault(key.replace("_ms", "").replace("b", "speedup_b", 1), []).append(
+                        base / mine)
+            print(f"{backend}: sweep {sweep + 1}/{args.repeats} done", flush=True)
+    rows = {"dense": {**{k: statistics.median(v) for k, v in times["dense"].items()}, "flops_ratio": 1.0,
+                      "flops_speedup": 1.0, "aligned_flops_speedup": 1.0}}
+    for name, (_, flops, flops8) in models.items():
+        rows[name] = {**{k: statistics.median(v) for k, v in times[name].items()}, "flops_ratio": flops,
+                      "flops_speedup": 1 / flops, "aligned_flops_speedup": 1 / flops8,
+                      **{k: statistics.median(v) for k, v in speedups[name].items()},
+                      "repeats_speedup": speedups[name]}  # every sweep's paired speed-up, to show the spread
+        print(name, {k: round(v, 3) for k, v in rows[name].items() if k != "repeats_speedup"}, flush=True)
+    write_result("latency", {"repeats": args.repeats, "paired": True, "min_run_time": args.min_run_time,
+                             "models": rows})
 
 
 if __name__ == "__main__":

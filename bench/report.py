@@ -25,6 +25,9 @@ def search_table(res: dict) -> list[str]:
              "epoch(s) SGD + KD from the dense model on the 5,085 training images. Rows with seeds: mean ± std; RL "
              f"settings {res.get('rl_config', 'TrainConfig defaults at the time of the run')}. Speed-ups here are "
              "timed inside the run; bench/latency.py's table times them alone.", ""]
+    if res["config"].get("round_to"):
+        lines[0] += (f" Every method keeps channel counts rounded up to multiples of {res['config']['round_to']} "
+                     "(--round-to), the CPU kernels' channel block.")
     rescore = res["config"].get("rescore_top", 0)
     if rescore:
         lines[0] += (f" Search methods re-score their {rescore} best candidates on {res['rl_config']['select_images']} "
@@ -84,16 +87,22 @@ def scale_table(res: dict) -> list[str]:
 def latency_table(res: dict) -> list[str]:
     ort = "ort_b1_ms" in res["models"]["dense"]
     backends = [("eager", "")] + ([("ORT", "ort_")] if ort else [])
-    lines = [f"Median of {res['repeats']} latency medians, measured alone; architectures rebuilt from the search "
-             "results' ratios. eager: PyTorch eager mode; ORT: the same model exported to ONNX and run by ONNX "
-             "Runtime (CPU, all graph optimisations). Speed-ups against dense, with their share of the FLOPs "
-             "speed-up in brackets.", "",
-             "| model | FLOPs | FLOPs speed-up | " + " | ".join(f"{n} b1 ms | {n} b64 ms | {n} speed-up b1 | "
-                                                             f"{n} speed-up b64" for n, _ in backends) + " |",
-             "|---|---|---|" + "---|---|---|---|" * len(backends)]
+    how = (f"Paired timings: in each of {res['repeats']} sweeps, dense is timed right before each model; a "
+           "speed-up is the median over sweeps of dense / pruned, and the ms columns are medians"
+           if res.get("paired") else f"Median of {res['repeats']} latency medians")
+    lines = [f"{how}, measured alone; architectures rebuilt from the search results' ratios "
+             "(round_to=8: kept channels rounded up to multiples of 8). eager: PyTorch eager mode; ORT: the "
+             "same model exported to ONNX and run by ONNX Runtime (CPU, all graph optimisations). Speed-ups "
+             "against dense, with their share of the FLOPs speed-up in brackets. 8-block FLOPs speed-up: the "
+             "FLOPs speed-up with every kept width padded up to a multiple of 8, the channel block of the CPU "
+             "conv kernels here (AVX2).", "",
+             "| model | FLOPs | FLOPs speed-up | 8-block FLOPs speed-up | "
+             + " | ".join(f"{n} b1 ms | {n} b64 ms | {n} speed-up b1 | {n} speed-up b64" for n, _ in backends) + " |",
+             "|---|---|---|---|" + "---|---|---|---|" * len(backends)]
     for name, r in res["models"].items():
         fs = r.get("flops_speedup", 1.0)
-        cells = [name, f"{r['flops_ratio']:.3f}", f"{fs:.2f}"]
+        aligned = r.get("aligned_flops_speedup")
+        cells = [name, f"{r['flops_ratio']:.3f}", f"{fs:.2f}", f"{aligned:.2f}" if aligned else "–"]
         for _, p in backends:
             cells += [f"{r[p + 'b1_ms']:.2f}", f"{r[p + 'b64_ms']:.1f}"]
             for b in (1, 64):

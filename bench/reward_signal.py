@@ -17,12 +17,11 @@ import time
 import numpy as np
 import torch
 import torch.nn.functional as F
-from common import CIFAR, WEIGHTS, write_result
+from common import cifar_session, write_result
 from scipy.stats import spearmanr
 
 from agent.apply import run_episode
 from envs import PruneEnv
-from pruning_core import PruningSession, SessionConfig
 
 
 @torch.no_grad()
@@ -53,8 +52,7 @@ def main() -> None:
     p.add_argument("--name", default="reward_signal")
     args = p.parse_args()
 
-    session = PruningSession(args.model, WEIGHTS[args.model], CIFAR, SessionConfig(
-        reward_images=args.reward_images, calib_batches=args.calib_batches, seed=0))
+    session = cifar_session(args.model, reward_images=args.reward_images, calib_batches=args.calib_batches)
     env = PruneEnv(session=session, flops=args.target, granularity="group", action_center="uniform")
     rng = np.random.default_rng(args.seed)
     y_reward = session.splits.reward.y

@@ -14,22 +14,24 @@ import statistics
 import time
 
 import numpy as np
-from common import CIFAR, WEIGHTS, evaluate_method, latency_ms, write_result
+from common import cifar_session, evaluate_method, latency_ms, write_result
 
 from agent import Search, TrainConfig
 from agent.apply import run_episode
 from agent.search import keep_best
 from agent.train import build_env, finish_search
-from envs import PruneEnv
-from pruning_core import L1Importance, PruningSession, SessionConfig, global_ratios, uniform_ratios
+from envs import GRANULARITIES, PruneEnv
+from pruning_core import L1Importance, PruningSession, global_ratios, uniform_ratios
 
 
 def random_search(session: PruningSession, target: float, episodes: int, seed: int, max_ratio: float,
-                  granularity: str = "group", rescore_top: int = TrainConfig.rescore_top) -> dict:
+                  granularity: str = "group", rescore_top: int = TrainConfig.rescore_top,
+                  round_to: int | None = None) -> dict:
     """EagleEye-style: ``episodes`` random ratio vectors (one ratio per group, or per stage) pushed into the budget
     by the env's clamp; the best by reward, re-scored like the agent's (``agent.train.keep_best``)."""
+    # actions uniform in [-1, 1] around the fixed uniform allocation
     env = PruneEnv(session=session, flops=target, max_ratio=max_ratio, granularity=granularity,
-                   action_center="uniform")  # actions uniform in [-1, 1] around the fixed uniform allocation
+                   action_center="uniform", round_to=round_to)
     rng = np.random.default_rng(seed)
     best, started = None, time.perf_counter()
     for _ in range(episodes):
@@ -97,12 +99,17 @@ def main() -> None:
     p.add_argument("--finetune-epochs", type=int, default=1)
     p.add_argument("--rescore-top", type=int, default=TrainConfig.rescore_top,
                    help="candidates every search method re-scores on the select split (0: keep its best episode)")
+    p.add_argument("--round-to", type=int, default=None,
+                   help="every method keeps channel counts rounded up to this multiple (e.g. 8, for latency)")
+    p.add_argument("--granularity", choices=GRANULARITIES, default=TrainConfig.granularity,
+                   help="the agent's action space; random search in the same space runs as random-GRANULARITY")
+    p.add_argument("--skip", nargs="*", default=[], metavar="METHOD",
+                   help="methods not to run, e.g. global l1-uniform random rl-ddpg")
     p.add_argument("--name", default="search")
     args = p.parse_args()
 
     t = time.perf_counter()
-    session = PruningSession(args.model, WEIGHTS[args.model], CIFAR, SessionConfig(
-        reward_images=args.reward_images, calib_batches=args.calib_batches, seed=0))
+    session = cifar_session(args.model, reward_images=args.reward_images, calib_batches=args.calib_batches)
     setup_s = time.perf_counter() - t
     l1 = copy.copy(session)
     l1.scores = L1Importance()(session.model, None, session.trace)
@@ -110,39 +117,43 @@ def main() -> None:
     dense_latency = {b: latency_ms(session.model, shape, b) for b in (1, 64)}
     defaults = TrainConfig()
     results = {"config": vars(args), "setup_s": setup_s, "timings": session.timings,
-               "rl_config": {k: getattr(defaults, k) for k in ("granularity", "action_center", "sde", "init_std",
-                                                                    "max_ratio", "select_images")},
+               "rl_config": {**{k: getattr(defaults, k) for k in ("action_center", "sde", "init_std", "max_ratio",
+                                                                       "select_images")},
+                             "granularity": args.granularity},
                "dense": {"acc_test": session.dense_accuracy("test"), "acc_reward": session.dense_accuracy("reward"),
                          "latency_b1_ms": dense_latency[1], "latency_b64_ms": dense_latency[64],
                          "flops": session.flops_dense, "params": session.params_dense},
                "targets": {}}
     for target in args.targets:
-        mr = args.max_ratio
+        mr, rt = args.max_ratio, args.round_to
         rows: dict[str, object] = {}
         print(f"== target {target}: fixed allocations", flush=True)
-        rows["uniform"] = evaluate_method(session, uniform_ratios(session.trace, target, mr), args.finetune_epochs,
-                                          dense_latency, search_s=0.0)
-        rows["global"] = evaluate_method(session, global_ratios(session.trace, session.scores, target, mr),
-                                         args.finetune_epochs, dense_latency, search_s=0.0)
-        rows["l1-uniform"] = evaluate_method(l1, uniform_ratios(session.trace, target, mr), args.finetune_epochs,
-                                             dense_latency, search_s=0.0)
-        # the search methods: random per group (one seed), random per stage (every seed: the agent's own action
-        # space, so the baseline it must beat) and the agents (the default algorithm with every seed)
-        searches = [("random", None, args.seeds[:1]), ("random-stage", None, args.seeds)]
+        for method, s in (("uniform", session), ("global", session), ("l1-uniform", l1)):
+            if method in args.skip:
+                continue
+            ratios = (global_ratios(session.trace, session.scores, target, mr, rt) if method == "global"
+                      else uniform_ratios(session.trace, target, mr, rt))  # L1: uniform ratios, L1 ranking
+            rows[method] = evaluate_method(s, ratios, args.finetune_epochs, dense_latency, rt, search_s=0.0)
+        # the search methods: random per group (one seed), random in the agent's own action space (every seed:
+        # the baseline it must beat) and the agents (the default algorithm with every seed)
+        searches = [("random", None, args.seeds[:1]), (f"random-{args.granularity}", None, args.seeds)]
         searches += [(f"rl-{algo}", algo, args.seeds if i == 0 else args.seeds[:1])
                      for i, algo in enumerate(args.algos)]
         for method, algo, seeds in searches:
+            if method in args.skip:
+                continue
             runs = []
             for seed in seeds:
                 print(f"== target {target}: {method} seed {seed} ({args.episodes} evaluations)", flush=True)
                 if algo is None:
                     r = random_search(session, target, args.episodes, seed, mr,
-                                      "group" if method == "random" else "stage", args.rescore_top)
+                                      "group" if method == "random" else args.granularity, args.rescore_top, rt)
                 else:
                     r = rl_search(session, TrainConfig(algo=algo, flops=target, episodes=args.episodes, seed=seed,
                                                        max_ratio=mr, warmup_episodes=args.warmup, progress=False,
-                                                       rescore_top=args.rescore_top))
-                runs.append(evaluate_method(session, r.pop("ratios"), args.finetune_epochs, dense_latency,
+                                                       rescore_top=args.rescore_top, round_to=rt,
+                                                       granularity=args.granularity))
+                runs.append(evaluate_method(session, r.pop("ratios"), args.finetune_epochs, dense_latency, rt,
                                             seed=seed, **r))
                 print(f"   reward-split {runs[-1]['acc_reward']:.2f}  test {runs[-1]['acc_test']:.2f} (search best "
                       f"{runs[-1]['search_best_acc_test']:.2f})  {runs[-1]['search_s']:.0f}s  agent share "

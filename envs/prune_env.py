@@ -23,7 +23,7 @@ __all__ = ["ACTION_CENTERS", "DEFAULT_MAX_NODES", "GRANULARITIES", "REWARDS", "P
 
 DEFAULT_MAX_NODES = 320  # ResNet-110 has 274 layer-graph nodes, MobileNetV2 116, ResNet-56 139
 REWARDS = ("acc", "acc_flops", "latency")
-GRANULARITIES = ("group", "stage")
+GRANULARITIES = ("group", "stage", "substage")
 ACTION_CENTERS = ("uniform", "remaining", "zero")
 
 
@@ -33,7 +33,8 @@ class PruneEnv(gym.Env):
     AMC-style channel pruning (He et al., ECCV 2018) over a graph view of the network. The agent visits
     the prunable channel groups of a trained CNN in topological order and picks a pruning ratio for each
     stage: a run of consecutive groups with the same width and resolution, such as the blocks of one ResNet
-    stage (`granularity="stage"`, the default: few, decisive steps), or for each group (`granularity="group"`).
+    stage (`granularity="stage"`, the default: few, decisive steps), for each stage with its downsampling
+    (strided) group as a step of its own (`granularity="substage"`), or for each group (`granularity="group"`).
     At the end of the episode the pruning core removes the lowest-Taylor-scored channels for real,
     recalibrates BN statistics on training images (adaptive BN) and measures accuracy on a fixed reward
     split of training images. The FLOPs budget is enforced by clamping actions, so every finished episode
@@ -105,7 +106,7 @@ class PruneEnv(gym.Env):
     - `reward_images`, `calib_batches`, `seed`: the reward split, adaptive-BN batches, split seed.
     - `max_nodes`, `max_edges`: observation padding (default 320 and 2 * max_nodes).
     - `action_center`: `remaining` (default), `uniform` or `zero`, see Action Space.
-    - `granularity`: `stage` (default) or `group` (one step per channel group), see Description.
+    - `granularity`: `stage` (default), `substage` or `group` (one step per channel group), see Description.
     - `session`: an existing `PruningSession`, to share its trace, scores and splits between envs.
 
     Taylor scores are computed once per env. An episode whose rounded channel counts were already
@@ -193,18 +194,22 @@ class PruneEnv(gym.Env):
         self._reset_state()
 
     def _decisions(self, granularity: str) -> list[list[int]]:
-        """Group indices decided by each step: one group each, or runs of equal (width, resolution)."""
+        """Group indices decided by each step: one group each, or runs of equal (width, resolution); with
+        ``substage``, a group whose producing layer is strided is a run of its own.
+        """
         if granularity == "group":
             return [[i] for i in range(len(self.groups))]
         out: list[list[int]] = []
-        last = None
+        last, last_alone = None, False
         for i, g in enumerate(self.groups):
-            key = (g.channels, self.trace.layers[g.name].out_hw)
-            if out and key == last:
+            layer = self.trace.layers[g.name]
+            key = (g.channels, layer.out_hw)
+            alone = granularity == "substage" and layer.stride > 1
+            if out and key == last and not alone and not last_alone:
                 out[-1].append(i)
             else:
                 out.append([i])
-            last = key
+            last, last_alone = key, alone
         return out
 
     @property

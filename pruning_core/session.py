@@ -157,6 +157,7 @@ class PruningSession:
             "params_dense": self.params_dense, "params_ratio": round(m["params_ratio"], 6),
             "acc_dense": self.dense_accuracy("test"), "acc": accuracy(model, self.splits.test), "acc_split": "test",
             "acc_reward": accuracy(model, self.splits.reward),
-            "ratios": {k: round(float(v), 6) for k, v in ratios.items()}, "method": method, "seed": seed,
+            "ratios": {k: round(float(v), 6) for k, v in ratios.items()}, "round_to": round_to,
+            "method": method, "seed": seed,
             "time_s": round(time_s, 3), **extra,
         }

@@ -123,6 +123,24 @@ def test_old_policy_file_without_action_space_warns(digits_session, tmp_path, ca
     assert report["flops_ratio"] <= 0.6
 
 
+def test_apply_keeps_the_policys_channel_rounding(digits_session, tmp_path):
+    """A policy searched with round_to=8 is replayed with it (the ratios alone do not fix the widths);
+    round_to=1 asks for no rounding."""
+    from pruning_core import kept_counts
+    cfg = tiny_config(episodes=2, flops=0.6, round_to=8)
+    search = Search(cfg, PruneEnv(session=digits_session, flops=0.6, round_to=8))
+    search.run(2)
+    path = save_policy(search.algo, cfg, search.best, tmp_path / "p")
+    trace = digits_session.trace
+    kept = apply_policy(path, "digits_cnn", session=digits_session, fallback=False)
+    assert kept["round_to"] == 8 and kept["flops_ratio"] <= 0.6
+    widths = kept_counts(trace, kept["ratios"], 8)
+    assert all(n % 8 == 0 or n == g.channels for g, n in ((g, widths[g.name]) for g in trace.groups))
+    assert kept["flops"] == trace.flops(widths)
+    plain = apply_policy(path, "digits_cnn", session=digits_session, fallback=False, round_to=1)
+    assert plain["round_to"] == 1 and plain["flops"] == trace.flops(kept_counts(trace, plain["ratios"]))
+
+
 def test_cli_train_export_apply_to_other_architecture(digits_weights, tmp_path, capsys):
     run = tmp_path / "run"
     common = ["--reward-images", "64", "--calib-batches", "1"]

@@ -37,7 +37,7 @@ def test_registered_make_with_cli_keywords(digits_session):
     assert info["flops_ratio"] <= 0.5 and 0 <= reward <= 1
 
 
-@pytest.mark.parametrize("granularity", ["group", "stage"])
+@pytest.mark.parametrize("granularity", ["group", "stage", "substage"])
 @pytest.mark.parametrize("model", ["resnet56", "mobilenetv2", "vgg16_bn"])
 def test_budget_holds_over_hundreds_of_random_episodes(model, granularity):
     from test_graph_encoder import _tiny_cifar
@@ -85,6 +85,12 @@ def test_stage_granularity_shares_one_ratio_per_stage():
     for _ in range(3):
         *_, info = env.step(np.zeros(1, np.float32))
     assert info["ratios"] == pytest.approx(uniform_ratios(session.trace, 0.5, 0.8), abs=1 / 16)
+    # substage: each downsampling block's strided conv is a step of its own
+    sub = BudgetOnlyEnv(session=session, flops=0.5, granularity="substage")
+    assert [[env.groups[i].name for i in d][:2] for d in sub.decisions] == [
+        ["layer1.0.conv1", "layer1.1.conv1"], ["layer2.0.conv1"], ["layer2.1.conv1", "layer2.2.conv1"],
+        ["layer3.0.conv1"], ["layer3.1.conv1", "layer3.2.conv1"]]
+    assert [len(d) for d in sub.decisions] == [9, 1, 8, 1, 8]
     with pytest.raises(UserError, match="granularity"):
         PruneEnv(session=session, granularity="layer")
 
