@@ -40,7 +40,8 @@ class TrainConfig:
     (``substage``), or per channel group (``group``). Measured on ResNet-56 at 50% FLOPs: 48
     random per-group deviations from uniform all scored at or below it (bench/results/reward_signal.json);
     PPO at stage level reached 83.55 +- 1.10% test accuracy against 79.15% for uniform
-    (bench/results/ablation_action_center.json)."""
+    (bench/results/ablation_action_center.json). ``substage`` (3 seeds, bench/results/search_substage.json)
+    lifted random search to 84.66 +- 0.45% but not PPO (83.71 +- 1.17%, lower reward than at stage level)."""
     action_center: str = "remaining"
     """What action 0 means: at every step, the ratio that spends the budget left evenly over this and the later
     steps (``remaining``), so every episode uses its budget; or the fixed uniform allocation (``uniform``); or
