@@ -33,8 +33,8 @@ class PruneEnv(gym.Env):
     AMC-style channel pruning (He et al., ECCV 2018) over a graph view of the network. The agent visits
     the prunable channel groups of a trained CNN in topological order and picks a pruning ratio for each
     stage: a run of consecutive groups with the same width and resolution, such as the blocks of one ResNet
-    stage (`granularity="stage"`, the default: few, decisive steps), for each stage with its downsampling
-    (strided) group as a step of its own (`granularity="substage"`), or for each group (`granularity="group"`).
+    stage (`granularity="stage"`: few, decisive steps), for each stage with its downsampling (strided) group
+    as a step of its own (`granularity="substage"`, the default), or for each group (`granularity="group"`).
     At the end of the episode the pruning core removes the lowest-Taylor-scored channels for real,
     recalibrates BN statistics on training images (adaptive BN) and measures accuracy on a fixed reward
     split of training images. The FLOPs budget is enforced by clamping actions, so every finished episode
@@ -106,7 +106,7 @@ class PruneEnv(gym.Env):
     - `reward_images`, `calib_batches`, `seed`: the reward split, adaptive-BN batches, split seed.
     - `max_nodes`, `max_edges`: observation padding (default 320 and 2 * max_nodes).
     - `action_center`: `remaining` (default), `uniform` or `zero`, see Action Space.
-    - `granularity`: `stage` (default), `substage` or `group` (one step per channel group), see Description.
+    - `granularity`: `substage` (default), `stage` or `group` (one step per channel group), see Description.
     - `session`: an existing `PruningSession`, to share its trace, scores and splits between envs.
 
     Taylor scores are computed once per env. An episode whose rounded channel counts were already
@@ -124,7 +124,7 @@ class PruneEnv(gym.Env):
                  max_ratio: float = 0.8, round_to: int | None = None, reward_images: int = 1000,
                  calib_batches: int = 10, seed: int = 0, max_nodes: int = DEFAULT_MAX_NODES,
                  max_edges: int | None = None, session: PruningSession | None = None, latency_batch: int = 1,
-                 action_center: str = "remaining", granularity: str = "stage"):
+                 action_center: str = "remaining", granularity: str = "substage"):
         super().__init__()
         if reward not in REWARDS:
             raise UserError(f"unknown reward {reward!r}; use one of {', '.join(REWARDS)}")

@@ -163,7 +163,7 @@ def test_cli_train_export_apply_to_other_architecture(digits_weights, tmp_path, 
     session = PruningSession("digits_cnn", str(digits_weights), "digits", SessionConfig(reward_images=64,
                                                                                         calib_batches=1))
     replay = apply_policy(tmp_path / "policy", "digits_cnn", session=session, fallback=False)
-    assert load_policy(tmp_path / "policy").train_config["granularity"] == "stage"
+    assert load_policy(tmp_path / "policy").train_config["granularity"] == "substage"
     assert replay["ratios"] == pytest.approx(report["search"]["policy_episode"]["ratios"])
     assert main(["apply", str(tmp_path / "policy"), "--model", "digits_cnn_wide", "--data", "digits",
                  "--flops", "0.4", "--out", str(tmp_path / "applied"), "--json", *common]) == 0
