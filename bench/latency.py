@@ -43,17 +43,26 @@ def main() -> None:
     trace = trace_model(dense, shape)
     scores = {g.name: torch.arange(g.channels, 0, -1).float() for g in trace.groups}  # any ranking will do
 
-    models = {}
+    models, ratios_of = {}, {}
     for path in sorted(RESULTS.glob("search_*.json")):
         res = json.loads(path.read_text())
+        space = res.get("rl_config", {}).get("granularity", "stage")  # the agents' action space in that run
         for target, methods in res["targets"].items():
-            candidates = {m: r for m, r in methods.items() if "ratios" in r}
+            candidates = {}
             for m, r in methods.items():
+                name = f"{m} {space}" if m.startswith("rl-") else m
                 if "runs" in r:
-                    candidates[f"{m} seed {r['runs'][0]['seed']}"] = r["runs"][0]
+                    candidates[f"{name} seed {r['runs'][0]['seed']}"] = r["runs"][0]
+                elif "ratios" in r:
+                    candidates[name] = r
             for name, r in candidates.items():
                 rt = r.get("round_to")
                 label = f"{target} {name}" + (f" round_to={rt}" if rt else "")
+                if label in models:  # e.g. uniform, in every results file: the same architecture, timed once
+                    if r["ratios"] == ratios_of[label]:
+                        continue
+                    raise SystemExit(f"{path.name} has another {label!r} than an earlier results file")
+                ratios_of[label] = r["ratios"]
                 kept = kept_counts(trace, r["ratios"], rt)
                 models[label] = (prune(dense, r["ratios"], scores, trace, round_to=rt),
                                  trace.flops(kept) / trace.flops(), trace.flops(aligned(kept, trace)) / trace.flops())
