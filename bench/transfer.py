@@ -1,5 +1,6 @@
 """Zero-shot transfer: a policy trained on ResNet-20 applied to ResNet-56, VGG-16 and MobileNetV2, and a
-K-episode warm start on ResNet-56 against a cold RL search and random search per stage with the same budget.
+K-episode warm start on ResNet-56 against a cold RL search and random search in the agent's action space, with the
+same budget.
 
     python bench/transfer.py --train-episodes 100 --k 20
 """
@@ -12,7 +13,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import CIFAR, WEIGHTS, write_result
+from common import CIFAR, cifar_session, write_result
 from search import random_search
 
 from agent import Search, TrainConfig, apply_policy, save_policy
@@ -32,10 +33,10 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=0, help="seed of the source search and the sessions")
     p.add_argument("--k-seeds", type=int, nargs="+", default=[0, 1, 2], help="seeds of the K-episode searches")
     args = p.parse_args()
-    cfg = SessionConfig(reward_images=args.reward_images, calib_batches=args.calib_batches, seed=args.seed)
+    splits = {"reward_images": args.reward_images, "calib_batches": args.calib_batches, "seed": args.seed}
     result: dict = {"config": vars(args), "targets": {}}
 
-    source = PruningSession("resnet20", WEIGHTS["resnet20"], CIFAR, cfg)
+    source = cifar_session("resnet20", **splits)
     train_cfg = TrainConfig(algo=args.algo, flops=args.flops, episodes=args.train_episodes, seed=args.seed,
                             warmup_episodes=args.warmup, progress=False, model="resnet20")
     search = Search(train_cfg, build_env(train_cfg, source))
@@ -49,7 +50,7 @@ def main() -> None:
     policy_dir = Path(tempfile.mkdtemp()) / "policy"
     save_policy(search.algo, train_cfg, best, policy_dir)
 
-    r56 = PruningSession("resnet56", WEIGHTS["resnet56"], CIFAR, cfg)
+    r56 = cifar_session("resnet56", **splits)
     targets = {"resnet56": r56}
     for name in ("vgg16_bn", "mobilenetv2"):  # random init: FLOPs only
         targets[name] = PruningSession(build_model(name), None, CIFAR, SessionConfig(
@@ -69,8 +70,9 @@ def main() -> None:
 
     # K episodes on ResNet-56, each with K + 1 evaluations and the same re-scoring: a warm start from the
     # ResNet-20 policy (its zero-shot episode + K search episodes), a cold search (K episodes + its policy's
-    # episode), and random search per stage (K + 1 samples), the equal-budget baseline, over --k-seeds
-    for label in ("warm", "cold", "random-stage"):
+    # episode), and random search (K + 1 samples) in the agents' action space, the equal-budget baseline
+    space = train_cfg.granularity
+    for label in ("warm", "cold", f"random-{space}"):
         runs = []
         for seed in args.k_seeds:
             t = time.perf_counter()
@@ -84,7 +86,7 @@ def main() -> None:
                 cold.run(args.k)
                 ratios = finish_search(cold, cold_cfg.rescore_top)["kept"]["ratios"]
             else:
-                ratios = random_search(r56, args.flops, args.k + 1, seed, 0.8, "stage")["ratios"]
+                ratios = random_search(r56, args.flops, args.k + 1, seed, train_cfg.max_ratio, space)["ratios"]
             model = r56.build(ratios)
             runs.append({"seed": seed, "acc_test": accuracy(model, r56.splits.test),
                          "acc_reward": accuracy(model, r56.splits.reward), "wall_s": time.perf_counter() - t})
