@@ -1,8 +1,9 @@
 """CPU latency of the pruned models of the search benchmarks, measured alone (nothing else running).
 
 Rebuilds each method's architecture from the ratios in bench/results/search_*.json (latency depends on the
-channel counts, not on the weights; a run with ``--round-to`` keeps its rounding) and times it at batch 1 and 64,
-in PyTorch eager mode and in ONNX Runtime (exported in memory, Conv+BN+ReLU fused by ORT).
+channel counts, not on the weights; a run with ``--round-to`` keeps its rounding) and times it at batch 1 and 64
+in three runtimes: PyTorch eager mode as is; PyTorch eager in its deployment form (Conv+BN folded, channels-last,
+``pruning_core.latency.deploy_form``); and ONNX Runtime (exported in memory, Conv+BN+ReLU fused by ORT).
 
 The speed-ups are paired: in every sweep, the dense model is timed right before each pruned model, and the
 speed-up is the median over ``--repeats`` sweeps of dense / pruned. On a shared VM whose speed drifts by tens of
@@ -23,7 +24,7 @@ from common import RESULTS, write_result
 from pruning_core import build_model, kept_counts, prune, trace_model
 from pruning_core.latency import latency_runner, time_runner
 
-BACKENDS = (("torch", ""), ("onnxruntime", "ort_"))
+BACKENDS = (("torch", ""), ("torch-cl", "cl_"), ("onnxruntime", "ort_"))
 BLOCK = 8  # channels per SIMD block of the CPU conv kernels with AVX2 (this machine has no AVX-512)
 
 

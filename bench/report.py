@@ -85,14 +85,15 @@ def scale_table(res: dict) -> list[str]:
 
 
 def latency_table(res: dict) -> list[str]:
-    ort = "ort_b1_ms" in res["models"]["dense"]
-    backends = [("eager", "")] + ([("ORT", "ort_")] if ort else [])
+    dense = res["models"]["dense"]
+    backends = [(n, p) for n, p in (("eager", ""), ("eager CL", "cl_"), ("ORT", "ort_")) if f"{p}b1_ms" in dense]
     how = (f"Paired timings: in each of {res['repeats']} sweeps, dense is timed right before each model; a "
            "speed-up is the median over sweeps of dense / pruned, and the ms columns are medians"
            if res.get("paired") else f"Median of {res['repeats']} latency medians")
     lines = [f"{how}, measured alone; architectures rebuilt from the search results' ratios "
-             "(round_to=8: kept channels rounded up to multiples of 8). eager: PyTorch eager mode; ORT: the "
-             "same model exported to ONNX and run by ONNX Runtime (CPU, all graph optimisations). Speed-ups "
+             "(round_to=8: kept channels rounded up to multiples of 8). eager: PyTorch eager mode; eager CL: "
+             "its deployment form, Conv+BN folded and channels-last memory format (dense timed the same way); "
+             "ORT: the same model exported to ONNX and run by ONNX Runtime (CPU, all graph optimisations). Speed-ups "
              "against dense, with their share of the FLOPs speed-up in brackets. 8-block FLOPs speed-up: the "
              "FLOPs speed-up with every kept width padded up to a multiple of 8, the channel block of the CPU "
              "conv kernels here (AVX2).", "",

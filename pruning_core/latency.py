@@ -1,8 +1,11 @@
-"""CPU latency: median of repeated timed runs, in PyTorch eager mode or in ONNX Runtime (the usual CPU deployment)."""
+"""CPU latency: median of repeated timed runs, in PyTorch eager mode (as is, or in its deployment form: channels-last
+with Conv+BN folded) or in ONNX Runtime (the usual CPU deployment)."""
 
 from __future__ import annotations
 
+import copy
 import io
+import logging
 import warnings
 from collections.abc import Callable
 
@@ -12,23 +15,50 @@ from torch import nn
 
 from pruning_core.errors import UserError
 
-__all__ = ["BACKENDS", "latency_runner", "measure_latency", "time_runner"]
+__all__ = ["BACKENDS", "deploy_form", "latency_runner", "measure_latency", "time_runner"]
 
-BACKENDS = ("torch", "onnxruntime")
+BACKENDS = ("torch", "torch-cl", "onnxruntime")
+
+log = logging.getLogger(__name__)
+
+
+def deploy_form(model: nn.Module) -> nn.Module:
+    """A copy of ``model`` as a CPU deployment would run it in PyTorch: eval mode, every Conv+BN pair folded into
+    one conv (``torch.fx``), weights in channels-last memory format. Feed it channels-last inputs.
+
+    oneDNN's CPU convolutions work on channels-last (NHWC) blocks; in the default NCHW layout each conv reorders
+    its input and output, a fixed cost per layer that pruning does not shrink. A model that ``torch.fx`` cannot
+    trace keeps its BN layers (logged) and is only converted to channels-last.
+    """
+    from torch.fx.experimental.optimization import fuse
+
+    model = copy.deepcopy(model).eval()
+    try:
+        model = fuse(model, inplace=True)
+    except Exception as e:  # noqa: BLE001 - any tracing failure only costs the folding
+        log.info("Conv+BN folding skipped, torch.fx cannot trace %s: %s", type(model).__name__, e)
+    return model.to(memory_format=torch.channels_last)
 
 
 def latency_runner(model: nn.Module, input_shape: tuple[int, ...], batch_size: int = 1, threads: int | None = None,
                    backend: str = "torch") -> Callable[[], object]:
     """A no-argument callable running one forward pass of ``model`` at ``batch_size`` on ``backend``, warmed up.
 
-    ``torch`` runs the module itself (eval mode, no grad); ``onnxruntime`` exports it to ONNX in memory once
-    and runs an ORT CPU session with all graph optimisations (Conv+BN+ReLU fusion among them) and
-    ``threads`` intra-op threads. Build it once to time the same model repeatedly without re-exporting.
+    - ``torch`` runs the module itself (eval mode, no grad).
+    - ``torch-cl`` runs its :func:`deploy_form` (Conv+BN folded, channels-last) on a channels-last input.
+    - ``onnxruntime`` exports it to ONNX in memory once and runs an ORT CPU session with all graph
+      optimisations (Conv+BN+ReLU fusion among them) and ``threads`` intra-op threads.
+
+    Build it once to time the same model repeatedly without re-exporting. ``model`` is not modified.
     """
     model.eval()
     threads = threads or torch.get_num_threads()
     x = torch.randn(batch_size, *input_shape)
-    if backend == "torch":
+    if backend in ("torch", "torch-cl"):
+        if backend == "torch-cl":
+            model = deploy_form(model)
+            x = x.contiguous(memory_format=torch.channels_last) if x.dim() == 4 else x
+
         def run() -> object:
             with torch.no_grad():
                 return model(x)
