@@ -1,5 +1,6 @@
 """CPU latency: median of repeated timed runs, in PyTorch eager mode (as is, or in its deployment form: channels-last
-with Conv+BN folded) or in ONNX Runtime (the usual CPU deployment)."""
+with Conv+BN folded) or in ONNX Runtime (the usual CPU deployment).
+"""
 
 from __future__ import annotations
 
