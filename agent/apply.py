@@ -12,7 +12,7 @@ import numpy as np
 from torch import nn
 
 from agent.config import TrainConfig
-from agent.outputs import write_pruned
+from agent.outputs import add_latency, write_pruned
 from agent.policy import PortablePolicy, load_policy
 from agent.search import Search, keep_best
 from envs import PruneEnv
@@ -46,7 +46,7 @@ def apply_policy(policy: str | Path | PortablePolicy, model: str | nn.Module, we
                  search_episodes: int = 0, finetune_epochs: int = 0, seed: int = 0, reward_images: int = 1000,
                  calib_batches: int = 10, round_to: int | None = None, progress: bool = False,
                  session: PruningSession | None = None, fallback: bool = True, rescore_top: int = 5,
-                 select_images: int = 1000) -> dict:
+                 select_images: int = 1000, latency: str | None = None, latency_batch: int = 1) -> dict:
     """Prune a new model with a learned policy and return the JSON report (``method: "rl-transfer"``).
 
     :param flops: FLOPs budget (default: the one the policy was trained for).
@@ -59,6 +59,8 @@ def apply_policy(policy: str | Path | PortablePolicy, model: str | nn.Module, we
         policy; ``report["transfer"]`` says which was kept.
     :param rescore_top: re-score this many of the best candidates (policy, search episodes, uniform) on
         ``select_images`` more training images and keep the best over both splits, as ``train`` does.
+    :param latency: a latency backend (:data:`pruning_core.latency.BACKENDS`): also time the pruned model
+        against dense at ``latency_batch`` into ``report["latency"]``.
     """
     started = time.perf_counter()
     policy = load_policy(policy) if not isinstance(policy, PortablePolicy) else policy
@@ -112,4 +114,6 @@ def apply_policy(policy: str | Path | PortablePolicy, model: str | nn.Module, we
         session.finetune(pruned, finetune_epochs, progress=progress)
     report = session.report(pruned, ratios, "rl-transfer", seed, time.perf_counter() - started, round_to=round_to,
                             acc_before_finetune=acc_before, finetune_epochs=finetune_epochs, transfer=transfer)
+    if latency:
+        add_latency(report, session, pruned, latency, latency_batch)
     return write_pruned(out, pruned, report, session.data.input_shape) if out is not None else report

@@ -13,7 +13,7 @@ import sys
 import time
 from pathlib import Path
 
-from agent.outputs import print_report, write_pruned
+from agent.outputs import add_latency, print_report, write_pruned
 from pruning_core import (
     PruningSession,
     SessionConfig,
@@ -22,6 +22,7 @@ from pruning_core import (
     global_ratios,
     uniform_ratios,
 )
+from pruning_core.latency import BACKENDS
 from pruning_core.prune import check_ratios
 
 log = logging.getLogger("prunepilot")
@@ -55,6 +56,22 @@ def add_output_args(p: argparse.ArgumentParser, out_required: bool = False) -> N
     p.add_argument("--out", required=out_required,
                    help="folder for report.json and the exported model (model.pt2, model.onnx)")
     p.add_argument("--json", action="store_true", help="print the JSON report on stdout")
+    p.add_argument("--latency", choices=BACKENDS, metavar="BACKEND",
+                   help="also time the pruned model against dense on this CPU, in pairs (median of 5), and add "
+                        "report['latency']: torch (eager), torch-cl (eager with Conv+BN folded, channels-last: "
+                        f"usually the fastest PyTorch form) or onnxruntime. One of: {', '.join(BACKENDS)}")
+    p.add_argument("--latency-batch", type=positive_int, default=1, help="batch size for --latency (default: 1)")
+
+
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
 
 
 def session_config(args: argparse.Namespace, importance: str = "taylor") -> SessionConfig:
@@ -78,6 +95,8 @@ def finish(session: PruningSession, model, ratios: dict[str, float], method: str
                             finetune_epochs=args.finetune_epochs, adapt_bn=args.adapt_bn, **extra)
     if "timings" in report:  # evaluation of the test and reward splits
         report["timings"]["eval_s"] = time.perf_counter() - t
+    if args.latency:
+        add_latency(report, session, model, args.latency, args.latency_batch)
     if args.out:
         write_pruned(args.out, model, report, session.data.input_shape)
     print_report(report, args.json)

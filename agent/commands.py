@@ -133,7 +133,8 @@ def apply_command(args: argparse.Namespace) -> dict:
                           search_episodes=args.search_episodes, finetune_epochs=args.finetune_epochs,
                           seed=args.seed, reward_images=args.reward_images, calib_batches=args.calib_batches,
                           round_to=args.round_to, progress=sys.stderr.isatty(), fallback=args.fallback,
-                          rescore_top=args.rescore_top, select_images=args.select_images)
+                          rescore_top=args.rescore_top, select_images=args.select_images,
+                          latency=args.latency, latency_batch=args.latency_batch)
     print_report(report, args.json)
     return report
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import shutil
 import tempfile
 from collections.abc import Iterator
@@ -11,8 +12,11 @@ from pathlib import Path
 
 from pruning_core.errors import UserError
 from pruning_core.export import export_model
+from pruning_core.latency import compare_latency
 
-__all__ = ["print_report", "staged_dir", "write_json", "write_pruned"]
+__all__ = ["add_latency", "print_report", "staged_dir", "write_json", "write_pruned"]
+
+log = logging.getLogger("prunepilot")
 
 
 @contextlib.contextmanager
@@ -53,6 +57,19 @@ def print_report(report: dict, as_json: bool) -> None:
         return
     print(f"{report['model']} [{report['method']}]: FLOPs {report['flops_ratio']:.3f} of dense, params "
           f"{report['params_ratio']:.3f}, test acc {report['acc']:.2f}% (dense {report['acc_dense']:.2f}%)")
+    if "latency" in report:
+        lat = report["latency"]
+        print(f"latency ({lat['backend']}, batch {lat['batch_size']}): {lat['dense_ms']:.2f} ms dense -> "
+              f"{lat['pruned_ms']:.2f} ms pruned, {lat['speedup']:.2f}x faster (FLOPs {lat['flops_speedup']:.2f}x)")
+
+
+def add_latency(report: dict, session, model, backend: str, batch_size: int) -> dict:
+    """Time ``model`` against the session's dense model (paired, :func:`pruning_core.compare_latency`) into
+    ``report["latency"]``, with the FLOPs speed-up beside it."""
+    log.info("timing the pruned model against dense (%s, batch %d)", backend, batch_size)
+    report["latency"] = {**compare_latency(session.model, model, session.data.input_shape, batch_size, backend),
+                         "flops_speedup": 1 / report["flops_ratio"]}
+    return report
 
 
 def write_pruned(out: str | Path, model, report: dict, input_shape: tuple[int, ...]) -> dict:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import copy
 import io
 import logging
+import statistics
 import warnings
 from collections.abc import Callable
 
@@ -16,7 +17,7 @@ from torch import nn
 
 from pruning_core.errors import UserError
 
-__all__ = ["BACKENDS", "deploy_form", "latency_runner", "measure_latency", "time_runner"]
+__all__ = ["BACKENDS", "compare_latency", "deploy_form", "latency_runner", "measure_latency", "time_runner"]
 
 BACKENDS = ("torch", "torch-cl", "onnxruntime")
 
@@ -99,3 +100,24 @@ def measure_latency(model: nn.Module, input_shape: tuple[int, ...], batch_size: 
                     min_run_time: float = 1.0, threads: int | None = None, backend: str = "torch") -> float:
     """Median seconds per forward pass at ``batch_size`` after a warm-up (see :func:`latency_runner`)."""
     return time_runner(latency_runner(model, input_shape, batch_size, threads, backend), min_run_time, threads)
+
+
+def compare_latency(dense: nn.Module, pruned: nn.Module, input_shape: tuple[int, ...], batch_size: int = 1,
+                    backend: str = "torch", repeats: int = 5, min_run_time: float = 0.3,
+                    threads: int | None = None) -> dict:
+    """Time ``pruned`` against ``dense`` in pairs: in each of ``repeats`` sweeps dense is timed right before the
+    pruned model, and the speed-up is the median of the per-sweep ratios, which cancels the drift of a shared
+    machine's speed that a ratio of two far-apart timings keeps.
+
+    Returns ``backend``, ``batch_size``, ``dense_ms`` and ``pruned_ms`` (medians) and ``speedup``.
+    """
+    if repeats < 1:
+        raise UserError(f"latency repeats must be >= 1, got {repeats}")
+    runs = [latency_runner(m, input_shape, batch_size, threads, backend) for m in (dense, pruned)]
+    dense_s, pruned_s = [], []
+    for _ in range(repeats):
+        dense_s.append(time_runner(runs[0], min_run_time, threads))
+        pruned_s.append(time_runner(runs[1], min_run_time, threads))
+    return {"backend": backend, "batch_size": batch_size, "dense_ms": 1000 * statistics.median(dense_s),
+            "pruned_ms": 1000 * statistics.median(pruned_s),
+            "speedup": statistics.median(d / q for d, q in zip(dense_s, pruned_s))}

@@ -18,7 +18,8 @@ def run(capsys, argv):
 def test_prune_cli_report_meets_budget(tmp_path, capsys):
     out_dir = tmp_path / "out"
     code, out, err = run(capsys, ["prune", *R56_ARGS, "--flops", "0.5", "--method", "global", "--json",
-                                  "--reward-images", "200", "--calib-batches", "2", "--out", str(out_dir)])
+                                  "--reward-images", "200", "--calib-batches", "2", "--out", str(out_dir),
+                                  "--latency", "torch-cl", "--latency-batch", "16"])
     assert code == 0, err
     report = json.loads(out)
     for key in ("model", "flops_dense", "flops", "flops_ratio", "params_ratio", "acc_dense", "acc", "acc_split",
@@ -29,6 +30,10 @@ def test_prune_cli_report_meets_budget(tmp_path, capsys):
     assert report["acc"] > 30.0  # adaptive BN keeps a global-ranked 50% ResNet-56 far above chance
     assert json.loads((out_dir / "report.json").read_text())["flops"] == report["flops"]
     assert (out_dir / "model.pt2").is_file()
+    lat = report["latency"]  # timed in pairs against dense; half the FLOPs must show as a speed-up
+    assert lat["backend"] == "torch-cl" and lat["batch_size"] == 16
+    assert lat["speedup"] > 1.0 and lat["pruned_ms"] < lat["dense_ms"], lat
+    assert lat["flops_speedup"] == pytest.approx(1 / report["flops_ratio"])
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
 
 
@@ -71,6 +76,15 @@ def test_bad_input_clear_error(case, tmp_path, capsys):
     assert not out_dir.exists()
 
 
+@pytest.mark.parametrize("flags,message", [(["--latency-batch", "0"], "must be >= 1"),
+                                           (["--latency", "tensorrt"], "invalid choice")])
+def test_bad_latency_flags_stop_before_any_work(flags, message, tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["prune", "--model", "digits_cnn", "--data", "digits", "--out", str(tmp_path / "out"), *flags])
+    assert e.value.code == 2 and message in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
 def test_help_explains(capsys):
     with pytest.raises(SystemExit) as e:
         main(["prune", "--help"])
@@ -80,7 +94,7 @@ def test_help_explains(capsys):
 
 
 @pytest.mark.parametrize("command,flags", [("train", ["--granularity", "--action-center", "--sde", "--init-std"]),
-                                           ("export", ["--out"]), ("apply", ["--search-episodes"]),
+                                           ("export", ["--out"]), ("apply", ["--search-episodes", "--latency"]),
                                            ("demo", ["--out"])])
 def test_every_subcommand_help_renders(command, flags, capsys):
     """Field docstrings carry '%' (e.g. '50% FLOPs'); argparse must still render them."""
