@@ -12,6 +12,7 @@ from pathlib import Path
 import gymnasium as gym
 import numpy as np
 import torch
+import torch.nn.functional as F
 from stable_baselines3 import DDPG, PPO, SAC, TD3
 from stable_baselines3.common.base_class import BaseAlgorithm
 from stable_baselines3.common.buffers import DictReplayBuffer
@@ -152,6 +153,9 @@ class Search:
         self.episodes_done = 0
         self.target_episodes = 0
         self.search_s = 0.0
+        # PPO's warm-up: the applied actions of its best random episode, and whether the policy was fitted to them
+        self.warmup_best: list[float] | None = None
+        self.cloned = False
         self._bar = None
         self._writer = None
         self._checkpoint_due = False
@@ -231,8 +235,12 @@ class Search:
         self._run_started = time.perf_counter()
         self.algo._last_obs = None  # start from a fresh episode even if the env was used in between
         try:
-            self.algo.learn(remaining * self.steps_per_episode, callback=_EpisodeCallback(self),
-                            reset_num_timesteps=False, tb_log_name="sb3")
+            if isinstance(self.algo, PPO) and self.config.warmup_episodes > 0:
+                self._ppo_warmup()
+            remaining = episodes - self.episodes_done
+            if remaining > 0:
+                self.algo.learn(remaining * self.steps_per_episode, callback=_EpisodeCallback(self),
+                                reset_num_timesteps=False, tb_log_name="sb3")
         finally:
             self.search_s = self.elapsed()
             self._run_started = None
@@ -243,6 +251,54 @@ class Search:
         if self.run_dir:
             self.checkpoint()
         return self.best
+
+    def _ppo_warmup(self) -> None:
+        """PPO's warm-up: ``warmup_episodes`` episodes of uniformly random actions (as DDPG's ``learning_starts``
+        and AMC's), then the actor is fitted to the best of them (behaviour cloning), so that PPO refines the best
+        random allocation instead of starting its search from the uniform one.
+
+        The actions of episode ``i`` come from ``seed`` and ``i`` alone, so a resumed warm-up draws what an
+        uninterrupted one would have.
+        """
+        while self.episodes_done < min(self.config.warmup_episodes, self.target_episodes):
+            rng = np.random.default_rng([self.config.seed, self.episodes_done])
+            self.wrapped.reset()
+            applied, done = [], False
+            while not done:
+                _, _, terminated, truncated, info = self.wrapped.step(rng.uniform(-1, 1, 1).astype(np.float32))
+                applied.append(float(np.asarray(info["action_applied"]).reshape(-1)[0]))
+                done = terminated or truncated
+            if self.best is None or info["reward_raw"] > self.best["reward"]:
+                self.warmup_best = applied
+            self.on_episode_end(info)
+            self.maybe_checkpoint()
+        if self.episodes_done >= self.config.warmup_episodes and not self.cloned and self.warmup_best:
+            self._clone(self.warmup_best)
+            if self.run_dir:
+                self.checkpoint()
+
+    def _clone(self, actions: list[float], steps: int = 200) -> None:
+        """Fit PPO's deterministic actor to one episode's applied ``actions`` (MSE, Adam), then re-scale gSDE's
+        noise to ``init_std`` for the new latent."""
+        observations, obs = [], self.env.reset()[0]
+        episodes = self.env.episodes
+        for a in actions:  # the observations along that episode: the env is deterministic, its evaluation cached
+            observations.append(obs)
+            obs, *_ = self.env.step(np.array([a], dtype=np.float32))
+        self.env.episodes = episodes  # a replay, not an episode of the search
+        batch = {k: torch.as_tensor(np.stack([o[k] for o in observations])).float() for k in observations[0]}
+        target = torch.tensor(actions, dtype=torch.float32).unsqueeze(1)
+        extractor, mlp, head, _ = policy_modules(self.algo, "ppo")
+        params = [p for m in (extractor, mlp, head) for p in m.parameters()]
+        opt = torch.optim.Adam(params, lr=self.config.learning_rate)
+        for _ in range(steps):
+            loss = F.mse_loss(head(mlp(extractor(batch))), target)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        if self.config.sde:
+            self._calibrate_sde(self.algo, self.config.init_std)
+        self.cloned = True
 
     def elapsed(self) -> float:
         """Search wall time so far, this run included."""
@@ -294,6 +350,7 @@ class Search:
         state = {"episodes_done": self.episodes_done, "num_timesteps": self.algo.num_timesteps,
                  "best": self.best, "history": self.history, "search_s": self.elapsed(),
                  "noise_sigma": self.noise.sigma if self.noise else None, "baseline": baseline,
+                 "warmup_best": self.warmup_best, "cloned": self.cloned,
                  "env_episodes": self.env.episodes, "env_timings": self.env.timings,
                  "cache": [[list(k), r, info] for k, (r, info) in self.env.cache.items()]}
         (tmp / "state.json").write_text(json.dumps(state))
@@ -323,6 +380,7 @@ class Search:
         search.wrapped.average = state["baseline"]
         search.episodes_done, search.best, search.history = state["episodes_done"], state["best"], state["history"]
         search.search_s = state["search_s"]
+        search.warmup_best, search.cloned = state.get("warmup_best"), state.get("cloned", False)
         env.episodes, env.timings = state["env_episodes"], state["env_timings"]
         env.cache = {tuple(k): (r, info) for k, r, info in state["cache"]}
         return search

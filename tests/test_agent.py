@@ -74,6 +74,26 @@ def test_ppo_exploration_std_and_per_episode_noise(sde, digits_session):
     assert 0.24 < np.std(samples) < 0.36
 
 
+def test_ppo_warmup_is_random_then_the_actor_starts_from_its_best_episode(digits_session):
+    """PPO's warm-up episodes are uniformly random, seeded by episode index; then the actor is fitted to the best
+    of them, so that before any PPO update its deterministic episode replays that allocation."""
+    cfg = tiny_config(algo="ppo", episodes=5, warmup_episodes=5, flops=0.6)
+    env = PruneEnv(session=digits_session, flops=0.6)
+    search = Search(cfg, env)
+    best = search.run(5)
+    assert search.cloned and search.episodes_done == 5 and not search.algo.num_timesteps  # no PPO step yet
+    assert len({(h["acc"], h["flops_ratio"]) for h in search.history}) > 1  # not one allocation five times
+    again = Search(cfg, PruneEnv(session=digits_session, flops=0.6))
+    again.run(5)
+    assert [h["acc"] for h in again.history] == [h["acc"] for h in search.history]  # same seed, same draws
+    obs, _ = env.reset()
+    for t, target in enumerate(search.warmup_best):
+        action, _ = search.algo.predict(obs, deterministic=True)
+        assert abs(float(action[0]) - target) < 0.05, (t, float(action[0]), target)
+        obs, _, done, _, info = env.step(np.array([target], dtype=np.float32))
+    assert done and info["ratios"] == best["ratios"]
+
+
 def test_policy_file_errors(digits_session, tmp_path):
     cfg = tiny_config(episodes=3)
     search = Search(cfg, PruneEnv(session=digits_session, flops=0.6))
