@@ -62,7 +62,8 @@ class TrainConfig:
     select_images: int = 1000
     """Training images, disjoint from the reward and calibration images, for that re-scoring."""
     warmup_episodes: int = 20
-    """Episodes of uniformly random actions before learning starts (AMC: 100 of 400)."""
+    """Episodes of uniformly random actions before learning starts (AMC: 100 of 400), which fill the replay buffer
+    of DDPG, TD3 and SAC. PPO runs them only with ``clone_warmup``."""
     noise_sigma: float = 1.0
     """Std of the Gaussian exploration noise on the [-1, 1] action (AMC's 0.5 on [0, 1])."""
     noise_decay: float = 0.95
@@ -76,6 +77,12 @@ class TrainConfig:
     once per episode. Groups with similar embeddings (e.g. one stage of a ResNet) then move together, so an
     episode explores a few structured directions instead of one independent perturbation per group, which
     mostly just degrades the uniform allocation. ``init_std`` is the initial action std either way."""
+    clone_warmup: bool = False
+    """PPO only: run the ``warmup_episodes`` random episodes first, fit the actor to the best of them (behaviour
+    cloning) and let PPO search around that allocation instead of the uniform one. On ResNet-56 (substage, 3
+    seeds) it helps at 50% FLOPs (test 84.33 against 83.71%, training-image score 90.2 against 89.2) and
+    hurts at 30% (55.69 against 60.34%; 58.4 against 62.4), where the best of 20 random episodes is a poor
+    anchor that std 0.3 does not escape; so it is off by default (bench/results/search_substage_warmup*.json)."""
     baseline: bool = True
     """Subtract a moving average of past episode rewards from the reward (AMC's baseline)."""
     hidden: int = 64

@@ -235,7 +235,7 @@ class Search:
         self._run_started = time.perf_counter()
         self.algo._last_obs = None  # start from a fresh episode even if the env was used in between
         try:
-            if isinstance(self.algo, PPO) and self.config.warmup_episodes > 0:
+            if isinstance(self.algo, PPO) and self.config.clone_warmup and self.config.warmup_episodes > 0:
                 self._ppo_warmup()
             remaining = episodes - self.episodes_done
             if remaining > 0:
@@ -253,9 +253,9 @@ class Search:
         return self.best
 
     def _ppo_warmup(self) -> None:
-        """PPO's warm-up: ``warmup_episodes`` episodes of uniformly random actions (as DDPG's ``learning_starts``
-        and AMC's), then the actor is fitted to the best of them (behaviour cloning), so that PPO refines the best
-        random allocation instead of starting its search from the uniform one.
+        """PPO's warm-up (``clone_warmup``): ``warmup_episodes`` episodes of uniformly random actions (as DDPG's
+        ``learning_starts`` and AMC's), then the actor is fitted to the best of them (behaviour cloning), so that
+        PPO refines the best random allocation instead of starting its search from the uniform one.
 
         The actions of episode ``i`` come from ``seed`` and ``i`` alone, so a resumed warm-up draws what an
         uninterrupted one would have.

@@ -51,7 +51,8 @@ def main() -> None:
         for target, methods in res["targets"].items():
             candidates = {}
             for m, r in methods.items():
-                name = f"{m} {space}" if m.startswith("rl-") else m
+                # agents differ between runs (action space, warm-up, ...): name their results file
+                name = f"{m} {space} ({path.stem})" if m.startswith("rl-") else m
                 if "runs" in r:
                     candidates[f"{name} seed {r['runs'][0]['seed']}"] = r["runs"][0]
                 elif "ratios" in r:

@@ -119,7 +119,7 @@ def main() -> None:
     results = {"config": vars(args), "setup_s": setup_s, "timings": session.timings,
                "rl_config": {**{k: getattr(defaults, k) for k in ("action_center", "sde", "init_std", "max_ratio",
                                                                        "select_images")},
-                             "granularity": args.granularity},
+                             "granularity": args.granularity, "warmup_episodes": args.warmup},
                "dense": {"acc_test": session.dense_accuracy("test"), "acc_reward": session.dense_accuracy("reward"),
                          "latency_b1_ms": dense_latency[1], "latency_b64_ms": dense_latency[64],
                          "flops": session.flops_dense, "params": session.params_dense},

@@ -75,9 +75,10 @@ def test_ppo_exploration_std_and_per_episode_noise(sde, digits_session):
 
 
 def test_ppo_warmup_is_random_then_the_actor_starts_from_its_best_episode(digits_session):
-    """PPO's warm-up episodes are uniformly random, seeded by episode index; then the actor is fitted to the best
-    of them, so that before any PPO update its deterministic episode replays that allocation."""
-    cfg = tiny_config(algo="ppo", episodes=5, warmup_episodes=5, flops=0.6)
+    """With clone_warmup, PPO's warm-up episodes are uniformly random, seeded by episode index; then the actor is
+    fitted to the best of them, so that before any PPO update its deterministic episode replays that allocation.
+    Without it, PPO starts learning at once (the default)."""
+    cfg = tiny_config(algo="ppo", episodes=5, warmup_episodes=5, flops=0.6, clone_warmup=True)
     env = PruneEnv(session=digits_session, flops=0.6)
     search = Search(cfg, env)
     best = search.run(5)
@@ -92,6 +93,9 @@ def test_ppo_warmup_is_random_then_the_actor_starts_from_its_best_episode(digits
         assert abs(float(action[0]) - target) < 0.05, (t, float(action[0]), target)
         obs, _, done, _, info = env.step(np.array([target], dtype=np.float32))
     assert done and info["ratios"] == best["ratios"]
+    plain = Search(tiny_config(algo="ppo", episodes=4, warmup_episodes=5, flops=0.6), env)
+    plain.run(4)
+    assert not plain.cloned and plain.algo.num_timesteps == 4 * env.num_steps
 
 
 def test_policy_file_errors(digits_session, tmp_path):
