@@ -64,7 +64,7 @@ def add_output_args(p: argparse.ArgumentParser, out_required: bool = False) -> N
 
 
 def positive_int(text: str) -> int:
-    """argparse type: an integer >= 1."""
+    """Argparse type: an integer >= 1."""
     try:
         value = int(text)
     except ValueError:

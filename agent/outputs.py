@@ -65,7 +65,8 @@ def print_report(report: dict, as_json: bool) -> None:
 
 def add_latency(report: dict, session, model, backend: str, batch_size: int) -> dict:
     """Time ``model`` against the session's dense model (paired, :func:`pruning_core.compare_latency`) into
-    ``report["latency"]``, with the FLOPs speed-up beside it."""
+    ``report["latency"]``, with the FLOPs speed-up beside it.
+    """
     log.info("timing the pruned model against dense (%s, batch %d)", backend, batch_size)
     report["latency"] = {**compare_latency(session.model, model, session.data.input_shape, batch_size, backend),
                          "flops_speedup": 1 / report["flops_ratio"]}

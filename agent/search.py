@@ -279,7 +279,8 @@ class Search:
 
     def _clone(self, actions: list[float], steps: int = 200) -> None:
         """Fit PPO's deterministic actor to one episode's applied ``actions`` (MSE, Adam), then re-scale gSDE's
-        noise to ``init_std`` for the new latent."""
+        noise to ``init_std`` for the new latent.
+        """
         observations, obs = [], self.env.reset()[0]
         episodes = self.env.episodes
         for a in actions:  # the observations along that episode: the env is deterministic, its evaluation cached
