@@ -93,7 +93,8 @@ def test_help_explains(capsys):
     assert "--flops" in text and "--adapt-bn" in text and "--finetune-epochs" in text
 
 
-@pytest.mark.parametrize("command,flags", [("train", ["--granularity", "--action-center", "--sde", "--init-std"]),
+@pytest.mark.parametrize("command,flags", [("train", ["--granularity", "--action-center", "--sde", "--init-std",
+                                                      "--clone-warmup"]),
                                            ("export", ["--out"]), ("apply", ["--search-episodes", "--latency"]),
                                            ("demo", ["--out"])])
 def test_every_subcommand_help_renders(command, flags, capsys):
