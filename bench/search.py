@@ -103,6 +103,8 @@ def main() -> None:
                    help="every method keeps channel counts rounded up to this multiple (e.g. 8, for latency)")
     p.add_argument("--granularity", choices=GRANULARITIES, default=TrainConfig.granularity,
                    help="the agent's action space; random search in the same space runs as random-GRANULARITY")
+    p.add_argument("--clone-warmup", action="store_true",
+                   help="PPO starts from the best of its --warmup random episodes (TrainConfig.clone_warmup)")
     p.add_argument("--skip", nargs="*", default=[], metavar="METHOD",
                    help="methods not to run, e.g. global l1-uniform random rl-ddpg")
     p.add_argument("--name", default="search")
@@ -119,7 +121,8 @@ def main() -> None:
     results = {"config": vars(args), "setup_s": setup_s, "timings": session.timings,
                "rl_config": {**{k: getattr(defaults, k) for k in ("action_center", "sde", "init_std", "max_ratio",
                                                                        "select_images")},
-                             "granularity": args.granularity, "warmup_episodes": args.warmup},
+                             "granularity": args.granularity, "warmup_episodes": args.warmup,
+                             "clone_warmup": args.clone_warmup},
                "dense": {"acc_test": session.dense_accuracy("test"), "acc_reward": session.dense_accuracy("reward"),
                          "latency_b1_ms": dense_latency[1], "latency_b64_ms": dense_latency[64],
                          "flops": session.flops_dense, "params": session.params_dense},
@@ -152,7 +155,8 @@ def main() -> None:
                     r = rl_search(session, TrainConfig(algo=algo, flops=target, episodes=args.episodes, seed=seed,
                                                        max_ratio=mr, warmup_episodes=args.warmup, progress=False,
                                                        rescore_top=args.rescore_top, round_to=rt,
-                                                       granularity=args.granularity))
+                                                       granularity=args.granularity,
+                                                       clone_warmup=args.clone_warmup))
                 runs.append(evaluate_method(session, r.pop("ratios"), args.finetune_epochs, dense_latency, rt,
                                             seed=seed, **r))
                 print(f"   reward-split {runs[-1]['acc_reward']:.2f}  test {runs[-1]['acc_test']:.2f} (search best "
