@@ -28,9 +28,10 @@ def deploy_form(model: nn.Module) -> nn.Module:
     """A copy of ``model`` as a CPU deployment would run it in PyTorch: eval mode, every Conv+BN pair folded into
     one conv (``torch.fx``), weights in channels-last memory format. Feed it channels-last inputs.
 
-    oneDNN's CPU convolutions work on channels-last (NHWC) blocks; in the default NCHW layout each conv reorders
-    its input and output, a fixed cost per layer that pruning does not shrink. A model that ``torch.fx`` cannot
-    trace keeps its BN layers (logged) and is only converted to channels-last.
+    oneDNN's CPU convolutions prefer channels-last (NHWC) data, and a folded BN is one pass over the activations
+    less per conv: dense ResNet-56 runs 2.2x faster this way than as is at batch 1 on a 2-core AVX2 CPU, 1.3x
+    at batch 64 (bench/results/latency.json). A model that ``torch.fx`` cannot trace keeps its BN layers
+    (logged) and is only converted to channels-last.
     """
     from torch.fx.experimental.optimization import fuse
 
@@ -51,7 +52,8 @@ def latency_runner(model: nn.Module, input_shape: tuple[int, ...], batch_size: i
     - ``onnxruntime`` exports it to ONNX in memory once and runs an ORT CPU session with all graph
       optimisations (Conv+BN+ReLU fusion among them) and ``threads`` intra-op threads.
 
-    Build it once to time the same model repeatedly without re-exporting. ``model`` is not modified.
+    Build it once to time the same model repeatedly without re-exporting. ``model`` is put in eval mode; its
+    weights and layout are not changed.
     """
     model.eval()
     threads = threads or torch.get_num_threads()
