@@ -79,10 +79,11 @@ class TrainConfig:
     mostly just degrades the uniform allocation. ``init_std`` is the initial action std either way."""
     clone_warmup: bool = False
     """PPO only: run the ``warmup_episodes`` random episodes first, fit the actor to the best of them (behaviour
-    cloning) and let PPO search around that allocation instead of the uniform one. On ResNet-56 (substage, 3
-    seeds) it helps at 50% FLOPs (test 84.33 against 83.71%, training-image score 90.2 against 89.2) and
-    hurts at 30% (55.69 against 60.34%; 58.4 against 62.4), where the best of 20 random episodes is a poor
-    anchor that std 0.3 does not escape; so it is off by default (bench/results/search_substage_warmup*.json)."""
+    cloning) and let PPO search around that allocation instead of the uniform one. On ResNet-56 (substage) it
+    helps at 50% FLOPs (test 84.15% over 6 seeds against 83.71% over 3; training-image score 90.0 against
+    89.2) and hurts at 30% (55.69 against 60.34%, 3 seeds each; 58.4 against 62.4), where the best of 20 random
+    episodes is a poor anchor that std 0.3 does not escape; so it is off by default
+    (bench/results/search_substage_warmup*.json)."""
     baseline: bool = True
     """Subtract a moving average of past episode rewards from the reward (AMC's baseline)."""
     hidden: int = 64

@@ -161,8 +161,12 @@ def test_apply_keeps_the_policys_channel_rounding(digits_session, tmp_path):
     widths = kept_counts(trace, kept["ratios"], 8)
     assert all(n % 8 == 0 or n == g.channels for g, n in ((g, widths[g.name]) for g in trace.groups))
     assert kept["flops"] == trace.flops(widths)
-    plain = apply_policy(path, "digits_cnn", session=digits_session, fallback=False, round_to=1)
+    plain = apply_policy(path, "digits_cnn", session=digits_session, fallback=False, round_to=1,
+                         latency="torch", latency_batch=4)
     assert plain["round_to"] == 1 and plain["flops"] == trace.flops(kept_counts(trace, plain["ratios"]))
+    lat = plain["latency"]  # the applied model timed against dense
+    assert lat["backend"] == "torch" and lat["batch_size"] == 4 and lat["dense_ms"] > 0 and lat["pruned_ms"] > 0
+    assert lat["flops_speedup"] == pytest.approx(1 / plain["flops_ratio"]) and "latency" not in kept
 
 
 def test_cli_train_export_apply_to_other_architecture(digits_weights, tmp_path, capsys):
