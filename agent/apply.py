@@ -16,7 +16,7 @@ from agent.outputs import add_latency, write_pruned
 from agent.policy import PortablePolicy, load_policy
 from agent.search import Search, keep_best
 from envs import PruneEnv
-from pruning_core import ImageData, PruningSession, SessionConfig, accuracy
+from pruning_core import ImageData, LatencyBudget, PruningSession, SessionConfig, UserError, accuracy, kept_counts
 
 __all__ = ["apply_policy", "policy_ratios", "run_episode"]
 
@@ -46,7 +46,8 @@ def apply_policy(policy: str | Path | PortablePolicy, model: str | nn.Module, we
                  search_episodes: int = 0, finetune_epochs: int = 0, seed: int = 0, reward_images: int = 1000,
                  calib_batches: int = 10, round_to: int | None = None, progress: bool = False,
                  session: PruningSession | None = None, fallback: bool = True, rescore_top: int = 5,
-                 select_images: int = 1000, latency: str | None = None, latency_batch: int = 1) -> dict:
+                 select_images: int = 1000, latency: str | None = None, latency_batch: int = 1,
+                 max_latency: float | None = None) -> dict:
     """Prune a new model with a learned policy and return the JSON report (``method: "rl-transfer"``).
 
     :param flops: FLOPs budget (default: the one the policy was trained for).
@@ -61,15 +62,26 @@ def apply_policy(policy: str | Path | PortablePolicy, model: str | nn.Module, we
         ``select_images`` more training images and keep the best over both splits, as ``train`` does.
     :param latency: a latency backend (:data:`pruning_core.latency.BACKENDS`): also time the pruned model
         against dense at ``latency_batch`` into ``report["latency"]``.
+    :param max_latency: cap on predicted latency as a fraction of dense (default: the policy's own, with its
+        backend and batch size; a latency table for the new model is measured on this machine first; 1: none).
     """
     started = time.perf_counter()
     policy = load_policy(policy) if not isinstance(policy, PortablePolicy) else policy
     trained = policy.train_config
     flops = flops if flops is not None else trained["flops"]
     round_to = round_to if round_to is not None else trained.get("round_to")
+    max_latency = max_latency if max_latency is not None else trained.get("max_latency")
+    if max_latency is not None and not 0.0 < max_latency <= 1.0:
+        raise UserError(f"--max-latency {max_latency} must be a fraction of dense latency in (0, 1]")
     if session is None:
         session = PruningSession(model, weights, data, SessionConfig(
             reward_images=reward_images, calib_batches=calib_batches, select_images=select_images, seed=seed))
+    budget = None
+    if max_latency is not None and max_latency < 1.0:
+        from agent.train import measure_latency_table
+        table = measure_latency_table(session, trained.get("latency_backend", "onnxruntime"),
+                                      trained.get("latency_batch", 1), progress)
+        budget = LatencyBudget(table, max_latency)
     if "granularity" not in trained:
         log.warning("the policy file does not say which action space it learned in (exported before prunepilot "
                     "recorded it); assuming one step per channel group with the uniform centre. Re-export its "
@@ -78,7 +90,7 @@ def apply_policy(policy: str | Path | PortablePolicy, model: str | nn.Module, we
                    round_to=round_to, max_nodes=max(policy.config["observation"]["max_nodes"],
                                                     len(session.trace.nodes)),
                    granularity=trained.get("granularity", "group"),
-                   action_center=trained.get("action_center", "uniform"))
+                   action_center=trained.get("action_center", "uniform"), latency_budget=budget)
     ratios, reward, info = policy_ratios(policy, env)
     zero_shot = ratios
     transfer = {"policy_model": trained["model"], "policy_algo": policy.config["algorithm"],
@@ -112,6 +124,11 @@ def apply_policy(policy: str | Path | PortablePolicy, model: str | nn.Module, we
     acc_before = accuracy(pruned, session.splits.test)
     if finetune_epochs > 0:
         session.finetune(pruned, finetune_epochs, progress=progress)
+    if budget is not None:
+        transfer["latency_budget"] = {
+            "backend": budget.table.backend, "batch_size": budget.table.batch_size, "max_latency": max_latency,
+            "predicted_ratio": round(budget.table.ratio(session.trace, kept_counts(session.trace, ratios,
+                                                                                    round_to)), 4)}
     report = session.report(pruned, ratios, "rl-transfer", seed, time.perf_counter() - started, round_to=round_to,
                             acc_before_finetune=acc_before, finetune_epochs=finetune_epochs, transfer=transfer)
     if latency:

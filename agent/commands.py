@@ -11,6 +11,7 @@ from agent.config import ALGOS, TrainConfig
 from agent.outputs import print_report
 from envs import ACTION_CENTERS, GRANULARITIES, REWARDS
 from pruning_core import UserError
+from pruning_core.latency import BACKENDS
 
 _DEFAULTS = TrainConfig()
 
@@ -43,7 +44,9 @@ def train_command_parser(subparsers) -> None:
     p.add_argument("--reward", choices=REWARDS, help=_field_help("reward"))
     p.add_argument("--granularity", choices=GRANULARITIES, help=_field_help("granularity"))
     p.add_argument("--action-center", choices=ACTION_CENTERS, help=_field_help("action_center"))
+    p.add_argument("--latency-backend", choices=BACKENDS, help=_field_help("latency_backend"))
     for name, typ in (("flops", float), ("episodes", int), ("seed", int), ("max_ratio", float), ("round_to", int),
+                      ("max_latency", float), ("latency_batch", int),
                       ("reward_images", int), ("calib_batches", int), ("rescore_top", int), ("select_images", int),
                       ("warmup_episodes", int),
                       ("noise_sigma", float), ("noise_decay", float), ("init_std", float), ("hidden", int),
@@ -122,6 +125,10 @@ def apply_command_parser(subparsers) -> None:
                         "and select splits (default: on; the report's transfer.chosen says which was kept)")
     p.add_argument("--rescore-top", type=int, default=5, help=_field_help("rescore_top"))
     p.add_argument("--select-images", type=int, default=1000, help=_field_help("select_images"))
+    p.add_argument("--max-latency", type=float, default=None,
+                   help="cap on predicted latency as a fraction of dense, from a latency table measured for the new "
+                        "model on this machine with the policy's backend and batch size (default: the policy's "
+                        "own --max-latency, if it was trained with one; 1: none)")
     add_output_args(p, out_required=True)
     p.set_defaults(func=apply_command)
 
@@ -135,7 +142,7 @@ def apply_command(args: argparse.Namespace) -> dict:
                           seed=args.seed, reward_images=args.reward_images, calib_batches=args.calib_batches,
                           round_to=args.round_to, progress=sys.stderr.isatty(), fallback=args.fallback,
                           rescore_top=args.rescore_top, select_images=args.select_images,
-                          latency=args.latency, latency_batch=args.latency_batch)
+                          latency=args.latency, latency_batch=args.latency_batch, max_latency=args.max_latency)
     print_report(report, args.json)
     return report
 

@@ -6,6 +6,7 @@ from dataclasses import asdict, dataclass, fields
 
 from envs.prune_env import ACTION_CENTERS, GRANULARITIES
 from pruning_core.errors import UserError
+from pruning_core.latency import BACKENDS
 
 ALGOS = ("ddpg", "td3", "sac", "ppo")
 
@@ -51,6 +52,15 @@ class TrainConfig:
     83.55 +- 1.10% test accuracy against 81.81 +- 2.94% for ``uniform`` (bench/results/ablation_action_center.json)."""
     round_to: int | None = None
     """Round kept channels up to a multiple of this (e.g. 8 for fast kernels)."""
+    max_latency: float | None = None
+    """Also cap the pruned model's latency at this fraction of dense, as predicted by a latency table (every conv
+    layer timed alone at widths in multiples of 8 on ``latency_backend``, at ``latency_batch``; measured once at
+    the start, seconds for ResNet-56, and saved as ``latency_table.json``). Every episode meets both budgets. The
+    table predicts ONNX Runtime well for widths in multiples of 8, so pair it with ``round_to`` 8."""
+    latency_backend: str = "onnxruntime"
+    """Runtime the latency table times: onnxruntime, torch-cl (eager, Conv+BN folded, channels-last) or torch."""
+    latency_batch: int = 1
+    """Batch size the latency table (and the ``latency`` reward) times."""
     reward_images: int = 1000
     """Training images in the reward split."""
     calib_batches: int = 10
@@ -124,6 +134,12 @@ class TrainConfig:
             raise UserError(f"--flops {self.flops} must be in (0, 1]")
         if self.rescore_top < 0 or self.select_images < 0:
             raise UserError("--rescore-top and --select-images must be >= 0")
+        if self.max_latency is not None and not 0.0 < self.max_latency <= 1.0:
+            raise UserError(f"--max-latency {self.max_latency} must be a fraction of dense latency in (0, 1]")
+        if self.latency_backend not in BACKENDS:
+            raise UserError(f"unknown latency backend {self.latency_backend!r}; use one of {', '.join(BACKENDS)}")
+        if self.latency_batch < 1:
+            raise UserError(f"--latency-batch must be >= 1, got {self.latency_batch}")
         if self.warmup_episodes < 0 or self.checkpoint_every < 1:
             raise UserError("--warmup-episodes must be >= 0 and --checkpoint-every >= 1")
 

@@ -103,7 +103,10 @@ def save_policy(algo, config: TrainConfig, best: dict | None, out: str | Path) -
                      "max_ratio": config.max_ratio, "reward": config.reward, "episodes": config.episodes,
                      "seed": config.seed, "round_to": config.round_to,
                      # the action space the policy learned in; apply must replay the same one
-                     "granularity": config.granularity, "action_center": config.action_center},
+                     "granularity": config.granularity, "action_center": config.action_center,
+                     # the latency budget it searched under (a table is measured again for each new model)
+                     "max_latency": config.max_latency, "latency_backend": config.latency_backend,
+                     "latency_batch": config.latency_batch},
         "best": best,
     }
     state = {f"extractor.{k}": v for k, v in extractor.state_dict().items()}

@@ -13,22 +13,52 @@ from agent.config import TrainConfig
 from agent.outputs import write_json, write_pruned
 from agent.search import Search, keep_best
 from envs import PruneEnv
-from pruning_core import PruningSession, SessionConfig, UserError, accuracy, uniform_ratios
+from pruning_core import (LatencyBudget, LatencyTable, PruningSession, SessionConfig, UserError, accuracy, kept_counts,
+                          uniform_ratios)
 
-__all__ = ["build_env", "finish_search", "resume", "train"]
+__all__ = ["build_env", "finish_search", "measure_latency_table", "resume", "train"]
 
 log = logging.getLogger(__name__)
 
+LATENCY_TABLE = "latency_table.json"  # in the run folder, so that --resume budgets with the same table
 
-def build_env(config: TrainConfig, session: PruningSession | None = None) -> PruneEnv:
-    """The environment a config describes (loading, tracing and scoring the model unless ``session`` is given)."""
+
+def build_env(config: TrainConfig, session: PruningSession | None = None,
+              latency_table: LatencyTable | None = None) -> PruneEnv:
+    """The environment a config describes (loading, tracing and scoring the model unless ``session`` is given).
+
+    With ``config.max_latency``, ``latency_table`` is the table to budget with; it is measured here when not given.
+    """
     if session is None:
         session = PruningSession(config.model, config.weights, config.data, SessionConfig(
             reward_images=config.reward_images, calib_batches=config.calib_batches,
             select_images=config.select_images, seed=config.seed))
+    budget = None
+    if config.max_latency is not None:
+        table = latency_table or measure_latency_table(session, config.latency_backend, config.latency_batch,
+                                                       config.progress)
+        budget = LatencyBudget(table, config.max_latency)
     return PruneEnv(session=session, flops=config.flops, reward=config.reward, max_ratio=config.max_ratio,
                     round_to=config.round_to, max_nodes=max(config.max_nodes, len(session.trace.nodes)),
-                    granularity=config.granularity, action_center=config.action_center)
+                    granularity=config.granularity, action_center=config.action_center,
+                    latency_batch=config.latency_batch, latency_budget=budget)
+
+
+def measure_latency_table(session: PruningSession, backend: str, batch_size: int,
+                          progress: bool = True) -> LatencyTable:
+    """Time ``session``'s model layer by layer on this machine (:meth:`LatencyTable.measure`), with a progress bar."""
+    from tqdm.auto import tqdm
+
+    log.info("measuring a %s latency table for %s at batch %d", backend, session.model_name, batch_size)
+    with tqdm(desc=f"latency table ({backend}, batch {batch_size})", unit="layer", leave=False,
+              disable=None if progress else True) as bar:
+        def tick(done: int, total: int) -> None:
+            bar.total = total
+            bar.update(done - bar.n)
+
+        table = LatencyTable.measure(session.model, session.trace, backend, batch_size, progress=tick)
+    log.info("latency table: dense %.2f ms, %d layer shapes", table.dense_ms, len(table.layers))
+    return table
 
 
 def train(config: TrainConfig | None = None, session: PruningSession | None = None, **overrides) -> dict:
@@ -43,6 +73,8 @@ def train(config: TrainConfig | None = None, session: PruningSession | None = No
         raise UserError(f"{run_dir} already holds a run; continue it with --resume {run_dir} or pick another --out")
     env = build_env(config, session)
     run_dir.mkdir(parents=True, exist_ok=True)
+    if env.latency_budget is not None:
+        env.latency_budget.table.save(run_dir / LATENCY_TABLE)
     write_json(run_dir / "config.json", config.to_dict())
     search = Search(config, env, run_dir)
     return _finish(config, search)
@@ -63,7 +95,10 @@ def resume(run_dir: str | Path, episodes: int | None = None, progress: bool | No
     if progress is not None:
         config.progress = progress
     config.out = str(run_dir)
-    search = Search.resume(config, build_env(config), run_dir)
+    table = None
+    if config.max_latency is not None and (run_dir / LATENCY_TABLE).is_file():
+        table = LatencyTable.load(run_dir / LATENCY_TABLE)  # budget with the table the run started with
+    search = Search.resume(config, build_env(config, latency_table=table), run_dir)
     log.info("resuming %s at episode %d of %d", run_dir, search.episodes_done, config.episodes)
     return _finish(config, search)
 
@@ -81,13 +116,19 @@ def _finish(config: TrainConfig, search: Search) -> dict:
     acc_before = accuracy(model, session.splits.test)
     if config.finetune_epochs > 0:
         session.finetune(model, config.finetune_epochs, progress=config.progress)
-    uniform = uniform_ratios(session.trace, config.flops, config.max_ratio, config.round_to)
+    uniform = uniform_ratios(session.trace, config.flops, config.max_ratio, config.round_to, env.latency_budget)
     stats = {"episodes": search.episodes_done, "search_s": round(search.search_s, 2),
              "episodes_per_min": round(60 * search.episodes_done / max(search.search_s, 1e-9), 2),
              "env_eval_s": round(eval_s, 2), "agent_share": round(max(0.0, 1 - eval_s / max(search.search_s,
                                                                                           1e-9)), 4),
              "best_episode": best["episode"], "best_reward": best["reward"], "algo": config.algo,
              "policy_episode": done["policy_episode"], "rescored": done["rescored"]}
+    if env.latency_budget is not None:
+        table = env.latency_budget.table
+        stats["latency_budget"] = {
+            "backend": table.backend, "batch_size": table.batch_size, "max_latency": config.max_latency,
+            "predicted_ratio": round(table.ratio(session.trace, kept_counts(session.trace, kept["ratios"],
+                                                                             config.round_to)), 4)}
     report = session.report(model, kept["ratios"], "rl", config.seed, search.search_s + time.perf_counter() - started,
                             round_to=config.round_to, acc_before_finetune=acc_before,
                             finetune_epochs=config.finetune_epochs, search=stats)

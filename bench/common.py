@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from pruning_core import PruningSession, SessionConfig, accuracy, measure_latency
+from pruning_core import LatencyTable, PruningSession, SessionConfig, accuracy, kept_counts, measure_latency
 
 ROOT = Path(__file__).resolve().parents[1]
 ASSETS = ROOT.parent / "shared" / "assets"
@@ -53,13 +53,15 @@ def latency_ms(model, input_shape, batch: int, backend: str = "torch") -> float:
 
 
 def evaluate_method(session: PruningSession, ratios: dict[str, float], finetune_epochs: int, dense_latency: dict,
-                    round_to: int | None = None, **extra) -> dict:
+                    round_to: int | None = None, latency_table: LatencyTable | None = None, **extra) -> dict:
     """Build with adaptive BN (kept channels rounded up to ``round_to``), measure accuracy, latency, then the
-    shared fine-tune recipe."""
+    shared fine-tune recipe. With ``latency_table``, the row also holds its predicted latency ratio."""
     model = session.build(ratios, round_to)
     m = session.measure(ratios, round_to)
     row = {"round_to": round_to, "flops_ratio": m["flops_ratio"], "params_ratio": m["params_ratio"],
            "acc_reward": accuracy(model, session.splits.reward), "acc_test": accuracy(model, session.splits.test)}
+    if latency_table is not None:
+        row["latency_pred_ratio"] = latency_table.ratio(session.trace, kept_counts(session.trace, ratios, round_to))
     shape = session.data.input_shape
     for b in (1, 64):
         row[f"latency_b{b}_ms"] = latency_ms(model, shape, b)

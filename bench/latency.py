@@ -10,6 +10,7 @@ speed-up is the median over ``--repeats`` sweeps of dense / pruned. On a shared 
 percent over minutes, the pairing cancels the drift that a ratio of two far-apart medians keeps.
 
     python bench/latency.py --repeats 5
+    python bench/latency.py --repeats 5 --results search_latency --all-seeds --name latency_budget  # one run only
 """
 
 from __future__ import annotations
@@ -38,6 +39,10 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--repeats", type=int, default=5, help="sweeps; each times every (dense, pruned) pair once")
     p.add_argument("--min-run-time", type=float, default=0.5, help="seconds of timing per model per measurement")
+    p.add_argument("--results", nargs="+", metavar="NAME",
+                   help="time only the models of these results files (e.g. search_latency; default: every search_*)")
+    p.add_argument("--name", default="latency", help="results file to write (default: latency)")
+    p.add_argument("--all-seeds", action="store_true", help="time every seed's model, not only the first seed's")
     args = p.parse_args()
     dense = build_model("resnet56").eval()
     shape = (3, 32, 32)
@@ -45,7 +50,8 @@ def main() -> None:
     scores = {g.name: torch.arange(g.channels, 0, -1).float() for g in trace.groups}  # any ranking will do
 
     models, ratios_of = {}, {}
-    for path in sorted(RESULTS.glob("search_*.json")):
+    paths = [RESULTS / f"{n}.json" for n in args.results] if args.results else sorted(RESULTS.glob("search_*.json"))
+    for path in paths:
         res = json.loads(path.read_text())
         space = res.get("rl_config", {}).get("granularity", "stage")  # the agents' action space in that run
         for target, methods in res["targets"].items():
@@ -54,7 +60,8 @@ def main() -> None:
                 # agents differ between runs (action space, warm-up, ...): name their results file
                 name = f"{m} {space} ({path.stem})" if m.startswith("rl-") else m
                 if "runs" in r:
-                    candidates[f"{name} seed {r['runs'][0]['seed']}"] = r["runs"][0]
+                    for run in r["runs"] if args.all_seeds else r["runs"][:1]:
+                        candidates[f"{name} seed {run['seed']}"] = run
                 elif "ratios" in r:
                     candidates[name] = r
             for name, r in candidates.items():
@@ -63,7 +70,7 @@ def main() -> None:
                 if label in models:  # e.g. uniform, in every results file: the same architecture, timed once
                     if r["ratios"] == ratios_of[label]:
                         continue
-                    raise SystemExit(f"{path.name} has another {label!r} than an earlier results file")
+                    label += f" ({path.stem})"  # another allocation (e.g. under another latency table): its own row
                 ratios_of[label] = r["ratios"]
                 kept = kept_counts(trace, r["ratios"], rt)
                 models[label] = (prune(dense, r["ratios"], scores, trace, round_to=rt),
@@ -94,7 +101,7 @@ def main() -> None:
                       **{k: statistics.median(v) for k, v in speedups[name].items()},
                       "repeats_speedup": speedups[name]}  # every sweep's paired speed-up, to show the spread
         print(name, {k: round(v, 3) for k, v in rows[name].items() if k != "repeats_speedup"}, flush=True)
-    write_result("latency", {"repeats": args.repeats, "paired": True, "min_run_time": args.min_run_time,
+    write_result(args.name, {"repeats": args.repeats, "paired": True, "min_run_time": args.min_run_time,
                              "models": rows})
 
 

@@ -28,6 +28,10 @@ def search_table(res: dict) -> list[str]:
     if res["config"].get("round_to"):
         lines[0] += (f" Every method keeps channel counts rounded up to multiples of {res['config']['round_to']} "
                      "(--round-to), the CPU kernels' channel block.")
+    lat = res.get("latency_budget")
+    if lat:
+        lines[0] += (f" Every method also keeps the latency that a {lat['backend']} table at batch {lat['batch_size']} "
+                     f"predicts within {lat['max_latency']} of dense (--max-latency; 'predicted latency' column).")
     rescore = res["config"].get("rescore_top", 0)
     if rescore:
         lines[0] += (f" Search methods re-score their {rescore} best candidates on {res['rl_config']['select_images']} "
@@ -35,7 +39,8 @@ def search_table(res: dict) -> list[str]:
                      "of the best reward-split episode, what they kept before re-scoring.")
     lines += ["| target | method | FLOPs | params | reward acc | test acc (adapt-BN) | best episode test acc | "
               "test acc (fine-tuned) | search s | ep/min | agent share | speed-up b1 | speed-up b64 | "
-              "FLOPs speed-up |", "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+              "FLOPs speed-up |" + (" predicted latency |" if lat else ""),
+              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|" + ("---|" if lat else "")]
     for target, rows in res["targets"].items():
         for method, r in rows.items():
             if "runs" in r:
@@ -50,14 +55,15 @@ def search_table(res: dict) -> list[str]:
                              f"{ms('acc_test')} | {ms('search_best_acc_test')} | {ft} | "
                              f"{ms('search_s', 0)} | "
                              f"{ms('episodes_per_min', 1)} | {ms('agent_share', 3)} | {ms('speedup_b1')} | "
-                             f"{ms('speedup_b64')} | {fmt(1 / s['flops_ratio']['mean'])} |")
+                             f"{ms('speedup_b64')} | {fmt(1 / s['flops_ratio']['mean'])} |"
+                             + (f" {ms('latency_pred_ratio', 3)} |" if lat else ""))
             else:
                 lines.append(f"| {target} | {method} | {r['flops_ratio']:.3f} | {r['params_ratio']:.3f} | "
                              f"{r['acc_reward']:.2f} | {r['acc_test']:.2f} | {fmt(r.get('search_best_acc_test'))} | "
                              f"{fmt(r.get('acc_test_finetuned'))} | "
                              f"{r.get('search_s', 0):.0f} | {fmt(r.get('episodes_per_min'), 1)} | "
                              f"{fmt(r.get('agent_share'), 3)} | {r['speedup_b1']:.2f} | {r['speedup_b64']:.2f} | "
-                             f"{r['flops_speedup']:.2f} |")
+                             f"{r['flops_speedup']:.2f} |" + (f" {fmt(r.get('latency_pred_ratio'), 3)} |" if lat else ""))
     return lines
 
 

@@ -19,19 +19,20 @@ from common import cifar_session, evaluate_method, latency_ms, write_result
 from agent import Search, TrainConfig
 from agent.apply import run_episode
 from agent.search import keep_best
-from agent.train import build_env, finish_search
+from agent.train import build_env, finish_search, measure_latency_table
 from envs import GRANULARITIES, PruneEnv
-from pruning_core import L1Importance, PruningSession, global_ratios, uniform_ratios
+from pruning_core import L1Importance, LatencyBudget, LatencyTable, PruningSession, global_ratios, uniform_ratios
+from pruning_core.latency import BACKENDS
 
 
 def random_search(session: PruningSession, target: float, episodes: int, seed: int, max_ratio: float,
                   granularity: str = "group", rescore_top: int = TrainConfig.rescore_top,
-                  round_to: int | None = None) -> dict:
+                  round_to: int | None = None, latency: LatencyBudget | None = None) -> dict:
     """EagleEye-style: ``episodes`` random ratio vectors (one ratio per group, or per stage) pushed into the budget
     by the env's clamp; the best by reward, re-scored like the agent's (``agent.train.keep_best``)."""
     # actions uniform in [-1, 1] around the fixed uniform allocation
     env = PruneEnv(session=session, flops=target, max_ratio=max_ratio, granularity=granularity,
-                   action_center="uniform", round_to=round_to)
+                   action_center="uniform", round_to=round_to, latency_budget=latency)
     rng = np.random.default_rng(seed)
     best, started = None, time.perf_counter()
     for _ in range(episodes):
@@ -46,11 +47,11 @@ def random_search(session: PruningSession, target: float, episodes: int, seed: i
             "unique_evaluations": len(env.cache)}
 
 
-def rl_search(session: PruningSession, cfg: TrainConfig) -> dict:
+def rl_search(session: PruningSession, cfg: TrainConfig, table: LatencyTable | None = None) -> dict:
     """One RL search on ``session`` as ``prunepilot train`` runs it: ``cfg.episodes - 1`` search episodes, the
     learned policy's deterministic episode (a candidate like the others), then the re-scoring. Returns the kept
     allocation and what the search cost."""
-    env = build_env(cfg, session)
+    env = build_env(cfg, session, table)
     search = Search(cfg, env)
     search.run(cfg.episodes - 1)
     eval_s = env.evaluation_s
@@ -71,7 +72,7 @@ def kept_after_rescoring(kept: dict, rescored: list[dict], best: dict, started: 
 
 
 SUMMARY_KEYS = ("acc_test", "acc_reward", "acc_test_finetuned", "search_best_acc_test", "search_s", "episodes_per_min",
-                "agent_share", "flops_ratio", "speedup_b1", "speedup_b64")
+                "agent_share", "flops_ratio", "speedup_b1", "speedup_b64", "latency_pred_ratio")
 
 
 def summarise(rows: list[dict], keys: tuple[str, ...]) -> dict:
@@ -107,6 +108,12 @@ def main() -> None:
                    help="PPO starts from the best of its --warmup random episodes (TrainConfig.clone_warmup)")
     p.add_argument("--skip", nargs="*", default=[], metavar="METHOD",
                    help="methods not to run, e.g. global l1-uniform random rl-ddpg")
+    p.add_argument("--max-latency", type=float, default=None,
+                   help="every method also keeps the predicted latency within this fraction of dense "
+                        "(TrainConfig.max_latency; pair with --round-to 8)")
+    p.add_argument("--latency-backend", choices=BACKENDS, default="onnxruntime",
+                   help="runtime the latency table times (default: onnxruntime)")
+    p.add_argument("--latency-batch", type=int, default=64, help="batch size the latency table times (default: 64)")
     p.add_argument("--name", default="search")
     args = p.parse_args()
 
@@ -117,6 +124,13 @@ def main() -> None:
     l1.scores = L1Importance()(session.model, None, session.trace)
     shape = session.data.input_shape
     dense_latency = {b: latency_ms(session.model, shape, b) for b in (1, 64)}
+    table = latency = None
+    if args.max_latency is not None:
+        t = time.perf_counter()
+        table = measure_latency_table(session, args.latency_backend, args.latency_batch, progress=False)
+        latency = LatencyBudget(table, args.max_latency)
+        print(f"latency table ({args.latency_backend}, batch {args.latency_batch}): {time.perf_counter() - t:.1f}s, "
+              f"dense {table.dense_ms:.1f} ms", flush=True)
     defaults = TrainConfig()
     results = {"config": vars(args), "setup_s": setup_s, "timings": session.timings,
                "rl_config": {**{k: getattr(defaults, k) for k in ("action_center", "sde", "init_std", "max_ratio",
@@ -127,6 +141,10 @@ def main() -> None:
                          "latency_b1_ms": dense_latency[1], "latency_b64_ms": dense_latency[64],
                          "flops": session.flops_dense, "params": session.params_dense},
                "targets": {}}
+    if table is not None:
+        results["latency_budget"] = {"max_latency": args.max_latency, "backend": table.backend,
+                                     "batch_size": table.batch_size, "dense_ms": table.dense_ms,
+                                     "table": table.to_dict()}
     for target in args.targets:
         mr, rt = args.max_ratio, args.round_to
         rows: dict[str, object] = {}
@@ -134,9 +152,9 @@ def main() -> None:
         for method, s in (("uniform", session), ("global", session), ("l1-uniform", l1)):
             if method in args.skip:
                 continue
-            ratios = (global_ratios(session.trace, session.scores, target, mr, rt) if method == "global"
-                      else uniform_ratios(session.trace, target, mr, rt))  # L1: uniform ratios, L1 ranking
-            rows[method] = evaluate_method(s, ratios, args.finetune_epochs, dense_latency, rt, search_s=0.0)
+            ratios = (global_ratios(session.trace, session.scores, target, mr, rt, latency) if method == "global"
+                      else uniform_ratios(session.trace, target, mr, rt, latency))  # L1: uniform ratios, L1 ranking
+            rows[method] = evaluate_method(s, ratios, args.finetune_epochs, dense_latency, rt, table, search_s=0.0)
         # the search methods: random per group (one seed), random in the agent's own action space (every seed:
         # the baseline it must beat) and the agents (the default algorithm with every seed)
         searches = [("random", None, args.seeds[:1]), (f"random-{args.granularity}", None, args.seeds)]
@@ -150,14 +168,18 @@ def main() -> None:
                 print(f"== target {target}: {method} seed {seed} ({args.episodes} evaluations)", flush=True)
                 if algo is None:
                     r = random_search(session, target, args.episodes, seed, mr,
-                                      "group" if method == "random" else args.granularity, args.rescore_top, rt)
+                                      "group" if method == "random" else args.granularity, args.rescore_top, rt,
+                                      latency)
                 else:
                     r = rl_search(session, TrainConfig(algo=algo, flops=target, episodes=args.episodes, seed=seed,
                                                        max_ratio=mr, warmup_episodes=args.warmup, progress=False,
                                                        rescore_top=args.rescore_top, round_to=rt,
                                                        granularity=args.granularity,
-                                                       clone_warmup=args.clone_warmup))
-                runs.append(evaluate_method(session, r.pop("ratios"), args.finetune_epochs, dense_latency, rt,
+                                                       clone_warmup=args.clone_warmup,
+                                                       max_latency=args.max_latency,
+                                                       latency_backend=args.latency_backend,
+                                                       latency_batch=args.latency_batch), table)
+                runs.append(evaluate_method(session, r.pop("ratios"), args.finetune_epochs, dense_latency, rt, table,
                                             seed=seed, **r))
                 print(f"   reward-split {runs[-1]['acc_reward']:.2f}  test {runs[-1]['acc_test']:.2f} (search best "
                       f"{runs[-1]['search_best_acc_test']:.2f})  {runs[-1]['search_s']:.0f}s  agent share "

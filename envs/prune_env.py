@@ -15,8 +15,8 @@ from graph_encoder.features import DYNAMIC_FEATURES, NUM_FEATURES, STATIC_FEATUR
 from pruning_core.data import ImageData
 from pruning_core.errors import UserError
 from pruning_core.evaluate import accuracy
-from pruning_core.latency import measure_latency
-from pruning_core.prune import kept_channels, uniform_ratios
+from pruning_core.latency import LatencyBudget, measure_latency
+from pruning_core.prune import fits_budget, kept_channels, uniform_ratios
 from pruning_core.session import PruningSession, SessionConfig
 
 __all__ = ["ACTION_CENTERS", "DEFAULT_MAX_NODES", "GRANULARITIES", "REWARDS", "PruneEnv"]
@@ -37,8 +37,8 @@ class PruneEnv(gym.Env):
     as a step of its own (`granularity="substage"`, the default), or for each group (`granularity="group"`).
     At the end of the episode the pruning core removes the lowest-Taylor-scored channels for real,
     recalibrates BN statistics on training images (adaptive BN) and measures accuracy on a fixed reward
-    split of training images. The FLOPs budget is enforced by clamping actions, so every finished episode
-    meets it.
+    split of training images. The FLOPs budget, and an optional budget on the latency a measured
+    `LatencyTable` predicts, are enforced by clamping actions, so every finished episode meets them.
 
     ## Action Space
 
@@ -102,6 +102,9 @@ class PruneEnv(gym.Env):
     - `model`: zoo name, `package.module:factory`, or an `nn.Module` (not modified).
     - `weights`, `data`: as on the CLI (`data` may also be an `ImageData`).
     - `flops`: FLOPs budget as a fraction of dense. `max_ratio`: largest ratio per group.
+    - `latency_budget`: optional `LatencyBudget`, a cap on the latency a `LatencyTable` measured on this machine
+      predicts, as a fraction of dense; every episode meets it as well as the FLOPs budget (`info` then holds
+      `latency_ratio`).
     - `reward`: one of `acc`, `acc_flops`, `latency`. `round_to`: round kept channels up to a multiple.
     - `reward_images`, `calib_batches`, `seed`: the reward split, adaptive-BN batches, split seed.
     - `max_nodes`, `max_edges`: observation padding (default 320 and 2 * max_nodes).
@@ -124,7 +127,8 @@ class PruneEnv(gym.Env):
                  max_ratio: float = 0.8, round_to: int | None = None, reward_images: int = 1000,
                  calib_batches: int = 10, seed: int = 0, max_nodes: int = DEFAULT_MAX_NODES,
                  max_edges: int | None = None, session: PruningSession | None = None, latency_batch: int = 1,
-                 action_center: str = "remaining", granularity: str = "substage"):
+                 action_center: str = "remaining", granularity: str = "substage",
+                 latency_budget: LatencyBudget | None = None):
         super().__init__()
         if reward not in REWARDS:
             raise UserError(f"unknown reward {reward!r}; use one of {', '.join(REWARDS)}")
@@ -138,7 +142,7 @@ class PruneEnv(gym.Env):
         self.session = session
         self.trace = session.trace
         self.target, self.reward_kind, self.max_ratio, self.round_to = flops, reward, max_ratio, round_to
-        self.latency_batch = latency_batch
+        self.latency_batch, self.latency_budget = latency_batch, latency_budget
         self.graph = LayerGraph.from_trace(self.trace, session.scores)
         self.max_nodes = max_nodes
         self.max_edges = max_edges if max_edges is not None else 2 * max_nodes
@@ -158,6 +162,11 @@ class PruneEnv(gym.Env):
             raise UserError(f"FLOPs target {flops:.3f} is unreachable for {name}: with every prunable group at "
                             f"max_ratio {max_ratio} it keeps {floor / self.dense_flops:.3f}; raise the target or "
                             "max_ratio")
+        if latency_budget is not None and not latency_budget.fits(self.trace, self.min_kept):
+            raise UserError(f"latency budget {latency_budget.fraction:.3f} is unreachable for {name}: with every "
+                            f"prunable group at max_ratio {max_ratio} it keeps "
+                            f"{latency_budget.table.ratio(self.trace, self.min_kept):.3f} of its predicted latency; "
+                            "raise the budget or max_ratio")
         if action_center not in ACTION_CENTERS:
             raise UserError(f"unknown action_center {action_center!r}; use one of {', '.join(ACTION_CENTERS)}")
         self.action_center = action_center
@@ -165,7 +174,7 @@ class PruneEnv(gym.Env):
             raise UserError(f"unknown granularity {granularity!r}; use one of {', '.join(GRANULARITIES)}")
         self.granularity = granularity
         self.decisions = self._decisions(granularity)
-        center = (uniform_ratios(self.trace, flops, max_ratio, round_to) if action_center != "zero"
+        center = (uniform_ratios(self.trace, flops, max_ratio, round_to, latency_budget) if action_center != "zero"
                   else {g.name: max_ratio / 2 for g in self.groups})  # "remaining" recomputes it at each step
         self.center = [float(np.mean([center[self.groups[i].name] for i in d])) for d in self.decisions]
         self.ratio_grid = []  # per decision: the ratios that give distinct widths, up to each group's max_ratio
@@ -232,6 +241,10 @@ class PruneEnv(gym.Env):
         """Channels each of ``groups`` keeps at ``ratio`` (never fewer than at its max_ratio)."""
         return {g.name: max(self.min_kept[g.name], kept_channels(g.channels, ratio, self.round_to)) for g in groups}
 
+    def _fits(self, kept: dict[str, int]) -> bool:
+        """Whether ``kept`` meets the FLOPs budget (and the predicted-latency budget, if there is one)."""
+        return fits_budget(self.trace, kept, self.budget, self.latency_budget)
+
     def _min_ratio_now(self, t: int) -> float:
         """Smallest ratio for decision ``t`` that keeps the budget reachable with every later group at max.
 
@@ -243,7 +256,7 @@ class PruneEnv(gym.Env):
         lo, hi = 0, len(grid) - 1  # grid[-1] fits: the constructor checked the all-max floor
         while lo < hi:
             mid = (lo + hi) // 2
-            if self.trace.flops({**trial, **self._kept_at(mine, grid[mid])}) <= self.budget:
+            if self._fits({**trial, **self._kept_at(mine, grid[mid])}):
                 hi = mid
             else:
                 lo = mid + 1
@@ -254,7 +267,7 @@ class PruneEnv(gym.Env):
         rest = self._groups_of(self.decisions[t:])
 
         def fits(r: float) -> bool:
-            return self.trace.flops({**self.kept, **self._kept_at(rest, r)}) <= self.budget
+            return self._fits({**self.kept, **self._kept_at(rest, r)})
 
         if fits(0.0):
             return 0.0
@@ -349,6 +362,8 @@ class PruneEnv(gym.Env):
         info = {"acc": acc, "flops_ratio": flops / self.dense_flops,
                 "params_ratio": self.trace.params(self.kept) / s.params_dense,
                 "ratios": dict(self.ratios), **timings}
+        if self.latency_budget is not None:
+            info["latency_ratio"] = self.latency_budget.table.ratio(self.trace, self.kept)
         if self.reward_kind == "latency":
             info["latency_ms"] = 1000 * measure_latency(model, s.data.input_shape, self.latency_batch,
                                                         min_run_time=0.2)

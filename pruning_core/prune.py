@@ -1,4 +1,5 @@
-"""Physical channel removal and the ratio helpers (uniform for a FLOPs target, Taylor global ranking)."""
+"""Physical channel removal and the ratio helpers (uniform for a FLOPs target, Taylor global ranking), with an
+optional predicted-latency budget on top of the FLOPs one."""
 
 from __future__ import annotations
 
@@ -10,8 +11,9 @@ from torch import nn
 
 from pruning_core.errors import UserError
 from pruning_core.graph import ModelTrace
+from pruning_core.latency import LatencyBudget
 
-__all__ = ["check_ratios", "global_ratios", "kept_channels", "kept_counts", "prune", "uniform_ratios"]
+__all__ = ["check_ratios", "fits_budget", "global_ratios", "kept_channels", "kept_counts", "prune", "uniform_ratios"]
 
 
 def kept_channels(channels: int, ratio: float, round_to: int | None = None) -> int:
@@ -91,31 +93,48 @@ def _slice(mod: nn.Module, dim: str, idx: torch.Tensor) -> None:
             mod.in_features = len(idx)
 
 
-def _check_target(trace: ModelTrace, target: float, max_ratio: float, round_to: int | None) -> int:
+def fits_budget(trace: ModelTrace, kept: dict[str, int], max_flops: float,
+                latency: LatencyBudget | None = None) -> bool:
+    """Whether ``kept`` channels stay within ``max_flops`` FLOPs and, given ``latency``, its predicted latency."""
+    return trace.flops(kept) <= max_flops and (latency is None or latency.fits(trace, kept))
+
+
+def _check_target(trace: ModelTrace, target: float, max_ratio: float, round_to: int | None,
+                  latency: LatencyBudget | None = None) -> int:
     if not 0.0 < target <= 1.0:
         raise UserError(f"FLOPs target {target} must be in (0, 1]")
     dense = trace.flops()
-    floor = trace.flops(kept_counts(trace, {g.name: max_ratio for g in trace.groups}, round_to)) / dense
+    floor_kept = kept_counts(trace, {g.name: max_ratio for g in trace.groups}, round_to)
+    floor = trace.flops(floor_kept) / dense
     if floor > target + 1e-12:
         raise UserError(f"FLOPs target {target:.3f} is unreachable: with every prunable group at max ratio "
                         f"{max_ratio} the model keeps {floor:.3f} of its FLOPs; raise the target or --max-ratio")
+    if latency is not None and not latency.fits(trace, floor_kept):
+        raise UserError(f"latency budget {latency.fraction:.3f} is unreachable: with every prunable group at max "
+                        f"ratio {max_ratio} the model keeps {latency.table.ratio(trace, floor_kept):.3f} of its "
+                        "predicted latency; raise --max-latency or --max-ratio")
     return dense
 
 
 def uniform_ratios(trace: ModelTrace, target: float, max_ratio: float = 0.9,
-                   round_to: int | None = None) -> dict[str, float]:
-    """The smallest single ratio for all groups whose pruned FLOPs are at most ``target`` of dense.
+                   round_to: int | None = None, latency: LatencyBudget | None = None) -> dict[str, float]:
+    """The smallest single ratio for all groups whose pruned FLOPs are at most ``target`` of dense (and, given
+    ``latency``, whose predicted latency fits it too).
 
     Groups then take back one channel each, in order, while the budget holds, so the result lands
     close below the target even when every group is narrow.
     """
-    dense = _check_target(trace, target, max_ratio, round_to)
+    dense = _check_target(trace, target, max_ratio, round_to, latency)
     lo, hi = 0.0, max_ratio
-    if trace.flops() <= target * dense:
+
+    def fits(ratios: dict[str, float]) -> bool:
+        return fits_budget(trace, kept_counts(trace, ratios, round_to), target * dense, latency)
+
+    if fits({g.name: 0.0 for g in trace.groups}):
         return {g.name: 0.0 for g in trace.groups}
     for _ in range(40):
         mid = (lo + hi) / 2
-        if trace.flops(kept_counts(trace, {g.name: mid for g in trace.groups}, round_to)) <= target * dense:
+        if fits({g.name: mid for g in trace.groups}):
             hi = mid
         else:
             lo = mid
@@ -128,18 +147,19 @@ def uniform_ratios(trace: ModelTrace, target: float, max_ratio: float = 0.9,
         if kept + step > g.channels:
             continue
         trial = {**ratios, g.name: 1.0 - (kept + step) / g.channels}
-        if trace.flops(kept_counts(trace, trial, round_to)) <= target * dense:
+        if fits(trial):
             ratios = trial
     return ratios
 
 
 def global_ratios(trace: ModelTrace, scores: dict[str, torch.Tensor], target: float, max_ratio: float = 0.9,
-                  round_to: int | None = None) -> dict[str, float]:
-    """Molchanov's global ranking: remove the lowest-scoring channels network-wide until FLOPs meet ``target``.
+                  round_to: int | None = None, latency: LatencyBudget | None = None) -> dict[str, float]:
+    """Molchanov's global ranking: remove the lowest-scoring channels network-wide until FLOPs meet ``target``
+    (and, given ``latency``, the predicted latency its budget).
 
     No group loses more than ``max_ratio`` of its channels.
     """
-    dense = _check_target(trace, target, max_ratio, round_to)
+    dense = _check_target(trace, target, max_ratio, round_to, latency)
     entries = sorted((float(s), g.name) for g in trace.groups for s in scores[g.name])
     cap = {g.name: g.channels - kept_channels(g.channels, max_ratio) for g in trace.groups}
 
@@ -151,7 +171,7 @@ def global_ratios(trace: ModelTrace, scores: dict[str, torch.Tensor], target: fl
         return {g.name: removed[g.name] / g.channels for g in trace.groups}
 
     def fits(k: int) -> bool:
-        return trace.flops(kept_counts(trace, ratios_for(k), round_to)) <= target * dense
+        return fits_budget(trace, kept_counts(trace, ratios_for(k), round_to), target * dense, latency)
 
     lo, hi = 0, len(entries)
     while lo < hi:

@@ -1,0 +1,137 @@
+import json
+
+import numpy as np
+import pytest
+import torch
+from test_envs import BudgetOnlyEnv
+from test_pruning_core import randomise
+
+from agent.cli import main
+from pruning_core import (LatencyBudget, LatencyTable, UserError, build_model, global_ratios, kept_counts,
+                          layer_macs, trace_model, uniform_ratios)
+from pruning_core.latency import _grid
+
+
+def macs_table(trace, block: int = 8) -> LatencyTable:
+    """A deterministic table whose entries are the layers' MACs at the grid widths (1 ms per MMAC)."""
+    layers, shapes = {}, {}
+    for name, (key, free_in, free_out) in LatencyTable._shape_keys(trace).items():
+        info = trace.layers[name]
+        shapes[name] = key
+        ins = _grid(info.in_channels, block) if free_in else [info.in_channels]
+        outs = _grid(info.out_channels, block) if free_out else [info.out_channels]
+        groups = (lambda i, o: o) if info.depthwise else (lambda i, o: 1)
+        layers[key] = {"in": ins, "out": outs,
+                       "ms": [[layer_macs(info.kind, o if info.depthwise else i, o, groups(i, o), info.kernel,
+                                          info.out_hw) / 1e6 for o in outs] for i in ins]}
+    dense = sum(layers[k]["ms"][-1][-1] for k in shapes.values())
+    return LatencyTable("torch", 1, block, dense, layers, shapes)
+
+
+def test_grid_is_block_multiples_and_coarser_for_wide_layers():
+    assert _grid(16, 8) == [8, 16]
+    assert _grid(60, 8) == [8, 16, 24, 32, 40, 48, 56, 60]
+    wide = _grid(512, 8)
+    assert wide[-1] == 512 and len(wide) <= 17 and all(w % 8 == 0 for w in wide)
+
+
+def test_measured_table_predicts_dense_and_round_trips(tmp_path):
+    model = randomise(build_model("resnet20")).eval()
+    trace = trace_model(model, (3, 32, 32))
+    ticks = []
+    table = LatencyTable.measure(model, trace, "torch", 1, min_run_time=0.005,
+                                 progress=lambda done, total: ticks.append((done, total)))
+    convs = [n for n, i in trace.layers.items() if i.kind != "bn"]
+    assert set(table.shapes) == set(convs)
+    assert len(table.layers) < len(convs)  # the blocks of a stage share their shapes: each timed once
+    assert ticks[-1][0] == ticks[-1][1] == sum(len(e["in"]) * len(e["out"]) for e in table.layers.values())
+    for e in table.layers.values():  # monotone, so that a budget on the prediction can be bisected
+        ms = np.array(e["ms"])
+        assert (np.diff(ms, axis=0) >= 0).all() and (np.diff(ms, axis=1) >= 0).all()
+    dense = trace.dense_kept()
+    assert table.predict_ms(trace, dense) == pytest.approx(table.dense_ms)
+    half = kept_counts(trace, uniform_ratios(trace, 0.5, round_to=8), 8)
+    assert 0 < table.ratio(trace, half) <= 1.0
+    path = tmp_path / "table.json"
+    table.save(path)
+    again = LatencyTable.load(path, trace)
+    assert again.ratio(trace, half) == pytest.approx(table.ratio(trace, half))
+    assert not list(tmp_path.glob("*.tmp"))
+    other = trace_model(build_model("resnet56"), (3, 32, 32))
+    with pytest.raises(UserError, match="another model"):
+        LatencyTable.load(path, other)
+    path.write_text("{not json")
+    with pytest.raises(UserError, match="cannot read latency table"):
+        LatencyTable.load(path)
+    with pytest.raises(UserError, match="unknown latency backend"):
+        LatencyTable.measure(model, trace, "tensorrt")
+
+
+def test_budget_helpers_and_env_keep_both_budgets():
+    """With a latency budget tighter than the FLOPs one, uniform, global and hundreds of random episodes of the
+    env's clamp all keep both, in every granularity."""
+    from test_graph_encoder import _tiny_cifar
+
+    from pruning_core import PruningSession, SessionConfig
+    session = PruningSession(build_model("resnet56"), None, _tiny_cifar(),
+                             SessionConfig(reward_images=8, calib_batches=1, taylor_batches=1, batch_size=8))
+    trace = session.trace
+    table = macs_table(trace)
+    budget = LatencyBudget(table, 0.45)
+    dense = trace.flops()
+    for ratios in (uniform_ratios(trace, 0.5, 0.8, 8, budget), global_ratios(trace, session.scores, 0.5, 0.8, 8,
+                                                                               budget)):
+        kept = kept_counts(trace, ratios, 8)
+        assert trace.flops(kept) <= 0.5 * dense and table.ratio(trace, kept) <= 0.45
+    unbound = kept_counts(trace, uniform_ratios(trace, 0.5, 0.8, 8), 8)
+    assert table.ratio(trace, unbound) > 0.45  # the latency budget is the one that binds here
+    with pytest.raises(UserError, match="latency budget 0.100 is unreachable"):
+        uniform_ratios(trace, 0.5, 0.8, 8, LatencyBudget(table, 0.1))
+    with pytest.raises(UserError, match="must be a fraction"):
+        LatencyBudget(table, 1.5)
+    rng = np.random.default_rng(0)
+    for granularity in ("group", "substage"):
+        env = BudgetOnlyEnv(session=session, flops=0.5, round_to=8, granularity=granularity, latency_budget=budget)
+        for episode in range(60):
+            env.reset(seed=episode)
+            done = False
+            while not done:
+                a = {0: rng.uniform(-1, 1), 1: -1.0, 2: 1.0}[episode % 3]
+                _, _, done, _, info = env.step(np.array([a], np.float32))
+            assert info["flops_ratio"] <= 0.5 + 1e-12
+            assert table.ratio(trace, env.kept) <= 0.45 + 1e-12
+    with pytest.raises(UserError, match="latency budget 0.100 is unreachable for CifarResNet"):
+        BudgetOnlyEnv(session=session, flops=0.5, round_to=8, latency_budget=LatencyBudget(table, 0.1))
+
+
+def test_cli_train_with_a_latency_budget(digits_session, tmp_path, capsys):
+    torch.save(digits_session.model.state_dict(), tmp_path / "w.pt")
+    base = ["train", "--model", "digits_cnn", "--weights", str(tmp_path / "w.pt"), "--data", "digits",
+            "--episodes", "4", "--warmup-episodes", "1", "--reward-images", "64", "--calib-batches", "1",
+            "--select-images", "64", "--hidden", "16", "--gnn-layers", "1", "--no-progress"]
+    assert main([*base, "--max-latency", "1.5", "--out", str(tmp_path / "bad")]) == 2
+    assert "--max-latency 1.5 must be a fraction" in capsys.readouterr().err
+    assert not (tmp_path / "bad").exists()
+    run = tmp_path / "run"
+    assert main([*base, "--max-latency", "0.9", "--latency-backend", "torch", "--round-to", "8",
+                 "--out", str(run), "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    budget = report["search"]["latency_budget"]
+    assert budget["backend"] == "torch" and budget["max_latency"] == 0.9 and budget["predicted_ratio"] <= 0.9
+    table = LatencyTable.load(run / "latency_table.json")
+    assert table.backend == "torch" and json.loads((run / "config.json").read_text())["max_latency"] == 0.9
+    history = json.loads((run / "history.json").read_text())
+    assert all(h["flops_ratio"] <= 0.5 for h in history)
+    # the exported policy carries its budget: apply measures a table for the new model and keeps within it
+    assert main(["export", str(run), "--out", str(tmp_path / "policy")]) == 0
+    capsys.readouterr()
+    assert main(["apply", str(tmp_path / "policy"), "--model", "digits_cnn_wide", "--data", "digits",
+                 "--reward-images", "64", "--calib-batches", "1", "--select-images", "64",
+                 "--out", str(tmp_path / "applied"), "--json"]) == 0
+    applied = json.loads(capsys.readouterr().out)
+    budget = applied["transfer"]["latency_budget"]
+    assert budget["max_latency"] == 0.9 and budget["predicted_ratio"] <= 0.9 and applied["flops_ratio"] <= 0.5
+    assert applied["round_to"] == 8
+    assert main(["apply", str(tmp_path / "policy"), "--model", "digits_cnn_wide", "--data", "digits",
+                 "--max-latency", "0", "--out", str(tmp_path / "bad2")]) == 2
+    assert "must be a fraction" in capsys.readouterr().err and not (tmp_path / "bad2").exists()
