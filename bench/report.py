@@ -30,8 +30,9 @@ def search_table(res: dict) -> list[str]:
                      "(--round-to), the CPU kernels' channel block.")
     lat = res.get("latency_budget")
     if lat:
-        lines[0] += (f" Every method also keeps the latency that a {lat['backend']} table at batch {lat['batch_size']} "
-                     f"predicts within {lat['max_latency']} of dense (--max-latency; 'predicted latency' column).")
+        lines[0] += (f" Every method also keeps the latency that a latency table ({lat['backend']}, batch "
+                     f"{lat['batch_size']}) predicts within {lat['max_latency']} of dense (--max-latency; 'predicted "
+                     "latency' column).")
     rescore = res["config"].get("rescore_top", 0)
     if rescore:
         lines[0] += (f" Search methods re-score their {rescore} best candidates on {res['rl_config']['select_images']} "
