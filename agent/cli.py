@@ -15,11 +15,13 @@ from pathlib import Path
 
 from agent.outputs import add_latency, print_report, write_pruned
 from pruning_core import (
+    LatencyBudget,
     PruningSession,
     SessionConfig,
     UserError,
     accuracy,
     global_ratios,
+    kept_counts,
     uniform_ratios,
 )
 from pruning_core.latency import BACKENDS
@@ -114,14 +116,29 @@ def prune_command_parser(subparsers) -> None:
     p.add_argument("--method", choices=["uniform", "global", "l1-uniform"], default="uniform",
                    help="allocation: uniform Taylor ratios, Taylor global ranking, or uniform with L1 ranking")
     p.add_argument("--ratios", help="JSON file {group: ratio} to use instead of --method")
+    p.add_argument("--max-latency", type=float, default=None,
+                   help="also keep the latency predicted by a table of this machine's per-layer timings within "
+                        "this fraction of dense; the table times the --latency backend (default: onnxruntime) at "
+                        "--latency-batch (pair it with --round-to 8)")
     add_output_args(p)
     p.set_defaults(func=prune_command)
 
 
 def prune_command(args: argparse.Namespace) -> dict:
     started = time.perf_counter()
+    if args.max_latency is not None:
+        if args.ratios:
+            raise UserError("--max-latency shapes a --method allocation; a --ratios file is used as it is")
+        if not 0.0 < args.max_latency <= 1.0:
+            raise UserError(f"--max-latency {args.max_latency} must be a fraction of dense latency in (0, 1]")
     session = PruningSession(args.model, args.weights, args.data,
                              session_config(args, "l1" if args.method == "l1-uniform" else "taylor"))
+    budget, extra = None, {}
+    if args.max_latency is not None:
+        from agent.train import measure_latency_table
+        table = measure_latency_table(session, args.latency or "onnxruntime", args.latency_batch,
+                                      sys.stderr.isatty())
+        budget = LatencyBudget(table, args.max_latency)
     if args.ratios:
         path = Path(args.ratios)
         try:
@@ -135,12 +152,18 @@ def prune_command(args: argparse.Namespace) -> dict:
         method = "ratios-file"
     elif args.method == "global":
         ratios, method = global_ratios(session.trace, session.scores, args.flops, args.max_ratio,
-                                       args.round_to), "global"
+                                       args.round_to, budget), "global"
     else:
-        ratios, method = uniform_ratios(session.trace, args.flops, args.max_ratio, args.round_to), args.method
+        ratios, method = uniform_ratios(session.trace, args.flops, args.max_ratio, args.round_to,
+                                        budget), args.method
+    if budget is not None:
+        extra["latency_budget"] = {
+            "backend": budget.table.backend, "batch_size": budget.table.batch_size, "max_latency": args.max_latency,
+            "predicted_ratio": round(budget.table.ratio(session.trace, kept_counts(session.trace, ratios,
+                                                                                    args.round_to)), 4)}
     timings = dict(session.timings)
     model = session.build(ratios, args.round_to, adapt=args.adapt_bn, timings=timings)
-    return finish(session, model, ratios, method, args, started, timings=timings)
+    return finish(session, model, ratios, method, args, started, timings=timings, **extra)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -227,7 +227,9 @@ class LatencyTable:
                 for j in range(len(outs)):
                     ms[i][j] = max(ms[i][j], ms[i - 1][j] if i else 0.0, ms[i][j - 1] if j else 0.0)
             layers[key] = {"in": ins, "out": outs, "ms": ms}
-        dense_ms = 1000 * measure_latency(model, trace.input_shape, batch_size, 4 * min_run_time, threads, backend)
+        # every prediction scales with this one timing: give it the longest
+        dense_ms = 1000 * measure_latency(model, trace.input_shape, batch_size, max(0.5, 10 * min_run_time), threads,
+                                          backend)
         return cls(backend, batch_size, block, dense_ms, layers, shapes)
 
     def predict_ms(self, trace, kept: dict[str, int]) -> float:

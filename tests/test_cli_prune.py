@@ -59,12 +59,16 @@ def bad_cases(tmp_path):
                        "no CIFAR-10 batches"),
         "unknown model": (["--model", "resnet7", *data], "unknown model"),
         "unreachable budget": ([*r20, "--flops", "0.05"], "unreachable"),
+        "latency budget on a ratios file": ([*r20, "--ratios", str(ratios_one), "--max-latency", "0.6"],
+                                            "a --ratios file is used as it is"),
+        "latency budget out of range": ([*r20, "--max-latency", "0"], "must be a fraction of dense latency"),
     }
 
 
 @needs_assets
 @pytest.mark.parametrize("case", ["missing weights", "other architecture", "ratio 1.0", "negative ratio",
-                                  "unknown group", "no batches", "unknown model", "unreachable budget"])
+                                  "unknown group", "no batches", "unknown model", "unreachable budget",
+                                  "latency budget on a ratios file", "latency budget out of range"])
 def test_bad_input_clear_error(case, tmp_path, capsys):
     argv, message = bad_cases(tmp_path)[case]
     out_dir = tmp_path / "out"
@@ -85,6 +89,18 @@ def test_bad_latency_flags_stop_before_any_work(flags, message, tmp_path, capsys
     assert not (tmp_path / "out").exists()
 
 
+def test_prune_with_a_latency_budget(tmp_path, capsys):
+    """uniform under a latency budget as well as the FLOPs one: both hold, and the report gives the prediction."""
+    code, out, err = run(capsys, ["prune", "--model", "digits_cnn", "--data", "digits", "--flops", "0.6",
+                                  "--round-to", "8", "--max-latency", "0.8", "--latency", "torch",
+                                  "--reward-images", "64", "--calib-batches", "1", "--json"])
+    assert code == 0, err
+    report = json.loads(out)
+    budget = report["latency_budget"]
+    assert budget["backend"] == "torch" and budget["max_latency"] == 0.8 and budget["predicted_ratio"] <= 0.8
+    assert report["flops_ratio"] <= 0.6 and report["latency"]["backend"] == "torch"
+
+
 def test_help_explains(capsys):
     with pytest.raises(SystemExit) as e:
         main(["prune", "--help"])
@@ -94,8 +110,9 @@ def test_help_explains(capsys):
 
 
 @pytest.mark.parametrize("command,flags", [("train", ["--granularity", "--action-center", "--sde", "--init-std",
-                                                      "--clone-warmup"]),
-                                           ("export", ["--out"]), ("apply", ["--search-episodes", "--latency"]),
+                                                      "--clone-warmup", "--max-latency", "--latency-backend"]),
+                                           ("export", ["--out"]),
+                                           ("apply", ["--search-episodes", "--latency", "--max-latency"]),
                                            ("demo", ["--out"])])
 def test_every_subcommand_help_renders(command, flags, capsys):
     """Field docstrings carry '%' (e.g. '50% FLOPs'); argparse must still render them."""
