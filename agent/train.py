@@ -13,8 +13,16 @@ from agent.config import TrainConfig
 from agent.outputs import write_json, write_pruned
 from agent.search import Search, keep_best
 from envs import PruneEnv
-from pruning_core import (LatencyBudget, LatencyTable, PruningSession, SessionConfig, UserError, accuracy, kept_counts,
-                          uniform_ratios)
+from pruning_core import (
+    LatencyBudget,
+    LatencyTable,
+    PruningSession,
+    SessionConfig,
+    UserError,
+    accuracy,
+    kept_counts,
+    uniform_ratios,
+)
 
 __all__ = ["build_env", "finish_search", "measure_latency_table", "resume", "train"]
 

@@ -64,7 +64,8 @@ def search_table(res: dict) -> list[str]:
                              f"{fmt(r.get('acc_test_finetuned'))} | "
                              f"{r.get('search_s', 0):.0f} | {fmt(r.get('episodes_per_min'), 1)} | "
                              f"{fmt(r.get('agent_share'), 3)} | {r['speedup_b1']:.2f} | {r['speedup_b64']:.2f} | "
-                             f"{r['flops_speedup']:.2f} |" + (f" {fmt(r.get('latency_pred_ratio'), 3)} |" if lat else ""))
+                             f"{r['flops_speedup']:.2f} |"
+                             + (f" {fmt(r.get('latency_pred_ratio'), 3)} |" if lat else ""))
     return lines
 
 

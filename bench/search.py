@@ -104,6 +104,8 @@ def main() -> None:
                    help="every method keeps channel counts rounded up to this multiple (e.g. 8, for latency)")
     p.add_argument("--granularity", choices=GRANULARITIES, default=TrainConfig.granularity,
                    help="the agent's action space; random search in the same space runs as random-GRANULARITY")
+    p.add_argument("--init-std", type=float, default=TrainConfig.init_std,
+                   help=f"PPO's initial action std (default: {TrainConfig.init_std}, TrainConfig's)")
     p.add_argument("--clone-warmup", action="store_true",
                    help="PPO starts from the best of its --warmup random episodes (TrainConfig.clone_warmup)")
     p.add_argument("--skip", nargs="*", default=[], metavar="METHOD",
@@ -133,8 +135,8 @@ def main() -> None:
               f"dense {table.dense_ms:.1f} ms", flush=True)
     defaults = TrainConfig()
     results = {"config": vars(args), "setup_s": setup_s, "timings": session.timings,
-               "rl_config": {**{k: getattr(defaults, k) for k in ("action_center", "sde", "init_std", "max_ratio",
-                                                                       "select_images")},
+               "rl_config": {**{k: getattr(defaults, k) for k in ("action_center", "sde", "max_ratio",
+                                                                       "select_images")}, "init_std": args.init_std,
                              "granularity": args.granularity, "warmup_episodes": args.warmup,
                              "clone_warmup": args.clone_warmup},
                "dense": {"acc_test": session.dense_accuracy("test"), "acc_reward": session.dense_accuracy("reward"),
@@ -175,7 +177,7 @@ def main() -> None:
                                                        max_ratio=mr, warmup_episodes=args.warmup, progress=False,
                                                        rescore_top=args.rescore_top, round_to=rt,
                                                        granularity=args.granularity,
-                                                       clone_warmup=args.clone_warmup,
+                                                       clone_warmup=args.clone_warmup, init_std=args.init_std,
                                                        max_latency=args.max_latency,
                                                        latency_backend=args.latency_backend,
                                                        latency_batch=args.latency_batch), table)

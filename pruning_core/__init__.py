@@ -17,7 +17,8 @@ from pruning_core.zoo import MODELS, build_model, load_weights
 __version__ = "0.1.0"
 
 __all__ = [
-    "MODELS", "ImageData", "L1Importance", "LatencyBudget", "LatencyTable", "ModelTrace", "PruningSession", "SessionConfig", "Split",
+    "MODELS", "ImageData", "L1Importance", "LatencyBudget", "LatencyTable", "ModelTrace", "PruningSession",
+    "SessionConfig", "Split",
     "TaylorImportance", "UserError", "__version__", "accuracy", "adapt_bn", "build_model", "check_ratios",
     "compare_latency", "export_model", "finetune", "global_ratios", "kept_channels", "kept_counts", "layer_macs",
     "load_data", "load_exported", "load_weights", "make_splits", "measure_flops", "measure_latency", "prune",

@@ -12,12 +12,17 @@ import statistics
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 import torch.utils.benchmark as benchmark
 from torch import nn
 
 from pruning_core.errors import UserError
+
+if TYPE_CHECKING:
+    from pruning_core.graph import ModelTrace
 
 __all__ = ["BACKENDS", "LatencyBudget", "LatencyTable", "compare_latency", "deploy_form", "latency_runner",
            "measure_latency", "time_runner"]
@@ -130,7 +135,8 @@ def compare_latency(dense: nn.Module, pruned: nn.Module, input_shape: tuple[int,
 
 def _grid(full: int, block: int, points: int = 16) -> list[int]:
     """Widths a table measures for a dimension of ``full`` channels: multiples of ``block`` (coarser for wide
-    layers, at most about ``points`` of them), and ``full`` itself."""
+    layers, at most about ``points`` of them), and ``full`` itself.
+    """
     step = max(block, -(-full // points // block) * block)
     return sorted({*range(step, full, step), full})
 
@@ -150,10 +156,10 @@ class LatencyTable:
     predicts faster), so a budget on the prediction can be bisected.
 
     This is NetAdapt's and AMC's latency lookup table. It predicts runtimes that fuse the non-conv work into the
-    convs well: in ONNX Runtime at batch 64 on a 2-core AVX2 CPU, ResNet-56 pruned with widths in multiples of 8
-    measured 1.61x / 1.69x / 1.39x against 1.63x / 1.71x / 1.41x predicted. Widths that are not multiples of
-    ``block`` predict as the next multiple, while ORT runs them on slower kernels (50% uniform unrounded:
-    1.38x measured, 1.58x predicted), so search with ``round_to=block`` when budgeting latency.
+    convs well: in ONNX Runtime at batch 64 on a 2-core AVX2 CPU, ResNet-56 models pruned with widths in
+    multiples of 8 under a 0.6 budget measured 0.59-0.64 of dense latency where 0.585-0.598 was predicted
+    (bench/results/latency_budget.json). Widths that are not multiples of ``block`` predict as the next multiple,
+    while ORT runs them on slower kernels, so search with ``round_to=block`` when budgeting latency.
 
     Build one with :meth:`measure`; :meth:`save` / :meth:`load` keep it as JSON.
     """
@@ -168,7 +174,7 @@ class LatencyTable:
         self.scale = dense_ms / sum(e["ms"][-1][-1] for e in (layers[k] for k in shapes.values()))
 
     @staticmethod
-    def _shape_keys(trace) -> dict[str, tuple[str, bool, bool]]:
+    def _shape_keys(trace: ModelTrace) -> dict[str, tuple[str, bool, bool]]:
         """Per conv/linear layer: its shape key, and whether its input and its output width can be pruned."""
         out = {}
         for name, info in trace.layers.items():
@@ -181,8 +187,8 @@ class LatencyTable:
         return out
 
     @classmethod
-    def measure(cls, model: nn.Module, trace, backend: str = "onnxruntime", batch_size: int = 1, block: int = 8,
-                min_run_time: float = 0.05, threads: int | None = None,
+    def measure(cls, model: nn.Module, trace: ModelTrace, backend: str = "onnxruntime", batch_size: int = 1,
+                block: int = 8, min_run_time: float = 0.05, threads: int | None = None,
                 progress: Callable[[int, int], None] | None = None) -> LatencyTable:
         """Time every distinct conv/linear layer shape of ``trace`` at its grid widths, and ``model`` whole.
 
@@ -232,7 +238,7 @@ class LatencyTable:
                                           backend)
         return cls(backend, batch_size, block, dense_ms, layers, shapes)
 
-    def predict_ms(self, trace, kept: dict[str, int]) -> float:
+    def predict_ms(self, trace: ModelTrace, kept: dict[str, int]) -> float:
         """Predicted latency (ms) of ``trace``'s model with ``kept[group]`` channels in each group."""
         total = 0.0
         for name, key in self.shapes.items():
@@ -241,7 +247,7 @@ class LatencyTable:
             total += e["ms"][_ceil(e["in"], c_in)][_ceil(e["out"], c_out)]
         return self.scale * total
 
-    def ratio(self, trace, kept: dict[str, int]) -> float:
+    def ratio(self, trace: ModelTrace, kept: dict[str, int]) -> float:
         """Predicted latency of the pruned model as a fraction of the dense model's."""
         return self.predict_ms(trace, kept) / self.dense_ms
 
@@ -249,23 +255,21 @@ class LatencyTable:
         return {"backend": self.backend, "batch_size": self.batch_size, "block": self.block,
                 "dense_ms": self.dense_ms, "layers": self.layers, "shapes": self.shapes}
 
-    def save(self, path) -> None:
+    def save(self, path: str | Path) -> None:
         """Write the table as JSON (through a temporary file, so a kill leaves no half-written table)."""
-        from pathlib import Path
-
         path = Path(path)
         tmp = path.with_name(path.name + ".tmp")
         tmp.write_text(json.dumps(self.to_dict(), indent=1))
         tmp.replace(path)
 
     @classmethod
-    def load(cls, path, trace=None) -> LatencyTable:
+    def load(cls, path: str | Path, trace: ModelTrace | None = None) -> LatencyTable:
         """Read a table written by :meth:`save`; with ``trace``, check that it describes that model's layers."""
         try:
-            d = json.loads(open(path).read())
+            d = json.loads(Path(path).read_text())
             table = cls(d["backend"], int(d["batch_size"]), int(d["block"]), float(d["dense_ms"]), d["layers"],
                         d["shapes"])
-        except (OSError, ValueError, KeyError, TypeError) as e:
+        except (OSError, ValueError, KeyError, TypeError, IndexError, ZeroDivisionError) as e:
             raise UserError(f"cannot read latency table {path}: {e}") from e
         if trace is not None:
             want = {n: k for n, (k, _, _) in cls._shape_keys(trace).items()}
@@ -286,5 +290,5 @@ class LatencyBudget:
         if not 0.0 < self.fraction <= 1.0:
             raise UserError(f"latency budget {self.fraction} must be a fraction of dense latency in (0, 1]")
 
-    def fits(self, trace, kept: dict[str, int]) -> bool:
+    def fits(self, trace: ModelTrace, kept: dict[str, int]) -> bool:
         return self.table.ratio(trace, kept) <= self.fraction

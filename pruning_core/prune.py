@@ -1,5 +1,6 @@
 """Physical channel removal and the ratio helpers (uniform for a FLOPs target, Taylor global ranking), with an
-optional predicted-latency budget on top of the FLOPs one."""
+optional predicted-latency budget on top of the FLOPs one.
+"""
 
 from __future__ import annotations
 

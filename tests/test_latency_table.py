@@ -7,8 +7,17 @@ from test_envs import BudgetOnlyEnv
 from test_pruning_core import randomise
 
 from agent.cli import main
-from pruning_core import (LatencyBudget, LatencyTable, UserError, build_model, global_ratios, kept_counts,
-                          layer_macs, trace_model, uniform_ratios)
+from pruning_core import (
+    LatencyBudget,
+    LatencyTable,
+    UserError,
+    build_model,
+    global_ratios,
+    kept_counts,
+    layer_macs,
+    trace_model,
+    uniform_ratios,
+)
 from pruning_core.latency import _grid
 
 
