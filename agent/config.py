@@ -93,9 +93,10 @@ class TrainConfig:
     helps at 50% FLOPs (test 84.15% over 6 seeds against 83.71% over 3; training-image score 90.0 against
     89.2) and hurts at 30% (55.69 against 60.34%, 3 seeds each; 58.4 against 62.4), where the best of 20 random
     episodes is a poor anchor that std 0.3 does not escape; so it is off by default
-    (bench/results/search_substage_warmup*.json). Turn it on with ``round_to`` 8: on that coarse grid (with a
-    latency budget) plain PPO explored only 10-11 distinct allocations in 120 episodes and kept a 75.81% model,
-    with cloning 79.09% against 79.25% for random search (bench/results/search_latency*.json)."""
+    (bench/results/search_substage_warmup*.json). Turn it on with ``round_to`` 8: on that coarse grid plain PPO
+    explores only 10-20 distinct allocations in 120 episodes. At 50% FLOPs it kept 78.47% models, with cloning
+    82.10% (random search 82.79%); under a 0.6 latency budget 75.81% and 79.09% (random 79.25%)
+    (bench/results/search_substage_r8*.json, search_latency*.json)."""
     baseline: bool = True
     """Subtract a moving average of past episode rewards from the reward (AMC's baseline)."""
     hidden: int = 64
