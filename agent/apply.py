@@ -125,10 +125,7 @@ def apply_policy(policy: str | Path | PortablePolicy, model: str | nn.Module, we
     if finetune_epochs > 0:
         session.finetune(pruned, finetune_epochs, progress=progress)
     if budget is not None:
-        transfer["latency_budget"] = {
-            "backend": budget.table.backend, "batch_size": budget.table.batch_size, "max_latency": max_latency,
-            "predicted_ratio": round(budget.table.ratio(session.trace, kept_counts(session.trace, ratios,
-                                                                                    round_to)), 4)}
+        transfer["latency_budget"] = budget.report(session.trace, kept_counts(session.trace, ratios, round_to))
     report = session.report(pruned, ratios, "rl-transfer", seed, time.perf_counter() - started, round_to=round_to,
                             acc_before_finetune=acc_before, finetune_epochs=finetune_epochs, transfer=transfer)
     if latency:

@@ -157,10 +157,7 @@ def prune_command(args: argparse.Namespace) -> dict:
         ratios, method = uniform_ratios(session.trace, args.flops, args.max_ratio, args.round_to,
                                         budget), args.method
     if budget is not None:
-        extra["latency_budget"] = {
-            "backend": budget.table.backend, "batch_size": budget.table.batch_size, "max_latency": args.max_latency,
-            "predicted_ratio": round(budget.table.ratio(session.trace, kept_counts(session.trace, ratios,
-                                                                                    args.round_to)), 4)}
+        extra["latency_budget"] = budget.report(session.trace, kept_counts(session.trace, ratios, args.round_to))
     timings = dict(session.timings)
     model = session.build(ratios, args.round_to, adapt=args.adapt_bn, timings=timings)
     return finish(session, model, ratios, method, args, started, timings=timings, **extra)

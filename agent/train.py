@@ -132,11 +132,8 @@ def _finish(config: TrainConfig, search: Search) -> dict:
              "best_episode": best["episode"], "best_reward": best["reward"], "algo": config.algo,
              "policy_episode": done["policy_episode"], "rescored": done["rescored"]}
     if env.latency_budget is not None:
-        table = env.latency_budget.table
-        stats["latency_budget"] = {
-            "backend": table.backend, "batch_size": table.batch_size, "max_latency": config.max_latency,
-            "predicted_ratio": round(table.ratio(session.trace, kept_counts(session.trace, kept["ratios"],
-                                                                             config.round_to)), 4)}
+        stats["latency_budget"] = env.latency_budget.report(
+            session.trace, kept_counts(session.trace, kept["ratios"], config.round_to))
     report = session.report(model, kept["ratios"], "rl", config.seed, search.search_s + time.perf_counter() - started,
                             round_to=config.round_to, acc_before_finetune=acc_before,
                             finetune_epochs=config.finetune_epochs, search=stats)

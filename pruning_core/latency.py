@@ -292,3 +292,8 @@ class LatencyBudget:
 
     def fits(self, trace: ModelTrace, kept: dict[str, int]) -> bool:
         return self.table.ratio(trace, kept) <= self.fraction
+
+    def report(self, trace: ModelTrace, kept: dict[str, int]) -> dict:
+        """The budget and what it predicts for ``kept``, as reports record it."""
+        return {"backend": self.table.backend, "batch_size": self.table.batch_size, "max_latency": self.fraction,
+                "predicted_ratio": round(self.table.ratio(trace, kept), 4)}
