@@ -74,6 +74,10 @@ def test_measured_table_predicts_dense_and_round_trips(tmp_path):
         LatencyTable.load(path)
     with pytest.raises(UserError, match="unknown latency backend"):
         LatencyTable.measure(model, trace, "tensorrt")
+    coarse = LatencyTable.measure(model, trace, "torch", 1, min_run_time=0.001, max_timings=20)
+    timings = sum(len(e["in"]) * len(e["out"]) for e in coarse.layers.values())
+    assert timings < ticks[-1][1] and coarse.layers.keys() == table.layers.keys()
+    assert all(e["out"][-1] == table.layers[k]["out"][-1] for k, e in coarse.layers.items())  # full width kept
 
 
 def test_budget_helpers_and_env_keep_both_budgets():
