@@ -84,11 +84,13 @@ def transfer_table(res: dict) -> list[str]:
 
 def scale_table(res: dict) -> list[str]:
     lines = ["| model | nodes | edges | groups | trace s | GNN fwd ms (1 obs) | GNN fwd+bwd ms (256 obs) | "
-             "prune ms | adapt-BN s (10x64) |", "|---|---|---|---|---|---|---|---|---|"]
+             "prune ms | adapt-BN s (10x64) | latency table s (ORT b1, timings) |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for name, r in res["models"].items():
+        table = (f"{r['latency_table_s']:.1f} ({r['latency_table_timings']})" if "latency_table_s" in r else "–")
         lines.append(f"| {name} | {r['graph_nodes']} | {r['graph_edges']} | {r['groups']} | {r['trace_s']:.3f} | "
                      f"{r['gnn_forward_ms']:.1f} | {r['gnn_fwd_bwd_b256_ms']:.0f} | {r['prune_ms']:.1f} | "
-                     f"{r['adapt_bn_10x64_s']:.2f} |")
+                     f"{r['adapt_bn_10x64_s']:.2f} | {table} |")
     return lines
 
 

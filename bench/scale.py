@@ -1,4 +1,4 @@
-"""How trace, graph, GNN, pruning and adaptive BN costs grow with depth (random-init models, CPU).
+"""How trace, graph, GNN, pruning, adaptive BN and latency-table costs grow with depth (random-init models, CPU).
 
     python bench/scale.py
 """
@@ -13,7 +13,16 @@ from common import write_result
 
 from envs import PruneEnv
 from graph_encoder import GraphFeaturesExtractor
-from pruning_core import PruningSession, SessionConfig, adapt_bn, build_model, prune, trace_model, uniform_ratios
+from pruning_core import (
+    LatencyTable,
+    PruningSession,
+    SessionConfig,
+    adapt_bn,
+    build_model,
+    prune,
+    trace_model,
+    uniform_ratios,
+)
 from pruning_core.data import CIFAR_MEAN, CIFAR_STD, ImageData, Split
 
 MODELS = ["resnet20", "resnet56", "resnet110", "mobilenetv2", "vgg16_bn"]
@@ -46,11 +55,16 @@ def measure(name: str, data: ImageData) -> dict:
     prune_s = median_s(lambda: prune(session.model, ratios, session.scores, session.trace), 5)
     pruned = prune(session.model, ratios, session.scores, session.trace)
     adapt_s = median_s(lambda: adapt_bn(pruned, session.splits.calib, 10, 64), 3)
+    t = time.perf_counter()  # what --max-latency costs up front: ONNX Runtime at batch 1
+    table = LatencyTable.measure(session.model, session.trace, "onnxruntime", 1)
+    table_s = time.perf_counter() - t
     return {"graph_nodes": len(session.trace.nodes), "graph_edges": len(session.trace.edges),
             "groups": len(session.trace.groups), "excluded_groups": len(session.trace.excluded),
             "flops": session.flops_dense, "params": session.params_dense, "trace_s": trace_s,
             "score_s_1batch": session.timings["score_s"], "gnn_forward_ms": 1000 * gnn_s,
-            "gnn_fwd_bwd_b256_ms": 1000 * gnn_b256_s, "prune_ms": 1000 * prune_s, "adapt_bn_10x64_s": adapt_s}
+            "gnn_fwd_bwd_b256_ms": 1000 * gnn_b256_s, "prune_ms": 1000 * prune_s, "adapt_bn_10x64_s": adapt_s,
+            "latency_table_s": table_s,
+            "latency_table_timings": sum(len(e["in"]) * len(e["out"]) for e in table.layers.values())}
 
 
 def main() -> None:
