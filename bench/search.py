@@ -4,6 +4,7 @@ Every method uses the same session: the same Taylor scores, reward split, calibr
 search methods) the same number of pruned-model evaluations. Test images are only used for reporting.
 
     python bench/search.py --targets 0.5 0.3 --episodes 100 --seeds 0 1 2 --algos ddpg ppo
+    python bench/search.py --targets 0.5 --round-to 8 --max-latency 0.6 --algos ppo --name search_latency  # + latency
 """
 
 from __future__ import annotations
