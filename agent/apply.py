@@ -16,7 +16,8 @@ from agent.outputs import add_latency, write_pruned
 from agent.policy import PortablePolicy, load_policy
 from agent.search import Search, keep_best
 from envs import PruneEnv
-from pruning_core import ImageData, LatencyBudget, PruningSession, SessionConfig, UserError, accuracy, kept_counts
+from pruning_core import ImageData, LatencyBudget, PruningSession, SessionConfig, accuracy, kept_counts
+from pruning_core.latency import check_max_latency
 
 __all__ = ["apply_policy", "policy_ratios", "run_episode"]
 
@@ -71,8 +72,8 @@ def apply_policy(policy: str | Path | PortablePolicy, model: str | nn.Module, we
     flops = flops if flops is not None else trained["flops"]
     round_to = round_to if round_to is not None else trained.get("round_to")
     max_latency = max_latency if max_latency is not None else trained.get("max_latency")
-    if max_latency is not None and not 0.0 < max_latency <= 1.0:
-        raise UserError(f"--max-latency {max_latency} must be a fraction of dense latency in (0, 1]")
+    if max_latency is not None:
+        check_max_latency(max_latency)
     if session is None:
         session = PruningSession(model, weights, data, SessionConfig(
             reward_images=reward_images, calib_batches=calib_batches, select_images=select_images, seed=seed))

@@ -24,7 +24,7 @@ from pruning_core import (
     kept_counts,
     uniform_ratios,
 )
-from pruning_core.latency import BACKENDS
+from pruning_core.latency import BACKENDS, check_max_latency
 from pruning_core.prune import check_ratios
 
 log = logging.getLogger("prunepilot")
@@ -129,8 +129,7 @@ def prune_command(args: argparse.Namespace) -> dict:
     if args.max_latency is not None:
         if args.ratios:
             raise UserError("--max-latency shapes a --method allocation; a --ratios file is used as it is")
-        if not 0.0 < args.max_latency <= 1.0:
-            raise UserError(f"--max-latency {args.max_latency} must be a fraction of dense latency in (0, 1]")
+        check_max_latency(args.max_latency)
     session = PruningSession(args.model, args.weights, args.data,
                              session_config(args, "l1" if args.method == "l1-uniform" else "taylor"))
     budget, extra = None, {}

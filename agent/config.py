@@ -6,7 +6,7 @@ from dataclasses import asdict, dataclass, fields
 
 from envs.prune_env import ACTION_CENTERS, GRANULARITIES
 from pruning_core.errors import UserError
-from pruning_core.latency import BACKENDS
+from pruning_core.latency import BACKENDS, check_max_latency
 
 ALGOS = ("ddpg", "td3", "sac", "ppo")
 
@@ -137,8 +137,8 @@ class TrainConfig:
             raise UserError(f"--flops {self.flops} must be in (0, 1]")
         if self.rescore_top < 0 or self.select_images < 0:
             raise UserError("--rescore-top and --select-images must be >= 0")
-        if self.max_latency is not None and not 0.0 < self.max_latency <= 1.0:
-            raise UserError(f"--max-latency {self.max_latency} must be a fraction of dense latency in (0, 1]")
+        if self.max_latency is not None:
+            check_max_latency(self.max_latency)
         if self.latency_backend not in BACKENDS:
             raise UserError(f"unknown latency backend {self.latency_backend!r}; use one of {', '.join(BACKENDS)}")
         if self.latency_batch < 1:

@@ -24,8 +24,8 @@ from pruning_core.errors import UserError
 if TYPE_CHECKING:
     from pruning_core.graph import ModelTrace
 
-__all__ = ["BACKENDS", "LatencyBudget", "LatencyTable", "compare_latency", "deploy_form", "latency_runner",
-           "measure_latency", "time_runner"]
+__all__ = ["BACKENDS", "LatencyBudget", "LatencyTable", "check_max_latency", "compare_latency", "deploy_form",
+           "latency_runner", "measure_latency", "time_runner"]
 
 BACKENDS = ("torch", "torch-cl", "onnxruntime")
 
@@ -201,12 +201,12 @@ class LatencyTable:
             raise UserError(f"unknown latency backend {backend!r}; use one of {', '.join(BACKENDS)}")
         if block < 1:
             raise UserError(f"latency table block must be >= 1, got {block}")
-        shapes: dict[str, str] = {}
+        keys = cls._shape_keys(trace)
+        shapes = {name: key for name, (key, _, _) in keys.items()}
         points = 16
         while True:  # coarsen the grid until the table takes at most max_timings timings
             todo: dict[str, tuple] = {}
-            for name, (key, free_in, free_out) in cls._shape_keys(trace).items():
-                shapes[name] = key
+            for name, (key, free_in, free_out) in keys.items():
                 if key not in todo:
                     info = trace.layers[name]
                     ins = _grid(info.in_channels, block, points) if free_in else [info.in_channels]
@@ -286,6 +286,15 @@ class LatencyTable:
         return table
 
 
+def check_max_latency(fraction: float, name: str = "--max-latency") -> float:
+    """``fraction`` if it is a latency budget as a fraction of dense latency, in (0, 1]; else a :class:`UserError`
+    naming it as ``name``. Commands call it before any work; :class:`LatencyBudget` calls it too.
+    """
+    if not 0.0 < fraction <= 1.0:
+        raise UserError(f"{name} {fraction} must be a fraction of dense latency in (0, 1]")
+    return fraction
+
+
 @dataclass(frozen=True)
 class LatencyBudget:
     """A cap on predicted latency: at most ``fraction`` of the dense model's, by ``table``."""
@@ -294,8 +303,7 @@ class LatencyBudget:
     fraction: float
 
     def __post_init__(self) -> None:
-        if not 0.0 < self.fraction <= 1.0:
-            raise UserError(f"latency budget {self.fraction} must be a fraction of dense latency in (0, 1]")
+        check_max_latency(self.fraction, "latency budget")
 
     def fits(self, trace: ModelTrace, kept: dict[str, int]) -> bool:
         return self.table.ratio(trace, kept) <= self.fraction
