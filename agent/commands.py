@@ -45,7 +45,8 @@ def train_command_parser(subparsers) -> None:
     p.add_argument("--granularity", choices=GRANULARITIES, help=_field_help("granularity"))
     p.add_argument("--action-center", choices=ACTION_CENTERS, help=_field_help("action_center"))
     p.add_argument("--latency-backend", choices=BACKENDS, help=_field_help("latency_backend"))
-    for name, typ in (("flops", float), ("episodes", int), ("seed", int), ("max_ratio", float), ("round_to", int),
+    for name, typ in (("flops", float), ("episodes", int), ("evaluations", int), ("seed", int), ("max_ratio", float),
+                      ("round_to", int),
                       ("max_latency", float), ("latency_batch", int),
                       ("reward_images", int), ("calib_batches", int), ("rescore_top", int), ("select_images", int),
                       ("warmup_episodes", int),
@@ -66,12 +67,13 @@ def train_command_parser(subparsers) -> None:
 def train_command(args: argparse.Namespace) -> dict:
     from agent.train import resume, train
     if args.resume:
-        given = [f.name for f in fields(TrainConfig) if f.name not in ("episodes",)
+        given = [f.name for f in fields(TrainConfig) if f.name not in ("episodes", "evaluations")
                  and getattr(args, f.name, None) is not None]
         if given:
             raise UserError(f"--resume continues a run with its own settings; drop {', '.join('--' + g for g in given)}"
-                            " (only --episodes may change)")
-        report = resume(args.resume, episodes=args.episodes, progress=not args.no_progress and None)
+                            " (only --episodes and --evaluations may change)")
+        report = resume(args.resume, episodes=args.episodes, progress=not args.no_progress and None,
+                        evaluations=args.evaluations)
     else:
         if not args.model:
             raise UserError("--model is required (or --resume RUN_DIR)")

@@ -24,7 +24,12 @@ class TrainConfig:
     flops: float = 0.5
     """FLOPs budget as a fraction of dense; every episode meets it."""
     episodes: int = 120
-    """Episodes (one pruned-model evaluation each, cached repeats included)."""
+    """Episodes (one pruned-model evaluation each, cached repeats included); with ``evaluations``, their cap."""
+    evaluations: int | None = None
+    """Stop once this many distinct pruned models have been evaluated (``episodes`` still caps the episodes). An
+    episode that repeats an evaluated allocation reuses its cached reward and costs only the agent's step, so the
+    evaluations, not the episodes, are what a search costs; on a coarse grid (``round_to`` 8) a converging PPO
+    otherwise spends most of its episodes on repeats (10-20 distinct allocations in 120 episodes on ResNet-56)."""
     algo: str = "ppo"
     """SB3 algorithm: ppo (measured best here), ddpg (AMC's choice), td3 or sac."""
     reward: str = "acc"
@@ -133,6 +138,8 @@ class TrainConfig:
             raise UserError(f"unknown action center {self.action_center!r}; use one of {', '.join(ACTION_CENTERS)}")
         if self.episodes < 1:
             raise UserError("--episodes must be at least 1")
+        if self.evaluations is not None and self.evaluations < 1:
+            raise UserError(f"--evaluations must be at least 1, got {self.evaluations}")
         if not 0.0 < self.flops <= 1.0:
             raise UserError(f"--flops {self.flops} must be in (0, 1]")
         if self.rescore_top < 0 or self.select_images < 0:

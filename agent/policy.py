@@ -101,7 +101,7 @@ def save_policy(algo, config: TrainConfig, best: dict | None, out: str | Path) -
                                   f"centre, one step per {config.granularity} (see envs.PruneEnv)"},
         "training": {"model": config.model, "data": config.data, "flops": config.flops,
                      "max_ratio": config.max_ratio, "reward": config.reward, "episodes": config.episodes,
-                     "seed": config.seed, "round_to": config.round_to,
+                     "evaluations": config.evaluations, "seed": config.seed, "round_to": config.round_to,
                      # the action space the policy learned in; apply must replay the same one
                      "granularity": config.granularity, "action_center": config.action_center,
                      # the latency budget it searched under (a table is measured again for each new model)

@@ -125,7 +125,7 @@ class _EpisodeCallback(BaseCallback):
         for done, info in zip(self.locals["dones"], self.locals["infos"]):
             if done:
                 self.search.on_episode_end(info)
-        return self.search.episodes_done < self.search.target_episodes
+        return not self.search.budget_spent()
 
     def _on_rollout_end(self) -> None:
         # after the rollout's transitions are stored: the replay buffer holds whole episodes only
@@ -152,6 +152,7 @@ class Search:
         self.history: list[dict] = []
         self.episodes_done = 0
         self.target_episodes = 0
+        self.target_evaluations: int | None = None
         self.search_s = 0.0
         # PPO's warm-up: the applied actions of its best random episode, and whether the policy was fitted to them
         self.warmup_best: list[float] | None = None
@@ -219,16 +220,29 @@ class Search:
             self._calibrate_sde(self.algo, self.config.init_std)  # the loaded latent has its own scale
 
     # ---- the loop ------------------------------------------------------------------------------------
-    def run(self, episodes: int) -> dict:
-        """Search until ``episodes`` episodes are done in total; return the best episode."""
-        self.target_episodes = episodes
-        remaining = episodes - self.episodes_done
-        if remaining <= 0:
+    @property
+    def evaluations_done(self) -> int:
+        """Distinct allocations evaluated so far (the env's cache of rewards)."""
+        return len(self.env.cache)
+
+    def budget_spent(self) -> bool:
+        """Whether the episodes, or the distinct evaluations if there is a budget on them, are used up."""
+        return self.episodes_done >= self.target_episodes or (
+            self.target_evaluations is not None and self.evaluations_done >= self.target_evaluations)
+
+    def run(self, episodes: int, evaluations: int | None = None) -> dict:
+        """Search until ``episodes`` episodes are done in total, or ``evaluations`` distinct allocations have been
+        evaluated (episodes that hit the env's cache cost no evaluation); return the best episode.
+        """
+        self.target_episodes, self.target_evaluations = episodes, evaluations
+        if self.budget_spent():
             return self.best
         if self.config.progress:
             from tqdm.auto import tqdm
-            self._bar = tqdm(total=episodes, initial=self.episodes_done, desc=f"search {self.config.algo}",
-                             unit="ep", dynamic_ncols=True, disable=None)
+            total, done, unit = ((evaluations, self.evaluations_done, "eval") if evaluations is not None
+                                 else (episodes, self.episodes_done, "ep"))
+            self._bar = tqdm(total=total, initial=done, desc=f"search {self.config.algo}", unit=unit,
+                             dynamic_ncols=True, disable=None)
         if self.run_dir:
             from torch.utils.tensorboard import SummaryWriter
             self._writer = SummaryWriter(str(self.run_dir / "tb" / "episodes"))
@@ -238,7 +252,7 @@ class Search:
             if isinstance(self.algo, PPO) and self.config.clone_warmup and self.config.warmup_episodes > 0:
                 self._ppo_warmup()
             remaining = episodes - self.episodes_done
-            if remaining > 0:
+            if not self.budget_spent():
                 self.algo.learn(remaining * self.steps_per_episode, callback=_EpisodeCallback(self),
                                 reset_num_timesteps=False, tb_log_name="sb3")
         finally:
@@ -260,7 +274,7 @@ class Search:
         The actions of episode ``i`` come from ``seed`` and ``i`` alone, so a resumed warm-up draws what an
         uninterrupted one would have.
         """
-        while self.episodes_done < min(self.config.warmup_episodes, self.target_episodes):
+        while self.episodes_done < self.config.warmup_episodes and not self.budget_spent():
             rng = np.random.default_rng([self.config.seed, self.episodes_done])
             self.wrapped.reset()
             applied, done = [], False
@@ -327,9 +341,12 @@ class Search:
         if self.noise is not None and self.episodes_done <= self.config.warmup_episodes:
             self.noise.sigma = self.config.noise_sigma  # no decay while actions are still random
         if self._bar is not None:
-            self._bar.update(1)
+            if self.target_evaluations is None:
+                self._bar.update(1)
+            else:
+                self._bar.update(self.evaluations_done - self._bar.n)
             self._bar.set_postfix(best=f"{self.best['reward']:.4f}", acc=f"{self.best['acc']:.2f}",
-                                  flops=f"{self.best['flops_ratio']:.3f}")
+                                  flops=f"{self.best['flops_ratio']:.3f}", ep=self.episodes_done)
         if self.episodes_done % self.config.checkpoint_every == 0:
             self._checkpoint_due = True
 

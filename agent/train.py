@@ -88,10 +88,12 @@ def train(config: TrainConfig | None = None, session: PruningSession | None = No
     return _finish(config, search)
 
 
-def resume(run_dir: str | Path, episodes: int | None = None, progress: bool | None = None) -> dict:
+def resume(run_dir: str | Path, episodes: int | None = None, progress: bool | None = None,
+           evaluations: int | None = None) -> dict:
     """Continue a killed or finished run from its last checkpoint (losing at most ``checkpoint_every`` episodes).
 
     :param episodes: a new total episode budget (default: the run's own).
+    :param evaluations: a new budget of distinct evaluations (default: the run's own).
     """
     run_dir = Path(run_dir)
     cfg_path = run_dir / "config.json"
@@ -100,6 +102,9 @@ def resume(run_dir: str | Path, episodes: int | None = None, progress: bool | No
     config = TrainConfig.from_dict(json.loads(cfg_path.read_text()))
     if episodes is not None:
         config.episodes = episodes
+    if evaluations is not None:
+        config.evaluations = evaluations
+    config.validate()
     if progress is not None:
         config.progress = progress
     config.out = str(run_dir)
@@ -113,7 +118,7 @@ def resume(run_dir: str | Path, episodes: int | None = None, progress: bool | No
 
 def _finish(config: TrainConfig, search: Search) -> dict:
     run_dir, env = Path(config.out), search.env
-    best = search.run(config.episodes)
+    best = search.run(config.episodes, config.evaluations)
     eval_s = env.evaluation_s  # the search's own share, before the policy episode and the re-scoring
     write_json(run_dir / "history.json", search.history)
     session = env.session
@@ -125,7 +130,8 @@ def _finish(config: TrainConfig, search: Search) -> dict:
     if config.finetune_epochs > 0:
         session.finetune(model, config.finetune_epochs, progress=config.progress)
     uniform = uniform_ratios(session.trace, config.flops, config.max_ratio, config.round_to, env.latency_budget)
-    stats = {"episodes": search.episodes_done, "search_s": round(search.search_s, 2),
+    stats = {"episodes": search.episodes_done, "evaluations": search.evaluations_done,
+             "search_s": round(search.search_s, 2),
              "episodes_per_min": round(60 * search.episodes_done / max(search.search_s, 1e-9), 2),
              "env_eval_s": round(eval_s, 2), "agent_share": round(max(0.0, 1 - eval_s / max(search.search_s,
                                                                                           1e-9)), 4),

@@ -16,12 +16,24 @@ def fmt(v, nd=2):
     return "–" if v is None else f"{v:.{nd}f}"
 
 
+def budget(config: dict) -> str:
+    """A search benchmark's budget: episodes, or distinct evaluations (cache hits free) with a cap on episodes."""
+    if config.get("evaluations"):
+        return f"{config['evaluations']} distinct evaluations (at most {config['episodes']} episodes)"
+    return f"{config['episodes']} episodes"
+
+
+def evals(r: dict) -> str:
+    """Distinct evaluations / episodes of one search run."""
+    return f"{r['unique_evaluations']} / {r['episodes']}" if "unique_evaluations" in r else "–"
+
+
 def search_table(res: dict) -> list[str]:
     d = res["dense"]
     lines = [f"Dense ResNet-56: test {d['acc_test']:.2f}%, latency {d['latency_b1_ms']:.2f} ms (b1) / "
              f"{d['latency_b64_ms']:.1f} ms (b64). Reward split: {res['config']['reward_images']} training images; "
              f"{res['config']['calib_batches']} x 64 calibration images; evaluation budget "
-             f"{res['config']['episodes']} episodes per search method; fine-tune: {res['config']['finetune_epochs']} "
+             f"{budget(res['config'])} per search method; fine-tune: {res['config']['finetune_epochs']} "
              "epoch(s) SGD + KD from the dense model on the 5,085 training images. Rows with seeds: mean ± std; RL "
              f"settings {res.get('rl_config', 'TrainConfig defaults at the time of the run')}. Speed-ups here are "
              "timed inside the run; bench/latency.py's table times them alone.", ""]
@@ -39,9 +51,9 @@ def search_table(res: dict) -> list[str]:
                      "more training images and keep the best over both splits; 'best episode' is the test accuracy "
                      "of the best reward-split episode, what they kept before re-scoring.")
     lines += ["| target | method | FLOPs | params | reward acc | test acc (adapt-BN) | best episode test acc | "
-              "test acc (fine-tuned) | search s | ep/min | agent share | speed-up b1 | speed-up b64 | "
-              "FLOPs speed-up |" + (" predicted latency |" if lat else ""),
-              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|" + ("---|" if lat else "")]
+              "test acc (fine-tuned) | search s | evals / episodes | ep/min | agent share | speed-up b1 | "
+              "speed-up b64 | FLOPs speed-up |" + (" predicted latency |" if lat else ""),
+              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|" + ("---|" if lat else "")]
     for target, rows in res["targets"].items():
         for method, r in rows.items():
             if "runs" in r:
@@ -54,7 +66,7 @@ def search_table(res: dict) -> list[str]:
                       else f"{fmt(r['runs'][0].get('acc_test_finetuned'))} (seed 0)")
                 lines.append(f"| {target} | {method} ({n} seeds) | {ms('flops_ratio', 3)} | – | {ms('acc_reward')} | "
                              f"{ms('acc_test')} | {ms('search_best_acc_test')} | {ft} | "
-                             f"{ms('search_s', 0)} | "
+                             f"{ms('search_s', 0)} | {', '.join(evals(x) for x in r['runs'])} | "
                              f"{ms('episodes_per_min', 1)} | {ms('agent_share', 3)} | {ms('speedup_b1')} | "
                              f"{ms('speedup_b64')} | {fmt(1 / s['flops_ratio']['mean'])} |"
                              + (f" {ms('latency_pred_ratio', 3)} |" if lat else ""))
@@ -62,7 +74,7 @@ def search_table(res: dict) -> list[str]:
                 lines.append(f"| {target} | {method} | {r['flops_ratio']:.3f} | {r['params_ratio']:.3f} | "
                              f"{r['acc_reward']:.2f} | {r['acc_test']:.2f} | {fmt(r.get('search_best_acc_test'))} | "
                              f"{fmt(r.get('acc_test_finetuned'))} | "
-                             f"{r.get('search_s', 0):.0f} | {fmt(r.get('episodes_per_min'), 1)} | "
+                             f"{r.get('search_s', 0):.0f} | {evals(r)} | {fmt(r.get('episodes_per_min'), 1)} | "
                              f"{fmt(r.get('agent_share'), 3)} | {r['speedup_b1']:.2f} | {r['speedup_b64']:.2f} | "
                              f"{r['flops_speedup']:.2f} |"
                              + (f" {fmt(r.get('latency_pred_ratio'), 3)} |" if lat else ""))

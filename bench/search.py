@@ -1,10 +1,13 @@
 """Side-by-side search benchmark on the shared ResNet-56 (see ../shared/DESIGN.md, benchmark protocol).
 
 Every method uses the same session: the same Taylor scores, reward split, calibration batches, and (for the
-search methods) the same number of pruned-model evaluations. Test images are only used for reporting.
+search methods) the same budget: ``--episodes``, or with ``--evaluations`` the same number of distinct pruned-model
+evaluations (an episode that repeats an evaluated allocation reuses its cached reward, so a converging agent
+would otherwise evaluate fewer models than random search). Test images are only used for reporting.
 
     python bench/search.py --targets 0.5 0.3 --episodes 100 --seeds 0 1 2 --algos ddpg ppo
     python bench/search.py --targets 0.5 --round-to 8 --max-latency 0.6 --algos ppo --name search_latency  # + latency
+    python bench/search.py --targets 0.5 --round-to 8 --evaluations 120 --episodes 600 --algos ppo  # equal evaluations
 """
 
 from __future__ import annotations
@@ -28,39 +31,43 @@ from pruning_core.latency import BACKENDS
 
 def random_search(session: PruningSession, target: float, episodes: int, seed: int, max_ratio: float,
                   granularity: str = "group", rescore_top: int = TrainConfig.rescore_top,
-                  round_to: int | None = None, latency: LatencyBudget | None = None) -> dict:
+                  round_to: int | None = None, latency: LatencyBudget | None = None,
+                  evaluations: int | None = None) -> dict:
     """EagleEye-style: ``episodes`` random ratio vectors (one ratio per group, or per stage) pushed into the budget
-    by the env's clamp; the best by reward, re-scored like the agent's (``agent.train.keep_best``)."""
+    by the env's clamp, or as many as it takes to evaluate ``evaluations`` distinct allocations (at most
+    ``episodes``); the best by reward, re-scored like the agent's (``agent.train.keep_best``)."""
     # actions uniform in [-1, 1] around the fixed uniform allocation
     env = PruneEnv(session=session, flops=target, max_ratio=max_ratio, granularity=granularity,
                    action_center="uniform", round_to=round_to, latency_budget=latency)
     rng = np.random.default_rng(seed)
-    best, started = None, time.perf_counter()
-    for _ in range(episodes):
+    best, started, done = None, time.perf_counter(), 0
+    while done < episodes and (evaluations is None or len(env.cache) < evaluations):
         reward, info = run_episode(env, lambda _: rng.uniform(-1, 1, 1).astype(np.float32))
+        done += 1
         if best is None or reward > best["reward"]:
             best = {"reward": reward, "ratios": info["ratios"]}
     wall, eval_s = time.perf_counter() - started, env.evaluation_s
     t = time.perf_counter()
     kept, rescored = keep_best(env, best, rescore_top)
-    return {**kept_after_rescoring(kept, rescored, best, t), "search_s": wall, "episodes": episodes,
-            "episodes_per_min": 60 * episodes / wall, "agent_share": max(0.0, 1 - eval_s / wall),
+    return {**kept_after_rescoring(kept, rescored, best, t), "search_s": wall, "episodes": done,
+            "episodes_per_min": 60 * done / wall, "agent_share": max(0.0, 1 - eval_s / wall),
             "unique_evaluations": len(env.cache)}
 
 
 def rl_search(session: PruningSession, cfg: TrainConfig, table: LatencyTable | None = None) -> dict:
-    """One RL search on ``session`` as ``prunepilot train`` runs it: ``cfg.episodes - 1`` search episodes, the
-    learned policy's deterministic episode (a candidate like the others), then the re-scoring. Returns the kept
-    allocation and what the search cost."""
+    """One RL search on ``session`` as ``prunepilot train`` runs it: ``cfg.episodes - 1`` search episodes (or
+    until ``cfg.evaluations - 1`` distinct allocations are evaluated), the learned policy's deterministic episode
+    (a candidate like the others), then the re-scoring. Returns the kept allocation and what the search cost."""
     env = build_env(cfg, session, table)
     search = Search(cfg, env)
-    search.run(cfg.episodes - 1)
+    search.run(cfg.episodes - 1, cfg.evaluations - 1 if cfg.evaluations else None)
     eval_s = env.evaluation_s
     t = time.perf_counter()
     done = finish_search(search, cfg.rescore_top)
     return {**kept_after_rescoring(done["kept"], done["rescored"], done["best"], t), "search_s": search.search_s,
-            "policy_episode": done["policy_episode"], "episodes": cfg.episodes,
-            "episodes_per_min": 60 * cfg.episodes / search.search_s, "best_episode": done["best"]["episode"],
+            "policy_episode": done["policy_episode"], "episodes": search.episodes_done + 1,
+            "episodes_per_min": 60 * (search.episodes_done + 1) / search.search_s,
+            "best_episode": done["best"]["episode"],
             "agent_share": max(0.0, 1 - eval_s / search.search_s), "unique_evaluations": len(env.cache)}
 
 
@@ -90,7 +97,11 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="resnet56")
     p.add_argument("--targets", type=float, nargs="+", default=[0.5, 0.3])
-    p.add_argument("--episodes", type=int, default=100, help="evaluation budget of each search method")
+    p.add_argument("--episodes", type=int, default=100,
+                   help="episodes of each search method (its evaluation budget, cache hits included)")
+    p.add_argument("--evaluations", type=int, default=None,
+                   help="instead, a budget of distinct pruned-model evaluations per search method (episodes that "
+                        "repeat an evaluated allocation are free); --episodes then caps the episodes")
     p.add_argument("--warmup", type=int, default=25)
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--algos", nargs="+", default=["ppo", "ddpg"],
@@ -168,13 +179,16 @@ def main() -> None:
                 continue
             runs = []
             for seed in seeds:
-                print(f"== target {target}: {method} seed {seed} ({args.episodes} evaluations)", flush=True)
+                budget = (f"{args.evaluations} distinct evaluations, at most {args.episodes} episodes"
+                          if args.evaluations else f"{args.episodes} episodes")
+                print(f"== target {target}: {method} seed {seed} ({budget})", flush=True)
                 if algo is None:
                     r = random_search(session, target, args.episodes, seed, mr,
                                       "group" if method == "random" else args.granularity, args.rescore_top, rt,
-                                      latency)
+                                      latency, args.evaluations)
                 else:
-                    r = rl_search(session, TrainConfig(algo=algo, flops=target, episodes=args.episodes, seed=seed,
+                    r = rl_search(session, TrainConfig(algo=algo, flops=target, episodes=args.episodes,
+                                                       evaluations=args.evaluations, seed=seed,
                                                        max_ratio=mr, warmup_episodes=args.warmup, progress=False,
                                                        rescore_top=args.rescore_top, round_to=rt,
                                                        granularity=args.granularity,
@@ -186,7 +200,8 @@ def main() -> None:
                                             seed=seed, **r))
                 print(f"   reward-split {runs[-1]['acc_reward']:.2f}  test {runs[-1]['acc_test']:.2f} (search best "
                       f"{runs[-1]['search_best_acc_test']:.2f})  {runs[-1]['search_s']:.0f}s  agent share "
-                      f"{runs[-1]['agent_share']:.3f}", flush=True)
+                      f"{runs[-1]['agent_share']:.3f}  {runs[-1]['unique_evaluations']} evaluations in "
+                      f"{runs[-1]['episodes']} episodes", flush=True)
             rows[method] = runs[0] if len(runs) == 1 else {"runs": runs, "summary": summarise(runs, SUMMARY_KEYS)}
         results["targets"][str(target)] = rows
         write_result(args.name, results)  # after every target, so a long run leaves partial results

@@ -14,6 +14,7 @@ import torch
 from agent import Search, TrainConfig, apply_policy, load_policy, save_policy
 from agent.cli import main
 from envs import PruneEnv
+from pruning_core import UserError
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -74,6 +75,24 @@ def test_ppo_exploration_std_and_per_episode_noise(sde, digits_session):
     assert 0.24 < np.std(samples) < 0.36
 
 
+def test_evaluation_budget_counts_distinct_allocations_only(digits_session):
+    """With ``evaluations``, a search stops at that many distinct evaluated allocations: episodes that repeat
+    one (cache hits) are free, and ``episodes`` still caps the search when repeats are all it finds."""
+    varied = Search(tiny_config(algo="ppo", init_std=0.5, episodes=50, evaluations=3),
+                    PruneEnv(session=digits_session, flops=0.6))
+    varied.run(50, 3)
+    assert varied.evaluations_done == 3 == len(varied.env.cache) and not varied.history[-1]["cached"]
+    assert varied.episodes_done == len(varied.history) < 50
+    # a near-deterministic policy repeats one allocation: the cap on episodes ends the search
+    stuck = Search(tiny_config(algo="ppo", init_std=1e-4, episodes=8, evaluations=5),
+                   PruneEnv(session=digits_session, flops=0.6))
+    stuck.run(8, 5)
+    assert stuck.episodes_done == 8 and stuck.evaluations_done < 5
+    assert sum(h["cached"] for h in stuck.history) == 8 - stuck.evaluations_done > 0
+    with pytest.raises(UserError, match="--evaluations"):
+        tiny_config(evaluations=0).validate()
+
+
 def test_ppo_warmup_is_random_then_the_actor_starts_from_its_best_episode(digits_session):
     """With clone_warmup, PPO's warm-up episodes are uniformly random, seeded by episode index; then the actor is
     fitted to the best of them, so that before any PPO update its deterministic episode replays that allocation.
@@ -105,7 +124,6 @@ def test_policy_file_errors(digits_session, tmp_path):
     good = save_policy(search.algo, cfg, search.best, tmp_path / "p")
     zipped = save_policy(search.algo, cfg, search.best, tmp_path / "p.zip")
     assert load_policy(zipped).config == load_policy(good).config
-    from pruning_core import UserError
 
     weights = good / "policy.safetensors"
     blob = weights.read_bytes()
