@@ -270,12 +270,16 @@ class LatencyTable:
         tmp.replace(path)
 
     @classmethod
+    def from_dict(cls, d: dict) -> LatencyTable:
+        """The table :meth:`to_dict` wrote (e.g. the one a benchmark result records)."""
+        return cls(d["backend"], int(d["batch_size"]), int(d["block"]), float(d["dense_ms"]), d["layers"],
+                   d["shapes"])
+
+    @classmethod
     def load(cls, path: str | Path, trace: ModelTrace | None = None) -> LatencyTable:
         """Read a table written by :meth:`save`; with ``trace``, check that it describes that model's layers."""
         try:
-            d = json.loads(Path(path).read_text())
-            table = cls(d["backend"], int(d["batch_size"]), int(d["block"]), float(d["dense_ms"]), d["layers"],
-                        d["shapes"])
+            table = cls.from_dict(json.loads(Path(path).read_text()))
         except (OSError, ValueError, KeyError, TypeError, IndexError, ZeroDivisionError) as e:
             raise UserError(f"cannot read latency table {path}: {e}") from e
         if trace is not None:

@@ -119,6 +119,32 @@ def test_remaining_center_spends_the_budget(granularity):
             assert info["flops_ratio"] <= target + 1e-12
 
 
+def test_feasible_allocations_are_exactly_what_episodes_can_reach():
+    """The space an exhaustive search enumerates: every allocation meets the budget, and every allocation a
+    clamped episode reaches is among them (ResNet-56, substage, widths in multiples of 8)."""
+    from test_graph_encoder import _tiny_cifar
+
+    from pruning_core import PruningSession, SessionConfig, build_model
+    session = PruningSession(build_model("resnet56"), None, _tiny_cifar(),
+                             SessionConfig(reward_images=8, calib_batches=1, taylor_batches=1, batch_size=8))
+    env = BudgetOnlyEnv(session=session, flops=0.5, round_to=8, granularity="substage")
+    feasible = env.feasible_allocations()
+    keys = {tuple(k[g.name] for g in env.groups) for k in feasible}
+    assert len(keys) == len(feasible) == 186  # of 2 x 4 x 4 x 7 x 7 = 1,568 (stage 1's 16 channels: 8 or 16)
+    assert all(env.trace.flops(k) <= env.budget for k in feasible)
+    rng = np.random.default_rng(0)
+    reached = set()
+    for episode in range(150):
+        env.reset(seed=episode)
+        done = False
+        while not done:
+            _, _, done, _, info = env.step(np.array([rng.uniform(-1, 1)], np.float32))
+        reached.add(tuple(kept_channels(g.channels, info["ratios"][g.name], 8) for g in env.groups))
+    assert reached <= keys and len(reached) > 20
+    with pytest.raises(UserError, match="1568 allocations"):
+        env.feasible_allocations(limit=1000)
+
+
 def test_cache_and_seeding(digits_session):
     env = PruneEnv(session=digits_session, flops=0.6)
 
@@ -136,6 +162,8 @@ def test_cache_and_seeding(digits_session):
     assert a1 == a2 and r1 == r2
     assert not i1["cached"] and i2["cached"]
     assert env.timings["eval_s"] > 0
+    again, info = env.evaluate(env.kept)  # the last episode's allocation, evaluated directly: from the cache
+    assert again == r2 and info["cached"] and info["ratios"] == i2["ratios"]
 
 
 def test_bad_arguments(digits_session):
