@@ -177,13 +177,36 @@ def env_table(res: dict) -> list[str]:
             f"other {sh['other_s']:.1%}."]
 
 
-ORDER = ("search", "latency", "transfer", "ablation", "reward", "scale", "env")
+def exhaustive_table(res: dict) -> list[str]:
+    c = res["config"]
+    lines = [f"Every allocation of `{c['results']}`'s action space ({c['granularity']}, widths rounded to "
+             f"{c['round_to']}) within {c['target']} FLOPs"
+             + (f" and its {c['max_latency_searched']} latency budget" if c.get("max_latency_searched") else "")
+             + f": {res['feasible']} of {res['allocations_in_space']}, evaluated on the reward split in "
+             f"{res['search_s']:.0f} s; {res['within_1pt_of_best']} are within 1 point of the best. Kept rows: the "
+             "best after the same re-scoring as the search methods (with a latency budget: among the allocations "
+             f"that `{c.get('latency_table')}`'s table predicts within it).", "",
+             "| kept | allocations | rank | reward acc | test acc (adapt-BN) | FLOPs | predicted latency |",
+             "|---|---|---|---|---|---|---|"]
+    for name, r in next(iter(res["targets"].values())).items():
+        lines.append(f"| {name} | {r['feasible']} | {r.get('rank', '–')} | {fmt(r.get('acc_reward'))} | "
+                     f"{fmt(r.get('acc_test'))} | {fmt(r.get('flops_ratio'), 3)} | "
+                     f"{fmt(r.get('latency_pred_ratio'), 3)} |")
+    lines += ["", f"Rank, among all {res['feasible']}, of the allocation each method of `{c['results']}` kept:", "",
+              "| method | rank | reward acc | test acc | its distinct evaluations |", "|---|---|---|---|---|"]
+    for name, r in res["ranks"].items():
+        lines.append(f"| {name} | {r['rank'] or 'outside'} | {r['acc_reward']:.2f} | {r['acc_test']:.2f} | "
+                     f"{r['unique_evaluations'] or '–'} |")
+    return lines
+
+
+ORDER = ("search", "exhaustive", "latency", "transfer", "ablation", "reward", "scale", "env")
 README_START, README_END = "<!-- bench:start -->", "<!-- bench:end -->"
 
 
 def render_all() -> str:
-    renderers = {"search": search_table, "transfer": transfer_table, "scale": scale_table,
-                 "latency": latency_table, "ablation": ablation_table, "env": env_table,
+    renderers = {"search": search_table, "exhaustive": exhaustive_table, "transfer": transfer_table,
+                 "scale": scale_table, "latency": latency_table, "ablation": ablation_table, "env": env_table,
                  "reward": reward_signal_table}
     out = []
     paths = sorted(RESULTS.glob("*.json"), key=lambda p: (ORDER.index(p.stem.split("_")[0])

@@ -31,6 +31,8 @@ BACKENDS = ("torch", "torch-cl", "onnxruntime")
 
 log = logging.getLogger(__name__)
 
+MIN_PROBE_SPEEDUP = 1.1  # below it, LatencyTable does not fit an offset to its half-width probe
+
 
 def deploy_form(model: nn.Module) -> nn.Module:
     """A copy of ``model`` as a CPU deployment would run it in PyTorch: eval mode, every Conv+BN pair folded into
@@ -150,10 +152,14 @@ class LatencyTable:
     """Predicted latency of any pruned variant of one traced model, from per-layer timings on this machine.
 
     Every conv and linear layer is timed alone, at widths on a grid of multiples of ``block`` (the channel block
-    of the CPU kernels: 8 with AVX2), once per distinct layer shape and pruned dimension; a pruned model's latency
-    is the sum of its layers' entries, each looked up at its widths rounded up to the grid, times ``scale`` (the
-    dense model's measured latency over the sum of its entries). Entries are made monotone (a wider layer never
-    predicts faster), so a budget on the prediction can be bisected.
+    of the CPU kernels: 8 with AVX2), once per distinct layer shape and pruned dimension. A pruned model's latency
+    is ``offset_ms + scale * S``, with ``S`` the sum of its layers' entries, each looked up at its widths rounded
+    up to the grid. ``offset_ms`` and ``scale`` are fitted to two whole-model timings taken in pairs: the dense
+    model, and a probe with every prunable group at half width (rounded to the block). The offset is the time
+    the layers timed alone do not shrink with (the element-wise work on unpruned residual streams, layout
+    reorders, the runtime's own overhead); without it, a table made proportional to the dense timing alone
+    predicted pruned models 1-7% too fast. Entries are made monotone (a wider layer never predicts faster), so a
+    budget on the prediction can be bisected.
 
     This is NetAdapt's and AMC's latency lookup table. It predicts runtimes that fuse the non-conv work into the
     convs well: in ONNX Runtime at batch 64 on a 2-core AVX2 CPU, ResNet-56 models pruned with widths in
@@ -165,13 +171,28 @@ class LatencyTable:
     """
 
     def __init__(self, backend: str, batch_size: int, block: int, dense_ms: float, layers: dict[str, dict],
-                 shapes: dict[str, str]):
+                 shapes: dict[str, str], offset_ms: float = 0.0, probe: dict | None = None):
         self.backend, self.batch_size, self.block, self.dense_ms = backend, batch_size, block, dense_ms
         self.layers = layers  # shape key -> {"in": grid, "out": grid, "ms": [[ms per (in, out)]]}
         self.shapes = shapes  # layer name -> shape key
+        self.offset_ms = offset_ms
+        self.probe = probe  # the half-width probe's kept channels and measured speed-up, as fitted
         # the layers timed alone each convert their input and output layout, which the whole model does not:
-        # scale every entry so that the dense model predicts its own measured latency
-        self.scale = dense_ms / sum(e["ms"][-1][-1] for e in (layers[k] for k in shapes.values()))
+        # scale the entries so that the dense model predicts its own measured latency
+        self.scale = (dense_ms - offset_ms) / self._sum(shapes, layers, None, None)
+
+    @staticmethod
+    def _sum(shapes: dict[str, str], layers: dict[str, dict], trace: ModelTrace | None,
+             kept: dict[str, int] | None) -> float:
+        """Sum of the entries of every layer at ``kept``'s widths (the dense widths without ``trace``)."""
+        if trace is None:
+            return sum(layers[k]["ms"][-1][-1] for k in shapes.values())
+        total = 0.0
+        for name, key in shapes.items():
+            e = layers[key]
+            c_in, c_out, _ = trace.channels_of(name, kept)
+            total += e["ms"][_ceil(e["in"], c_in)][_ceil(e["out"], c_out)]
+        return total
 
     @staticmethod
     def _shape_keys(trace: ModelTrace) -> dict[str, tuple[str, bool, bool]]:
@@ -240,19 +261,43 @@ class LatencyTable:
                 for j in range(len(outs)):
                     ms[i][j] = max(ms[i][j], ms[i - 1][j] if i else 0.0, ms[i][j - 1] if j else 0.0)
             layers[key] = {"in": ins, "out": outs, "ms": ms}
-        # every prediction scales with this one timing: give it the longest
-        dense_ms = 1000 * measure_latency(model, trace.input_shape, batch_size, max(0.5, 10 * min_run_time), threads,
-                                          backend)
-        return cls(backend, batch_size, block, dense_ms, layers, shapes)
+        return cls.calibrated(model, trace, backend, batch_size, block, layers, shapes, min_run_time, threads)
+
+    @classmethod
+    def calibrated(cls, model: nn.Module, trace: ModelTrace, backend: str, batch_size: int, block: int,
+                   layers: dict[str, dict], shapes: dict[str, str], min_run_time: float = 0.05,
+                   threads: int | None = None) -> LatencyTable:
+        """The table of these entries fitted to the dense model and a half-width probe, timed whole in pairs.
+
+        Every prediction rests on these two timings, so they get the longest runs (3 paired sweeps of at least
+        0.3 s each). The table stays proportional (offset 0) when the fit would give a negative offset (the
+        layers alone under-predicting what pruning saves), or when the probe is less than ``MIN_PROBE_SPEEDUP``
+        faster than dense: a model whose latency is mostly fixed overhead, or a timing a busy machine spoilt,
+        which would otherwise make every prediction that of dense (logged).
+        """
+        from pruning_core.prune import kept_counts, prune
+
+        half = {g.name: 0.5 for g in trace.groups}
+        kept = kept_counts(trace, half, block)
+        scores = {g.name: torch.arange(g.channels, 0, -1).float() for g in trace.groups}  # any ranking will do
+        probe = prune(model, half, scores, trace, round_to=block)
+        timed = compare_latency(model, probe, trace.input_shape, batch_size, backend, repeats=3,
+                                min_run_time=max(0.3, 6 * min_run_time), threads=threads)
+        dense_ms, probe_ms = timed["dense_ms"], timed["dense_ms"] / timed["speedup"]
+        s_dense, s_probe = cls._sum(shapes, layers, None, None), cls._sum(shapes, layers, trace, kept)
+        offset = 0.0
+        if timed["speedup"] < MIN_PROBE_SPEEDUP:
+            log.warning("the half-width probe ran only %.2fx faster than dense in %s at batch %d; the latency "
+                        "table scales its layer timings proportionally", timed["speedup"], backend, batch_size)
+        elif s_probe < s_dense:
+            slope = (dense_ms - probe_ms) / (s_dense - s_probe)
+            offset = max(0.0, dense_ms - slope * s_dense)
+        return cls(backend, batch_size, block, dense_ms, layers, shapes, offset,
+                   {"kept": kept, "speedup": timed["speedup"]})
 
     def predict_ms(self, trace: ModelTrace, kept: dict[str, int]) -> float:
         """Predicted latency (ms) of ``trace``'s model with ``kept[group]`` channels in each group."""
-        total = 0.0
-        for name, key in self.shapes.items():
-            e = self.layers[key]
-            c_in, c_out, _ = trace.channels_of(name, kept)
-            total += e["ms"][_ceil(e["in"], c_in)][_ceil(e["out"], c_out)]
-        return self.scale * total
+        return self.offset_ms + self.scale * self._sum(self.shapes, self.layers, trace, kept)
 
     def ratio(self, trace: ModelTrace, kept: dict[str, int]) -> float:
         """Predicted latency of the pruned model as a fraction of the dense model's."""
@@ -260,7 +305,8 @@ class LatencyTable:
 
     def to_dict(self) -> dict:
         return {"backend": self.backend, "batch_size": self.batch_size, "block": self.block,
-                "dense_ms": self.dense_ms, "layers": self.layers, "shapes": self.shapes}
+                "dense_ms": self.dense_ms, "offset_ms": self.offset_ms, "probe": self.probe, "layers": self.layers,
+                "shapes": self.shapes}
 
     def save(self, path: str | Path) -> None:
         """Write the table as JSON (through a temporary file, so a kill leaves no half-written table)."""
@@ -271,9 +317,11 @@ class LatencyTable:
 
     @classmethod
     def from_dict(cls, d: dict) -> LatencyTable:
-        """The table :meth:`to_dict` wrote (e.g. the one a benchmark result records)."""
+        """The table :meth:`to_dict` wrote (e.g. the one a benchmark result records; tables written before the
+        offset was fitted are proportional, offset 0).
+        """
         return cls(d["backend"], int(d["batch_size"]), int(d["block"]), float(d["dense_ms"]), d["layers"],
-                   d["shapes"])
+                   d["shapes"], float(d.get("offset_ms", 0.0)), d.get("probe"))
 
     @classmethod
     def load(cls, path: str | Path, trace: ModelTrace | None = None) -> LatencyTable:

@@ -37,6 +37,30 @@ def macs_table(trace, block: int = 8) -> LatencyTable:
     return LatencyTable("torch", 1, block, dense, layers, shapes)
 
 
+def test_offset_fits_the_probe(monkeypatch):
+    """The table is fitted to two whole-model timings: dense and the half-width probe. A probe that saves less
+    than its layers' entries do gets a positive offset (time that does not shrink with the widths), and then the
+    table predicts the probe exactly; one that saves more, or that barely beats dense, leaves it proportional."""
+    import pruning_core.latency as latency
+
+    model = build_model("resnet20").eval()
+    trace = trace_model(model, (3, 32, 32))
+    entries = macs_table(trace)
+    kept = kept_counts(trace, {g.name: 0.5 for g in trace.groups}, 8)
+    share = LatencyTable._sum(entries.shapes, entries.layers, trace, kept) / entries._sum(entries.shapes,
+                                                                                           entries.layers, None, None)
+    for speedup, offset in ((1.5, True), (1.2 / share, False), (1.05, False)):
+        monkeypatch.setattr(latency, "compare_latency", lambda *a, s=speedup, **k: {"dense_ms": 100.0, "speedup": s})
+        table = LatencyTable.calibrated(model, trace, "torch", 1, 8, entries.layers, entries.shapes)
+        assert table.probe == {"kept": kept, "speedup": speedup}
+        assert table.ratio(trace, trace.dense_kept()) == pytest.approx(1.0)
+        if offset:
+            assert 0 < table.offset_ms < 100 and table.ratio(trace, kept) == pytest.approx(1 / 1.5)
+            assert table.ratio(trace, {g.name: 8 for g in trace.groups}) > share / 2  # the offset is kept
+        else:
+            assert table.offset_ms == 0.0 and table.ratio(trace, kept) == pytest.approx(share)
+
+
 def test_grid_is_block_multiples_and_coarser_for_wide_layers():
     assert _grid(16, 8) == [8, 16]
     assert _grid(60, 8) == [8, 16, 24, 32, 40, 48, 56, 60]
@@ -59,12 +83,15 @@ def test_measured_table_predicts_dense_and_round_trips(tmp_path):
         assert (np.diff(ms, axis=0) >= 0).all() and (np.diff(ms, axis=1) >= 0).all()
     dense = trace.dense_kept()
     assert table.predict_ms(trace, dense) == pytest.approx(table.dense_ms)
+    # fitted to the half-width probe timed whole too (the fit itself: test_offset_fits_the_probe)
+    assert 0.0 <= table.offset_ms < table.dense_ms and table.probe["speedup"] > 0
     half = kept_counts(trace, uniform_ratios(trace, 0.5, round_to=8), 8)
     assert 0 < table.ratio(trace, half) <= 1.0
     path = tmp_path / "table.json"
     table.save(path)
     again = LatencyTable.load(path, trace)
     assert again.ratio(trace, half) == pytest.approx(table.ratio(trace, half))
+    assert again.offset_ms == table.offset_ms and again.probe == table.probe
     assert not list(tmp_path.glob("*.tmp"))
     other = trace_model(build_model("resnet56"), (3, 32, 32))
     with pytest.raises(UserError, match="another model"):
