@@ -9,15 +9,14 @@ split, and:
 
 - keeps the best after the same re-scoring on the select split (exhaustive search as a method, row
   ``exhaustive``), and ranks the allocation that each method of that result kept among all of them;
-- with ``--latency-table NAME`` (a result that recorded a latency table), predicts every allocation's latency
-  with that table, and for each ``--max-latency`` keeps the best allocation within it the same way (rows
-  ``exhaustive latency<=L``): the best accuracy each latency budget allows in this space.
+- with ``--max-latency L...``, predicts every allocation's latency with a freshly measured table (ORT, batch
+  64), or the one a result recorded (``--latency-table NAME``), and for each L keeps the best allocation
+  within it the same way (rows ``exhaustive latency<=L``): the best accuracy each latency budget allows here.
 
 The kept rows are written under ``targets`` as the search benchmarks write theirs, so ``bench/latency.py
 --results NAME`` times them.
 
-    python bench/exhaustive.py --results search_substage_r8 --latency-table search_latency \\
-        --max-latency 0.55 0.6 0.65 --name exhaustive_r8
+    python bench/exhaustive.py --results search_substage_r8 --max-latency 0.55 0.6 0.62 0.65 --name exhaustive_r8
 """
 
 from __future__ import annotations
@@ -30,6 +29,7 @@ from common import RESULTS, cifar_session, write_result
 from tqdm.auto import tqdm
 
 from agent.search import keep_best
+from agent.train import measure_latency_table
 from envs import PruneEnv
 from pruning_core import LatencyBudget, LatencyTable, accuracy, kept_counts
 
@@ -39,9 +39,10 @@ def main() -> None:
     p.add_argument("--results", required=True, metavar="NAME",
                    help="search results file whose setting to enumerate and whose methods to rank, e.g. search_latency")
     p.add_argument("--target", type=float, default=None, help="FLOPs target (default: the result's first)")
-    p.add_argument("--latency-table", metavar="NAME", help="results file whose latency table predicts latency")
+    p.add_argument("--latency-table", metavar="NAME",
+                   help="results file whose latency table predicts latency (default: measure one, ORT at batch 64)")
     p.add_argument("--max-latency", type=float, nargs="*", default=[],
-                   help="latency budgets (fractions of dense, by --latency-table) to keep the best allocation within")
+                   help="latency budgets (fractions of dense, as the table predicts) to keep the best one within")
     p.add_argument("--limit", type=int, default=2000, help="refuse spaces of more allocations than this")
     p.add_argument("--name", default="exhaustive", help="results file to write (default: exhaustive)")
     args = p.parse_args()
@@ -58,8 +59,10 @@ def main() -> None:
     if args.latency_table:
         table = LatencyTable.from_dict(json.loads((RESULTS / f"{args.latency_table}.json").read_text())
                                        ["latency_budget"]["table"])
-    elif args.max_latency:
-        p.error("--max-latency needs --latency-table")
+    elif args.max_latency:  # a fresh table, as --max-latency measures one
+        table = measure_latency_table(session, "onnxruntime", 64)
+        print(f"latency table (onnxruntime, batch 64): dense {table.dense_ms:.1f} ms, offset {table.offset_ms:.2f} ms",
+              flush=True)
     env = PruneEnv(session=session, flops=target, max_ratio=cfg["max_ratio"], round_to=round_to,
                    granularity=res["rl_config"]["granularity"], latency_budget=budget)
     feasible = env.feasible_allocations(args.limit)
@@ -129,7 +132,8 @@ def main() -> None:
                    "max_latency_searched": budget.fraction if budget else None},
         "allocations_in_space": size, "feasible": len(feasible), "search_s": search_s,
         "within_1pt_of_best": sum(a["acc_reward"] >= allocations[0]["acc_reward"] - 1 for a in allocations),
-        "targets": {str(target): rows}, "ranks": ranks, "allocations": allocations})
+        "targets": {str(target): rows}, "ranks": ranks, "allocations": allocations,
+        "latency_table": table.to_dict() if table is not None else None})
 
 
 if __name__ == "__main__":

@@ -185,7 +185,8 @@ def exhaustive_table(res: dict) -> list[str]:
              + f": {res['feasible']} of {res['allocations_in_space']}, evaluated on the reward split in "
              f"{res['search_s']:.0f} s; {res['within_1pt_of_best']} are within 1 point of the best. Kept rows: the "
              "best after the same re-scoring as the search methods (with a latency budget: among the allocations "
-             f"that `{c.get('latency_table')}`'s table predicts within it).", "",
+             "that " + (f"`{c['latency_table']}`'s table" if c.get("latency_table") else "a fresh ORT batch-64 table")
+             + " predicts within it).", "",
              "| kept | allocations | rank | reward acc | test acc (adapt-BN) | FLOPs | predicted latency |",
              "|---|---|---|---|---|---|---|"]
     for name, r in next(iter(res["targets"].values())).items():
