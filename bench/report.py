@@ -193,7 +193,8 @@ def exhaustive_table(res: dict) -> list[str]:
         lines.append(f"| {name} | {r['feasible']} | {r.get('rank', '–')} | {fmt(r.get('acc_reward'))} | "
                      f"{fmt(r.get('acc_test'))} | {fmt(r.get('flops_ratio'), 3)} | "
                      f"{fmt(r.get('latency_pred_ratio'), 3)} |")
-    lines += ["", f"Rank, among all {res['feasible']}, of the allocation each method of `{c['results']}` kept:", "",
+    lines += ["", f"Rank, among all {res['feasible']}, of the allocation each method of `{c['results']}` kept "
+              "('outside': not one of them, e.g. uniform, whose leftover budget is given back group by group):", "",
               "| method | rank | reward acc | test acc | its distinct evaluations |", "|---|---|---|---|---|"]
     for name, r in res["ranks"].items():
         lines.append(f"| {name} | {r['rank'] or 'outside'} | {r['acc_reward']:.2f} | {r['acc_test']:.2f} | "

@@ -153,13 +153,14 @@ def test_cli_train_with_a_latency_budget(digits_session, tmp_path, capsys):
     assert "--max-latency 1.5 must be a fraction" in capsys.readouterr().err
     assert not (tmp_path / "bad").exists()
     run = tmp_path / "run"
-    assert main([*base, "--max-latency", "0.9", "--latency-backend", "torch", "--round-to", "8",
+    # 0.95: reachable whatever the timings, as the half-width probe must run >= 1.1x faster to shape the table
+    assert main([*base, "--max-latency", "0.95", "--latency-backend", "torch", "--round-to", "8",
                  "--out", str(run), "--json"]) == 0
     report = json.loads(capsys.readouterr().out)
     budget = report["search"]["latency_budget"]
-    assert budget["backend"] == "torch" and budget["max_latency"] == 0.9 and budget["predicted_ratio"] <= 0.9
+    assert budget["backend"] == "torch" and budget["max_latency"] == 0.95 and budget["predicted_ratio"] <= 0.95
     table = LatencyTable.load(run / "latency_table.json")
-    assert table.backend == "torch" and json.loads((run / "config.json").read_text())["max_latency"] == 0.9
+    assert table.backend == "torch" and json.loads((run / "config.json").read_text())["max_latency"] == 0.95
     history = json.loads((run / "history.json").read_text())
     assert all(h["flops_ratio"] <= 0.5 for h in history)
     # the exported policy carries its budget: apply measures a table for the new model and keeps within it
@@ -170,7 +171,7 @@ def test_cli_train_with_a_latency_budget(digits_session, tmp_path, capsys):
                  "--out", str(tmp_path / "applied"), "--json"]) == 0
     applied = json.loads(capsys.readouterr().out)
     budget = applied["transfer"]["latency_budget"]
-    assert budget["max_latency"] == 0.9 and budget["predicted_ratio"] <= 0.9 and applied["flops_ratio"] <= 0.5
+    assert budget["max_latency"] == 0.95 and budget["predicted_ratio"] <= 0.95 and applied["flops_ratio"] <= 0.5
     assert applied["round_to"] == 8
     assert main(["apply", str(tmp_path / "policy"), "--model", "digits_cnn_wide", "--data", "digits",
                  "--max-latency", "0", "--out", str(tmp_path / "bad2")]) == 2
