@@ -158,13 +158,13 @@ class LatencyTable:
     model, and a probe with every prunable group at half width (rounded to the block). The offset is the time
     the layers timed alone do not shrink with (the element-wise work on unpruned residual streams, layout
     reorders, the runtime's own overhead); without it, tables made proportional to the dense timing alone
-    predicted the benchmark models 2.0% too fast on average, and up to 4.5%. Entries are made monotone (a wider
-    layer never predicts faster), so a budget on the prediction can be bisected.
+    predicted the benchmark models' latency ratios 0.020 too low on average, and up to 0.045. Entries are made
+    monotone (a wider layer never predicts faster), so a budget on the prediction can be bisected.
 
     This is NetAdapt's and AMC's latency lookup table. It predicts runtimes that fuse the non-conv work into the
     convs well: in ONNX Runtime at batch 64 on a 2-core AVX2 CPU, a fresh table predicted 23 benchmark ResNet-56
-    models (widths in multiples of 8, 0.59-0.66 of dense latency) within 1.4% of their measured latency, mean
-    -0.3%; the same entries scaled proportionally were 1.7% optimistic on average (bench/results/
+    models (widths in multiples of 8, 0.59-0.66 of dense latency) within 0.014 of their measured latency ratio,
+    mean error -0.003; the same entries scaled proportionally were 0.017 optimistic on average (bench/results/
     table_accuracy.json). Widths that are not multiples of ``block`` predict as the next multiple, while ORT runs
     them on slower kernels, so search with ``round_to=block`` when budgeting latency.
 
