@@ -49,8 +49,9 @@ class TrainConfig:
     (bench/results/ablation_action_center.json). ``substage``, the default (3 seeds each,
     bench/results/search_substage.json): PPO 60.34 +- 1.73% at 30% FLOPs against 51.13 +- 1.19% per stage (on
     training images 61.8 against 53.4), and level at 50% (83.71 +- 1.17% against 83.91 +- 0.49%; 89.22
-    against 89.47 on training images). Per group, PPO beats random search in the same space at 50% (83.48 +-
-    1.56% against 80.83 +- 0.89%; 88.6 against 85.1 on the reward split; bench/results/search_group.json)."""
+    against 89.47 on training images). Per group, PPO beats random search in the same space at 50% (82.45 +-
+    1.77% against 80.63 +- 1.05% over 6 seeds; 87.8 against 85.6 on the reward split; bench/results/
+    search_group*.json)."""
     action_center: str = "remaining"
     """What action 0 means: at every step, the ratio that spends the budget left evenly over this and the later
     steps (``remaining``), so every episode uses its budget; or the fixed uniform allocation (``uniform``); or
