@@ -39,6 +39,35 @@ def cifar_session(model: str, **config) -> PruningSession:
     return PruningSession(model, WEIGHTS[model], CIFAR, SessionConfig(**{"seed": 0, **config}))
 
 
+def labelled_runs(paths: list[Path], all_seeds: bool = True):
+    """``(label, run, result)`` for every kept model of these search results (a seeded method's first seed only
+    unless ``all_seeds``), labelled as bench/latency.py times them: target, method (agents with their action
+    space and results file), seed and rounding; a label seen before with other ratios gets ``(file)`` appended,
+    one seen with the same ratios (e.g. uniform in every file) is skipped."""
+    seen: dict[str, dict] = {}
+    for path in paths:
+        res = json.loads(path.read_text())
+        space = res.get("rl_config", {}).get("granularity", "stage")  # the agents' action space in that run
+        for target, methods in res["targets"].items():
+            candidates = {}
+            for m, r in methods.items():
+                # agents differ between runs (action space, warm-up, ...): name their results file
+                name = f"{m} {space} ({path.stem})" if m.startswith("rl-") else m
+                if "runs" in r:
+                    for run in r["runs"] if all_seeds else r["runs"][:1]:
+                        candidates[f"{name} seed {run['seed']}"] = run
+                elif "ratios" in r:
+                    candidates[name] = r
+            for name, run in candidates.items():
+                label = f"{target} {name}" + (f" round_to={run['round_to']}" if run.get("round_to") else "")
+                if label in seen:
+                    if run["ratios"] == seen[label]["ratios"]:
+                        continue
+                    label += f" ({path.stem})"
+                seen[label] = run
+                yield label, run, res
+
+
 def write_result(name: str, payload: dict) -> Path:
     RESULTS.mkdir(parents=True, exist_ok=True)
     path = RESULTS / f"{name}.json"

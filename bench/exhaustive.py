@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import time
 
 from common import RESULTS, cifar_session, write_result
@@ -66,9 +67,7 @@ def main() -> None:
     env = PruneEnv(session=session, flops=target, max_ratio=cfg["max_ratio"], round_to=round_to,
                    granularity=res["rl_config"]["granularity"], latency_budget=budget)
     feasible = env.feasible_allocations(args.limit)
-    size = 1
-    for grid in env.ratio_grid:
-        size *= len(grid)
+    size = math.prod(len(grid) for grid in env.ratio_grid)
     print(f"{size} allocations, {len(feasible)} within the budgets", flush=True)
     started = time.perf_counter()
     best = None

@@ -16,11 +16,10 @@ percent over minutes, the pairing cancels the drift that a ratio of two far-apar
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 
 import torch
-from common import RESULTS, write_result
+from common import RESULTS, labelled_runs, write_result
 
 from pruning_core import build_model, kept_counts, prune, trace_model
 from pruning_core.latency import latency_runner, time_runner
@@ -49,32 +48,15 @@ def main() -> None:
     trace = trace_model(dense, shape)
     scores = {g.name: torch.arange(g.channels, 0, -1).float() for g in trace.groups}  # any ranking will do
 
-    models, ratios_of = {}, {}
+    models = {}
     paths = [RESULTS / f"{n}.json" for n in args.results] if args.results else sorted(RESULTS.glob("search_*.json"))
-    for path in paths:
-        res = json.loads(path.read_text())
-        space = res.get("rl_config", {}).get("granularity", "stage")  # the agents' action space in that run
-        for target, methods in res["targets"].items():
-            candidates = {}
-            for m, r in methods.items():
-                # agents differ between runs (action space, warm-up, ...): name their results file
-                name = f"{m} {space} ({path.stem})" if m.startswith("rl-") else m
-                if "runs" in r:
-                    for run in r["runs"] if args.all_seeds else r["runs"][:1]:
-                        candidates[f"{name} seed {run['seed']}"] = run
-                elif "ratios" in r:
-                    candidates[name] = r
-            for name, r in candidates.items():
-                rt = r.get("round_to")
-                label = f"{target} {name}" + (f" round_to={rt}" if rt else "")
-                if label in models:  # e.g. uniform, in every results file: the same architecture, timed once
-                    if r["ratios"] == ratios_of[label]:
-                        continue
-                    label += f" ({path.stem})"  # another allocation (e.g. under another latency table): its own row
-                ratios_of[label] = r["ratios"]
-                kept = kept_counts(trace, r["ratios"], rt)
-                models[label] = (prune(dense, r["ratios"], scores, trace, round_to=rt),
-                                 trace.flops(kept) / trace.flops(), trace.flops(aligned(kept, trace)) / trace.flops())
+    # uniform, in every results file, is one architecture timed once; another allocation under the same label
+    # (e.g. under another latency table) gets a row of its own
+    for label, r, _ in labelled_runs(paths, args.all_seeds):
+        rt = r.get("round_to")
+        kept = kept_counts(trace, r["ratios"], rt)
+        models[label] = (prune(dense, r["ratios"], scores, trace, round_to=rt),
+                         trace.flops(kept) / trace.flops(), trace.flops(aligned(kept, trace)) / trace.flops())
     times: dict[str, dict[str, list[float]]] = {name: {} for name in ["dense", *models]}
     speedups: dict[str, dict[str, list[float]]] = {name: {} for name in models}
     # one backend at a time (their thread pools never overlap); each model is exported once per backend and

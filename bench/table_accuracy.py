@@ -16,32 +16,12 @@ import json
 import statistics
 import time
 
-from common import RESULTS, write_result
+from common import RESULTS, labelled_runs, write_result
 
 from pruning_core import LatencyTable, build_model, kept_counts, trace_model
 
 TIMED = {"latency_budget": ["search_latency", "search_latency_warmup"],
          "latency_r8": ["search_substage_r8", "search_substage_r8_warmup"]}
-
-
-def labelled_runs(stems: list[str]):
-    """(label, run, result) for every model of these search results, labelled as bench/latency.py labels them."""
-    seen: dict[str, dict] = {}
-    for stem in stems:
-        res = json.loads((RESULTS / f"{stem}.json").read_text())
-        space = res.get("rl_config", {}).get("granularity", "stage")
-        for target, methods in res["targets"].items():
-            for m, r in methods.items():
-                name = f"{m} {space} ({stem})" if m.startswith("rl-") else m
-                for run in r.get("runs", [r]):
-                    label = f"{target} {name}" + (f" seed {run['seed']}" if "seed" in run else "")
-                    label += f" round_to={run['round_to']}" if run.get("round_to") else ""
-                    if label in seen:
-                        if run["ratios"] == seen[label]["ratios"]:
-                            continue
-                        label += f" ({stem})"
-                    seen[label] = run
-                    yield label, run, res
 
 
 def main() -> None:
@@ -59,7 +39,7 @@ def main() -> None:
     rows = []
     for timed, stems in TIMED.items():
         measured = json.loads((RESULTS / f"{timed}.json").read_text())["models"]
-        for label, run, res in labelled_runs(stems):
+        for label, run, res in labelled_runs([RESULTS / f"{stem}.json" for stem in stems]):
             if label not in measured:
                 continue
             kept = kept_counts(trace, run["ratios"], run.get("round_to"))
