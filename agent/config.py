@@ -104,6 +104,12 @@ class TrainConfig:
     explores only 10-20 distinct allocations in 120 episodes. At 50% FLOPs it kept 78.47% models, with cloning
     82.10% (random search 82.79%); under a 0.6 latency budget 75.81% and 79.09% (random 79.25%)
     (bench/results/search_substage_r8*.json, search_latency*.json)."""
+    reexplore: bool = True
+    """PPO only: after a rollout (4 episodes) in which every episode repeated an allocation already evaluated,
+    reset the policy's action std to ``init_std`` around its current mean. On a coarse grid (``round_to`` 8) a
+    converged Gaussian policy otherwise keeps sampling the few allocations it has settled on, and spends its
+    episodes on cache hits. Where allocations rarely repeat (per group, or without rounding) it seldom or never
+    fires."""
     baseline: bool = True
     """Subtract a moving average of past episode rewards from the reward (AMC's baseline)."""
     hidden: int = 64

@@ -127,8 +127,13 @@ class _EpisodeCallback(BaseCallback):
                 self.search.on_episode_end(info)
         return not self.search.budget_spent()
 
+    def _on_rollout_start(self) -> None:
+        # after the previous rollout's update: widening the policy then leaves that update's ratios intact
+        self.search.on_rollout_start()
+
     def _on_rollout_end(self) -> None:
         # after the rollout's transitions are stored: the replay buffer holds whole episodes only
+        self.search.on_rollout_end()
         self.search.maybe_checkpoint()
 
 
@@ -157,6 +162,9 @@ class Search:
         # PPO's warm-up: the applied actions of its best random episode, and whether the policy was fitted to them
         self.warmup_best: list[float] | None = None
         self.cloned = False
+        self.reexplorations = 0  # PPO: times its std was reset after a rollout of repeats only (``reexplore``)
+        self._rollout_first = 0  # index in history of the current rollout's first episode
+        self._stalled = False
         self._bar = None
         self._writer = None
         self._checkpoint_due = False
@@ -193,14 +201,15 @@ class Search:
         noise = DecayingNormalNoise(c.noise_sigma, c.noise_decay)
         return ALGO_CLASSES[c.algo]("MultiInputPolicy", self.wrapped, action_noise=noise, **off)
 
-    def _calibrate_sde(self, ppo: PPO, std: float) -> None:
-        """Scale gSDE's noise so that the initial action std is ``std``.
+    def _calibrate_sde(self, ppo: PPO, std: float, obs: dict | None = None) -> None:
+        """Scale gSDE's noise so that the action std is ``std`` at ``obs`` (default: the first observation).
 
         gSDE's action noise is ``latent @ eps`` with ``eps ~ N(0, sigma^2)`` per entry, so its std is
-        ``sigma * |latent|``; sigma is set from the policy latent of the first observation.
+        ``sigma * |latent|``; sigma is set from the policy latent of that observation.
         """
         policy = ppo.policy
-        obs, _ = self.env.reset()
+        if obs is None:
+            obs, _ = self.env.reset()
         with torch.no_grad():
             obs_t, _ = policy.obs_to_tensor(obs)
             latent = policy.mlp_extractor.forward_actor(policy.extract_features(obs_t, policy.pi_features_extractor))
@@ -315,6 +324,28 @@ class Search:
             self._calibrate_sde(self.algo, self.config.init_std)
         self.cloned = True
 
+    def on_rollout_start(self) -> None:
+        """PPO with ``reexplore``: after a rollout whose every episode repeated an evaluated allocation, reset the
+        policy's action std to ``init_std`` around its current mean. A Gaussian policy that has converged onto a
+        few allocations of a coarse grid (``round_to`` 8) otherwise spends the rest of its episodes on cache hits;
+        its mean, the best it has learned, stays.
+        """
+        self._rollout_first = len(self.history)
+        if not self._stalled:
+            return
+        self._stalled = False
+        if self.config.sde:  # the episode about to start, at its first step
+            self._calibrate_sde(self.algo, self.config.init_std, self.algo._last_obs)
+        else:
+            with torch.no_grad():
+                self.algo.policy.log_std.fill_(float(np.log(self.config.init_std)))
+        self.reexplorations += 1
+
+    def on_rollout_end(self) -> None:
+        rollout = self.history[self._rollout_first:]
+        self._stalled = (self.config.reexplore and isinstance(self.algo, PPO) and bool(rollout)
+                         and all(r["cached"] for r in rollout))
+
     def elapsed(self) -> float:
         """Search wall time so far, this run included."""
         running = time.perf_counter() - self._run_started if self._run_started is not None else 0.0
@@ -368,7 +399,8 @@ class Search:
         state = {"episodes_done": self.episodes_done, "num_timesteps": self.algo.num_timesteps,
                  "best": self.best, "history": self.history, "search_s": self.elapsed(),
                  "noise_sigma": self.noise.sigma if self.noise else None, "baseline": baseline,
-                 "warmup_best": self.warmup_best, "cloned": self.cloned,
+                 "warmup_best": self.warmup_best, "cloned": self.cloned, "reexplorations": self.reexplorations,
+                 "stalled": self._stalled,
                  "env_episodes": self.env.episodes, "env_timings": self.env.timings,
                  "cache": [[list(k), r, info] for k, (r, info) in self.env.cache.items()]}
         (tmp / "state.json").write_text(json.dumps(state))
@@ -399,6 +431,7 @@ class Search:
         search.episodes_done, search.best, search.history = state["episodes_done"], state["best"], state["history"]
         search.search_s = state["search_s"]
         search.warmup_best, search.cloned = state.get("warmup_best"), state.get("cloned", False)
+        search.reexplorations, search._stalled = state.get("reexplorations", 0), state.get("stalled", False)
         env.episodes, env.timings = state["env_episodes"], state["env_timings"]
         env.cache = {tuple(k): (r, info) for k, r, info in state["cache"]}
         return search

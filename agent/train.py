@@ -131,6 +131,7 @@ def _finish(config: TrainConfig, search: Search) -> dict:
         session.finetune(model, config.finetune_epochs, progress=config.progress)
     uniform = uniform_ratios(session.trace, config.flops, config.max_ratio, config.round_to, env.latency_budget)
     stats = {"episodes": search.episodes_done, "evaluations": search.evaluations_done,
+             "reexplorations": search.reexplorations,
              "search_s": round(search.search_s, 2),
              "episodes_per_min": round(60 * search.episodes_done / max(search.search_s, 1e-9), 2),
              "env_eval_s": round(eval_s, 2), "agent_share": round(max(0.0, 1 - eval_s / max(search.search_s,

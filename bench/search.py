@@ -68,7 +68,8 @@ def rl_search(session: PruningSession, cfg: TrainConfig, table: LatencyTable | N
             "policy_episode": done["policy_episode"], "episodes": search.episodes_done + 1,
             "episodes_per_min": 60 * (search.episodes_done + 1) / search.search_s,
             "best_episode": done["best"]["episode"],
-            "agent_share": max(0.0, 1 - eval_s / search.search_s), "unique_evaluations": len(env.cache)}
+            "agent_share": max(0.0, 1 - eval_s / search.search_s), "unique_evaluations": len(env.cache),
+            "reexplorations": search.reexplorations}
 
 
 def kept_after_rescoring(kept: dict, rescored: list[dict], best: dict, started: float) -> dict:
@@ -120,6 +121,8 @@ def main() -> None:
                    help=f"PPO's initial action std (default: {TrainConfig.init_std}, TrainConfig's)")
     p.add_argument("--clone-warmup", action="store_true",
                    help="PPO starts from the best of its --warmup random episodes (TrainConfig.clone_warmup)")
+    p.add_argument("--no-reexplore", action="store_true",
+                   help="PPO keeps its std after rollouts of repeats only (TrainConfig.reexplore off)")
     p.add_argument("--skip", nargs="*", default=[], metavar="METHOD",
                    help="methods not to run, e.g. global l1-uniform random rl-ddpg")
     p.add_argument("--max-latency", type=float, default=None,
@@ -150,7 +153,7 @@ def main() -> None:
                "rl_config": {**{k: getattr(defaults, k) for k in ("action_center", "sde", "max_ratio",
                                                                        "select_images")}, "init_std": args.init_std,
                              "granularity": args.granularity, "warmup_episodes": args.warmup,
-                             "clone_warmup": args.clone_warmup},
+                             "clone_warmup": args.clone_warmup, "reexplore": not args.no_reexplore},
                "dense": {"acc_test": session.dense_accuracy("test"), "acc_reward": session.dense_accuracy("reward"),
                          "latency_b1_ms": dense_latency[1], "latency_b64_ms": dense_latency[64],
                          "flops": session.flops_dense, "params": session.params_dense},
@@ -193,6 +196,7 @@ def main() -> None:
                                                        rescore_top=args.rescore_top, round_to=rt,
                                                        granularity=args.granularity,
                                                        clone_warmup=args.clone_warmup, init_std=args.init_std,
+                                                       reexplore=not args.no_reexplore,
                                                        max_latency=args.max_latency,
                                                        latency_backend=args.latency_backend,
                                                        latency_batch=args.latency_batch), table)
@@ -201,7 +205,9 @@ def main() -> None:
                 print(f"   reward-split {runs[-1]['acc_reward']:.2f}  test {runs[-1]['acc_test']:.2f} (search best "
                       f"{runs[-1]['search_best_acc_test']:.2f})  {runs[-1]['search_s']:.0f}s  agent share "
                       f"{runs[-1]['agent_share']:.3f}  {runs[-1]['unique_evaluations']} evaluations in "
-                      f"{runs[-1]['episodes']} episodes", flush=True)
+                      f"{runs[-1]['episodes']} episodes"
+                      + (f", {runs[-1]['reexplorations']} re-explorations" if "reexplorations" in runs[-1] else ""),
+                      flush=True)
             rows[method] = runs[0] if len(runs) == 1 else {"runs": runs, "summary": summarise(runs, SUMMARY_KEYS)}
         results["targets"][str(target)] = rows
         write_result(args.name, results)  # after every target, so a long run leaves partial results

@@ -84,13 +84,34 @@ def test_evaluation_budget_counts_distinct_allocations_only(digits_session):
     assert varied.evaluations_done == 3 == len(varied.env.cache) and not varied.history[-1]["cached"]
     assert varied.episodes_done == len(varied.history) < 50
     # a near-deterministic policy repeats one allocation: the cap on episodes ends the search
-    stuck = Search(tiny_config(algo="ppo", init_std=1e-4, episodes=8, evaluations=5),
+    stuck = Search(tiny_config(algo="ppo", init_std=1e-4, episodes=8, evaluations=5, reexplore=False),
                    PruneEnv(session=digits_session, flops=0.6))
     stuck.run(8, 5)
     assert stuck.episodes_done == 8 and stuck.evaluations_done < 5
     assert sum(h["cached"] for h in stuck.history) == 8 - stuck.evaluations_done > 0
     with pytest.raises(UserError, match="--evaluations"):
         tiny_config(evaluations=0).validate()
+
+
+@pytest.mark.parametrize("sde", [True, False])
+def test_ppo_reexplores_after_a_rollout_of_repeats(sde, digits_session):
+    """A PPO policy collapsed onto one allocation repeats it: the first rollout (4 episodes) evaluates it once,
+    the second only repeats it, and with ``reexplore`` the third starts from a std reset to init_std, so it
+    evaluates new allocations; without, the search stays on the one allocation. (A learning rate of 0 keeps the
+    policy's mean where it is, so only the std reset can move the search.)"""
+    counts = {}
+    for reexplore in (True, False):
+        search = Search(tiny_config(algo="ppo", sde=sde, init_std=0.3, episodes=12, reexplore=reexplore,
+                                    learning_rate=0.0),
+                        PruneEnv(session=digits_session, flops=0.6))
+        with torch.no_grad():
+            search.algo.policy.log_std.fill_(-12.0)  # collapsed: every sample is the mean
+        search.run(12)
+        assert [h["cached"] for h in search.history[:8]] == [False] + [True] * 7
+        counts[reexplore] = (search.reexplorations, search.evaluations_done,
+                             float(search.algo.policy.log_std.detach().max()))
+    assert counts[False][:2] == (0, 1) and counts[False][2] == -12
+    assert counts[True][0] == 1 and counts[True][1] > 1 and counts[True][2] > -6
 
 
 def test_ppo_warmup_is_random_then_the_actor_starts_from_its_best_episode(digits_session):
