@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import shutil
 import time
+from collections.abc import Iterable
 from pathlib import Path
 
 import gymnasium as gym
@@ -28,6 +29,7 @@ from graph_encoder import GraphFeaturesExtractor
 __all__ = ["DecayingNormalNoise", "MovingAverageBaseline", "Search", "keep_best", "policy_modules"]
 
 ALGO_CLASSES: dict[str, type[BaseAlgorithm]] = {"ddpg": DDPG, "td3": TD3, "sac": SAC, "ppo": PPO}
+REEXPLORE_MAX_STD = 1.0  # SB3's initial std: wider mostly samples the clipped ends of the [-1, 1] action
 
 
 class DecayingNormalNoise(NormalActionNoise):
@@ -123,6 +125,7 @@ class _EpisodeCallback(BaseCallback):
 
     def _on_step(self) -> bool:
         for done, info in zip(self.locals["dones"], self.locals["infos"]):
+            self.search.on_step(info)
             if done:
                 self.search.on_episode_end(info)
         return not self.search.budget_spent()
@@ -162,9 +165,10 @@ class Search:
         # PPO's warm-up: the applied actions of its best random episode, and whether the policy was fitted to them
         self.warmup_best: list[float] | None = None
         self.cloned = False
-        self.reexplorations = 0  # PPO: times its std was reset after a rollout of repeats only (``reexplore``)
+        self.reexplorations = 0  # PPO: times its policy was widened after a rollout of repeats only
         self._rollout_first = 0  # index in history of the current rollout's first episode
-        self._stalled = False
+        self._stalls = 0  # PPO: rollouts in a row that only repeated evaluated allocations
+        self._actions: list[float] = []  # the applied actions of the episode under way
         self._bar = None
         self._writer = None
         self._checkpoint_due = False
@@ -201,15 +205,14 @@ class Search:
         noise = DecayingNormalNoise(c.noise_sigma, c.noise_decay)
         return ALGO_CLASSES[c.algo]("MultiInputPolicy", self.wrapped, action_noise=noise, **off)
 
-    def _calibrate_sde(self, ppo: PPO, std: float, obs: dict | None = None) -> None:
-        """Scale gSDE's noise so that the action std is ``std`` at ``obs`` (default: the first observation).
+    def _calibrate_sde(self, ppo: PPO, std: float) -> None:
+        """Scale gSDE's noise so that the initial action std is ``std``.
 
         gSDE's action noise is ``latent @ eps`` with ``eps ~ N(0, sigma^2)`` per entry, so its std is
-        ``sigma * |latent|``; sigma is set from the policy latent of that observation.
+        ``sigma * |latent|``; sigma is set from the policy latent of the first observation.
         """
         policy = ppo.policy
-        if obs is None:
-            obs, _ = self.env.reset()
+        obs, _ = self.env.reset()
         with torch.no_grad():
             obs_t, _ = policy.obs_to_tensor(obs)
             latent = policy.mlp_extractor.forward_actor(policy.extract_features(obs_t, policy.pi_features_extractor))
@@ -286,23 +289,23 @@ class Search:
         while self.episodes_done < self.config.warmup_episodes and not self.budget_spent():
             rng = np.random.default_rng([self.config.seed, self.episodes_done])
             self.wrapped.reset()
-            applied, done = [], False
+            done = False
             while not done:
                 _, _, terminated, truncated, info = self.wrapped.step(rng.uniform(-1, 1, 1).astype(np.float32))
-                applied.append(float(np.asarray(info["action_applied"]).reshape(-1)[0]))
+                self.on_step(info)
                 done = terminated or truncated
-            if self.best is None or info["reward_raw"] > self.best["reward"]:
-                self.warmup_best = applied
             self.on_episode_end(info)
+            self.warmup_best = self.best["actions"]
             self.maybe_checkpoint()
         if self.episodes_done >= self.config.warmup_episodes and not self.cloned and self.warmup_best:
             self._clone(self.warmup_best)
+            self.cloned = True
             if self.run_dir:
                 self.checkpoint()
 
-    def _clone(self, actions: list[float], steps: int = 200) -> None:
-        """Fit PPO's deterministic actor to one episode's applied ``actions`` (MSE, Adam), then re-scale gSDE's
-        noise to ``init_std`` for the new latent.
+    def _clone(self, actions: list[float], steps: int = 200, std: float | None = None) -> None:
+        """Fit PPO's deterministic actor to one episode's applied ``actions`` (MSE, Adam), then set its action
+        std to ``std`` (default ``init_std``; with gSDE, re-scaled for the new latent).
         """
         observations, obs = [], self.env.reset()[0]
         episodes = self.env.episodes
@@ -310,6 +313,7 @@ class Search:
             observations.append(obs)
             obs, *_ = self.env.step(np.array([a], dtype=np.float32))
         self.env.episodes = episodes  # a replay, not an episode of the search
+        self.env.reset()  # back at the first step, where the algorithm's next episode starts
         batch = {k: torch.as_tensor(np.stack([o[k] for o in observations])).float() for k in observations[0]}
         target = torch.tensor(actions, dtype=torch.float32).unsqueeze(1)
         extractor, mlp, head, _ = policy_modules(self.algo, "ppo")
@@ -320,39 +324,48 @@ class Search:
             opt.zero_grad()
             loss.backward()
             opt.step()
+        std = self.config.init_std if std is None else std
         if self.config.sde:
-            self._calibrate_sde(self.algo, self.config.init_std)
-        self.cloned = True
-
-    def on_rollout_start(self) -> None:
-        """PPO with ``reexplore``: after a rollout whose every episode repeated an evaluated allocation, reset the
-        policy's action std to ``init_std`` around its current mean. A Gaussian policy that has converged onto a
-        few allocations of a coarse grid (``round_to`` 8) otherwise spends the rest of its episodes on cache hits;
-        its mean, the best it has learned, stays.
-        """
-        self._rollout_first = len(self.history)
-        if not self._stalled:
-            return
-        self._stalled = False
-        if self.config.sde:  # the episode about to start, at its first step
-            self._calibrate_sde(self.algo, self.config.init_std, self.algo._last_obs)
+            self._calibrate_sde(self.algo, std)
         else:
             with torch.no_grad():
-                self.algo.policy.log_std.fill_(float(np.log(self.config.init_std)))
+                self.algo.policy.log_std.fill_(float(np.log(std)))
+
+    def on_rollout_start(self) -> None:
+        """PPO with ``reexplore``: after ``k`` rollouts in a row in which every episode repeated an evaluated
+        allocation, re-centre the policy on the best episode so far (its applied actions, fitted as with
+        ``clone_warmup``) and widen it to ``init_std * 2**k`` (at most :data:`REEXPLORE_MAX_STD`).
+
+        On a coarse grid (``round_to`` 8) a Gaussian policy stalls two ways: samples within ``init_std`` of its
+        mean mostly round to widths already tried, and where the best allocations sit on the edge of the action
+        box its mean drifts outside it, so that every sample clips to the same allocation. Either way the search
+        would spend the rest of its episodes on cache hits. PPO's updates narrow the policy again once it finds
+        better allocations.
+        """
+        self._rollout_first = len(self.history)
+        if not self._stalls or not (self.best or {}).get("actions"):
+            return
+        self._clone(self.best["actions"], std=min(REEXPLORE_MAX_STD, self.config.init_std * 2 ** self._stalls))
         self.reexplorations += 1
 
     def on_rollout_end(self) -> None:
         rollout = self.history[self._rollout_first:]
-        self._stalled = (self.config.reexplore and isinstance(self.algo, PPO) and bool(rollout)
-                         and all(r["cached"] for r in rollout))
+        stalled = (self.config.reexplore and isinstance(self.algo, PPO) and bool(rollout)
+                   and all(r["cached"] for r in rollout))
+        self._stalls = self._stalls + 1 if stalled else 0
 
     def elapsed(self) -> float:
         """Search wall time so far, this run included."""
         running = time.perf_counter() - self._run_started if self._run_started is not None else 0.0
         return self.search_s + running
 
+    def on_step(self, info: dict) -> None:
+        self._actions.append(float(np.asarray(info["action_applied"]).reshape(-1)[0]))
+
     def on_episode_end(self, info: dict) -> None:
+        """Record a finished episode (after its last :meth:`on_step`)."""
         self.episodes_done += 1
+        actions, self._actions = self._actions, []
         reward = float(info["reward_raw"])
         record = {"episode": self.episodes_done, "reward": reward, "acc": info["acc"],
                   "flops_ratio": info["flops_ratio"], "params_ratio": info["params_ratio"],
@@ -360,7 +373,7 @@ class Search:
                   "wall_s": round(self.elapsed(), 3)}
         self.history.append(record)
         if self.best is None or reward > self.best["reward"]:
-            self.best = {**record, "ratios": info["ratios"]}
+            self.best = {**record, "ratios": info["ratios"], "actions": actions}
             if self.run_dir:
                 write_json(self.run_dir / "best.json", self.best)
         if self._writer is not None:
@@ -400,7 +413,7 @@ class Search:
                  "best": self.best, "history": self.history, "search_s": self.elapsed(),
                  "noise_sigma": self.noise.sigma if self.noise else None, "baseline": baseline,
                  "warmup_best": self.warmup_best, "cloned": self.cloned, "reexplorations": self.reexplorations,
-                 "stalled": self._stalled,
+                 "stalls": self._stalls,
                  "env_episodes": self.env.episodes, "env_timings": self.env.timings,
                  "cache": [[list(k), r, info] for k, (r, info) in self.env.cache.items()]}
         (tmp / "state.json").write_text(json.dumps(state))
@@ -431,19 +444,21 @@ class Search:
         search.episodes_done, search.best, search.history = state["episodes_done"], state["best"], state["history"]
         search.search_s = state["search_s"]
         search.warmup_best, search.cloned = state.get("warmup_best"), state.get("cloned", False)
-        search.reexplorations, search._stalled = state.get("reexplorations", 0), state.get("stalled", False)
+        search.reexplorations, search._stalls = state.get("reexplorations", 0), state.get("stalls", 0)
         env.episodes, env.timings = state["env_episodes"], state["env_timings"]
         env.cache = {tuple(k): (r, info) for k, r, info in state["cache"]}
         return search
 
 
-def keep_best(env: PruneEnv, best: dict, top: int) -> tuple[dict, list[dict]]:
-    """The allocation a search keeps: the best of its ``top`` candidates re-scored on the select split
-    (:meth:`PruneEnv.rescore`), or ``best`` (the best reward-split episode) when there is nothing to re-score.
+def keep_best(env: PruneEnv, best: dict, top: int,
+              among: Iterable[tuple[int, ...]] | None = None) -> tuple[dict, list[dict]]:
+    """The allocation a search keeps: the best of its ``top`` candidates (of ``among``, keys of the env's cache,
+    if given) re-scored on the select split (:meth:`PruneEnv.rescore`), or ``best`` (the best reward-split
+    episode) when there is nothing to re-score.
 
     Returns (kept, the re-scored candidates without their ratios, best first).
     """
-    ranked = env.rescore(top)
+    ranked = env.rescore(top, among)
     if not ranked:
         return best, []
     return ranked[0], [{k: v for k, v in c.items() if k != "ratios"} for c in ranked]

@@ -92,17 +92,12 @@ def main() -> None:
     def keep_within(max_latency: float | None) -> dict:
         """The best allocation (after re-scoring) among those predicted within ``max_latency``, and its test
         accuracy (reported, never used to choose)."""
-        everything = env.cache
-        if max_latency is not None:
-            env.cache = {k: v for k, v in everything.items() if predicted[k] <= max_latency}
-        try:
-            if not env.cache:
-                return {"feasible": 0}
-            first = max(env.cache.values(), key=lambda entry: entry[0])
-            kept, rescored = keep_best(env, {"reward": first[0], "ratios": first[1]["ratios"]}, top)
-            feasible_here = len(env.cache)
-        finally:
-            env.cache = everything
+        among = [k for k in env.cache if max_latency is None or predicted[k] <= max_latency]
+        if not among:
+            return {"feasible": 0}
+        first = max((env.cache[k] for k in among), key=lambda entry: entry[0])
+        kept, rescored = keep_best(env, {"reward": first[0], "ratios": first[1]["ratios"]}, top, among)
+        feasible_here = len(among)
         model = session.build(kept["ratios"], round_to)
         m = session.measure(kept["ratios"], round_to)
         k = key(kept["ratios"])

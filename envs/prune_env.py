@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 import math
 import time
+from collections.abc import Iterable
 from typing import Any
 
 import gymnasium as gym
@@ -410,9 +411,10 @@ class PruneEnv(gym.Env):
             return -err * math.log(info["flops_ratio"] * self.dense_flops)
         return -err * math.log(max(1000 * info["latency_ms"], 1.0))  # microseconds, so the log stays positive
 
-    def rescore(self, top: int) -> list[dict]:
-        """Re-score the ``top`` best distinct allocations evaluated so far on the session's select split; return
-        them best first by their reward over the reward and select images together.
+    def rescore(self, top: int, among: Iterable[tuple[int, ...]] | None = None) -> list[dict]:
+        """Re-score the ``top`` best distinct allocations evaluated so far (or of ``among``, keys of
+        :attr:`cache`, e.g. those within a tighter budget) on the session's select split; return them best first
+        by their reward over the reward and select images together.
 
         Keeping the allocation with the best reward-split accuracy partly keeps the one that the split's
         sampling noise favoured (the winner's curse): on the shared ResNet-56 the top candidates of a search tie
@@ -427,7 +429,8 @@ class PruneEnv(gym.Env):
             return []
         n_reward, n_select = len(s.splits.reward), len(select)
         out = []
-        for reward, info in sorted(self.cache.values(), key=lambda entry: entry[0], reverse=True)[:top]:
+        entries = self.cache.values() if among is None else [self.cache[k] for k in among]
+        for reward, info in sorted(entries, key=lambda entry: entry[0], reverse=True)[:top]:
             timings: dict[str, float] = {}
             model = s.build(info["ratios"], self.round_to, timings=timings)
             t = time.perf_counter()

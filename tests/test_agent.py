@@ -94,11 +94,11 @@ def test_evaluation_budget_counts_distinct_allocations_only(digits_session):
 
 
 @pytest.mark.parametrize("sde", [True, False])
-def test_ppo_reexplores_after_a_rollout_of_repeats(sde, digits_session):
+def test_ppo_reexplores_after_rollouts_of_repeats(sde, digits_session):
     """A PPO policy collapsed onto one allocation repeats it: the first rollout (4 episodes) evaluates it once,
-    the second only repeats it, and with ``reexplore`` the third starts from a std reset to init_std, so it
-    evaluates new allocations; without, the search stays on the one allocation. (A learning rate of 0 keeps the
-    policy's mean where it is, so only the std reset can move the search.)"""
+    the second only repeats it. With ``reexplore`` the third starts from a policy widened to twice init_std, so
+    it evaluates new allocations; without, the search stays on the one allocation. (A learning rate of 0 keeps
+    the policy's mean where it is, so only the widening can move the search.)"""
     counts = {}
     for reexplore in (True, False):
         search = Search(tiny_config(algo="ppo", sde=sde, init_std=0.3, episodes=12, reexplore=reexplore,
@@ -112,6 +112,28 @@ def test_ppo_reexplores_after_a_rollout_of_repeats(sde, digits_session):
                              float(search.algo.policy.log_std.detach().max()))
     assert counts[False][:2] == (0, 1) and counts[False][2] == -12
     assert counts[True][0] == 1 and counts[True][1] > 1 and counts[True][2] > -6
+
+
+@pytest.mark.parametrize("sde", [True, False])
+def test_reexploring_recentres_on_the_best_episode_and_widens(sde, digits_session):
+    """After k stalled rollouts in a row, the deterministic policy replays the best episode's applied actions
+    and its action std is init_std * 2**k, at most 1."""
+    env = PruneEnv(session=digits_session, flops=0.6)
+    search = Search(tiny_config(algo="ppo", sde=sde, init_std=0.3, episodes=8), env)
+    search.run(8)
+    for stalls, std in ((1, 0.6), (3, 1.0)):
+        search._stalls = stalls
+        search.on_rollout_start()
+        obs, _ = env.reset()
+        with torch.no_grad():
+            dist = search.algo.policy.get_distribution(search.algo.policy.obs_to_tensor(obs)[0])
+        assert float(dist.distribution.stddev.reshape(-1)[0]) == pytest.approx(std, rel=1e-3)
+        for t, target in enumerate(search.best["actions"]):
+            action, _ = search.algo.predict(obs, deterministic=True)
+            assert abs(float(action[0]) - target) < 0.05, (t, float(action[0]), target)
+            obs, _, done, _, info = env.step(np.array([target], dtype=np.float32))
+        assert done and info["ratios"] == search.best["ratios"]
+    assert search.reexplorations == 2
 
 
 def test_ppo_warmup_is_random_then_the_actor_starts_from_its_best_episode(digits_session):

@@ -211,3 +211,6 @@ def test_rescore_ranks_the_top_candidates_over_both_splits(digits_session):
         both = (c["acc_reward"] * len(reward) + c["acc_select"] * len(select)) / (len(reward) + len(select))
         assert c["acc"] == pytest.approx(both) and c["reward"] == pytest.approx(both / 100)
     assert env.rescore(0) == []
+    # among: only those allocations compete (e.g. the ones within a tighter budget)
+    worst = sorted(env.cache, key=lambda k: env.cache[k][0])[:2]
+    assert sorted(c["reward_search"] for c in env.rescore(3, worst)) == sorted(env.cache[k][0] for k in worst)
