@@ -295,7 +295,7 @@ class Search:
                 self.on_step(info)
                 done = terminated or truncated
             self.on_episode_end(info)
-            self.warmup_best = self.best["actions"]
+            self.warmup_best = self.best.get("actions")  # None in a checkpoint from before actions were kept
             self.maybe_checkpoint()
         if self.episodes_done >= self.config.warmup_episodes and not self.cloned and self.warmup_best:
             self._clone(self.warmup_best)

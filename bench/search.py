@@ -122,7 +122,8 @@ def main() -> None:
     p.add_argument("--clone-warmup", action="store_true",
                    help="PPO starts from the best of its --warmup random episodes (TrainConfig.clone_warmup)")
     p.add_argument("--no-reexplore", action="store_true",
-                   help="PPO keeps its std after rollouts of repeats only (TrainConfig.reexplore off)")
+                   help="PPO is not re-centred and widened after rollouts that only repeat evaluated allocations "
+                        "(TrainConfig.reexplore off)")
     p.add_argument("--skip", nargs="*", default=[], metavar="METHOD",
                    help="methods not to run, e.g. global l1-uniform random rl-ddpg")
     p.add_argument("--max-latency", type=float, default=None,
