@@ -162,9 +162,7 @@ class Search:
         self.target_episodes = 0
         self.target_evaluations: int | None = None
         self.search_s = 0.0
-        # PPO's warm-up: the applied actions of its best random episode, and whether the policy was fitted to them
-        self.warmup_best: list[float] | None = None
-        self.cloned = False
+        self.cloned = False  # PPO's warm-up: whether the policy was fitted to its best random episode
         self.reexplorations = 0  # PPO: times its policy was widened after a rollout of repeats only
         self._rollout_first = 0  # index in history of the current rollout's first episode
         self._stalls = 0  # PPO: rollouts in a row that only repeated evaluated allocations
@@ -295,10 +293,10 @@ class Search:
                 self.on_step(info)
                 done = terminated or truncated
             self.on_episode_end(info)
-            self.warmup_best = self.best.get("actions")  # None in a checkpoint from before actions were kept
             self.maybe_checkpoint()
-        if self.episodes_done >= self.config.warmup_episodes and not self.cloned and self.warmup_best:
-            self._clone(self.warmup_best)
+        # the best episode so far is the best warm-up episode (no actions in a checkpoint from before they were kept)
+        if self.episodes_done >= self.config.warmup_episodes and not self.cloned and (self.best or {}).get("actions"):
+            self._clone(self.best["actions"])
             self.cloned = True
             if self.run_dir:
                 self.checkpoint()
@@ -412,7 +410,7 @@ class Search:
         state = {"episodes_done": self.episodes_done, "num_timesteps": self.algo.num_timesteps,
                  "best": self.best, "history": self.history, "search_s": self.elapsed(),
                  "noise_sigma": self.noise.sigma if self.noise else None, "baseline": baseline,
-                 "warmup_best": self.warmup_best, "cloned": self.cloned, "reexplorations": self.reexplorations,
+                 "cloned": self.cloned, "reexplorations": self.reexplorations,
                  "stalls": self._stalls,
                  "env_episodes": self.env.episodes, "env_timings": self.env.timings,
                  "cache": [[list(k), r, info] for k, (r, info) in self.env.cache.items()]}
@@ -443,7 +441,7 @@ class Search:
         search.wrapped.average = state["baseline"]
         search.episodes_done, search.best, search.history = state["episodes_done"], state["best"], state["history"]
         search.search_s = state["search_s"]
-        search.warmup_best, search.cloned = state.get("warmup_best"), state.get("cloned", False)
+        search.cloned = state.get("cloned", False)
         search.reexplorations, search._stalls = state.get("reexplorations", 0), state.get("stalls", 0)
         env.episodes, env.timings = state["env_episodes"], state["env_timings"]
         env.cache = {tuple(k): (r, info) for k, r, info in state["cache"]}

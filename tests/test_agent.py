@@ -150,7 +150,7 @@ def test_ppo_warmup_is_random_then_the_actor_starts_from_its_best_episode(digits
     again.run(5)
     assert [h["acc"] for h in again.history] == [h["acc"] for h in search.history]  # same seed, same draws
     obs, _ = env.reset()
-    for t, target in enumerate(search.warmup_best):
+    for t, target in enumerate(search.best["actions"]):  # the best episode is the best warm-up episode
         action, _ = search.algo.predict(obs, deterministic=True)
         assert abs(float(action[0]) - target) < 0.05, (t, float(action[0]), target)
         obs, _, done, _, info = env.step(np.array([target], dtype=np.float32))
