@@ -50,7 +50,8 @@ def train_command_parser(subparsers) -> None:
                       ("max_latency", float), ("latency_batch", int),
                       ("reward_images", int), ("calib_batches", int), ("rescore_top", int), ("select_images", int),
                       ("warmup_episodes", int),
-                      ("noise_sigma", float), ("noise_decay", float), ("init_std", float), ("hidden", int),
+                      ("noise_sigma", float), ("noise_decay", float), ("init_std", float), ("repeat_penalty", float),
+                      ("hidden", int),
                       ("gnn_layers", int),
                       ("learning_rate", float), ("batch_size", int), ("gradient_steps", int),
                       ("checkpoint_every", int), ("max_nodes", int), ("finetune_epochs", int)):

@@ -55,15 +55,19 @@ class DecayingNormalNoise(NormalActionNoise):
 
 
 class MovingAverageBaseline(gym.Wrapper):
-    """Subtract a moving average of past final rewards from each final reward (AMC's variance reduction).
+    """Subtract a moving average of past final rewards from each final reward (AMC's variance reduction), and
+    ``repeat_penalty`` from the final reward of an episode that repeated an allocation already evaluated
+    (``info["cached"]``).
 
-    The unshifted reward is always kept in ``info["reward_raw"]``; with ``enabled=False`` nothing is shifted.
+    The unshifted reward is always kept in ``info["reward_raw"]`` (the search keeps its best by it), and the
+    average is over raw rewards; with ``enabled=False`` nothing is shifted.
     """
 
-    def __init__(self, env: gym.Env, alpha: float = 0.1, enabled: bool = True):
+    def __init__(self, env: gym.Env, alpha: float = 0.1, enabled: bool = True, repeat_penalty: float = 0.0):
         super().__init__(env)
         self.alpha = alpha
         self.enabled = enabled
+        self.repeat_penalty = repeat_penalty
         self.average: float | None = None
 
     def step(self, action):
@@ -75,6 +79,8 @@ class MovingAverageBaseline(gym.Wrapper):
             shifted = reward - self.average
             self.average += self.alpha * (reward - self.average)
             reward = shifted if self.enabled else reward
+            if info.get("cached"):
+                reward -= self.repeat_penalty
         return obs, reward, terminated, truncated, info
 
 
@@ -153,7 +159,7 @@ class Search:
         self.env = env
         self.run_dir = Path(run_dir) if run_dir else None
         self.steps_per_episode = env.num_steps
-        self.wrapped = MovingAverageBaseline(env, enabled=config.baseline)
+        self.wrapped = MovingAverageBaseline(env, enabled=config.baseline, repeat_penalty=config.repeat_penalty)
         self.algo = self._build_algo()
         self.noise: DecayingNormalNoise | None = getattr(self.algo, "action_noise", None)
         self.best: dict | None = None

@@ -22,15 +22,14 @@ import torch
 from common import RESULTS, labelled_runs, write_result
 
 from pruning_core import build_model, kept_counts, prune, trace_model
-from pruning_core.latency import latency_runner, time_runner
+from pruning_core.latency import cpu_channel_block, latency_runner, time_runner
 
 BACKENDS = (("torch", ""), ("torch-cl", "cl_"), ("onnxruntime", "ort_"))
-BLOCK = 8  # channels per SIMD block of the CPU conv kernels with AVX2 (this machine has no AVX-512)
 
 
-def aligned(kept: dict[str, int], trace, block: int = BLOCK) -> dict[str, int]:
-    """Kept channels padded up to whole ``block``s: the widths a CPU conv kernel that packs channels in blocks of
-    8 (oneDNN and MLAS with AVX2) computes on, whatever the model's own widths."""
+def aligned(kept: dict[str, int], trace, block: int) -> dict[str, int]:
+    """Kept channels padded up to whole ``block``s: the widths a CPU conv kernel that packs channels in blocks
+    (oneDNN and MLAS: 8 with AVX2, 16 with AVX-512) computes on, whatever the model's own widths."""
     return {g.name: min(g.channels, -(-kept[g.name] // block) * block) for g in trace.groups}
 
 
@@ -48,6 +47,7 @@ def main() -> None:
     trace = trace_model(dense, shape)
     scores = {g.name: torch.arange(g.channels, 0, -1).float() for g in trace.groups}  # any ranking will do
 
+    block = cpu_channel_block()
     models = {}
     paths = [RESULTS / f"{n}.json" for n in args.results] if args.results else sorted(RESULTS.glob("search_*.json"))
     # uniform, in every results file, is one architecture timed once; another allocation under the same label
@@ -56,7 +56,7 @@ def main() -> None:
         rt = r.get("round_to")
         kept = kept_counts(trace, r["ratios"], rt)
         models[label] = (prune(dense, r["ratios"], scores, trace, round_to=rt),
-                         trace.flops(kept) / trace.flops(), trace.flops(aligned(kept, trace)) / trace.flops())
+                         trace.flops(kept) / trace.flops(), trace.flops(aligned(kept, trace, block)) / trace.flops())
     times: dict[str, dict[str, list[float]]] = {name: {} for name in ["dense", *models]}
     speedups: dict[str, dict[str, list[float]]] = {name: {} for name in models}
     # one backend at a time (their thread pools never overlap); each model is exported once per backend and
@@ -84,6 +84,7 @@ def main() -> None:
                       "repeats_speedup": speedups[name]}  # every sweep's paired speed-up, to show the spread
         print(name, {k: round(v, 3) for k, v in rows[name].items() if k != "repeats_speedup"}, flush=True)
     write_result(args.name, {"repeats": args.repeats, "paired": True, "min_run_time": args.min_run_time,
+                             "block": block, "cpu_capability": torch.backends.cpu.get_cpu_capability(),
                              "models": rows})
 
 

@@ -38,8 +38,9 @@ def search_table(res: dict) -> list[str]:
              f"settings {res.get('rl_config', 'TrainConfig defaults at the time of the run')}. Speed-ups here are "
              "timed inside the run; bench/latency.py's table times them alone.", ""]
     if res["config"].get("round_to"):
-        lines[0] += (f" Every method keeps channel counts rounded up to multiples of {res['config']['round_to']} "
-                     "(--round-to), the CPU kernels' channel block.")
+        rt = res["config"]["round_to"]
+        lines[0] += (f" Every method keeps channel counts rounded up to multiples of {rt} (--round-to)"
+                     + (", the CPU kernels' channel block with AVX2 (half a block with AVX-512)." if rt == 8 else "."))
     lat = res.get("latency_budget")
     if lat:
         lines[0] += (f" Every method also keeps the latency that a latency table ({lat['backend']}, batch "
@@ -108,6 +109,7 @@ def scale_table(res: dict) -> list[str]:
 
 def latency_table(res: dict) -> list[str]:
     dense = res["models"]["dense"]
+    block = res.get("block", 8)  # results from before it was recorded ran on AVX2 machines
     backends = [(n, p) for n, p in (("eager", ""), ("eager CL", "cl_"), ("ORT", "ort_")) if f"{p}b1_ms" in dense]
     how = (f"Paired timings: in each of {res['repeats']} sweeps, dense is timed right before each model; a "
            "speed-up is the median over sweeps of dense / pruned, and the ms columns are medians"
@@ -116,10 +118,10 @@ def latency_table(res: dict) -> list[str]:
              "(round_to=8: kept channels rounded up to multiples of 8). eager: PyTorch eager mode; eager CL: "
              "its deployment form, Conv+BN folded and channels-last memory format (dense timed the same way); "
              "ORT: the same model exported to ONNX and run by ONNX Runtime (CPU, all graph optimisations). Speed-ups "
-             "against dense, with their share of the FLOPs speed-up in brackets. 8-block FLOPs speed-up: the "
-             "FLOPs speed-up with every kept width padded up to a multiple of 8, the channel block of the CPU "
-             "conv kernels here (AVX2).", "",
-             "| model | FLOPs | FLOPs speed-up | 8-block FLOPs speed-up | "
+             f"against dense, with their share of the FLOPs speed-up in brackets. {block}-block FLOPs speed-up: the "
+             f"FLOPs speed-up with every kept width padded up to a multiple of {block}, the channel block of the "
+             f"CPU conv kernels here ({'AVX-512' if block == 16 else 'AVX2'}).", "",
+             f"| model | FLOPs | FLOPs speed-up | {block}-block FLOPs speed-up | "
              + " | ".join(f"{n} b1 ms | {n} b64 ms | {n} speed-up b1 | {n} speed-up b64" for n, _ in backends) + " |",
              "|---|---|---|---|" + "---|---|---|---|" * len(backends)]
     for name, r in res["models"].items():

@@ -124,6 +124,9 @@ def main() -> None:
     p.add_argument("--no-reexplore", action="store_true",
                    help="PPO is not re-centred and widened after rollouts that only repeat evaluated allocations "
                         "(TrainConfig.reexplore off)")
+    p.add_argument("--repeat-penalty", type=float, default=TrainConfig.repeat_penalty,
+                   help="RL reward subtracted for an episode that repeats an evaluated allocation "
+                        f"(default: {TrainConfig.repeat_penalty}, TrainConfig's)")
     p.add_argument("--skip", nargs="*", default=[], metavar="METHOD",
                    help="methods not to run, e.g. global l1-uniform random rl-ddpg")
     p.add_argument("--max-latency", type=float, default=None,
@@ -154,7 +157,8 @@ def main() -> None:
                "rl_config": {**{k: getattr(defaults, k) for k in ("action_center", "sde", "max_ratio",
                                                                        "select_images")}, "init_std": args.init_std,
                              "granularity": args.granularity, "warmup_episodes": args.warmup,
-                             "clone_warmup": args.clone_warmup, "reexplore": not args.no_reexplore},
+                             "clone_warmup": args.clone_warmup, "reexplore": not args.no_reexplore,
+                             "repeat_penalty": args.repeat_penalty},
                "dense": {"acc_test": session.dense_accuracy("test"), "acc_reward": session.dense_accuracy("reward"),
                          "latency_b1_ms": dense_latency[1], "latency_b64_ms": dense_latency[64],
                          "flops": session.flops_dense, "params": session.params_dense},
@@ -198,6 +202,7 @@ def main() -> None:
                                                        granularity=args.granularity,
                                                        clone_warmup=args.clone_warmup, init_std=args.init_std,
                                                        reexplore=not args.no_reexplore,
+                                                       repeat_penalty=args.repeat_penalty,
                                                        max_latency=args.max_latency,
                                                        latency_backend=args.latency_backend,
                                                        latency_batch=args.latency_batch), table)

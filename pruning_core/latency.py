@@ -24,14 +24,26 @@ from pruning_core.errors import UserError
 if TYPE_CHECKING:
     from pruning_core.graph import ModelTrace
 
-__all__ = ["BACKENDS", "LatencyBudget", "LatencyTable", "check_max_latency", "compare_latency", "deploy_form",
-           "latency_runner", "measure_latency", "time_runner"]
+__all__ = ["BACKENDS", "LatencyBudget", "LatencyTable", "check_max_latency", "compare_latency", "cpu_channel_block",
+           "deploy_form", "latency_runner", "measure_latency", "time_runner"]
 
 BACKENDS = ("torch", "torch-cl", "onnxruntime")
 
 log = logging.getLogger(__name__)
 
 MIN_PROBE_SPEEDUP = 1.1  # below it, LatencyTable does not fit an offset to its half-width probe
+
+
+def cpu_channel_block() -> int:
+    """Channels per SIMD block of this CPU's conv kernels: 16 with AVX-512, 8 otherwise (AVX2).
+
+    oneDNN and ONNX Runtime's NCHWc kernels (MLAS) pack channels in blocks of this many. In ORT, a conv whose
+    output width is not a multiple of the block computes the padded width anyway, and one whose input width is
+    not a multiple (and not below it) leaves the blocked kernels altogether, with layout reorders around it.
+    So a width of 8 costs what 16 does on an AVX-512 machine, and ``round_to`` 8 is not whole blocks there.
+    """
+    capability = torch.backends.cpu.get_cpu_capability()  # "AVX512", "AVX2", "DEFAULT", ... as ATen dispatches
+    return 16 if capability.startswith("AVX512") else 8
 
 
 def deploy_form(model: nn.Module) -> nn.Module:

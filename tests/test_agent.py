@@ -13,6 +13,7 @@ import torch
 
 from agent import Search, TrainConfig, apply_policy, load_policy, save_policy
 from agent.cli import main
+from agent.search import MovingAverageBaseline
 from envs import PruneEnv
 from pruning_core import UserError
 
@@ -91,6 +92,32 @@ def test_evaluation_budget_counts_distinct_allocations_only(digits_session):
     assert sum(h["cached"] for h in stuck.history) == 8 - stuck.evaluations_done > 0
     with pytest.raises(UserError, match="--evaluations"):
         tiny_config(evaluations=0).validate()
+
+
+def test_repeat_penalty_lowers_only_the_reward_of_repeated_allocations(digits_session):
+    """``repeat_penalty`` comes off the final reward of an episode whose allocation was evaluated before; the raw
+    reward (which the search keeps its best by) and the moving-average baseline see the unpenalised reward."""
+    env = MovingAverageBaseline(PruneEnv(session=digits_session, flops=0.6), enabled=True, repeat_penalty=0.25)
+
+    def episode(action: float) -> tuple[float, dict]:
+        env.reset()
+        done = False
+        while not done:
+            _, reward, done, _, info = env.step(np.array([action], dtype=np.float32))
+        return reward, info
+
+    raw, average = [], None
+    for action, cached in ((0.0, False), (0.0, True), (-0.5, False)):
+        reward, info = episode(action)
+        assert info["cached"] == cached
+        raw.append(info["reward_raw"])
+        average = raw[0] if average is None else average
+        assert reward == pytest.approx(raw[-1] - average - (0.25 if cached else 0.0))
+        average += 0.1 * (raw[-1] - average)
+        assert env.average == pytest.approx(average)
+    assert raw[0] == raw[1] != raw[2]
+    with pytest.raises(UserError, match="--repeat-penalty"):
+        tiny_config(repeat_penalty=-0.1).validate()
 
 
 @pytest.mark.parametrize("sde", [True, False])

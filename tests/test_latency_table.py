@@ -176,3 +176,11 @@ def test_cli_train_with_a_latency_budget(digits_session, tmp_path, capsys):
     assert main(["apply", str(tmp_path / "policy"), "--model", "digits_cnn_wide", "--data", "digits",
                  "--max-latency", "0", "--out", str(tmp_path / "bad2")]) == 2
     assert "must be a fraction" in capsys.readouterr().err and not (tmp_path / "bad2").exists()
+
+
+@pytest.mark.parametrize("capability, block", [("AVX512", 16), ("AVX512_BF16", 16), ("AVX2", 8), ("DEFAULT", 8)])
+def test_cpu_channel_block_follows_the_simd_width(capability, block, monkeypatch):
+    """The conv kernels' channel block is 16 on AVX-512 machines, where a width of 8 is half a block, else 8."""
+    from pruning_core.latency import cpu_channel_block
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: capability)
+    assert cpu_channel_block() == block
