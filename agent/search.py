@@ -30,6 +30,7 @@ __all__ = ["DecayingNormalNoise", "MovingAverageBaseline", "Search", "keep_best"
 
 ALGO_CLASSES: dict[str, type[BaseAlgorithm]] = {"ddpg": DDPG, "td3": TD3, "sac": SAC, "ppo": PPO}
 REEXPLORE_MAX_STD = 1.0  # SB3's initial std: wider mostly samples the clipped ends of the [-1, 1] action
+CLONE_TOLERANCE = 0.02  # a fit whose deterministic actions are all this close to the target's stops
 
 
 class DecayingNormalNoise(NormalActionNoise):
@@ -307,9 +308,13 @@ class Search:
             if self.run_dir:
                 self.checkpoint()
 
-    def _clone(self, actions: list[float], steps: int = 200, std: float | None = None) -> None:
-        """Fit PPO's deterministic actor to one episode's applied ``actions`` (MSE, Adam), then set its action
-        std to ``std`` (default ``init_std``; with gSDE, re-scaled for the new latent).
+    def _clone(self, actions: list[float], steps: int = 200, std: float | None = None) -> int:
+        """Fit PPO's deterministic actor to one episode's applied ``actions`` (MSE, Adam; at most ``steps``
+        steps, stopping as soon as every action is within :data:`CLONE_TOLERANCE`), then set its action std to
+        ``std`` (default ``init_std``; with gSDE, re-scaled for the new latent). Returns the Adam steps taken.
+
+        A re-centring on a best episode that has not changed since the last one usually finds the actor still
+        on it and takes no step (each step is a GNN forward and backward pass).
         """
         observations, obs = [], self.env.reset()[0]
         episodes = self.env.episodes
@@ -323,8 +328,12 @@ class Search:
         extractor, mlp, head, _ = policy_modules(self.algo, "ppo")
         params = [p for m in (extractor, mlp, head) for p in m.parameters()]
         opt = torch.optim.Adam(params, lr=self.config.learning_rate)
-        for _ in range(steps):
-            loss = F.mse_loss(head(mlp(extractor(batch))), target)
+        taken = 0
+        for taken in range(steps + 1):
+            predicted = head(mlp(extractor(batch)))
+            if taken == steps or float((predicted - target).abs().max()) < CLONE_TOLERANCE:
+                break
+            loss = F.mse_loss(predicted, target)
             opt.zero_grad()
             loss.backward()
             opt.step()
@@ -334,6 +343,7 @@ class Search:
         else:
             with torch.no_grad():
                 self.algo.policy.log_std.fill_(float(np.log(std)))
+        return taken
 
     def on_rollout_start(self) -> None:
         """PPO with ``reexplore``: after ``k`` rollouts in a row in which every episode repeated an evaluated

@@ -161,6 +161,7 @@ def test_reexploring_recentres_on_the_best_episode_and_widens(sde, digits_sessio
             obs, _, done, _, info = env.step(np.array([target], dtype=np.float32))
         assert done and info["ratios"] == search.best["ratios"]
     assert search.reexplorations == 2
+    assert search._clone(search.best["actions"]) == 0  # the actor is still on the best episode: no Adam step
 
 
 def test_ppo_warmup_is_random_then_the_actor_starts_from_its_best_episode(digits_session):
