@@ -313,8 +313,8 @@ class Search:
         steps, stopping as soon as every action is within :data:`CLONE_TOLERANCE`), then set its action std to
         ``std`` (default ``init_std``; with gSDE, re-scaled for the new latent). Returns the Adam steps taken.
 
-        A re-centring on a best episode that has not changed since the last one usually finds the actor still
-        on it and takes no step (each step is a GNN forward and backward pass).
+        An actor already on those actions takes no step (each step is a GNN forward and backward pass), as when
+        a re-centring follows one on the same best episode with no PPO update in between.
         """
         observations, obs = [], self.env.reset()[0]
         episodes = self.env.episodes

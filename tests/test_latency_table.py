@@ -18,7 +18,7 @@ from pruning_core import (
     trace_model,
     uniform_ratios,
 )
-from pruning_core.latency import _grid
+from pruning_core.latency import _grid, cpu_channel_block
 
 
 def macs_table(trace, block: int = 8) -> LatencyTable:
@@ -181,6 +181,5 @@ def test_cli_train_with_a_latency_budget(digits_session, tmp_path, capsys):
 @pytest.mark.parametrize("capability, block", [("AVX512", 16), ("AVX512_BF16", 16), ("AVX2", 8), ("DEFAULT", 8)])
 def test_cpu_channel_block_follows_the_simd_width(capability, block, monkeypatch):
     """The conv kernels' channel block is 16 on AVX-512 machines, where a width of 8 is half a block, else 8."""
-    from pruning_core.latency import cpu_channel_block
     monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: capability)
     assert cpu_channel_block() == block
