@@ -331,7 +331,7 @@ class Search:
         taken = 0
         for taken in range(steps + 1):
             predicted = head(mlp(extractor(batch)))
-            if taken == steps or float((predicted - target).abs().max()) < CLONE_TOLERANCE:
+            if taken == steps or float((predicted.detach() - target).abs().max()) < CLONE_TOLERANCE:
                 break
             loss = F.mse_loss(predicted, target)
             opt.zero_grad()

@@ -13,6 +13,7 @@ from pruning_core import (
     UserError,
     accuracy,
     build_model,
+    compare_latency,
     export_model,
     global_ratios,
     kept_counts,
@@ -210,14 +211,14 @@ def test_export_reloads_with_same_logits(tmp_path):
 
 @pytest.mark.parametrize("backend", ["torch", "torch-cl", "onnxruntime"])
 def test_latency_backends_see_the_pruning(backend):
-    """A VGG-16 at a quarter of its FLOPs must run clearly faster than dense in every runtime."""
+    """A VGG-16 at a quarter of its FLOPs must run clearly faster than dense in every runtime (timed in pairs, the
+    median of 3 ratios: two lone timings on a shared 2-core VM once put the pruned model behind dense)."""
     model = build_model("vgg16_bn").eval()
     trace = trace_model(model, (3, 32, 32))
     scores = {g.name: torch.rand(g.channels) for g in trace.groups}
     pruned = prune(model, uniform_ratios(trace, 0.25), scores, trace)
-    dense_s = measure_latency(model, (3, 32, 32), 8, min_run_time=0.3, backend=backend)
-    pruned_s = measure_latency(pruned, (3, 32, 32), 8, min_run_time=0.3, backend=backend)
-    assert 0 < pruned_s < 0.8 * dense_s, (dense_s, pruned_s)
+    timed = compare_latency(model, pruned, (3, 32, 32), 8, backend=backend, repeats=3, min_run_time=0.2)
+    assert timed["pruned_ms"] > 0 and timed["speedup"] > 1.25, timed
     with pytest.raises(UserError, match="unknown latency backend"):
         measure_latency(model, (3, 32, 32), backend="tensorrt")
 
