@@ -114,8 +114,7 @@ class TrainConfig:
     mean leaves the action box, and it spends its episodes on cache hits. On ResNet-56 (substage, ``round_to`` 8,
     50% FLOPs, 3 seeds) it lifted PPO from 78.17% to 80.20% in 120 episodes and from 80.07% to 83.68% (a first run:
     82.11%) with 120 distinct evaluations, covering 2-4x more allocations; random search keeps 82.79% and
-    83.42%. It never fired
-    in 3 unrounded runs (bench/results/search_substage_*reexplore*.json)."""
+    83.42%. It never fired in 3 unrounded runs (bench/results/search_substage_*reexplore*.json)."""
     repeat_penalty: float = 0.0
     """Subtracted from the reward of an episode that repeats an allocation already evaluated (reward units:
     accuracy as a fraction, so 0.02 is 2 points). The search keeps the best evaluated allocation whatever the

@@ -328,8 +328,7 @@ class Search:
         extractor, mlp, head, _ = policy_modules(self.algo, "ppo")
         params = [p for m in (extractor, mlp, head) for p in m.parameters()]
         opt = torch.optim.Adam(params, lr=self.config.learning_rate)
-        taken = 0
-        for taken in range(steps + 1):
+        for taken in range(steps + 1):  # steps >= 0, so the loop always binds taken
             predicted = head(mlp(extractor(batch)))
             if taken == steps or float((predicted.detach() - target).abs().max()) < CLONE_TOLERANCE:
                 break
