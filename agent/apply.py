@@ -91,7 +91,8 @@ def apply_policy(policy: str | Path | PortablePolicy, model: str | nn.Module, we
                    round_to=round_to, max_nodes=max(policy.config["observation"]["max_nodes"],
                                                     len(session.trace.nodes)),
                    granularity=trained.get("granularity", "group"),
-                   action_center=trained.get("action_center", "uniform"), latency_budget=budget)
+                   action_center=trained.get("action_center", "uniform"), latency_budget=budget,
+                   drop=trained.get("drop_blocks", False))
     ratios, reward, info = policy_ratios(policy, env)
     zero_shot = ratios
     transfer = {"policy_model": trained["model"], "policy_algo": policy.config["algorithm"],

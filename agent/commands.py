@@ -60,6 +60,7 @@ def train_command_parser(subparsers) -> None:
     p.add_argument("--sde", action=argparse.BooleanOptionalAction, help=_field_help("sde"))
     p.add_argument("--clone-warmup", action=argparse.BooleanOptionalAction, help=_field_help("clone_warmup"))
     p.add_argument("--reexplore", action=argparse.BooleanOptionalAction, help=_field_help("reexplore"))
+    p.add_argument("--drop-blocks", action=argparse.BooleanOptionalAction, help=_field_help("drop_blocks"))
     p.add_argument("--out", help="run folder " + _field_help("out"))
     p.add_argument("--json", action="store_true", help="print the final JSON report on stdout")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")

@@ -49,7 +49,7 @@ def build_env(config: TrainConfig, session: PruningSession | None = None,
     return PruneEnv(session=session, flops=config.flops, reward=config.reward, max_ratio=config.max_ratio,
                     round_to=config.round_to, max_nodes=max(config.max_nodes, len(session.trace.nodes)),
                     granularity=config.granularity, action_center=config.action_center,
-                    latency_batch=config.latency_batch, latency_budget=budget)
+                    latency_batch=config.latency_batch, latency_budget=budget, drop=config.drop_blocks)
 
 
 def measure_latency_table(session: PruningSession, backend: str, batch_size: int,

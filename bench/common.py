@@ -42,8 +42,8 @@ def cifar_session(model: str, **config) -> PruningSession:
 def labelled_runs(paths: list[Path], all_seeds: bool = True):
     """``(label, run, result)`` for every kept model of these search results (a seeded method's first seed only
     unless ``all_seeds``), labelled as bench/latency.py times them: target, method (agents with their action
-    space and results file), seed and rounding; a label seen before with other ratios gets ``(file)`` appended,
-    one seen with the same ratios (e.g. uniform in every file) is skipped."""
+    space and results file), seed, rounding and dropped residual branches; a label seen before with other ratios
+    gets ``(file)`` appended, one seen with the same ratios (e.g. uniform in every file) is skipped."""
     seen: dict[str, dict] = {}
     for path in paths:
         res = json.loads(path.read_text())
@@ -60,6 +60,8 @@ def labelled_runs(paths: list[Path], all_seeds: bool = True):
                     candidates[name] = r
             for name, run in candidates.items():
                 label = f"{target} {name}" + (f" round_to={run['round_to']}" if run.get("round_to") else "")
+                dropped = sum(r == 1.0 for r in run["ratios"].values())
+                label += f", {dropped} blocks dropped" if dropped else ""
                 if label in seen:
                     if run["ratios"] == seen[label]["ratios"]:
                         continue

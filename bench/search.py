@@ -32,13 +32,13 @@ from pruning_core.latency import BACKENDS
 def random_search(session: PruningSession, target: float, episodes: int, seed: int, max_ratio: float,
                   granularity: str = "group", rescore_top: int = TrainConfig.rescore_top,
                   round_to: int | None = None, latency: LatencyBudget | None = None,
-                  evaluations: int | None = None) -> dict:
+                  evaluations: int | None = None, drop: bool = False) -> dict:
     """EagleEye-style: ``episodes`` random ratio vectors (one ratio per group, or per stage) pushed into the budget
     by the env's clamp, or as many as it takes to evaluate ``evaluations`` distinct allocations (at most
     ``episodes``); the best by reward, re-scored like the agent's (``agent.train.keep_best``)."""
     # actions uniform in [-1, 1] around the fixed uniform allocation
     env = PruneEnv(session=session, flops=target, max_ratio=max_ratio, granularity=granularity,
-                   action_center="uniform", round_to=round_to, latency_budget=latency)
+                   action_center="uniform", round_to=round_to, latency_budget=latency, drop=drop)
     rng = np.random.default_rng(seed)
     best, started, done = None, time.perf_counter(), 0
     while done < episodes and (evaluations is None or len(env.cache) < evaluations):
@@ -127,6 +127,8 @@ def main() -> None:
     p.add_argument("--repeat-penalty", type=float, default=TrainConfig.repeat_penalty,
                    help="RL reward subtracted for an episode that repeats an evaluated allocation "
                         f"(default: {TrainConfig.repeat_penalty}, TrainConfig's)")
+    p.add_argument("--drop-blocks", action="store_true",
+                   help="let the searches remove residual branches whole (with --round-to, best --granularity group)")
     p.add_argument("--skip", nargs="*", default=[], metavar="METHOD",
                    help="methods not to run, e.g. global l1-uniform random rl-ddpg")
     p.add_argument("--max-latency", type=float, default=None,
@@ -158,7 +160,7 @@ def main() -> None:
                                                                        "select_images")}, "init_std": args.init_std,
                              "granularity": args.granularity, "warmup_episodes": args.warmup,
                              "clone_warmup": args.clone_warmup, "reexplore": not args.no_reexplore,
-                             "repeat_penalty": args.repeat_penalty},
+                             "repeat_penalty": args.repeat_penalty, "drop_blocks": args.drop_blocks},
                "dense": {"acc_test": session.dense_accuracy("test"), "acc_reward": session.dense_accuracy("reward"),
                          "latency_b1_ms": dense_latency[1], "latency_b64_ms": dense_latency[64],
                          "flops": session.flops_dense, "params": session.params_dense},
@@ -193,7 +195,7 @@ def main() -> None:
                 if algo is None:
                     r = random_search(session, target, args.episodes, seed, mr,
                                       "group" if method == "random" else args.granularity, args.rescore_top, rt,
-                                      latency, args.evaluations)
+                                      latency, args.evaluations, args.drop_blocks)
                 else:
                     r = rl_search(session, TrainConfig(algo=algo, flops=target, episodes=args.episodes,
                                                        evaluations=args.evaluations, seed=seed,
@@ -203,6 +205,7 @@ def main() -> None:
                                                        clone_warmup=args.clone_warmup, init_std=args.init_std,
                                                        reexplore=not args.no_reexplore,
                                                        repeat_penalty=args.repeat_penalty,
+                                                       drop_blocks=args.drop_blocks,
                                                        max_latency=args.max_latency,
                                                        latency_backend=args.latency_backend,
                                                        latency_batch=args.latency_batch), table)

@@ -56,6 +56,12 @@ class PruneEnv(gym.Env):
     one that keeps the budget reachable when every later group is pruned at `max_ratio` (AMC's
     resource-constrained clamp). A stage's ratio applies to each of its groups.
 
+    With `drop=True`, a residual branch (a group in `ModelTrace.droppable`) keeps a whole number of `round_to`
+    blocks, possibly none: a ratio that leaves it under half a block removes the branch, which leaves its
+    block's shortcut. Narrowing a layer to part of a SIMD block saves no time in blocked CPU kernels (ONNX
+    Runtime pads the width on AVX-512); removing the branch saves all of it. Pair it with `granularity="group"`
+    so that blocks drop one at a time.
+
     ## Observation Space
 
     A fixed-size `spaces.Dict` of 1-D boxes (SB3 wants 1-D vectors), padded to `max_nodes` nodes and
@@ -108,6 +114,7 @@ class PruneEnv(gym.Env):
       predicts, as a fraction of dense; every episode meets it as well as the FLOPs budget (`info` then holds
       `latency_ratio`).
     - `reward`: one of `acc`, `acc_flops`, `latency`. `round_to`: round kept channels up to a multiple.
+    - `drop`: let residual branches be removed whole, see Action Space.
     - `reward_images`, `calib_batches`, `seed`: the reward split, adaptive-BN batches, split seed.
     - `max_nodes`, `max_edges`: observation padding (default 320 and 2 * max_nodes).
     - `action_center`: `remaining` (default), `uniform` or `zero`, see Action Space.
@@ -130,7 +137,7 @@ class PruneEnv(gym.Env):
                  calib_batches: int = 10, seed: int = 0, max_nodes: int = DEFAULT_MAX_NODES,
                  max_edges: int | None = None, session: PruningSession | None = None, latency_batch: int = 1,
                  action_center: str = "remaining", granularity: str = "substage",
-                 latency_budget: LatencyBudget | None = None):
+                 latency_budget: LatencyBudget | None = None, drop: bool = False):
         super().__init__()
         if reward not in REWARDS:
             raise UserError(f"unknown reward {reward!r}; use one of {', '.join(REWARDS)}")
@@ -156,9 +163,14 @@ class PruneEnv(gym.Env):
             raise UserError(f"{name} has {self.graph.num_edges} layer-graph edges but max_edges={self.max_edges}; "
                             f"pass max_edges >= {self.graph.num_edges}")
         self.groups = self.trace.groups
+        if drop and not (round_to and round_to > 1):
+            raise UserError("dropping residual branches needs round_to (--round-to), the channel block that a "
+                            "width is rounded to, e.g. 16 on an AVX-512 CPU: a branch drops under half a block")
+        self.drop = drop
+        self._drops = self.trace.droppable if drop else frozenset()
         self.dense_flops = session.flops_dense
         self.budget = flops * self.dense_flops
-        self.min_kept = {g.name: kept_channels(g.channels, max_ratio, round_to) for g in self.groups}
+        self.min_kept = {g.name: self._kept(g, max_ratio) for g in self.groups}
         floor = self.trace.flops(self.min_kept)
         if floor > self.budget:
             raise UserError(f"FLOPs target {flops:.3f} is unreachable for {name}: with every prunable group at "
@@ -182,7 +194,7 @@ class PruneEnv(gym.Env):
         self.ratio_grid = []  # per decision: the ratios that give distinct widths, up to each group's max_ratio
         for d in self.decisions:
             grid = {1 - k / g.channels for g in (self.groups[i] for i in d)
-                    for k in {kept_channels(g.channels, 1 - j / g.channels, round_to) for j in range(1, g.channels + 1)}
+                    for k in {self._kept(g, 1 - j / g.channels) for j in range(1, g.channels + 1)}
                     if k >= self.min_kept[g.name]}
             self.ratio_grid.append(sorted(grid))
 
@@ -239,9 +251,13 @@ class PruneEnv(gym.Env):
         """The channel groups that ``decisions`` set, in order."""
         return [self.groups[i] for d in decisions for i in d]
 
+    def _kept(self, group, ratio: float) -> int:
+        """Channels ``group`` keeps at ``ratio`` in this action space (rounding, and dropping where allowed)."""
+        return kept_channels(group.channels, ratio, self.round_to, group.name in self._drops)
+
     def _kept_at(self, groups: list, ratio: float) -> dict[str, int]:
         """Channels each of ``groups`` keeps at ``ratio`` (never fewer than at its max_ratio)."""
-        return {g.name: max(self.min_kept[g.name], kept_channels(g.channels, ratio, self.round_to)) for g in groups}
+        return {g.name: max(self.min_kept[g.name], self._kept(g, ratio)) for g in groups}
 
     def _fits(self, kept: dict[str, int]) -> bool:
         """Whether ``kept`` meets the FLOPs budget (and the predicted-latency budget, if there is one)."""

@@ -109,6 +109,38 @@ class ModelTrace:
                 (self.out_group if m.dim == "out" else self.in_group)[m.module] = g.name
                 if m.dim == "in":
                     self.in_multiplicity[m.module] = len(m.index[0])
+        self.droppable = self._droppable()
+
+    def branch_add(self, layer: str) -> int | None:
+        """Index of the ``add`` node that ``layer``'s output reaches through BN layers only, if any."""
+        if not hasattr(self, "_succ"):
+            self._node_of = {n.module: i for i, n in enumerate(self.nodes) if n.module}
+            self._succ: dict[int, list[int]] = {}
+            for a, b in self.edges:
+                self._succ.setdefault(a, []).append(b)
+        if layer not in self._node_of:
+            return None
+        nxt = self._succ.get(self._node_of[layer], [])
+        while len(nxt) == 1 and self.nodes[nxt[0]].op == "bn":
+            nxt = self._succ.get(nxt[0], [])
+        return nxt[0] if len(nxt) == 1 and self.nodes[nxt[0]].op == "add" else None
+
+    def _droppable(self) -> frozenset[str]:
+        """Groups that may lose all their channels: residual branches.
+
+        Every layer reading the group's channels must be a dense conv fed by this group alone whose output reaches
+        an ``add`` through BN layers only. With the group gone that conv sees no input, so it outputs its bias
+        (or zeros), and the add keeps its other input: the shortcut. A plain chain (VGG) has no such group, since
+        removing one would disconnect the network.
+        """
+        def branch_end(m: Member, channels: int) -> bool:
+            info = self.layers[m.module]
+            return (info.kind == "conv" and not info.depthwise and info.in_channels == channels * len(m.index[0])
+                    and self.branch_add(m.module) is not None)
+
+        return frozenset(g.name for g in self.groups
+                         if (readers := [m for m in g.members if m.dim == "in"])
+                         and all(branch_end(m, g.channels) for m in readers))
 
     def group(self, name: str) -> ChannelGroup:
         if name not in self.group_index:
@@ -150,7 +182,8 @@ class ModelTrace:
             if info.kind == "bn":
                 out[name] = 2 * out_c
             else:
-                out[name] = out_c * (in_c // groups) * info.kernel**2 + (out_c if self.has_bias.get(name) else 0)
+                bias = out_c if self.has_bias.get(name) else 0
+                out[name] = out_c * (in_c // max(groups, 1)) * info.kernel**2 + bias
         return out
 
     def params(self, kept: dict[str, int] | None = None) -> int:
@@ -165,6 +198,8 @@ def layer_macs(kind: str, in_c: int, out_c: int, groups: int, kernel: int, out_h
     """Multiply-accumulates of one conv or linear layer at batch 1: the project's only FLOPs formula."""
     if kind == "linear":
         return in_c * out_c
+    if not groups:  # a depthwise conv in a dropped branch
+        return 0
     return out_hw[0] * out_hw[1] * out_c * (in_c // groups) * kernel * kernel
 
 

@@ -204,6 +204,8 @@ class LatencyTable:
         for name, key in shapes.items():
             e = layers[key]
             c_in, c_out, _ = trace.channels_of(name, kept)
+            if not c_in or not c_out:  # a layer of a dropped residual branch is gone
+                continue
             total += e["ms"][_ceil(e["in"], c_in)][_ceil(e["out"], c_out)]
         return total
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import copy
 import math
+from collections import Counter
 
 import torch
 from torch import nn
@@ -14,28 +15,81 @@ from pruning_core.errors import UserError
 from pruning_core.graph import ModelTrace
 from pruning_core.latency import LatencyBudget
 
-__all__ = ["check_ratios", "fits_budget", "global_ratios", "kept_channels", "kept_counts", "prune", "uniform_ratios"]
+__all__ = ["DroppedBranch", "EmptyChannels", "check_ratios", "fits_budget", "global_ratios", "kept_channels",
+           "kept_counts", "prune", "uniform_ratios"]
 
 
-def kept_channels(channels: int, ratio: float, round_to: int | None = None) -> int:
-    """Channels a group of ``channels`` keeps at pruning ``ratio``: at least one, rounded up to ``round_to``."""
-    keep = max(1, int(round((1.0 - ratio) * channels)))
-    if round_to and round_to > 1 and channels > round_to:
-        keep = min(channels, int(math.ceil(keep / round_to) * round_to))
+def kept_channels(channels: int, ratio: float, round_to: int | None = None, drop: bool = False) -> int:
+    """Channels a group of ``channels`` keeps at pruning ``ratio``: at least one, rounded up to ``round_to``.
+
+    Ratio 1 keeps none (a dropped residual branch, see :attr:`ModelTrace.droppable`). With ``drop`` the group
+    keeps a whole number of ``round_to`` blocks, possibly none: a width under half a block drops the branch.
+    """
+    if ratio >= 1.0:
+        return 0
+    raw = (1.0 - ratio) * channels
+    block = round_to if round_to and round_to > 1 else 1
+    if drop and raw < block / 2:
+        return 0
+    keep = max(1, int(round(raw)))
+    if block > 1 and (channels > block or drop):
+        keep = min(channels, int(math.ceil(keep / block) * block))
     return keep
 
 
 def check_ratios(trace: ModelTrace, ratios: dict[str, float]) -> None:
-    """Raise :class:`UserError` for an unknown group name or a ratio outside ``[0, 1)``."""
+    """Raise :class:`UserError` for an unknown group name or a ratio outside ``[0, 1)`` (1 is allowed for a
+    droppable group).
+    """
     for name, r in ratios.items():
         trace.group(name)  # raises for unknown names
-        if not isinstance(r, (int, float)) or math.isnan(r) or not 0.0 <= r < 1.0:
+        if not isinstance(r, (int, float)) or math.isnan(r) or not 0.0 <= r <= 1.0:
             raise UserError(f"ratio for group {name!r} is {r!r}; a pruning ratio must be in [0, 1)")
+        if r == 1.0 and name not in trace.droppable:
+            raise UserError(f"ratio for group {name!r} is 1, which removes it, but it is not a residual branch "
+                            "(removing it would cut the network); a pruning ratio must be in [0, 1)")
 
 
-def kept_counts(trace: ModelTrace, ratios: dict[str, float], round_to: int | None = None) -> dict[str, int]:
-    """Channels kept per group; groups missing from ``ratios`` stay dense."""
-    return {g.name: kept_channels(g.channels, ratios.get(g.name, 0.0), round_to) for g in trace.groups}
+def kept_counts(trace: ModelTrace, ratios: dict[str, float], round_to: int | None = None,
+                drop: bool = False) -> dict[str, int]:
+    """Channels kept per group; groups missing from ``ratios`` stay dense. ``drop`` applies to the groups in
+    ``trace.droppable`` (see :func:`kept_channels`).
+    """
+    return {g.name: kept_channels(g.channels, ratios.get(g.name, 0.0), round_to, drop and g.name in trace.droppable)
+            for g in trace.groups}
+
+
+class EmptyChannels(nn.Module):
+    """A layer whose output channels were all removed: a zero-channel slice of its input (batch and size kept)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x[:, :0]
+
+
+class DroppedBranch(nn.Module):
+    """A conv whose input channels were all removed: its bias (zeros without one), per channel.
+
+    In eval mode, with ``broadcast``, it is a ``(1, C, 1, 1)`` tensor that the residual add broadcasts: adding
+    a per-channel constant to the shortcut costs no extra memory traffic (1.69x against 1.23x for the full
+    tensor, ResNet-56 with 6 blocks dropped, eager channels-last at batch 64). In training mode (adaptive BN,
+    fine-tuning: BN needs more than one value per channel), or where every input of the add is a dropped branch,
+    it is expanded to the output shape that the trace fixed (the model's input size); the input gives the batch.
+    """
+
+    def __init__(self, out_channels: int, out_hw: tuple[int, int], bias: torch.Tensor | None, broadcast: bool = True):
+        super().__init__()
+        self.out_channels, self.out_hw, self.broadcast = out_channels, tuple(out_hw), broadcast
+        if bias is not None:
+            self.bias = nn.Parameter(bias.detach().clone())
+        else:
+            self.register_buffer("bias", torch.zeros(out_channels))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b = self.bias.view(1, -1, 1, 1)
+        return b if self.broadcast and not self.training else b.expand(x.shape[0], -1, *self.out_hw)
+
+    def extra_repr(self) -> str:
+        return f"out_channels={self.out_channels}, out_hw={self.out_hw}, broadcast={self.broadcast}"
 
 
 def prune(model: nn.Module, ratios: dict[str, float], scores: dict[str, torch.Tensor], trace: ModelTrace,
@@ -43,9 +97,11 @@ def prune(model: nn.Module, ratios: dict[str, float], scores: dict[str, torch.Te
     """Return a physically smaller copy of ``model``; the input model is never modified.
 
     Each group keeps its ``kept_channels`` highest-scoring channels (in their original order), removed
-    from every member layer's weights, biases and BN statistics.
+    from every member layer's weights, biases and BN statistics. A droppable group at ratio 1 loses its
+    producing layers (:class:`EmptyChannels`), and the conv reading it becomes a :class:`DroppedBranch`.
 
-    :param ratios: pruning ratio per group name, each in ``[0, 1)``; missing groups are not pruned.
+    :param ratios: pruning ratio per group name, each in ``[0, 1)``, or 1 for a group in ``trace.droppable``;
+        missing groups are not pruned.
     :param scores: one score per channel per group (e.g. from :class:`TaylorImportance`).
     """
     check_ratios(trace, ratios)
@@ -55,10 +111,26 @@ def prune(model: nn.Module, ratios: dict[str, float], scores: dict[str, torch.Te
     for g in trace.groups:
         if kept[g.name] == g.channels:
             continue
+        if kept[g.name] == 0:
+            continue
         keep = torch.topk(scores[g.name].float(), kept[g.name]).indices.sort().values
         for m in g.members:
             idx = torch.tensor(m.index)[keep].flatten()
             _slice(modules[m.module], m.dim, idx)
+    # dropped branches last: the conv reading one may write a stream that another group narrowed (MobileNetV2)
+    dropped = [(g, m) for g in trace.groups if kept[g.name] == 0 for m in g.members]
+    into = Counter(trace.branch_add(m.module) for _, m in dropped if m.dim == "in")
+    inputs = Counter(b for _, b in trace.edges)
+    for _, m in dropped:
+        old = modules[m.module]
+        if m.dim == "out":
+            new = EmptyChannels()
+        else:  # a constant broadcasts only where the add has a full-size input left
+            add = trace.branch_add(m.module)
+            new = DroppedBranch(old.out_channels, trace.layers[m.module].out_hw, old.bias, into[add] < inputs[add])
+        new.train(old.training)
+        parent, _, attr = m.module.rpartition(".")
+        setattr(net.get_submodule(parent) if parent else net, attr, new)
     return net
 
 

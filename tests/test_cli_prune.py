@@ -40,8 +40,8 @@ def test_prune_cli_report_meets_budget(tmp_path, capsys):
 def bad_cases(tmp_path):
     empty = tmp_path / "empty"
     empty.mkdir()
-    ratios_one = tmp_path / "one.json"
-    ratios_one.write_text(json.dumps({"layer1.0.conv1": 1.0}))
+    ratios_one = tmp_path / "one.json"  # above 1 (1 drops a residual branch, which is allowed)
+    ratios_one.write_text(json.dumps({"layer1.0.conv1": 1.5}))
     ratios_neg = tmp_path / "neg.json"
     ratios_neg.write_text(json.dumps({"layer1.0.conv1": -0.2}))
     ratios_unknown = tmp_path / "unknown.json"
@@ -52,7 +52,7 @@ def bad_cases(tmp_path):
         "missing weights": (["--model", "resnet20", "--weights", str(tmp_path / "nope.th"), *data],
                             "weights file not found"),
         "other architecture": (["--model", "resnet56", "--weights", str(R20), *data], "do not fit"),
-        "ratio 1.0": ([*r20, "--ratios", str(ratios_one)], "must be in [0, 1)"),
+        "ratio above 1": ([*r20, "--ratios", str(ratios_one)], "must be in [0, 1)"),
         "negative ratio": ([*r20, "--ratios", str(ratios_neg)], "must be in [0, 1)"),
         "unknown group": ([*r20, "--ratios", str(ratios_unknown)], "unknown group 'layer9.conv'"),
         "no batches": (["--model", "resnet20", "--weights", str(R20), "--data", f"cifar10:{empty}"],
@@ -66,7 +66,7 @@ def bad_cases(tmp_path):
 
 
 @needs_assets
-@pytest.mark.parametrize("case", ["missing weights", "other architecture", "ratio 1.0", "negative ratio",
+@pytest.mark.parametrize("case", ["missing weights", "other architecture", "ratio above 1", "negative ratio",
                                   "unknown group", "no batches", "unknown model", "unreachable budget",
                                   "latency budget on a ratios file", "latency budget out of range"])
 def test_bad_input_clear_error(case, tmp_path, capsys):

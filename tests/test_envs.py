@@ -145,6 +145,38 @@ def test_feasible_allocations_are_exactly_what_episodes_can_reach():
         env.feasible_allocations(limit=1000)
 
 
+def test_drop_blocks_removes_residual_branches_within_the_budget():
+    """With drop, ResNet-56's residual branches keep whole 16-channel blocks or none; every episode meets the
+    budget, and those that drop a branch are evaluated on a model without it."""
+    from test_graph_encoder import _tiny_cifar
+
+    from pruning_core import PruningSession, SessionConfig, build_model
+    session = PruningSession(build_model("resnet56"), None, _tiny_cifar(),
+                             SessionConfig(reward_images=8, calib_batches=1, taylor_batches=1, batch_size=8))
+    with pytest.raises(UserError, match="needs round_to"):
+        PruneEnv(session=session, flops=0.5, drop=True)
+    env = BudgetOnlyEnv(session=session, flops=0.5, round_to=16, granularity="group", drop=True)
+    assert env.ratio_grid[0] == [0.0, 1.0]  # stage 1: 16 channels or none
+    assert env.ratio_grid[-1] == [0.0, 0.25, 0.5, 0.75]  # stage 3: max_ratio 0.8 keeps at least 12.8 -> 16
+    rng = np.random.default_rng(0)
+    dropped = 0
+    for episode in range(60):
+        env.reset(seed=episode)
+        done = False
+        while not done:
+            _, _, done, _, info = env.step(np.array([rng.uniform(-1, 1)], np.float32))
+        assert info["flops_ratio"] <= 0.5 + 1e-12
+        kept = {g.name: round((1 - info["ratios"][g.name]) * g.channels) for g in env.groups}
+        assert all(k % 16 == 0 for k in kept.values())
+        dropped += sum(k == 0 for k in kept.values())
+    assert dropped > 0
+    reward, info = PruneEnv.evaluate(env, kept)
+    assert 0 <= reward <= 1 and info["flops_ratio"] == env.trace.flops(kept) / env.dense_flops
+    no_drop = BudgetOnlyEnv(session=session, flops=0.5, round_to=16, granularity="group")
+    assert min(min(no_drop.min_kept.values()), *(kept_channels(g.channels, r, 16) for g, grid in
+                                                 zip(no_drop.groups, no_drop.ratio_grid) for r in grid)) > 0
+
+
 def test_cache_and_seeding(digits_session):
     env = PruneEnv(session=digits_session, flops=0.6)
 

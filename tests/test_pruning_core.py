@@ -16,6 +16,7 @@ from pruning_core import (
     compare_latency,
     export_model,
     global_ratios,
+    kept_channels,
     kept_counts,
     load_exported,
     measure_flops,
@@ -26,6 +27,7 @@ from pruning_core import (
 )
 from pruning_core.importance import TaylorImportance
 from pruning_core.latency import deploy_form
+from pruning_core.prune import DroppedBranch
 
 
 def randomise(model: nn.Module, seed: int = 0) -> nn.Module:
@@ -65,13 +67,18 @@ def random_ratios(trace, rng: random.Random) -> dict[str, float]:
     return {g.name: rng.uniform(0.0, 0.9) for g in trace.groups if rng.random() < 0.85}
 
 
-def check_equivalence(model, input_shape, n_dicts=3):
+def random_drops(trace, rng: random.Random) -> dict[str, float]:
+    """Random ratios with about half the residual branches dropped (ratio 1)."""
+    return {**random_ratios(trace, rng), **{g: 1.0 for g in sorted(trace.droppable) if rng.random() < 0.5}}
+
+
+def check_equivalence(model, input_shape, n_dicts=3, ratios_of=random_ratios):
     trace = trace_model(model, input_shape)
     rng = random.Random(0)
     x = torch.randn(8, *input_shape)
     for i in range(n_dicts):
         scores = {g.name: torch.rand(g.channels, generator=torch.Generator().manual_seed(i)) for g in trace.groups}
-        ratios = random_ratios(trace, rng)
+        ratios = ratios_of(trace, rng)
         pruned = prune(model, ratios, scores, trace)
         with torch.no_grad():
             ref, out = masked(model, trace, ratios, scores)(x), pruned(x)
@@ -90,6 +97,71 @@ def test_equivalence_real_resnets(name, request):
 def test_equivalence_random_weights(name):
     shape = (1, 8, 8) if name.startswith("digits") else (3, 32, 32)
     check_equivalence(randomise(build_model(name)), shape)
+
+
+def test_droppable_groups_are_the_residual_branches():
+    assert trace_model(build_model("resnet20"), (3, 32, 32)).droppable == {
+        f"layer{s}.{b}.conv1" for s in (1, 2, 3) for b in range(3)}
+    assert not trace_model(build_model("vgg11_bn"), (3, 32, 32)).droppable  # a plain chain: nothing to fall back on
+    mobilenet = trace_model(build_model("mobilenetv2"), (3, 32, 32))
+    # the 10 inverted residual blocks with a skip (stride 1, same width in and out), by their expansion conv
+    assert len(mobilenet.droppable) == 10 and all(g.endswith(".conv.0") for g in mobilenet.droppable)
+
+
+@pytest.mark.parametrize("name", ["resnet56", "mobilenetv2"])
+def test_dropped_branches_compute_what_masking_them_does(name, tmp_path):
+    """A dropped branch gives the logits of the dense model with all its channels gated off; FLOPs and parameters
+    match the trace's count; the model trains (adaptive BN, fine-tuning) and exports."""
+    model = randomise(build_model(name))
+    check_equivalence(model, (3, 32, 32), ratios_of=random_drops)
+    trace = trace_model(model, (3, 32, 32))
+    ratios = random_drops(trace, random.Random(3))
+    assert 1.0 in ratios.values()
+    pruned = prune(model, ratios, {g.name: torch.rand(g.channels) for g in trace.groups}, trace)
+    assert sum(isinstance(m, DroppedBranch) for m in pruned.modules()) == list(ratios.values()).count(1.0)
+    pruned.train()
+    pruned(torch.randn(4, 3, 32, 32)).sum().backward()
+    pruned.eval()
+    files = export_model(pruned, tmp_path, (3, 32, 32))  # checks pt2 and ONNX logits against eager
+    assert set(files) == {"pt2", "onnx"}
+
+
+class TwoBranches(nn.Module):
+    """An add whose two inputs are both residual-branch-like: dropping both leaves no full-size input."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+        self.a1, self.a2, self.bn_a = nn.Conv2d(8, 8, 3, padding=1), nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8)
+        self.b1, self.b2, self.bn_b = nn.Conv2d(8, 8, 3, padding=1), nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8)
+        self.head = nn.Linear(8 * 8 * 8, 10)
+
+    def forward(self, x):
+        x = F.relu(self.stem(x))
+        y = self.bn_a(self.a2(F.relu(self.a1(x)))) + self.bn_b(self.b2(F.relu(self.b1(x))))
+        return self.head(F.relu(y).flatten(1))
+
+
+def test_dropped_branch_broadcasts_only_beside_a_full_input():
+    model = randomise(TwoBranches())
+    trace = trace_model(model, (3, 8, 8))
+    assert trace.droppable == {"a1", "b1"}
+    scores = {g.name: torch.rand(g.channels) for g in trace.groups}
+    x = torch.randn(4, 3, 8, 8)
+    for ratios in ({"a1": 1.0}, {"a1": 1.0, "b1": 1.0}):
+        pruned = prune(model, ratios, scores, trace)
+        with torch.no_grad():
+            assert torch.allclose(pruned(x), masked(model, trace, ratios, scores)(x), atol=1e-5)
+        assert pruned.a2.broadcast == (len(ratios) == 1)
+        with torch.no_grad():
+            assert pruned.a2(x).shape == ((1, 8, 1, 1) if len(ratios) == 1 else (4, 8, 8, 8))
+
+
+def test_kept_channels_in_whole_blocks_with_drop():
+    assert kept_channels(16, 0.6, 16) == 6  # not rounded: no wider than the block
+    assert [kept_channels(16, r, 16, drop=True) for r in (0.0, 0.4, 0.6, 0.8)] == [16, 16, 0, 0]
+    assert [kept_channels(64, r, 16, drop=True) for r in (0.3, 0.8, 0.9)] == [48, 16, 0]
+    assert kept_channels(32, 1.0) == 0
 
 
 def test_resnet_padding_shortcut_group_is_excluded():
@@ -150,9 +222,13 @@ def test_unreachable_target_and_bad_ratios():
     with pytest.raises(UserError, match="unreachable"):
         uniform_ratios(trace, 0.01)
     scores = {g.name: torch.rand(g.channels) for g in trace.groups}
-    for bad in (1.0, -0.1, float("nan")):
+    for bad in (1.5, -0.1, float("nan")):
         with pytest.raises(UserError, match=r"\[0, 1\)"):
             prune(build_model("resnet20"), {"layer1.0.conv1": bad}, scores, trace)
+    vgg = trace_model(build_model("vgg11_bn"), (3, 32, 32))
+    with pytest.raises(UserError, match="not a residual branch"):
+        prune(build_model("vgg11_bn"), {vgg.groups[0].name: 1.0}, {g.name: torch.rand(g.channels) for g in vgg.groups},
+              vgg)
     with pytest.raises(UserError, match="unknown group 'nope'"):
         prune(build_model("resnet20"), {"nope": 0.5}, scores, trace)
 
