@@ -39,11 +39,12 @@ def search_table(res: dict) -> list[str]:
              "timed inside the run; bench/latency.py's table times them alone.", ""]
     if res["config"].get("round_to"):
         rt = res["config"]["round_to"]
-        lines[0] += (f" Every method keeps channel counts rounded up to multiples of {rt} (--round-to)"
+        lines[0] += (f" Every method keeps channel counts rounded up to multiples of {rt} (--round-to; a group no "
+                     f"wider than {rt} is not rounded)"
                      + (", the CPU kernels' channel block with AVX2 (half a block with AVX-512)." if rt == 8 else "."))
     if res.get("rl_config", {}).get("drop_blocks"):
-        lines[0] += (" The searches may also remove residual branches whole (--drop-blocks): a branch keeps whole "
-                     "blocks of that many channels, or none.")
+        lines[0] += (" The searches may also remove residual branches whole (--drop-blocks): a branch, however "
+                     "wide, keeps whole blocks of that many channels, or none.")
     lat = res.get("latency_budget")
     if lat:
         lines[0] += (f" Every method also keeps the latency that a latency table ({lat['backend']}, batch "

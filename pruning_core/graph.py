@@ -109,15 +109,14 @@ class ModelTrace:
                 (self.out_group if m.dim == "out" else self.in_group)[m.module] = g.name
                 if m.dim == "in":
                     self.in_multiplicity[m.module] = len(m.index[0])
+        self._node_of = {n.module: i for i, n in enumerate(self.nodes) if n.module}
+        self._succ: dict[int, list[int]] = {}
+        for a, b in self.edges:
+            self._succ.setdefault(a, []).append(b)
         self.droppable = self._droppable()
 
     def branch_add(self, layer: str) -> int | None:
         """Index of the ``add`` node that ``layer``'s output reaches through BN layers only, if any."""
-        if not hasattr(self, "_succ"):
-            self._node_of = {n.module: i for i, n in enumerate(self.nodes) if n.module}
-            self._succ: dict[int, list[int]] = {}
-            for a, b in self.edges:
-                self._succ.setdefault(a, []).append(b)
         if layer not in self._node_of:
             return None
         nxt = self._succ.get(self._node_of[layer], [])

@@ -110,19 +110,17 @@ def prune(model: nn.Module, ratios: dict[str, float], scores: dict[str, torch.Te
     net = copy.deepcopy(model)
     modules = dict(net.named_modules())
     for g in trace.groups:
-        if kept[g.name] == g.channels:
-            continue
-        if kept[g.name] == 0:
+        if kept[g.name] in (0, g.channels):  # dense, or dropped (below)
             continue
         keep = torch.topk(scores[g.name].float(), kept[g.name]).indices.sort().values
         for m in g.members:
             idx = torch.tensor(m.index)[keep].flatten()
             _slice(modules[m.module], m.dim, idx)
     # dropped branches last: the conv reading one may write a stream that another group narrowed (MobileNetV2)
-    dropped = [(g, m) for g in trace.groups if kept[g.name] == 0 for m in g.members]
-    into = Counter(trace.branch_add(m.module) for _, m in dropped if m.dim == "in")
+    dropped = [m for g in trace.groups if kept[g.name] == 0 for m in g.members]
+    into = Counter(trace.branch_add(m.module) for m in dropped if m.dim == "in")
     inputs = Counter(b for _, b in trace.edges)
-    for _, m in dropped:
+    for m in dropped:
         old = modules[m.module]
         if m.dim == "out":
             new = EmptyChannels()
