@@ -25,7 +25,16 @@ from agent.apply import run_episode
 from agent.search import keep_best
 from agent.train import build_env, finish_search, measure_latency_table
 from envs import GRANULARITIES, PruneEnv
-from pruning_core import L1Importance, LatencyBudget, LatencyTable, PruningSession, global_ratios, uniform_ratios
+from pruning_core import (
+    L1Importance,
+    LatencyBudget,
+    LatencyTable,
+    PruningSession,
+    UserError,
+    global_ratios,
+    kept_channels,
+    uniform_ratios,
+)
 from pruning_core.latency import BACKENDS
 
 
@@ -52,6 +61,30 @@ def random_search(session: PruningSession, target: float, episodes: int, seed: i
     return {**kept_after_rescoring(kept, rescored, best, t), "search_s": wall, "episodes": done,
             "episodes_per_min": 60 * done / wall, "agent_share": max(0.0, 1 - eval_s / wall),
             "unique_evaluations": len(env.cache)}
+
+
+def taylor_drop_ratios(session: PruningSession, target: float, max_ratio: float, round_to: int) -> dict[str, float]:
+    """The simple allocation of the ``--drop-blocks`` space: drop the residual branches with the lowest summed Taylor
+    score (as few as the budget allows), and prune every other group by one shared ratio in whole ``round_to``
+    blocks (a residual branch keeps at least one block)."""
+    trace, dense = session.trace, session.trace.flops()
+    order = sorted(trace.droppable, key=lambda name: float(session.scores[name].sum()))
+
+    def kept_at(ratio: float, dropped: set[str]) -> dict[str, int]:
+        return {g.name: 0 if g.name in dropped else max(kept_channels(g.channels, ratio, round_to, g.name in order),
+                                                        min(g.channels, round_to) if g.name in order else 1)
+                for g in trace.groups}
+
+    for k in range(len(order) + 1):
+        dropped = set(order[:k])
+        if trace.flops(kept_at(max_ratio, dropped)) > target * dense:
+            continue
+        lo, hi = 0.0, max_ratio
+        for _ in range(30):
+            mid = (lo + hi) / 2
+            lo, hi = (lo, mid) if trace.flops(kept_at(mid, dropped)) <= target * dense else (mid, hi)
+        return {g.name: 1.0 - k / g.channels for g, k in zip(trace.groups, kept_at(hi, dropped).values())}
+    raise UserError(f"FLOPs target {target} is unreachable even with every residual branch dropped")
 
 
 def rl_search(session: PruningSession, cfg: TrainConfig, table: LatencyTable | None = None) -> dict:
@@ -179,6 +212,9 @@ def main() -> None:
             ratios = (global_ratios(session.trace, session.scores, target, mr, rt, latency) if method == "global"
                       else uniform_ratios(session.trace, target, mr, rt, latency))  # L1: uniform ratios, L1 ranking
             rows[method] = evaluate_method(s, ratios, args.finetune_epochs, dense_latency, rt, table, search_s=0.0)
+        if args.drop_blocks and "taylor-drop" not in args.skip:
+            rows["taylor-drop"] = evaluate_method(session, taylor_drop_ratios(session, target, mr, rt),
+                                                  args.finetune_epochs, dense_latency, rt, table, search_s=0.0)
         # the search methods: random per group (one seed), random in the agent's own action space (every seed:
         # the baseline it must beat) and the agents (the default algorithm with every seed)
         searches = [("random", None, args.seeds[:1]), (f"random-{args.granularity}", None, args.seeds)]
