@@ -8,6 +8,7 @@ would otherwise evaluate fewer models than random search). Test images are only 
     python bench/search.py --targets 0.5 0.3 --episodes 100 --seeds 0 1 2 --algos ddpg ppo
     python bench/search.py --targets 0.5 --round-to 8 --max-latency 0.6 --algos ppo --name search_latency  # + latency
     python bench/search.py --targets 0.5 --round-to 8 --evaluations 120 --episodes 600 --algos ppo  # equal evaluations
+    python bench/search.py --targets 0.5 --round-to 16 --drop-blocks --granularity group --algos ppo  # + taylor-drop
 """
 
 from __future__ import annotations
