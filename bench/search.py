@@ -72,8 +72,9 @@ def taylor_drop_ratios(session: PruningSession, target: float, max_ratio: float,
     order = sorted(trace.droppable, key=lambda name: float(session.scores[name].sum()))
 
     def kept_at(ratio: float, dropped: set[str]) -> dict[str, int]:
-        return {g.name: 0 if g.name in dropped else max(kept_channels(g.channels, ratio, round_to, g.name in order),
-                                                        min(g.channels, round_to) if g.name in order else 1)
+        branch = trace.droppable
+        return {g.name: 0 if g.name in dropped else max(kept_channels(g.channels, ratio, round_to, g.name in branch),
+                                                        min(g.channels, round_to) if g.name in branch else 1)
                 for g in trace.groups}
 
     for k in range(len(order) + 1):

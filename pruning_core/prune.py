@@ -118,14 +118,16 @@ def prune(model: nn.Module, ratios: dict[str, float], scores: dict[str, torch.Te
             _slice(modules[m.module], m.dim, idx)
     # dropped branches last: the conv reading one may write a stream that another group narrowed (MobileNetV2)
     dropped = [m for g in trace.groups if kept[g.name] == 0 for m in g.members]
-    into = Counter(trace.branch_add(m.module) for m in dropped if m.dim == "in")
-    inputs = Counter(b for _, b in trace.edges)
+    if not dropped:
+        return net
+    adds = {m.module: trace.branch_add(m.module) for m in dropped if m.dim == "in"}
+    into, inputs = Counter(adds.values()), Counter(b for _, b in trace.edges)
     for m in dropped:
         old = modules[m.module]
         if m.dim == "out":
             new = EmptyChannels()
         else:  # a constant broadcasts only where the add has a full-size input left
-            add = trace.branch_add(m.module)
+            add = adds[m.module]
             new = DroppedBranch(old.out_channels, trace.layers[m.module].out_hw, old.bias, into[add] < inputs[add])
         new.train(old.training)
         parent, _, attr = m.module.rpartition(".")
