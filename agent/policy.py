@@ -28,7 +28,7 @@ from pruning_core import UserError, __version__
 __all__ = ["FORMAT", "FORMAT_VERSION", "PortablePolicy", "export_policy", "load_policy"]
 
 FORMAT = "prunepilot-policy"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: the drop_step dynamic feature
 _ACTIVATIONS = {"ReLU": nn.ReLU, "Tanh": nn.Tanh}
 
 
@@ -98,12 +98,15 @@ def save_policy(algo, config: TrainConfig, best: dict | None, out: str | Path) -
         "observation": {"max_nodes": int(space["node_mask"].shape[0]), "max_edges": int(space["edge_mask"].shape[0]),
                         "static_features": list(STATIC_FEATURES), "dynamic_features": list(DYNAMIC_FEATURES),
                         "action": f"Box(-1, 1) -> ratio in [0, max_ratio], action 0 at the {config.action_center!r} "
-                                  f"centre, one step per {config.granularity} (see envs.PruneEnv)"},
+                                  f"centre, one step per {config.granularity}"
+                                  + (", residual branches may be dropped" if config.drop_blocks else "")
+                                  + " (see envs.PruneEnv)"},
         "training": {"model": config.model, "data": config.data, "flops": config.flops,
                      "max_ratio": config.max_ratio, "reward": config.reward, "episodes": config.episodes,
                      "evaluations": config.evaluations, "seed": config.seed, "round_to": config.round_to,
                      # the action space the policy learned in; apply must replay the same one
                      "granularity": config.granularity, "action_center": config.action_center,
+                     "drop_blocks": config.drop_blocks,
                      # the latency budget it searched under (a table is measured again for each new model)
                      "max_latency": config.max_latency, "latency_backend": config.latency_backend,
                      "latency_batch": config.latency_batch},

@@ -44,7 +44,10 @@ def search_table(res: dict) -> list[str]:
                      + (", the CPU kernels' channel block with AVX2 (half a block with AVX-512)." if rt == 8 else "."))
     if res.get("rl_config", {}).get("drop_blocks"):
         lines[0] += (" The searches may also remove residual branches whole (--drop-blocks): a branch, however "
-                     "wide, keeps whole blocks of that many channels, or none.")
+                     "wide, keeps whole blocks of that many channels, or none"
+                     + (f"; with {res['rl_config']['granularity']} steps, each run's width step is followed by a drop "
+                        "step that removes its lowest-Taylor branches (centre-drop: action 0 on every step)."
+                        if res["rl_config"].get("granularity", "group") != "group" else "."))
     lat = res.get("latency_budget")
     if lat:
         lines[0] += (f" Every method also keeps the latency that a latency table ({lat['backend']}, batch "

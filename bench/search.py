@@ -32,6 +32,7 @@ from pruning_core import (
     LatencyTable,
     PruningSession,
     UserError,
+    drop_order,
     global_ratios,
     kept_channels,
     uniform_ratios,
@@ -69,7 +70,7 @@ def taylor_drop_ratios(session: PruningSession, target: float, max_ratio: float,
     score (as few as the budget allows), and prune every other group by one shared ratio in whole ``round_to``
     blocks (a residual branch keeps at least one block)."""
     trace, dense = session.trace, session.trace.flops()
-    order = sorted(trace.droppable, key=lambda name: float(session.scores[name].sum()))
+    order = drop_order(trace, session.scores)
 
     def kept_at(ratio: float, dropped: set[str]) -> dict[str, int]:
         branch = trace.droppable
@@ -217,6 +218,13 @@ def main() -> None:
         if args.drop_blocks and "taylor-drop" not in args.skip:
             rows["taylor-drop"] = evaluate_method(session, taylor_drop_ratios(session, target, mr, rt),
                                                   args.finetune_epochs, dense_latency, rt, table, search_s=0.0)
+        if args.drop_blocks and args.granularity != "group" and "centre-drop" not in args.skip:
+            # the staged space's own simple allocation: action 0 on every step (what the agent starts from)
+            centre = PruneEnv(session=session, flops=target, max_ratio=mr, granularity=args.granularity,
+                              round_to=rt, latency_budget=latency, drop=True)
+            rows["centre-drop"] = evaluate_method(session, run_episode(centre, lambda _: np.zeros(1, np.float32))[1]
+                                                  ["ratios"], args.finetune_epochs, dense_latency, rt, table,
+                                                  search_s=0.0)
         # the search methods: random per group (one seed), random in the agent's own action space (every seed:
         # the baseline it must beat) and the agents (the default algorithm with every seed)
         searches = [("random", None, args.seeds[:1]), (f"random-{args.granularity}", None, args.seeds)]

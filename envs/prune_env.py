@@ -18,7 +18,7 @@ from pruning_core.data import ImageData
 from pruning_core.errors import UserError
 from pruning_core.evaluate import accuracy
 from pruning_core.latency import LatencyBudget, measure_latency
-from pruning_core.prune import fits_budget, kept_channels, uniform_ratios
+from pruning_core.prune import drop_order, fits_budget, kept_channels, uniform_ratios
 from pruning_core.session import PruningSession, SessionConfig
 
 __all__ = ["ACTION_CENTERS", "DEFAULT_MAX_NODES", "GRANULARITIES", "REWARDS", "PruneEnv"]
@@ -57,10 +57,14 @@ class PruneEnv(gym.Env):
     resource-constrained clamp). A stage's ratio applies to each of its groups.
 
     With `drop=True`, a residual branch (a group in `ModelTrace.droppable`) keeps a whole number of `round_to`
-    blocks, possibly none: a ratio that leaves it under half a block removes the branch, which leaves its
-    block's shortcut. Narrowing a layer to part of a SIMD block saves no time in blocked CPU kernels (ONNX
-    Runtime pads the width on AVX-512); removing the branch saves all of it. Pair it with `granularity="group"`
-    so that blocks drop one at a time.
+    blocks, possibly none; removing a branch leaves its block's shortcut. Narrowing a layer to part of a SIMD
+    block saves no time in blocked CPU kernels (ONNX Runtime pads the width on AVX-512); removing the branch
+    saves all of it. With `granularity="group"` a ratio that leaves a branch under half a block removes it.
+    With `stage` or `substage`, each run's width step (whole blocks, at least one) is followed by a drop step
+    whose ratio is the share of the run's branches to remove, least important first (`drop_order`: summed
+    Taylor score); a width step with a single choice is left out. On ResNet-56 with 16-channel blocks that is
+    9 steps (`substage`) instead of 27, and the centre (action 0 on every step) is one ratio for every width and
+    drop share that spends the budget.
 
     ## Observation Space
 
@@ -78,8 +82,9 @@ class PruneEnv(gym.Env):
     | `graph_id`   | (1,)                        | int64   | fingerprint of the static graph (24 bits)   |
 
     Dynamic features, per node: the ratio chosen for its group so far, whether it is in the current group,
-    whether its group is decided, the FLOPs share removed so far and still to remove (all nodes), and the
-    clamped minimum ratio for the current step (all nodes). "Current" covers every group of the current stage.
+    whether its group is decided, the FLOPs share removed so far and still to remove (all nodes), the
+    clamped minimum ratio for the current step (all nodes), and whether the current step is a drop step (all
+    nodes). "Current" covers every group of the current stage.
     See `graph_encoder.features` for static ones.
 
     ## Rewards
@@ -96,7 +101,8 @@ class PruneEnv(gym.Env):
 
     ## Episode End
 
-    Terminates after one step per prunable group (per stage with `granularity="stage"`). Never truncates.
+    Terminates after `num_steps` steps: one per prunable group, stage or substage, plus the drop steps. Never
+    truncates.
     `info` then holds `acc`, `flops_ratio`, `params_ratio`, `ratios`, `eval_s` (plus `prune_s`, `adapt_s`,
     `cached`, `episode`). Every step's `info` holds `action_applied`: the action after the budget clamp, in the
     action space (agents should learn from it, not from the action they proposed).
@@ -168,9 +174,22 @@ class PruneEnv(gym.Env):
                             "width is rounded to, e.g. 16 on an AVX-512 CPU: a branch drops under half a block")
         self.drop = drop
         self._drops = self.trace.droppable if drop else frozenset()
+        if granularity not in GRANULARITIES:
+            raise UserError(f"unknown granularity {granularity!r}; use one of {', '.join(GRANULARITIES)}")
+        self.granularity = granularity
+        self._staged = drop and granularity != "group"  # each run of groups gets a drop step after its width step
+        self._index = {g.name: i for i, g in enumerate(self.groups)}
+        self._min_width = {g.name: self._kept(g, max_ratio) for g in self.groups}
+        self.decisions, self.drop_steps = self._steps(granularity)
+        self.ratio_grid = []  # per decision: the ratios that give distinct allocations, up to max_ratio
+        for t, d in enumerate(self.decisions):
+            self.ratio_grid.append([k / len(d) for k in range(self._drop_count(len(d), max_ratio) + 1)]
+                                   if self.drop_steps[t] else self._width_grid(d))
         self.dense_flops = session.flops_dense
         self.budget = flops * self.dense_flops
-        self.min_kept = {g.name: self._kept(g, max_ratio) for g in self.groups}
+        self.min_kept = {g.name: g.channels for g in self.groups}  # every decision at max_ratio
+        for t in range(len(self.decisions)):
+            self.min_kept.update(self._apply(self.min_kept, t, max_ratio))
         floor = self.trace.flops(self.min_kept)
         if floor > self.budget:
             raise UserError(f"FLOPs target {flops:.3f} is unreachable for {name}: with every prunable group at "
@@ -184,19 +203,6 @@ class PruneEnv(gym.Env):
         if action_center not in ACTION_CENTERS:
             raise UserError(f"unknown action_center {action_center!r}; use one of {', '.join(ACTION_CENTERS)}")
         self.action_center = action_center
-        if granularity not in GRANULARITIES:
-            raise UserError(f"unknown granularity {granularity!r}; use one of {', '.join(GRANULARITIES)}")
-        self.granularity = granularity
-        self.decisions = self._decisions(granularity)
-        center = (uniform_ratios(self.trace, flops, max_ratio, round_to, latency_budget) if action_center != "zero"
-                  else {g.name: max_ratio / 2 for g in self.groups})  # "remaining" recomputes it at each step
-        self.center = [float(np.mean([center[self.groups[i].name] for i in d])) for d in self.decisions]
-        self.ratio_grid = []  # per decision: the ratios that give distinct widths, up to each group's max_ratio
-        for d in self.decisions:
-            grid = {1 - k / g.channels for g in (self.groups[i] for i in d)
-                    for k in {self._kept(g, 1 - j / g.channels) for j in range(1, g.channels + 1)}
-                    if k >= self.min_kept[g.name]}
-            self.ratio_grid.append(sorted(grid))
 
         self.action_space = spaces.Box(-1.0, 1.0, (1,), np.float32)
         self.observation_space = observation_space(self.max_nodes, self.max_edges)
@@ -215,10 +221,38 @@ class PruneEnv(gym.Env):
         self.episodes = 0
         self.timings = {"prune_s": 0.0, "adapt_s": 0.0, "eval_s": 0.0, "step_s": 0.0}
         self._reset_state()
+        if action_center == "zero":
+            self.center = [max_ratio / 2] * self.num_steps
+        elif self._staged:  # the one ratio for every width and drop step that spends the budget
+            self.center = [self._fill_ratio_now(0)] * self.num_steps
+        else:  # "remaining" recomputes it at each step
+            center = uniform_ratios(self.trace, flops, max_ratio, round_to, latency_budget)
+            self.center = [float(np.mean([center[self.groups[i].name] for i in d])) for d in self.decisions]
 
-    def _decisions(self, granularity: str) -> list[list[int]]:
-        """Group indices decided by each step: one group each, or runs of equal (width, resolution); with
-        ``substage``, a group whose producing layer is strided is a run of its own.
+    def _steps(self, granularity: str) -> tuple[list[list[int]], list[bool]]:
+        """Group indices decided by each step, and whether it is a drop step. Width steps decide the runs of
+        :meth:`_runs`. When staged, each run's width step is followed by a drop step over its residual branches,
+        least important first (:func:`drop_order`), and a width step with one choice is left out (ResNet-56's
+        16-wide stage 1 on 16-channel blocks).
+        """
+        runs = self._runs(granularity)
+        if not self._staged:
+            return runs, [False] * len(runs)
+        rank = {name: k for k, name in enumerate(drop_order(self.trace, self.session.scores))}
+        decisions, drop_steps = [], []
+        for run in runs:
+            if len(self._width_grid(run)) > 1:
+                decisions.append(run)
+                drop_steps.append(False)
+            branches = sorted((i for i in run if self.groups[i].name in rank), key=lambda i: rank[self.groups[i].name])
+            if branches:
+                decisions.append(branches)
+                drop_steps.append(True)
+        return decisions, drop_steps
+
+    def _runs(self, granularity: str) -> list[list[int]]:
+        """Group indices of each run: one group each, or runs of equal (width, resolution); with ``substage``, a
+        group whose producing layer is strided is a run of its own.
         """
         if granularity == "group":
             return [[i] for i in range(len(self.groups))]
@@ -244,7 +278,7 @@ class PruneEnv(gym.Env):
     def _reset_state(self) -> None:
         self.t = 0
         self.kept = {g.name: g.channels for g in self.groups}
-        self.ratios: dict[str, float] = {}
+        self.ratios = {g.name: 0.0 for g in self.groups}
         self._x[:, len(STATIC_FEATURES):] = 0.0
 
     def _groups_of(self, decisions: list[list[int]]) -> list:
@@ -252,12 +286,43 @@ class PruneEnv(gym.Env):
         return [self.groups[i] for d in decisions for i in d]
 
     def _kept(self, group, ratio: float) -> int:
-        """Channels ``group`` keeps at ``ratio`` in this action space (rounding, and dropping where allowed)."""
+        """Channels ``group`` keeps at ``ratio`` on a width step (rounding, and dropping where allowed; when staged,
+        a residual branch keeps at least one block, and only its drop step removes it).
+        """
+        if self._staged and group.name in self._drops:
+            return max(min(group.channels, self.round_to), kept_channels(group.channels, ratio, self.round_to, True))
         return kept_channels(group.channels, ratio, self.round_to, group.name in self._drops)
 
-    def _kept_at(self, groups: list, ratio: float) -> dict[str, int]:
-        """Channels each of ``groups`` keeps at ``ratio`` (never fewer than at its max_ratio)."""
-        return {g.name: max(self.min_kept[g.name], self._kept(g, ratio)) for g in groups}
+    def _width_grid(self, decision: list[int]) -> list[float]:
+        """The ratios that give distinct widths to the groups of width step ``decision``, up to max_ratio."""
+        grid = {1 - k / g.channels for g in (self.groups[i] for i in decision)
+                for k in {self._kept(g, 1 - j / g.channels) for j in range(1, g.channels + 1)}
+                if k >= self._min_width[g.name]}
+        return sorted(grid)
+
+    @staticmethod
+    def _drop_count(branches: int, ratio: float) -> int:
+        """Branches a drop step over ``branches`` removes at ``ratio`` (the nearest whole number)."""
+        return int(math.floor(ratio * branches + 0.5 + 1e-9))
+
+    def _apply(self, kept: dict[str, int], t: int, ratio: float) -> dict[str, int]:
+        """Channels kept by the groups of decision ``t`` at ``ratio``, from allocation ``kept``: a width step
+        narrows them (never below max_ratio), a drop step removes the first ``ratio`` share of its branches.
+        """
+        mine = self.decisions[t]
+        if self.drop_steps[t]:
+            k = self._drop_count(len(mine), ratio)
+            return {self.groups[i].name: 0 if j < k else kept[self.groups[i].name] for j, i in enumerate(mine)}
+        if ratio >= self.max_ratio:
+            return {self.groups[i].name: self._min_width[self.groups[i].name] for i in mine}
+        return {g.name: max(self._min_width[g.name], self._kept(g, ratio)) for g in self._groups_of([mine])}
+
+    def _rollout(self, t: int, ratio: float, rest: float) -> dict[str, int]:
+        """The allocation with decision ``t`` at ``ratio`` and every later decision at ``rest``."""
+        kept = dict(self.kept)
+        for u in range(t, self.num_steps):
+            kept.update(self._apply(kept, u, ratio if u == t else rest))
+        return kept
 
     def _fits(self, kept: dict[str, int]) -> bool:
         """Whether ``kept`` meets the FLOPs budget (and the predicted-latency budget, if there is one)."""
@@ -268,13 +333,11 @@ class PruneEnv(gym.Env):
 
         FLOPs fall as the ratio grows, so this is a binary search over the decision's distinct widths.
         """
-        trial = {**self.kept, **{h.name: self.min_kept[h.name] for h in self._groups_of(self.decisions[t + 1:])}}
-        mine = self._groups_of(self.decisions[t:t + 1])
         grid = self.ratio_grid[t]
         lo, hi = 0, len(grid) - 1  # grid[-1] fits: the constructor checked the all-max floor
         while lo < hi:
             mid = (lo + hi) // 2
-            if self._fits({**trial, **self._kept_at(mine, grid[mid])}):
+            if self._fits(self._rollout(t, grid[mid], self.max_ratio)):
                 hi = mid
             else:
                 lo = mid + 1
@@ -282,10 +345,8 @@ class PruneEnv(gym.Env):
 
     def _fill_ratio_now(self, t: int) -> float:
         """The one ratio that, applied to decision ``t`` and every later one, spends exactly the budget left."""
-        rest = self._groups_of(self.decisions[t:])
-
         def fits(r: float) -> bool:
-            return self._fits({**self.kept, **self._kept_at(rest, r)})
+            return self._fits(self._rollout(t, r, r))
 
         if fits(0.0):
             return 0.0
@@ -306,12 +367,14 @@ class PruneEnv(gym.Env):
             decision = self.decisions[self.t]
             for i in decision:
                 self._x[self.graph.group_nodes[i], d["is_current"]] = 1.0
+            self._x[:self.graph.num_nodes, d["drop_step"]] = float(self.drop_steps[self.t])
             self._min_ratio = self._min_ratio_now(self.t)
             if self.action_center == "remaining":
                 self.center[self.t] = self._fill_ratio_now(self.t)
             self._x[:self.graph.num_nodes, d["min_ratio_now"]] = self._min_ratio / self.max_ratio
-            cursor = int(self.graph.group_roots[decision[0]])
+            cursor = int(self.graph.group_roots[min(decision)])
         else:
+            self._x[:, d["drop_step"]] = 0.0
             cursor = int(self.graph.group_roots[-1])
         return {"x": self._x.reshape(-1).copy(), "edge_index": self._edges.reshape(-1).copy(),
                 "edge_mask": self._edge_mask.copy(), "node_mask": self._node_mask.copy(),
@@ -345,17 +408,19 @@ class PruneEnv(gym.Env):
             raise RuntimeError("step() called after the episode ended; call reset()")
         t0 = time.perf_counter()
         a = float(np.clip(np.asarray(action, dtype=np.float64).reshape(-1)[0], -1.0, 1.0))
-        mine = self._groups_of(self.decisions[self.t:self.t + 1])
-        kept = self._kept_at(mine, max(self.action_to_ratio(self.t, a), self._min_ratio))
+        kept = self._apply(self.kept, self.t, max(self.action_to_ratio(self.t, a), self._min_ratio))
         d = self._dyn
-        for i in self.decisions[self.t]:
-            g = self.groups[i]
-            self.kept[g.name] = kept[g.name]
-            self.ratios[g.name] = 1.0 - kept[g.name] / g.channels
+        for name, k in kept.items():
+            i = self._index[name]
+            self.kept[name] = k
+            self.ratios[name] = 1.0 - k / self.groups[i].channels
             nodes = self.graph.group_nodes[i]
-            self._x[nodes, d["ratio"]] = self.ratios[g.name] / self.max_ratio
+            self._x[nodes, d["ratio"]] = self.ratios[name] / self.max_ratio
             self._x[nodes, d["decided"]] = 1.0
-        ratio = 1.0 - sum(kept.values()) / sum(g.channels for g in mine)
+        if self.drop_steps[self.t]:
+            ratio = sum(k == 0 for k in kept.values()) / len(kept)
+        else:
+            ratio = 1.0 - sum(kept.values()) / sum(self.groups[self._index[name]].channels for name in kept)
         applied = {"action_applied": np.array([self.ratio_to_action(self.t, ratio)], np.float32)}
         self.t += 1
         self.timings["step_s"] += time.perf_counter() - t0
@@ -411,9 +476,9 @@ class PruneEnv(gym.Env):
                             "granularity or round_to")
         out = []
         for combo in itertools.product(*self.ratio_grid):
-            kept: dict[str, int] = {}
-            for d, r in zip(self.decisions, combo):
-                kept.update(self._kept_at(self._groups_of([d]), r))
+            kept = {g.name: g.channels for g in self.groups}
+            for t, r in enumerate(combo):
+                kept.update(self._apply(kept, t, r))
             if self._fits(kept):
                 out.append(kept)
         return out

@@ -25,7 +25,7 @@ STATIC_FEATURES = (
     "depth", "prunable", "group_root", "group_flops_sensitivity",
     "score_mean", "score_std", "score_q10", "score_q50", "score_q90",
 )
-DYNAMIC_FEATURES = ("ratio", "is_current", "decided", "flops_removed", "flops_to_remove", "min_ratio_now")
+DYNAMIC_FEATURES = ("ratio", "is_current", "decided", "flops_removed", "flops_to_remove", "min_ratio_now", "drop_step")
 NUM_FEATURES = len(STATIC_FEATURES) + len(DYNAMIC_FEATURES)
 FEATURE_BOUND = 10.0  # every feature is clipped to [-FEATURE_BOUND, FEATURE_BOUND]
 

@@ -10,7 +10,15 @@ from pruning_core.export import export_model, load_exported
 from pruning_core.graph import ModelTrace, layer_macs, measure_flops, trace_model
 from pruning_core.importance import L1Importance, TaylorImportance
 from pruning_core.latency import LatencyBudget, LatencyTable, compare_latency, measure_latency
-from pruning_core.prune import check_ratios, global_ratios, kept_channels, kept_counts, prune, uniform_ratios
+from pruning_core.prune import (
+    check_ratios,
+    drop_order,
+    global_ratios,
+    kept_channels,
+    kept_counts,
+    prune,
+    uniform_ratios,
+)
 from pruning_core.session import PruningSession, SessionConfig
 from pruning_core.zoo import MODELS, build_model, load_weights
 
@@ -20,7 +28,7 @@ __all__ = [
     "MODELS", "ImageData", "L1Importance", "LatencyBudget", "LatencyTable", "ModelTrace", "PruningSession",
     "SessionConfig", "Split",
     "TaylorImportance", "UserError", "__version__", "accuracy", "adapt_bn", "build_model", "check_ratios",
-    "compare_latency", "export_model", "finetune", "global_ratios", "kept_channels", "kept_counts", "layer_macs",
-    "load_data", "load_exported", "load_weights", "make_splits", "measure_flops", "measure_latency", "prune",
-    "trace_model", "uniform_ratios",
+    "compare_latency", "drop_order", "export_model", "finetune", "global_ratios", "kept_channels", "kept_counts",
+    "layer_macs", "load_data", "load_exported", "load_weights", "make_splits", "measure_flops", "measure_latency",
+    "prune", "trace_model", "uniform_ratios",
 ]

@@ -15,8 +15,8 @@ from pruning_core.errors import UserError
 from pruning_core.graph import ModelTrace
 from pruning_core.latency import LatencyBudget
 
-__all__ = ["DroppedBranch", "EmptyChannels", "check_ratios", "fits_budget", "global_ratios", "kept_channels",
-           "kept_counts", "prune", "uniform_ratios"]
+__all__ = ["DroppedBranch", "EmptyChannels", "check_ratios", "drop_order", "fits_budget", "global_ratios",
+           "kept_channels", "kept_counts", "prune", "uniform_ratios"]
 
 
 def kept_channels(channels: int, ratio: float, round_to: int | None = None, drop: bool = False) -> int:
@@ -35,6 +35,13 @@ def kept_channels(channels: int, ratio: float, round_to: int | None = None, drop
     if block > 1 and (channels > block or drop):
         keep = min(channels, int(math.ceil(keep / block) * block))
     return keep
+
+
+def drop_order(trace: ModelTrace, scores: dict[str, torch.Tensor]) -> list[str]:
+    """The droppable groups (:attr:`ModelTrace.droppable`), least important first: by their channels' summed
+    importance ``scores`` (ties by name, so the order is deterministic).
+    """
+    return sorted(trace.droppable, key=lambda name: (float(scores[name].sum()), name))
 
 
 def check_ratios(trace: ModelTrace, ratios: dict[str, float]) -> None:

@@ -315,6 +315,31 @@ def test_apply_to_other_models_meets_budget(digits_session, tmp_path):
             assert report["acc_reward"] == pytest.approx(100 * kept)
 
 
+def test_drop_policy_transfers_from_resnet20_to_resnet56(tmp_path):
+    """A policy learned with dropped blocks (substage, 16-channel blocks) records its action space, and applied
+    to a deeper ResNet replays it: whole blocks or none, within the budget."""
+    from test_graph_encoder import _tiny_cifar
+
+    from pruning_core import PruningSession, SessionConfig, build_model, kept_counts
+
+    def session(name):
+        return PruningSession(build_model(name), None, _tiny_cifar(), SessionConfig(
+            reward_images=8, calib_batches=1, taylor_batches=1, batch_size=8))
+
+    cfg = tiny_config(algo="ppo", episodes=3, warmup_episodes=1, flops=0.5, round_to=16, granularity="substage",
+                      drop_blocks=True)
+    env = PruneEnv(session=session("resnet20"), flops=0.5, round_to=16, granularity="substage", drop=True)
+    search = Search(cfg, env)
+    search.run(3)
+    path = save_policy(search.algo, cfg, search.best, tmp_path / "p")
+    assert load_policy(path).train_config["drop_blocks"] is True
+    r56 = session("resnet56")
+    report = apply_policy(path, "resnet56", session=r56, fallback=False, rescore_top=0)
+    assert report["flops_ratio"] <= 0.5
+    kept = kept_counts(r56.trace, report["ratios"], 16)
+    assert all(k % 16 == 0 for k in kept.values()) and min(kept.values()) == 0
+
+
 @pytest.mark.slow
 def test_resume_after_kill_9(tmp_path):
     run = tmp_path / "run"

@@ -177,6 +177,61 @@ def test_drop_blocks_removes_residual_branches_within_the_budget():
                                                  zip(no_drop.groups, no_drop.ratio_grid) for r in grid)) > 0
 
 
+def test_staged_drop_steps_remove_the_least_important_branches_of_each_run():
+    """With drop and a stage-wise granularity, each run's width step (whole 16-channel blocks, never none) is
+    followed by a drop step that removes its lowest-Taylor branches; the observation flags drop steps, every
+    episode meets the budget, and the enumerated space is exactly what episodes reach."""
+    from test_graph_encoder import _tiny_cifar
+
+    from pruning_core import PruningSession, SessionConfig, build_model, drop_order
+    session = PruningSession(build_model("resnet56"), None, _tiny_cifar(),
+                             SessionConfig(reward_images=8, calib_batches=1, taylor_batches=1, batch_size=8))
+    env = BudgetOnlyEnv(session=session, flops=0.5, round_to=16, granularity="substage", drop=True)
+    names = [[env.groups[i].name for i in d] for d in env.decisions]
+    # stage 1 (16 channels: one block) has no width step; the other four runs have both
+    assert env.drop_steps == [True, False, True, False, True, False, True, False, True]
+    assert [len(n) for n in names] == [9, 1, 1, 8, 8, 1, 1, 8, 8]
+    order = drop_order(session.trace, session.scores)
+    assert all(n == [g for g in order if g in n] for n, drop in zip(names, env.drop_steps) if drop)
+    assert env.ratio_grid[0] == [k / 9 for k in range(8)]  # up to max_ratio 0.8 of 9 branches: 7
+    assert env.ratio_grid[-2] == [0.0, 0.25, 0.5, 0.75]  # stage 3's width: at least one 16-block
+    rng = np.random.default_rng(0)
+    dropped = 0
+    for episode in range(60):
+        obs, _ = env.reset(seed=episode)
+        done, t = False, 0
+        while not done:
+            flag = obs["x"].reshape(env.max_nodes, -1)[:env.graph.num_nodes, env._dyn["drop_step"]]
+            assert set(flag.tolist()) == {float(env.drop_steps[t])}
+            obs, _, done, _, info = env.step(np.array([rng.uniform(-1, 1)], np.float32))
+            t += 1
+        assert info["flops_ratio"] <= 0.5 + 1e-12
+        kept = {g.name: round((1 - info["ratios"][g.name]) * g.channels) for g in env.groups}
+        assert all(k % 16 == 0 for k in kept.values())
+        for n in (n for n, drop in zip(names, env.drop_steps) if drop):
+            gone = [kept[g] == 0 for g in n]
+            assert gone == sorted(gone, reverse=True)  # the least important ones first
+        dropped += sum(k == 0 for k in kept.values())
+    assert dropped > 0
+    env.reset()  # action 0 everywhere: one ratio for every width and drop step, spending the budget
+    for _ in range(env.num_steps):
+        *_, info = env.step(np.zeros(1, np.float32))
+    assert 0.45 <= info["flops_ratio"] <= 0.5
+    stage = BudgetOnlyEnv(session=session, flops=0.5, round_to=16, granularity="stage", drop=True)
+    assert stage.drop_steps == [True, False, True, False, True]
+    feasible = stage.feasible_allocations()
+    keys = {tuple(k[g.name] for g in stage.groups) for k in feasible}
+    assert len(keys) == len(feasible) and all(stage.trace.flops(k) <= stage.budget for k in feasible)
+    reached = set()
+    for episode in range(100):
+        stage.reset(seed=episode)
+        done = False
+        while not done:
+            _, _, done, _, info = stage.step(np.array([rng.uniform(-1, 1)], np.float32))
+        reached.add(tuple(round((1 - info["ratios"][g.name]) * g.channels) for g in stage.groups))
+    assert reached <= keys and len(reached) > 20
+
+
 def test_cache_and_seeding(digits_session):
     env = PruneEnv(session=digits_session, flops=0.6)
 
