@@ -90,15 +90,25 @@ def search_table(res: dict) -> list[str]:
 
 
 def transfer_table(res: dict) -> list[str]:
-    lines = [f"Policy trained on ResNet-20 ({res['config']['train_episodes']} episodes, {res['config']['algo']}); "
+    cfg = res["config"]
+    drop = cfg.get("drop_blocks", False)
+    space = (f"; {cfg.get('granularity', 'substage')} steps"
+             + (f", widths in multiples of {cfg['round_to']}" if cfg.get("round_to") else "")
+             + (", residual branches may be dropped (centre: action 0 on every step, the space's simple "
+                "allocation)" if drop else ""))
+    lines = [f"Policy trained on ResNet-20 ({cfg['train_episodes']} episodes, {cfg['algo']}{space}); "
              f"source test acc {res['source']['acc_test']:.2f}% vs uniform {res['source']['acc_test_uniform']:.2f}%.",
-             "", "| target | FLOPs | test acc | uniform test acc | reward acc | uniform reward acc |",
-             "|---|---|---|---|---|---|"]
+             "", "| target | FLOPs | blocks dropped | test acc | uniform test acc | reward acc | uniform reward acc |"
+             + (" centre test acc | centre reward acc |" if drop else ""),
+             "|---|---|---|---|---|---|---|" + ("---|---|" if drop else "")]
     for name, r in res["targets"].items():
         acc = fmt(r.get("acc_test")) + (f" ± {r['acc_test_std']:.2f} ({len(r['runs'])} seeds)" if "runs" in r else "")
-        lines.append(f"| {name} | {fmt(r.get('flops_ratio'), 3)} | {acc} | "
-                     f"{fmt(r.get('acc_test_uniform'))} | {fmt(r.get('acc_reward'))} | "
-                     f"{fmt(r.get('acc_reward_uniform'))} |")
+        dropped = ("/".join(str(x["blocks_dropped"]) for x in r["runs"] if "blocks_dropped" in x) if "runs" in r
+                   else r.get("blocks_dropped"))
+        lines.append(f"| {name} | {fmt(r.get('flops_ratio'), 3)} | {dropped if dropped not in (None, '') else '–'} | "
+                     f"{acc} | {fmt(r.get('acc_test_uniform'))} | {fmt(r.get('acc_reward'))} | "
+                     f"{fmt(r.get('acc_reward_uniform'))} |"
+                     + (f" {fmt(r.get('acc_test_centre'))} | {fmt(r.get('acc_reward_centre'))} |" if drop else ""))
     return lines
 
 

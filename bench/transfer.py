@@ -3,6 +3,8 @@ K-episode warm start on ResNet-56 against a cold RL search and random search in 
 same budget.
 
     python bench/transfer.py --train-episodes 100 --k 20
+    python bench/transfer.py --train-episodes 100 --k 20 --round-to 16 --drop-blocks --repeat-penalty 0.02 \
+        --name transfer_drop   # blocks may be dropped; also compared with the space's centre (action 0)
 """
 
 from __future__ import annotations
@@ -11,12 +13,15 @@ import argparse
 import statistics
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 
+import numpy as np
 from common import CIFAR, cifar_session, write_result
 from search import random_search
 
 from agent import Search, TrainConfig, apply_policy, save_policy
+from agent.apply import run_episode
 from agent.train import build_env, finish_search
 from pruning_core import PruningSession, SessionConfig, accuracy, build_model, uniform_ratios
 
@@ -32,21 +37,29 @@ def main() -> None:
     p.add_argument("--calib-batches", type=int, default=10)
     p.add_argument("--seed", type=int, default=0, help="seed of the source search and the sessions")
     p.add_argument("--k-seeds", type=int, nargs="+", default=[0, 1, 2], help="seeds of the K-episode searches")
+    p.add_argument("--granularity", default=TrainConfig.granularity, help="the agents' action space")
+    p.add_argument("--round-to", type=int, default=None, help="round kept channels up to multiples of this")
+    p.add_argument("--drop-blocks", action="store_true", help="let the agents remove residual branches whole")
+    p.add_argument("--repeat-penalty", type=float, default=TrainConfig.repeat_penalty)
+    p.add_argument("--name", default="transfer", help="results file to write")
     args = p.parse_args()
+    rt = args.round_to
+    space = {"granularity": args.granularity, "round_to": rt, "drop_blocks": args.drop_blocks,
+             "repeat_penalty": args.repeat_penalty}
     splits = {"reward_images": args.reward_images, "calib_batches": args.calib_batches, "seed": args.seed}
     result: dict = {"config": vars(args), "targets": {}}
 
     source = cifar_session("resnet20", **splits)
     train_cfg = TrainConfig(algo=args.algo, flops=args.flops, episodes=args.train_episodes, seed=args.seed,
-                            warmup_episodes=args.warmup, progress=False, model="resnet20")
+                            warmup_episodes=args.warmup, progress=False, model="resnet20", **space)
     search = Search(train_cfg, build_env(train_cfg, source))
     t = time.perf_counter()
     best = search.run(args.train_episodes)
     kept = finish_search(search, train_cfg.rescore_top)["kept"]
     result["source"] = {"model": "resnet20", "search_s": time.perf_counter() - t, "best_reward": best["reward"],
-                        "acc_test": accuracy(source.build(kept["ratios"]), source.splits.test),
-                        "acc_test_uniform": accuracy(source.build(uniform_ratios(source.trace, args.flops, 0.8)),
-                                                     source.splits.test)}
+                        "acc_test": accuracy(source.build(kept["ratios"], rt), source.splits.test),
+                        "acc_test_uniform": accuracy(source.build(uniform_ratios(source.trace, args.flops, 0.8, rt),
+                                                                  rt), source.splits.test)}
     policy_dir = Path(tempfile.mkdtemp()) / "policy"
     save_policy(search.algo, train_cfg, best, policy_dir)
 
@@ -59,20 +72,25 @@ def main() -> None:
         t = time.perf_counter()
         rep = apply_policy(policy_dir, name, session=session, flops=args.flops, fallback=False)  # the raw policy
         row = {"flops_ratio": rep["flops_ratio"], "params_ratio": rep["params_ratio"],
-               "apply_s": time.perf_counter() - t, "ratios": rep["ratios"]}
+               "apply_s": time.perf_counter() - t, "ratios": rep["ratios"],
+               "blocks_dropped": sum(r == 1.0 for r in rep["ratios"].values())}
         if name == "resnet56":
-            uni = session.build(uniform_ratios(session.trace, args.flops, 0.8))
+            uni = session.build(uniform_ratios(session.trace, args.flops, 0.8, rt), rt)
             row.update(acc_test=rep["acc"], acc_reward=rep["acc_reward"],
                        acc_test_uniform=accuracy(uni, session.splits.test),
                        acc_reward_uniform=accuracy(uni, session.splits.reward))
+            if args.drop_blocks:  # the drop space's own simple allocation: action 0 on every step
+                env = build_env(replace(train_cfg, model="resnet56"), session)
+                centre = session.build(run_episode(env, lambda _: np.zeros(1, np.float32))[1]["ratios"], rt)
+                row.update(acc_test_centre=accuracy(centre, session.splits.test),
+                           acc_reward_centre=accuracy(centre, session.splits.reward))
         result["targets"][name] = row
         print(name, {k: v for k, v in row.items() if k != "ratios"}, flush=True)
 
     # K episodes on ResNet-56, each with K + 1 evaluations and the same re-scoring: a warm start from the
     # ResNet-20 policy (its zero-shot episode + K search episodes), a cold search (K episodes + its policy's
     # episode), and random search (K + 1 samples) in the agents' action space, the equal-budget baseline
-    space = train_cfg.granularity
-    for label in ("warm", "cold", f"random-{space}"):
+    for label in ("warm", "cold", f"random-{args.granularity}"):
         runs = []
         for seed in args.k_seeds:
             t = time.perf_counter()
@@ -81,21 +99,23 @@ def main() -> None:
                                       seed=seed, fallback=False)["ratios"]
             elif label == "cold":
                 cold_cfg = TrainConfig(algo=args.algo, flops=args.flops, episodes=args.k, seed=seed,
-                                       warmup_episodes=min(args.warmup, args.k // 2), progress=False)
+                                       warmup_episodes=min(args.warmup, args.k // 2), progress=False, **space)
                 cold = Search(cold_cfg, build_env(cold_cfg, r56))
                 cold.run(args.k)
                 ratios = finish_search(cold, cold_cfg.rescore_top)["kept"]["ratios"]
             else:
-                ratios = random_search(r56, args.flops, args.k + 1, seed, train_cfg.max_ratio, space)["ratios"]
-            model = r56.build(ratios)
+                ratios = random_search(r56, args.flops, args.k + 1, seed, train_cfg.max_ratio, args.granularity,
+                                       round_to=rt, drop=args.drop_blocks)["ratios"]
+            model = r56.build(ratios, rt)
             runs.append({"seed": seed, "acc_test": accuracy(model, r56.splits.test),
+                         "blocks_dropped": sum(r == 1.0 for r in ratios.values()),
                          "acc_reward": accuracy(model, r56.splits.reward), "wall_s": time.perf_counter() - t})
             print(label, runs[-1], flush=True)
         tests = [r["acc_test"] for r in runs]
         result["targets"][f"resnet56_k{args.k}_{label}"] = {
             "acc_test": statistics.mean(tests), "acc_test_std": statistics.stdev(tests) if len(tests) > 1 else 0.0,
             "acc_reward": statistics.mean(r["acc_reward"] for r in runs), "runs": runs}
-    write_result("transfer", result)
+    write_result(args.name, result)
 
 
 if __name__ == "__main__":
