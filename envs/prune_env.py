@@ -132,7 +132,8 @@ class PruneEnv(gym.Env):
 
     ## Version History
 
-    - v0: initial version.
+    - v0: initial version (before the first release it gained the `drop_step` feature and drop steps; policy
+      files of format 1 do not load).
     """
 
     metadata = {"render_modes": []}

@@ -232,6 +232,34 @@ def test_staged_drop_steps_remove_the_least_important_branches_of_each_run():
     assert reached <= keys and len(reached) > 20
 
 
+@pytest.mark.parametrize("granularity", ["stage", "substage"])
+def test_staged_drop_steps_keep_the_budget_on_mobilenetv2(granularity):
+    """MobileNetV2's runs mix residual branches with groups that cannot be dropped: only the branches get a drop
+    step, and every episode, whatever its actions, meets the budget with widths in whole blocks."""
+    from test_graph_encoder import _tiny_cifar
+
+    from pruning_core import PruningSession, SessionConfig, build_model
+    session = PruningSession(build_model("mobilenetv2"), None, _tiny_cifar(),
+                             SessionConfig(reward_images=8, calib_batches=1, taylor_batches=1, batch_size=8))
+    rng = np.random.default_rng(0)
+    for target in (0.3, 0.6):
+        env = BudgetOnlyEnv(session=session, flops=target, round_to=16, granularity=granularity, drop=True)
+        assert any(env.drop_steps)
+        for t, d in enumerate(env.decisions):
+            assert all(env.groups[i].name in env.trace.droppable for i in d) or not env.drop_steps[t]
+        for episode in range(40):
+            env.reset(seed=episode)
+            done = False
+            while not done:
+                a = rng.uniform(-1, 1) if episode % 2 else float(rng.random() < 0.5) * 2 - 1
+                _, _, done, _, info = env.step(np.array([a], np.float32))
+            assert info["flops_ratio"] <= target + 1e-12
+            for g in env.groups:
+                kept = round((1 - info["ratios"][g.name]) * g.channels)
+                assert kept >= env.min_kept[g.name] and (kept > 0 or g.name in env.trace.droppable)
+                assert kept % 16 == 0 or kept == g.channels or g.channels < 16
+
+
 def test_cache_and_seeding(digits_session):
     env = PruneEnv(session=digits_session, flops=0.6)
 
