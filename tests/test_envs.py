@@ -257,7 +257,7 @@ def test_staged_drop_steps_keep_the_budget_on_mobilenetv2(granularity):
             for g in env.groups:
                 kept = round((1 - info["ratios"][g.name]) * g.channels)
                 assert kept >= env.min_kept[g.name] and (kept > 0 or g.name in env.trace.droppable)
-                assert kept % 16 == 0 or kept == g.channels or g.channels < 16
+                assert kept % 16 == 0 or kept == g.channels or g.channels <= 16  # no wider than a block: not rounded
 
 
 def test_cache_and_seeding(digits_session):
