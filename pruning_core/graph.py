@@ -114,15 +114,28 @@ class ModelTrace:
         for a, b in self.edges:
             self._succ.setdefault(a, []).append(b)
         self.droppable = self._droppable()
+        # BN layers that only scale a residual branch's output: they go with the branch when it is dropped
+        self.branch_bn_of = {bn: g.name for g in self.groups if g.name in self.droppable
+                             for m in g.members if m.dim == "in" for bn in self.branch_bns(m.module)}
 
     def branch_add(self, layer: str) -> int | None:
         """Index of the ``add`` node that ``layer``'s output reaches through BN layers only, if any."""
+        path = self._branch_path(layer)
+        return path[-1] if path else None
+
+    def branch_bns(self, layer: str) -> list[str]:
+        """The BN layers between ``layer`` and the ``add`` its output reaches through them (see :meth:`branch_add`)."""
+        return [self.nodes[i].module for i in (self._branch_path(layer) or [])[:-1]]
+
+    def _branch_path(self, layer: str) -> list[int] | None:
+        """Node indices from ``layer``'s successor to an ``add`` through BN layers only (the add last), if any."""
         if layer not in self._node_of:
             return None
-        nxt = self._succ.get(self._node_of[layer], [])
+        path, nxt = [], self._succ.get(self._node_of[layer], [])
         while len(nxt) == 1 and self.nodes[nxt[0]].op == "bn":
+            path.append(nxt[0])
             nxt = self._succ.get(nxt[0], [])
-        return nxt[0] if len(nxt) == 1 and self.nodes[nxt[0]].op == "add" else None
+        return [*path, nxt[0]] if len(nxt) == 1 and self.nodes[nxt[0]].op == "add" else None
 
     def _droppable(self) -> frozenset[str]:
         """Groups that may lose all their channels: residual branches.
@@ -178,8 +191,12 @@ class ModelTrace:
         out = {}
         for name, info in self.layers.items():
             in_c, out_c, groups = self.channels_of(name, kept)
-            if info.kind == "bn":
+            if name in self.branch_bn_of and kept[self.branch_bn_of[name]] == 0:
+                out[name] = 0  # the BN of a dropped branch goes with it
+            elif info.kind == "bn":
                 out[name] = 2 * out_c
+            elif in_c == 0:  # reads a dropped branch: gone, bias included
+                out[name] = 0
             else:
                 bias = out_c if self.has_bias.get(name) else 0
                 out[name] = out_c * (in_c // max(groups, 1)) * info.kernel**2 + bias

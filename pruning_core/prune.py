@@ -74,27 +74,21 @@ class EmptyChannels(nn.Module):
 
 
 class DroppedBranch(nn.Module):
-    """A conv whose input channels were all removed: its bias (zeros without one), per channel.
+    """A conv whose input channels were all removed, in a dropped residual branch: it contributes nothing.
 
-    In eval mode, with ``broadcast``, it is a ``(1, C, 1, 1)`` tensor that the residual add broadcasts: adding
-    a per-channel constant to the shortcut costs no extra memory traffic, and keeps PyTorch's channels-last
-    layout (ResNet-56 with 6 blocks dropped, eager channels-last at batch 64: 1.64-2.07x faster than dense,
-    against 1.26-1.29x with the full tensor; ONNX Runtime is unchanged). In training mode (adaptive BN,
-    fine-tuning: BN needs more than one value per channel), or where every input of the add is a dropped branch,
-    it is expanded to the output shape that the trace fixed (the model's input size); the input gives the batch.
+    With ``broadcast`` it is a ``(1, C, 1, 1)`` zero tensor that the residual add broadcasts (no extra memory
+    traffic, and PyTorch keeps its channels-last layout); where every input of the add is a dropped branch it is
+    expanded to the output shape that the trace fixed (the model's input size), the input giving the batch.
+    Where its whole block reduces to the identity (or to its shortcut), :func:`prune` removes the block instead.
     """
 
-    def __init__(self, out_channels: int, out_hw: tuple[int, int], bias: torch.Tensor | None, broadcast: bool = True):
+    def __init__(self, out_channels: int, out_hw: tuple[int, int], broadcast: bool = True):
         super().__init__()
         self.out_channels, self.out_hw, self.broadcast = out_channels, tuple(out_hw), broadcast
-        if bias is not None:
-            self.bias = nn.Parameter(bias.detach().clone())
-        else:
-            self.register_buffer("bias", torch.zeros(out_channels))
+        self.register_buffer("zeros", torch.zeros(1, out_channels, 1, 1))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        b = self.bias.view(1, -1, 1, 1)
-        return b if self.broadcast and not self.training else b.expand(x.shape[0], -1, *self.out_hw)
+        return self.zeros if self.broadcast else self.zeros.expand(x.shape[0], -1, *self.out_hw)
 
     def extra_repr(self) -> str:
         return f"out_channels={self.out_channels}, out_hw={self.out_hw}, broadcast={self.broadcast}"
@@ -132,14 +126,101 @@ def prune(model: nn.Module, ratios: dict[str, float], scores: dict[str, torch.Te
     for m in dropped:
         old = modules[m.module]
         if m.dim == "out":
-            new = EmptyChannels()
-        else:  # a constant broadcasts only where the add has a full-size input left
-            add = adds[m.module]
-            new = DroppedBranch(old.out_channels, trace.layers[m.module].out_hw, old.bias, into[add] < inputs[add])
-        new.train(old.training)
-        parent, _, attr = m.module.rpartition(".")
-        setattr(net.get_submodule(parent) if parent else net, attr, new)
+            _replace(net, m.module, EmptyChannels(), old.training)
+            continue
+        add = adds[m.module]  # zeros broadcast only where the add has a full-size input left
+        _replace(net, m.module, DroppedBranch(old.out_channels, trace.layers[m.module].out_hw,
+                                              into[add] < inputs[add]), old.training)
+        for bn in trace.branch_bns(m.module):  # the branch's BN would turn its zeros into a constant shift
+            _replace(net, bn, nn.Identity(), old.training)
+    _remove_dead_blocks(net, trace, kept)
     return net
+
+
+def _replace(net: nn.Module, name: str, new: nn.Module, training: bool) -> None:
+    new.train(training)
+    parent, _, attr = name.rpartition(".")
+    setattr(net.get_submodule(parent) if parent else net, attr, new)
+
+
+def _remove_dead_blocks(net: nn.Module, trace: ModelTrace, kept: dict[str, int]) -> None:
+    """Replace each module around a dropped branch that now computes the identity, or what one of its children
+    computes alone, by that: a ResNet block whose branch is gone is ReLU(x + 0) = x on a ReLU output, and its
+    downsampling form ReLU(shortcut(x)) = shortcut(x); a MobileNetV2 block is x + 0. Without this the add and
+    the activation stay, an element-wise pass each, with layout reorders around them in ONNX Runtime.
+
+    The candidates are the modules enclosing a dropped group's layers, innermost first, up to one that holds a
+    layer still computing outside the kept child. A candidate is replaced only when, on a random input in eval
+    mode, its output equals its input (or its child's output on that input) exactly.
+    """
+    dead = {m.module for g in trace.groups if kept[g.name] == 0 for m in g.members}
+    dead |= {bn for bn, g in trace.branch_bn_of.items() if kept[g] == 0}
+    live = [name for name in trace.layers if name not in dead]
+    named = dict(net.named_modules())
+    candidates: dict[str, list[str]] = {}  # dropped group -> enclosing module names, innermost first
+    for g in trace.groups:
+        if kept[g.name] == 0:
+            parts = _common_prefix([m.module.split(".") for m in g.members])
+            candidates[g.name] = [".".join(parts[:k]) for k in range(len(parts), 0, -1)]
+    watched = {c for names in candidates.values() for c in names if c in named}
+    io: dict[str, list] = {}
+    hooks = [named[c].register_forward_hook(lambda mod, inp, out, c=c: io.setdefault(c, []).append((inp, out)))
+             for c in watched]
+    modes = {m: m.training for m in net.modules()}
+    try:
+        net.eval()
+        with torch.no_grad():
+            x = torch.randn(2, *trace.input_shape, generator=torch.Generator().manual_seed(0))
+            net(x.to(next(net.parameters()).device))
+            chosen: dict[str, nn.Module] = {}
+            for names in candidates.values():
+                for c in names:
+                    if c in chosen or c not in io or len(io[c]) != 1 or len(io[c][0][0]) != 1:
+                        continue
+                    (x,), out = io[c][0]
+                    if not isinstance(out, torch.Tensor) or out.shape[0] != x.shape[0]:
+                        continue  # not a whole block: e.g. a branch whose output is the broadcast zeros
+                    alive = [n for n in live if n.startswith(c + ".")]
+                    if not alive and torch.equal(x, out):
+                        chosen[c] = nn.Identity()
+                        break
+                    child = _child_computing(named[c], c, x, out, alive)
+                    if child is not None:
+                        chosen[c] = child
+                        break
+    finally:
+        for h in hooks:
+            h.remove()
+        for m, mode in modes.items():
+            m.train(mode)
+    for c, new in chosen.items():
+        if not any(c.startswith(other + ".") for other in chosen):  # the outermost of nested ones
+            _replace(net, c, new, named[c].training)
+
+
+def _child_computing(module: nn.Module, name: str, x: torch.Tensor, out: torch.Tensor,
+                     alive: list[str]) -> nn.Module | None:
+    """The child of ``module`` that alone maps ``x`` to ``out``, holding every layer in ``alive``."""
+    for child_name, child in module.named_children():
+        prefix = f"{name}.{child_name}"
+        if any(n != prefix and not n.startswith(prefix + ".") for n in alive):
+            continue
+        try:
+            y = child(x)
+        except (RuntimeError, TypeError, ValueError):
+            continue
+        if isinstance(y, torch.Tensor) and y.shape == out.shape and torch.equal(y, out):
+            return child
+    return None
+
+
+def _common_prefix(paths: list[list[str]]) -> list[str]:
+    """The longest common leading run of ``paths`` (module names split at dots), excluding each leaf's own name."""
+    first = paths[0][:-1]
+    k = 0
+    while k < len(first) and all(len(p) > k + 1 and p[k] == first[k] for p in paths):
+        k += 1
+    return first[:k]
 
 
 @torch.no_grad()

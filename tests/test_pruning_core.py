@@ -44,7 +44,8 @@ def randomise(model: nn.Module, seed: int = 0) -> nn.Module:
 
 
 def masked(model: nn.Module, trace, ratios, scores) -> nn.Module:
-    """The dense model with the pruned channels' BN gates (or, without BN, filters) zeroed."""
+    """The dense model with the pruned channels' BN gates (or, without BN, filters) zeroed, and a dropped branch's
+    output (its reader's bias, the BN after it) zeroed too."""
     net = copy.deepcopy(model)
     mods = dict(net.named_modules())
     kept = kept_counts(trace, ratios)
@@ -60,6 +61,14 @@ def masked(model: nn.Module, trace, ratios, scores) -> nn.Module:
                 mod.weight[idx] = 0
                 if mod.bias is not None:
                     mod.bias[idx] = 0
+            if kept[g.name] == 0:
+                for m in g.members:
+                    if m.dim == "in":
+                        for name in (m.module, *trace.branch_bns(m.module)):
+                            if mods[name].bias is not None:
+                                mods[name].bias.zero_()
+                            if isinstance(mods[name], nn.BatchNorm2d):
+                                mods[name].weight.zero_()
     return net
 
 
@@ -110,15 +119,22 @@ def test_droppable_groups_are_the_residual_branches():
 
 @pytest.mark.parametrize("name", ["resnet56", "mobilenetv2"])
 def test_dropped_branches_compute_what_masking_them_does(name, tmp_path):
-    """A dropped branch gives the logits of the dense model with all its channels gated off; FLOPs and parameters
-    match the trace's count; the model trains (adaptive BN, fine-tuning) and exports."""
+    """A dropped branch gives the logits of the dense model with its output gated off; its block is removed (the
+    identity, or the downsampling shortcut alone); FLOPs and parameters match the trace's count; the model
+    trains (adaptive BN, fine-tuning) and exports."""
     model = randomise(build_model(name))
     check_equivalence(model, (3, 32, 32), ratios_of=random_drops)
     trace = trace_model(model, (3, 32, 32))
     ratios = random_drops(trace, random.Random(3))
-    assert 1.0 in ratios.values()
+    if name == "resnet56":
+        ratios["layer2.0.conv1"] = 1.0  # a downsampling block: it becomes its shortcut
+    drops = list(ratios.values()).count(1.0)
     pruned = prune(model, ratios, {g.name: torch.rand(g.channels) for g in trace.groups}, trace)
-    assert sum(isinstance(m, DroppedBranch) for m in pruned.modules()) == list(ratios.values()).count(1.0)
+    assert not any(isinstance(m, DroppedBranch) for m in pruned.modules())
+
+    def blocks(net):
+        return sum(type(m).__name__ in ("BasicBlock", "InvertedResidual") for m in net.modules())
+    assert blocks(pruned) == blocks(model) - drops
     pruned.train()
     pruned(torch.randn(4, 3, 32, 32)).sum().backward()
     pruned.eval()
