@@ -1,11 +1,13 @@
-"""What a dropped ResNet block would save if it cost nothing: a check, not a feature.
+"""The check behind removing dropped blocks (``pruning_core.prune`` now does it for every model).
 
-A dropped residual branch leaves a constant c (the shift of the BN after it), so the block still computes
+Before, a dropped residual branch left a constant c (the shift of the BN after it), so the block still computed
 ReLU(x + c): an add and a ReLU in every runtime. With c set to 0 the block is exactly the identity (x is a ReLU
-output, or the zero-padded shortcut of one) and can be removed. This script takes the searched models with
-dropped blocks from bench/results, and for each reports reward/select/test accuracy with c kept and with c = 0
-(BN recalibrated after the change), and the ONNX Runtime speed-up over dense with the blocks kept (c) and
-removed. It knows the zoo's CIFAR ResNet block (``bn2``, ``shortcut``) and nothing else.
+output, or the zero-padded shortcut of one) and can be removed. This script takes models with dropped blocks
+from bench/results and reports reward/select/test accuracy with c and with c = 0 (BN recalibrated after the
+change), and the ONNX Runtime speed-up over dense with the blocks kept (c) and removed. It knows the zoo's
+CIFAR ResNet block (``bn2``, ``shortcut``) and nothing else. It needs the pruning core from before the change
+to build the models with c: ``identity_drop_xeon.json`` was written at commit 8af2217 (``git checkout 8af2217``
+to reproduce it); with the current core it stops with that message.
 
     python bench/identity_drop.py --results search_group_r16_drop search_substage_r16_drop
 """
@@ -54,6 +56,9 @@ def main() -> None:
                 if not dropped:
                     continue
                 kept_c = session.build(run["ratios"], rt)
+                if not hasattr(kept_c.get_submodule(dropped[0].rsplit(".", 1)[0]), "bn2"):
+                    raise SystemExit("this check needs the pruning core from before dropped blocks were removed "
+                                     "(git checkout 8af2217): the current one removes them already")
                 zero = copy.deepcopy(kept_c)
                 with torch.no_grad():
                     for g in dropped:

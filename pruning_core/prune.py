@@ -99,8 +99,10 @@ def prune(model: nn.Module, ratios: dict[str, float], scores: dict[str, torch.Te
     """Return a physically smaller copy of ``model``; the input model is never modified.
 
     Each group keeps its ``kept_channels`` highest-scoring channels (in their original order), removed
-    from every member layer's weights, biases and BN statistics. A droppable group at ratio 1 loses its
-    producing layers (:class:`EmptyChannels`), and the conv reading it becomes a :class:`DroppedBranch`.
+    from every member layer's weights, biases and BN statistics. A droppable group at ratio 1 is a dropped
+    residual branch, which contributes nothing: its producing layers become :class:`EmptyChannels`, the conv
+    reading it a :class:`DroppedBranch` (zeros) and the BN after that conv an identity; then the block around it,
+    now the identity or its shortcut alone, is replaced by that (ResNet and MobileNetV2 blocks are removed whole).
 
     :param ratios: pruning ratio per group name, each in ``[0, 1)``, or 1 for a group in ``trace.droppable``;
         missing groups are not pruned.
