@@ -141,9 +141,9 @@ class ModelTrace:
         """Groups that may lose all their channels: residual branches.
 
         Every layer reading the group's channels must be a dense conv fed by this group alone whose output reaches
-        an ``add`` through BN layers only. With the group gone that conv sees no input, so it outputs its bias
-        (or zeros), and the add keeps its other input: the shortcut. A plain chain (VGG) has no such group, since
-        removing one would disconnect the network.
+        an ``add`` through BN layers only. With the group gone the branch contributes nothing (``prune`` drops the
+        conv's bias and those BN layers too), and the add keeps its other input: the shortcut. A plain chain
+        (VGG) has no such group, since removing one would disconnect the network.
         """
         def branch_end(m: Member, channels: int) -> bool:
             info = self.layers[m.module]
