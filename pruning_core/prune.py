@@ -173,7 +173,8 @@ def _remove_dead_blocks(net: nn.Module, trace: ModelTrace, kept: dict[str, int])
         net.eval()
         with torch.no_grad():
             x = torch.randn(2, *trace.input_shape, generator=torch.Generator().manual_seed(0))
-            net(x.to(next(net.parameters()).device))
+            param = next(net.parameters(), None)
+            net(x if param is None else x.to(param.device))
             chosen: dict[str, nn.Module] = {}
             for names in candidates.values():
                 for c in names:
