@@ -22,7 +22,7 @@ import numpy as np
 from common import cifar_session, evaluate_method, latency_ms, write_result
 
 from agent import Search, TrainConfig
-from agent.apply import run_episode
+from agent.apply import policy_ratios, run_episode
 from agent.search import keep_best
 from agent.train import build_env, finish_search, measure_latency_table
 from envs import GRANULARITIES, PruneEnv
@@ -32,6 +32,7 @@ from pruning_core import (
     LatencyTable,
     PruningSession,
     UserError,
+    branch_width,
     drop_order,
     global_ratios,
     kept_channels,
@@ -74,9 +75,8 @@ def taylor_drop_ratios(session: PruningSession, target: float, max_ratio: float,
 
     def kept_at(ratio: float, dropped: set[str]) -> dict[str, int]:
         branch = trace.droppable
-        return {g.name: 0 if g.name in dropped else max(kept_channels(g.channels, ratio, round_to, g.name in branch),
-                                                        min(g.channels, round_to) if g.name in branch else 1)
-                for g in trace.groups}
+        return {g.name: 0 if g.name in dropped else branch_width(g.channels, ratio, round_to) if g.name in branch
+                else kept_channels(g.channels, ratio, round_to) for g in trace.groups}
 
     for k in range(len(order) + 1):
         dropped = set(order[:k])
@@ -222,9 +222,8 @@ def main() -> None:
             # the staged space's own simple allocation: action 0 on every step (what the agent starts from)
             centre = PruneEnv(session=session, flops=target, max_ratio=mr, granularity=args.granularity,
                               round_to=rt, latency_budget=latency, drop=True)
-            rows["centre-drop"] = evaluate_method(session, run_episode(centre, lambda _: np.zeros(1, np.float32))[1]
-                                                  ["ratios"], args.finetune_epochs, dense_latency, rt, table,
-                                                  search_s=0.0)
+            rows["centre-drop"] = evaluate_method(session, policy_ratios(None, centre)[0], args.finetune_epochs,
+                                                  dense_latency, rt, table, search_s=0.0)
         # the search methods: random per group (one seed), random in the agent's own action space (every seed:
         # the baseline it must beat) and the agents (the default algorithm with every seed)
         searches = [("random", None, args.seeds[:1]), (f"random-{args.granularity}", None, args.seeds)]

@@ -16,12 +16,11 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-import numpy as np
 from common import CIFAR, cifar_session, write_result
 from search import random_search
 
 from agent import Search, TrainConfig, apply_policy, save_policy
-from agent.apply import run_episode
+from agent.apply import policy_ratios
 from agent.train import build_env, finish_search
 from pruning_core import PruningSession, SessionConfig, accuracy, build_model, uniform_ratios
 
@@ -81,7 +80,7 @@ def main() -> None:
                        acc_reward_uniform=accuracy(uni, session.splits.reward))
             if args.drop_blocks:  # the drop space's own simple allocation: action 0 on every step
                 env = build_env(replace(train_cfg, model="resnet56"), session)
-                centre = session.build(run_episode(env, lambda _: np.zeros(1, np.float32))[1]["ratios"], rt)
+                centre = session.build(policy_ratios(None, env)[0], rt)
                 row.update(acc_test_centre=accuracy(centre, session.splits.test),
                            acc_reward_centre=accuracy(centre, session.splits.reward))
         result["targets"][name] = row

@@ -18,7 +18,7 @@ from pruning_core.data import ImageData
 from pruning_core.errors import UserError
 from pruning_core.evaluate import accuracy
 from pruning_core.latency import LatencyBudget, measure_latency
-from pruning_core.prune import drop_order, fits_budget, kept_channels, uniform_ratios
+from pruning_core.prune import branch_width, drop_order, fits_budget, kept_channels, uniform_ratios
 from pruning_core.session import PruningSession, SessionConfig
 
 __all__ = ["ACTION_CENTERS", "DEFAULT_MAX_NODES", "GRANULARITIES", "REWARDS", "PruneEnv"]
@@ -291,7 +291,7 @@ class PruneEnv(gym.Env):
         a residual branch keeps at least one block, and only its drop step removes it).
         """
         if self._staged and group.name in self._drops:
-            return max(min(group.channels, self.round_to), kept_channels(group.channels, ratio, self.round_to, True))
+            return branch_width(group.channels, ratio, self.round_to)
         return kept_channels(group.channels, ratio, self.round_to, group.name in self._drops)
 
     def _width_grid(self, decision: list[int]) -> list[float]:

@@ -11,6 +11,7 @@ from pruning_core.graph import ModelTrace, layer_macs, measure_flops, trace_mode
 from pruning_core.importance import L1Importance, TaylorImportance
 from pruning_core.latency import LatencyBudget, LatencyTable, compare_latency, measure_latency
 from pruning_core.prune import (
+    branch_width,
     check_ratios,
     drop_order,
     global_ratios,
@@ -26,8 +27,8 @@ __version__ = "0.1.0"
 
 __all__ = [
     "MODELS", "ImageData", "L1Importance", "LatencyBudget", "LatencyTable", "ModelTrace", "PruningSession",
-    "SessionConfig", "Split",
-    "TaylorImportance", "UserError", "__version__", "accuracy", "adapt_bn", "build_model", "check_ratios",
+    "SessionConfig", "Split", "TaylorImportance", "UserError", "__version__", "accuracy", "adapt_bn", "branch_width",
+    "build_model", "check_ratios",
     "compare_latency", "drop_order", "export_model", "finetune", "global_ratios", "kept_channels", "kept_counts",
     "layer_macs", "load_data", "load_exported", "load_weights", "make_splits", "measure_flops", "measure_latency",
     "prune", "trace_model", "uniform_ratios",

@@ -15,8 +15,8 @@ from pruning_core.errors import UserError
 from pruning_core.graph import ModelTrace
 from pruning_core.latency import LatencyBudget
 
-__all__ = ["DroppedBranch", "EmptyChannels", "check_ratios", "drop_order", "fits_budget", "global_ratios",
-           "kept_channels", "kept_counts", "prune", "uniform_ratios"]
+__all__ = ["DroppedBranch", "EmptyChannels", "branch_width", "check_ratios", "drop_order", "fits_budget",
+           "global_ratios", "kept_channels", "kept_counts", "prune", "uniform_ratios"]
 
 
 def kept_channels(channels: int, ratio: float, round_to: int | None = None, drop: bool = False) -> int:
@@ -35,6 +35,13 @@ def kept_channels(channels: int, ratio: float, round_to: int | None = None, drop
     if block > 1 and (channels > block or drop):
         keep = min(channels, int(math.ceil(keep / block) * block))
     return keep
+
+
+def branch_width(channels: int, ratio: float, round_to: int) -> int:
+    """Channels a residual branch keeps at ``ratio`` when only a drop decision may remove it: whole ``round_to``
+    blocks (:func:`kept_channels` with ``drop``), at least one.
+    """
+    return max(min(channels, round_to), kept_channels(channels, ratio, round_to, drop=True))
 
 
 def drop_order(trace: ModelTrace, scores: dict[str, torch.Tensor]) -> list[str]:

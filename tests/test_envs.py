@@ -17,6 +17,18 @@ class BudgetOnlyEnv(PruneEnv):
         return 0.0, {"flops_ratio": self.trace.flops(self.kept) / self.dense_flops, "ratios": dict(self.ratios)}
 
 
+def reached_allocations(env, rng, episodes: int) -> set[tuple[int, ...]]:
+    """Channels kept per group at the end of ``episodes`` episodes of uniform random actions."""
+    reached = set()
+    for episode in range(episodes):
+        env.reset(seed=episode)
+        done = False
+        while not done:
+            _, _, done, _, info = env.step(np.array([rng.uniform(-1, 1)], np.float32))
+        reached.add(tuple(round((1 - info["ratios"][g.name]) * g.channels) for g in env.groups))
+    return reached
+
+
 def test_check_env_passes_without_warnings(digits_session):
     env = PruneEnv(session=digits_session, flops=0.6)
     with warnings.catch_warnings():
@@ -132,14 +144,7 @@ def test_feasible_allocations_are_exactly_what_episodes_can_reach():
     keys = {tuple(k[g.name] for g in env.groups) for k in feasible}
     assert len(keys) == len(feasible) == 186  # of 2 x 4 x 4 x 7 x 7 = 1,568 (stage 1's 16 channels: 8 or 16)
     assert all(env.trace.flops(k) <= env.budget for k in feasible)
-    rng = np.random.default_rng(0)
-    reached = set()
-    for episode in range(150):
-        env.reset(seed=episode)
-        done = False
-        while not done:
-            _, _, done, _, info = env.step(np.array([rng.uniform(-1, 1)], np.float32))
-        reached.add(tuple(kept_channels(g.channels, info["ratios"][g.name], 8) for g in env.groups))
+    reached = reached_allocations(env, np.random.default_rng(0), 150)
     assert reached <= keys and len(reached) > 20
     with pytest.raises(UserError, match="1568 allocations"):
         env.feasible_allocations(limit=1000)
@@ -222,13 +227,7 @@ def test_staged_drop_steps_remove_the_least_important_branches_of_each_run():
     feasible = stage.feasible_allocations()
     keys = {tuple(k[g.name] for g in stage.groups) for k in feasible}
     assert len(keys) == len(feasible) and all(stage.trace.flops(k) <= stage.budget for k in feasible)
-    reached = set()
-    for episode in range(100):
-        stage.reset(seed=episode)
-        done = False
-        while not done:
-            _, _, done, _, info = stage.step(np.array([rng.uniform(-1, 1)], np.float32))
-        reached.add(tuple(round((1 - info["ratios"][g.name]) * g.channels) for g in stage.groups))
+    reached = reached_allocations(stage, rng, 100)
     assert reached <= keys and len(reached) > 20
 
 
