@@ -87,6 +87,8 @@ def apply_policy(policy: str | Path | PortablePolicy, model: str | nn.Module, we
         log.warning("the policy file does not say which action space it learned in (exported before prunepilot "
                     "recorded it); assuming one step per channel group with the uniform centre. Re-export its "
                     "training run to record it.")
+    if trained.get("drop_blocks", False):
+        session.drop_costs(progress=progress)
     env = PruneEnv(session=session, flops=flops, reward=trained["reward"], max_ratio=trained["max_ratio"],
                    round_to=round_to, max_nodes=max(policy.config["observation"]["max_nodes"],
                                                     len(session.trace.nodes)),

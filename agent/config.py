@@ -65,10 +65,10 @@ class TrainConfig:
     """Let the agent remove residual branches whole (``ModelTrace.droppable``: a ResNet block's inner convs, a
     MobileNetV2 block with a skip): such a group keeps a whole number of ``round_to`` blocks, or none. With
     ``granularity`` ``substage`` or ``stage`` each run of groups gets a drop step after its width step: the share
-    of its branches to remove, least important first (9 steps on ResNet-56); with ``group`` a width under half a
-    block drops the branch. Narrowing ResNet-56's 16-wide first stage saves no time on an AVX-512 CPU, since
-    ONNX Runtime pads it to 16 channels; dropping its blocks saves it all. Needs ``round_to``: the CPU's channel
-    block."""
+    of its branches to remove, cheapest first (``PruningSession.drop_costs``; 9 steps on ResNet-56); with
+    ``group`` a width under half a block drops the branch. Narrowing ResNet-56's 16-wide first stage saves no
+    time on an AVX-512 CPU, since ONNX Runtime pads it to 16 channels; dropping its blocks saves it all. Needs
+    ``round_to``: the CPU's channel block."""
     max_latency: float | None = None
     """Also cap the pruned model's latency at this fraction of dense, as predicted by a latency table (every conv
     layer timed alone at widths in multiples of 8 on ``latency_backend``, at ``latency_batch``; measured once at

@@ -46,6 +46,8 @@ def build_env(config: TrainConfig, session: PruningSession | None = None,
         table = latency_table or measure_latency_table(session, config.latency_backend, config.latency_batch,
                                                        config.progress)
         budget = LatencyBudget(table, config.max_latency)
+    if config.drop_blocks:
+        session.drop_costs(progress=config.progress)  # one evaluation per residual branch, with a progress bar
     return PruneEnv(session=session, flops=config.flops, reward=config.reward, max_ratio=config.max_ratio,
                     round_to=config.round_to, max_nodes=max(config.max_nodes, len(session.trace.nodes)),
                     granularity=config.granularity, action_center=config.action_center,

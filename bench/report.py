@@ -46,7 +46,10 @@ def search_table(res: dict) -> list[str]:
         lines[0] += (" The searches may also remove residual branches whole (--drop-blocks): a branch, however "
                      "wide, keeps whole blocks of that many channels, or none"
                      + (f"; with {res['rl_config']['granularity']} steps, each run's width step is followed by a drop "
-                        "step that removes its lowest-Taylor branches (centre-drop: action 0 on every step)."
+                        "step that removes its cheapest branches, "
+                        + {"taylor": "by summed Taylor score", "loss": "by the calibration loss with that branch alone "
+                           "removed"}[res["config"].get("drop_criterion", "taylor")]
+                        + " (centre-drop: action 0 on every step)."
                         if res["rl_config"].get("granularity", "group") != "group" else "."))
     lat = res.get("latency_budget")
     if lat:

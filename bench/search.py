@@ -27,10 +27,12 @@ from agent.search import keep_best
 from agent.train import build_env, finish_search, measure_latency_table
 from envs import GRANULARITIES, PruneEnv
 from pruning_core import (
+    DROP_CRITERIA,
     L1Importance,
     LatencyBudget,
     LatencyTable,
     PruningSession,
+    SessionConfig,
     UserError,
     branch_width,
     drop_order,
@@ -67,11 +69,11 @@ def random_search(session: PruningSession, target: float, episodes: int, seed: i
 
 
 def taylor_drop_ratios(session: PruningSession, target: float, max_ratio: float, round_to: int) -> dict[str, float]:
-    """The simple allocation of the ``--drop-blocks`` space: drop the residual branches with the lowest summed Taylor
-    score (as few as the budget allows), and prune every other group by one shared ratio in whole ``round_to``
-    blocks (a residual branch keeps at least one block)."""
+    """The simple allocation of the ``--drop-blocks`` space: drop the cheapest residual branches (by
+    ``session.drop_costs()``; as few as the budget allows), and prune every other group by one shared ratio in whole
+    ``round_to`` blocks of its highest-Taylor channels (a residual branch keeps at least one block)."""
     trace, dense = session.trace, session.trace.flops()
-    order = drop_order(trace, session.scores)
+    order = drop_order(trace, session.drop_costs())
 
     def kept_at(ratio: float, dropped: set[str]) -> dict[str, int]:
         branch = trace.droppable
@@ -165,6 +167,8 @@ def main() -> None:
                         f"(default: {TrainConfig.repeat_penalty}, TrainConfig's)")
     p.add_argument("--drop-blocks", action="store_true",
                    help="let the searches remove residual branches whole (with --round-to, best --granularity group)")
+    p.add_argument("--drop-criterion", choices=DROP_CRITERIA, default=SessionConfig.drop_criterion,
+                   help="what it costs to remove a branch, which orders drop steps (SessionConfig.drop_criterion)")
     p.add_argument("--skip", nargs="*", default=[], metavar="METHOD",
                    help="methods not to run, e.g. global l1-uniform random rl-ddpg")
     p.add_argument("--max-latency", type=float, default=None,
@@ -177,7 +181,10 @@ def main() -> None:
     args = p.parse_args()
 
     t = time.perf_counter()
-    session = cifar_session(args.model, reward_images=args.reward_images, calib_batches=args.calib_batches)
+    session = cifar_session(args.model, reward_images=args.reward_images, calib_batches=args.calib_batches,
+                            drop_criterion=args.drop_criterion)
+    if args.drop_blocks:
+        session.drop_costs()  # once, shared by every method (session.timings["drop_costs_s"])
     setup_s = time.perf_counter() - t
     l1 = copy.copy(session)
     l1.scores = L1Importance()(session.model, None, session.trace)

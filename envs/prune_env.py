@@ -61,10 +61,11 @@ class PruneEnv(gym.Env):
     block saves no time in blocked CPU kernels (ONNX Runtime pads the width on AVX-512); removing the branch
     saves all of it. With `granularity="group"` a ratio that leaves a branch under half a block removes it.
     With `stage` or `substage`, each run's width step (whole blocks, at least one) is followed by a drop step
-    whose ratio is the share of the run's branches to remove, least important first (`drop_order`: summed
-    Taylor score); a width step with a single choice is left out. On ResNet-56 with 16-channel blocks that is
-    9 steps (`substage`) instead of 27, and the centre (action 0 on every step) is one ratio for every width and
-    drop share that spends the budget.
+    whose ratio is the share of the run's branches to remove, cheapest first (`drop_order` by
+    `PruningSession.drop_costs`: by default the calibration loss with that branch alone removed); a width step
+    with a single choice is left out. On ResNet-56 with 16-channel blocks that is 9 steps (`substage`) instead
+    of 27, and the centre (action 0 on every step) is one ratio for every width and drop share that spends the
+    budget.
 
     ## Observation Space
 
@@ -233,13 +234,13 @@ class PruneEnv(gym.Env):
     def _steps(self, granularity: str) -> tuple[list[list[int]], list[bool]]:
         """Group indices decided by each step, and whether it is a drop step. Width steps decide the runs of
         :meth:`_runs`. When staged, each run's width step is followed by a drop step over its residual branches,
-        least important first (:func:`drop_order`), and a width step with one choice is left out (ResNet-56's
+        cheapest first (:func:`drop_order`), and a width step with one choice is left out (ResNet-56's
         16-wide stage 1 on 16-channel blocks).
         """
         runs = self._runs(granularity)
         if not self._staged:
             return runs, [False] * len(runs)
-        rank = {name: k for k, name in enumerate(drop_order(self.trace, self.session.scores))}
+        rank = {name: k for k, name in enumerate(drop_order(self.trace, self.session.drop_costs()))}
         decisions, drop_steps = [], []
         for run in runs:
             if len(self._width_grid(run)) > 1:

@@ -20,15 +20,15 @@ from pruning_core.prune import (
     prune,
     uniform_ratios,
 )
-from pruning_core.session import PruningSession, SessionConfig
+from pruning_core.session import DROP_CRITERIA, PruningSession, SessionConfig
 from pruning_core.zoo import MODELS, build_model, load_weights
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "MODELS", "ImageData", "L1Importance", "LatencyBudget", "LatencyTable", "ModelTrace", "PruningSession",
-    "SessionConfig", "Split", "TaylorImportance", "UserError", "__version__", "accuracy", "adapt_bn", "branch_width",
-    "build_model", "check_ratios",
+    "DROP_CRITERIA", "MODELS", "ImageData", "L1Importance", "LatencyBudget", "LatencyTable", "ModelTrace",
+    "PruningSession", "SessionConfig", "Split", "TaylorImportance", "UserError", "__version__", "accuracy",
+    "adapt_bn", "branch_width", "build_model", "check_ratios",
     "compare_latency", "drop_order", "export_model", "finetune", "global_ratios", "kept_channels", "kept_counts",
     "layer_macs", "load_data", "load_exported", "load_weights", "make_splits", "measure_flops", "measure_latency",
     "prune", "trace_model", "uniform_ratios",

@@ -10,7 +10,7 @@ from torch import nn
 
 from pruning_core.data import Split
 
-__all__ = ["accuracy", "adapt_bn", "augment_batch", "finetune"]
+__all__ = ["accuracy", "adapt_bn", "augment_batch", "finetune", "mean_loss"]
 
 log = logging.getLogger(__name__)
 
@@ -23,6 +23,16 @@ def accuracy(model: nn.Module, split: Split, batch_size: int = 256) -> float:
     correct = sum(int((model(x).argmax(1) == y).sum()) for x, y in split.batches(batch_size))
     model.train(was_training)
     return 100.0 * correct / max(1, len(split))
+
+
+@torch.no_grad()
+def mean_loss(model: nn.Module, split: Split, batch_size: int = 256) -> float:
+    """Mean cross-entropy on ``split`` (eval mode): finer-grained than accuracy on images the model fits."""
+    was_training = model.training
+    model.eval()
+    total = sum(float(F.cross_entropy(model(x), y, reduction="sum")) for x, y in split.batches(batch_size))
+    model.train(was_training)
+    return total / max(1, len(split))
 
 
 @torch.no_grad()

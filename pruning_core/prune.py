@@ -44,11 +44,11 @@ def branch_width(channels: int, ratio: float, round_to: int) -> int:
     return max(min(channels, round_to), kept_channels(channels, ratio, round_to, drop=True))
 
 
-def drop_order(trace: ModelTrace, scores: dict[str, torch.Tensor]) -> list[str]:
-    """The droppable groups (:attr:`ModelTrace.droppable`), least important first: by their channels' summed
-    importance ``scores`` (ties by name, so the order is deterministic).
+def drop_order(trace: ModelTrace, costs: dict[str, float]) -> list[str]:
+    """The droppable groups (:attr:`ModelTrace.droppable`), cheapest to remove first by ``costs`` (one number per
+    branch, e.g. :meth:`PruningSession.drop_costs`); ties by name, so the order is deterministic.
     """
-    return sorted(trace.droppable, key=lambda name: (float(scores[name].sum()), name))
+    return sorted(trace.droppable, key=lambda name: (float(costs[name]), name))
 
 
 def check_ratios(trace: ModelTrace, ratios: dict[str, float]) -> None:

@@ -16,13 +16,15 @@ from torch import nn
 
 from pruning_core.data import ImageData, Split, load_data, make_splits
 from pruning_core.errors import UserError
-from pruning_core.evaluate import accuracy, adapt_bn, augment_batch, finetune
+from pruning_core.evaluate import accuracy, adapt_bn, augment_batch, finetune, mean_loss
 from pruning_core.graph import ModelTrace, trace_model
 from pruning_core.importance import L1Importance, TaylorImportance
 from pruning_core.prune import kept_counts, prune
 from pruning_core.zoo import build_model, load_weights
 
-__all__ = ["PruningSession", "SessionConfig"]
+__all__ = ["DROP_CRITERIA", "PruningSession", "SessionConfig"]
+
+DROP_CRITERIA = ("loss", "taylor")
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +50,12 @@ class SessionConfig:
     there, and augmented images give the gradients more signal (not for digits, where flips change labels)."""
     importance: str = "taylor"
     """Channel criterion: ``taylor`` (Molchanov 2019) or ``l1``."""
+    drop_criterion: str = "loss"
+    """What it costs to remove a residual branch whole (:meth:`PruningSession.drop_costs`): ``loss``, the
+    calibration images' cross-entropy with that branch alone removed and BN recalibrated (one evaluation per
+    branch, 45 s for ResNet-56's 27 on 2 cores), or ``taylor``, the branch's summed channel scores (free, but on
+    ResNet-56 it ranks blocks worse: re-choosing the dropped blocks of 7 searched allocations by ``loss`` kept or
+    raised every one on held-out training images, by up to 6.8 points)."""
     seed: int = 0
     """Seed for the reward/calibration subsets and the scoring batches."""
 
@@ -84,6 +92,7 @@ class PruningSession:
         self.flops_dense = self.trace.flops()
         self.params_dense = self.trace.params()
         self._dense_acc: dict[str, float] = {}
+        self._drop_costs: dict[str, float] | None = None
 
     def _check_model_fits(self) -> None:
         x, _ = next(self.data.test.batches(2))
@@ -96,6 +105,34 @@ class PruningSession:
         if out.dim() != 2 or out.shape[1] != self.data.num_classes:
             raise UserError(f"{self.model_name} outputs shape {tuple(out.shape)} but {self.data.name} has "
                             f"{self.data.num_classes} classes")
+
+    def drop_costs(self, progress: bool = False) -> dict[str, float]:
+        """What removing each residual branch (:attr:`ModelTrace.droppable`) alone costs, by
+        ``config.drop_criterion`` (computed once, then cached): lower is cheaper to drop.
+        """
+        if self._drop_costs is None:
+            if self.config.drop_criterion not in DROP_CRITERIA:
+                raise UserError(f"unknown drop criterion {self.config.drop_criterion!r}; use one of "
+                                f"{', '.join(DROP_CRITERIA)}")
+            branches = sorted(self.trace.droppable)
+            if self.config.drop_criterion == "taylor":
+                self._drop_costs = {name: float(self.scores[name].sum()) for name in branches}
+            else:
+                t = time.perf_counter()
+                bar = None
+                if progress:
+                    from tqdm.auto import tqdm
+                    bar = tqdm(total=len(branches), desc="drop costs", unit="branch", leave=False, disable=None)
+                costs = {}
+                for name in branches:
+                    costs[name] = mean_loss(self.build({name: 1.0}), self.splits.calib)
+                    if bar is not None:
+                        bar.update(1)
+                if bar is not None:
+                    bar.close()
+                self._drop_costs = costs
+                self.timings["drop_costs_s"] = time.perf_counter() - t
+        return dict(self._drop_costs)
 
     def _score(self) -> dict[str, torch.Tensor]:
         if self.config.importance == "l1":

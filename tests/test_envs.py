@@ -182,10 +182,10 @@ def test_drop_blocks_removes_residual_branches_within_the_budget():
                                                  zip(no_drop.groups, no_drop.ratio_grid) for r in grid)) > 0
 
 
-def test_staged_drop_steps_remove_the_least_important_branches_of_each_run():
+def test_staged_drop_steps_remove_the_cheapest_branches_of_each_run():
     """With drop and a stage-wise granularity, each run's width step (whole 16-channel blocks, never none) is
-    followed by a drop step that removes its lowest-Taylor branches; the observation flags drop steps, every
-    episode meets the budget, and the enumerated space is exactly what episodes reach."""
+    followed by a drop step that removes its cheapest branches (``session.drop_costs``); the observation flags
+    drop steps, every episode meets the budget, and the enumerated space is exactly what episodes reach."""
     from test_graph_encoder import _tiny_cifar
 
     from pruning_core import PruningSession, SessionConfig, build_model, drop_order
@@ -196,7 +196,7 @@ def test_staged_drop_steps_remove_the_least_important_branches_of_each_run():
     # stage 1 (16 channels: one block) has no width step; the other four runs have both
     assert env.drop_steps == [True, False, True, False, True, False, True, False, True]
     assert [len(n) for n in names] == [9, 1, 1, 8, 8, 1, 1, 8, 8]
-    order = drop_order(session.trace, session.scores)
+    order = drop_order(session.trace, session.drop_costs())
     assert all(n == [g for g in order if g in n] for n, drop in zip(names, env.drop_steps) if drop)
     assert env.ratio_grid[0] == [k / 9 for k in range(8)]  # up to max_ratio 0.8 of 9 branches: 7
     assert env.ratio_grid[-2] == [0.0, 0.25, 0.5, 0.75]  # stage 3's width: at least one 16-block

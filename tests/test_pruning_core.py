@@ -180,6 +180,36 @@ def test_kept_channels_in_whole_blocks_with_drop():
     assert kept_channels(32, 1.0) == 0
 
 
+def test_drop_costs_measure_each_branch_removed_alone():
+    """A branch's drop cost is the calibration loss with it alone removed and BN recalibrated: for a branch that
+    outputs zeros, exactly the dense model's (recalibrated) loss; computed once; ``taylor`` sums the scores."""
+    from test_graph_encoder import _tiny_cifar
+
+    from pruning_core import PruningSession, SessionConfig, adapt_bn, drop_order
+    from pruning_core.evaluate import mean_loss
+    model = build_model("resnet20").eval()
+    with torch.no_grad():
+        model.layer2[1].bn2.weight.zero_()
+        model.layer2[1].bn2.bias.zero_()
+    config = dict(reward_images=8, calib_batches=2, taylor_batches=1, batch_size=8)
+    session = PruningSession(model, None, _tiny_cifar(), SessionConfig(**config))
+    costs = session.drop_costs()
+    assert set(costs) == session.trace.droppable and len(costs) == 9
+    dense = mean_loss(adapt_bn(copy.deepcopy(session.model), session.splits.calib, 2, 8), session.splits.calib)
+    assert costs["layer2.1.conv1"] == pytest.approx(dense, rel=1e-5)
+    assert len({round(c, 6) for c in costs.values()}) == 9  # every other removal changes the function
+    removed = session.build({"layer1.2.conv1": 1.0})
+    assert costs["layer1.2.conv1"] == pytest.approx(mean_loss(removed, session.splits.calib), rel=1e-6)
+    session.build = None  # cached: a second call evaluates nothing
+    assert session.drop_costs() == costs
+    order = drop_order(session.trace, costs)
+    assert [costs[n] for n in order] == sorted(costs.values())
+    taylor = PruningSession(model, None, _tiny_cifar(), SessionConfig(**config, drop_criterion="taylor"))
+    assert taylor.drop_costs() == {n: pytest.approx(float(taylor.scores[n].sum())) for n in costs}
+    with pytest.raises(UserError, match="unknown drop criterion 'l2'"):
+        PruningSession(model, None, _tiny_cifar(), SessionConfig(**config, drop_criterion="l2")).drop_costs()
+
+
 def test_resnet_padding_shortcut_group_is_excluded():
     trace = trace_model(build_model("resnet20"), (3, 32, 32))
     assert [g.name for g in trace.groups] == [f"layer{s}.{b}.conv1" for s in (1, 2, 3) for b in range(3)]
