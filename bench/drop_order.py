@@ -15,23 +15,10 @@ import argparse
 import json
 import time
 
-from common import RESULTS, cifar_session, write_result
+from common import RESULTS, cifar_session, labelled_runs, write_result
 
 from envs import PruneEnv
 from pruning_core import DROP_CRITERIA, PruningSession, accuracy
-
-
-def allocations(res: dict) -> list[tuple[str, dict[str, float]]]:
-    """``(label, ratios)`` of every kept allocation with at least one dropped branch in a search results file."""
-    out = []
-    for target, methods in res["targets"].items():
-        for method, r in methods.items():
-            runs = r["runs"] if "runs" in r else [r]
-            for run in runs:
-                if any(v == 1.0 for v in run["ratios"].values()):
-                    label = f"{target} {method}" + (f" seed {run['seed']}" if "seed" in run else "")
-                    out.append((label, run["ratios"]))
-    return out
 
 
 def rechoose(env: PruneEnv, kept: dict[str, int], costs: dict[str, float]) -> dict[str, int]:
@@ -55,7 +42,8 @@ def main() -> None:
                    help="search results (in bench/results) whose kept allocations drop branches")
     p.add_argument("--name", default="drop_order")
     args = p.parse_args()
-    res = json.loads((RESULTS / f"{args.results}.json").read_text())
+    path = RESULTS / f"{args.results}.json"
+    res = json.loads(path.read_text())
     cfg, rl = res["config"], res["rl_config"]
     if not rl.get("drop_blocks") or rl.get("granularity", "group") == "group":
         raise SystemExit(f"{args.results} has no drop steps (it needs --drop-blocks with substage or stage)")
@@ -70,7 +58,10 @@ def main() -> None:
     session = sessions["loss"]
     select = session.split("select")
     rows = []
-    for label, ratios in allocations(res):
+    for label, run, _ in labelled_runs([path]):
+        ratios = run["ratios"]
+        if not any(r == 1.0 for r in ratios.values()):
+            continue
         target = float(label.split()[0])
         env = PruneEnv(session=session, flops=target, max_ratio=rl["max_ratio"], round_to=cfg["round_to"],
                        granularity=rl["granularity"], drop=True)

@@ -117,19 +117,10 @@ class PruningSession:
             if self.config.drop_criterion == "taylor":
                 self._drop_costs = {name: float(self.scores[name].sum()) for name in branches}
             else:
+                from tqdm.auto import tqdm
                 t = time.perf_counter()
-                bar = None
-                if progress:
-                    from tqdm.auto import tqdm
-                    bar = tqdm(total=len(branches), desc="drop costs", unit="branch", leave=False, disable=None)
-                costs = {}
-                for name in branches:
-                    costs[name] = mean_loss(self.build({name: 1.0}), self.splits.calib)
-                    if bar is not None:
-                        bar.update(1)
-                if bar is not None:
-                    bar.close()
-                self._drop_costs = costs
+                bar = tqdm(branches, desc="drop costs", unit="branch", leave=False, disable=None if progress else True)
+                self._drop_costs = {name: mean_loss(self.build({name: 1.0}), self.splits.calib) for name in bar}
                 self.timings["drop_costs_s"] = time.perf_counter() - t
         return dict(self._drop_costs)
 
