@@ -53,7 +53,7 @@ class SessionConfig:
     drop_criterion: str = "loss"
     """What it costs to remove a residual branch whole (:meth:`PruningSession.drop_costs`): ``loss``, the
     calibration images' cross-entropy with that branch alone removed and BN recalibrated (one evaluation per
-    branch, 64-99 s for ResNet-56's 27 on 2 cores), or ``taylor``, the branch's summed channel scores (free, but on
+    branch, 58-99 s for ResNet-56's 27 on 2 cores), or ``taylor``, the branch's summed channel scores (free, but on
     ResNet-56 it ranks blocks worse: re-choosing the dropped blocks of 7 searched allocations by ``loss`` kept or
     raised every one on held-out training images, by up to 6.8 points)."""
     seed: int = 0
