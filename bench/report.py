@@ -1,7 +1,7 @@
-"""Render bench/results/*.json as one markdown document (the README quotes it).
+"""Render bench/results/*.json as one markdown document, and the latest headline runs for the README.
 
-    python bench/report.py            # print it
-    python bench/report.py --write    # bench/results/REPORT.md and the README's benchmark tables
+    python bench/report.py            # print every results file's table
+    python bench/report.py --write    # all of them to bench/results/REPORT.md, the README_RESULTS ones to the README
 """
 
 from __future__ import annotations
@@ -226,15 +226,25 @@ def exhaustive_table(res: dict) -> list[str]:
 
 ORDER = ("search", "exhaustive", "latency", "transfer", "ablation", "reward", "scale", "env")
 README_START, README_END = "<!-- bench:start -->", "<!-- bench:end -->"
+# The runs behind the README's "where it stands" summary (the latest of each kind); REPORT.md holds every file.
+README_RESULTS = ("search_substage_r16_drop_loss", "search_substage_r16_drop_loss_s345", "search_group_r16_drop",
+                  "search_substage_warmup", "search_substage_warmup_s345", "latency_substage_drop_loss_xeon",
+                  "latency_substage_drop_loss_s345_xeon", "transfer_drop_loss", "scale")
 
 
-def render_all() -> str:
+def render_all(names: tuple[str, ...] | None = None) -> str:
+    """Every results file's table, or only those of ``names`` (results file stems)."""
     renderers = {"search": search_table, "exhaustive": exhaustive_table, "transfer": transfer_table,
                  "scale": scale_table, "latency": latency_table, "ablation": ablation_table, "env": env_table,
                  "reward": reward_signal_table}
     out = []
     paths = sorted(RESULTS.glob("*.json"), key=lambda p: (ORDER.index(p.stem.split("_")[0])
                                                           if p.stem.split("_")[0] in ORDER else len(ORDER), p.stem))
+    if names is not None:
+        missing = set(names) - {p.stem for p in paths}
+        if missing:
+            raise SystemExit(f"no results file for {', '.join(sorted(missing))} in {RESULTS}")
+        paths = [p for p in paths if p.stem in names]
     for path in paths:
         render = renderers.get(path.stem.split("_")[0])
         if render is None:
@@ -249,7 +259,8 @@ def render_all() -> str:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--write", action="store_true",
-                   help="write bench/results/REPORT.md and replace the tables between the README's bench markers")
+                   help="write every table to bench/results/REPORT.md and the headline runs' (README_RESULTS) "
+                        "between the README's bench markers")
     args = p.parse_args()
     text = render_all()
     if not args.write:
@@ -259,7 +270,7 @@ def main() -> None:
     readme = RESULTS.parents[1] / "README.md"
     body = readme.read_text()
     start, end = body.index(README_START) + len(README_START), body.index(README_END)
-    readme.write_text(body[:start] + "\n" + text + "\n" + body[end:])
+    readme.write_text(body[:start] + "\n" + render_all(README_RESULTS) + "\n" + body[end:])
     print(f"wrote {RESULTS / 'REPORT.md'} and {readme}")
 
 
