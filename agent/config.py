@@ -71,9 +71,10 @@ class TrainConfig:
     ``round_to``: the CPU's channel block."""
     max_latency: float | None = None
     """Also cap the pruned model's latency at this fraction of dense, as predicted by a latency table (every conv
-    layer timed alone at widths in multiples of 8 on ``latency_backend``, at ``latency_batch``; measured once at
-    the start, seconds for ResNet-56, and saved as ``latency_table.json``). Every episode meets both budgets. The
-    table predicts ONNX Runtime well for widths in multiples of 8, so pair it with ``round_to`` 8."""
+    layer timed alone at widths in multiples of the CPU's channel block, 8 or 16 with AVX-512, on
+    ``latency_backend``, at ``latency_batch``; measured once at the start, seconds for ResNet-56, and saved as
+    ``latency_table.json``). Every episode meets both budgets. The table predicts ONNX Runtime well for widths in
+    whole blocks, so pair it with ``round_to`` at that block (``pruning_core.latency.cpu_channel_block()``)."""
     latency_backend: str = "onnxruntime"
     """Runtime the latency table times: onnxruntime, torch-cl (eager, Conv+BN folded, channels-last) or torch."""
     latency_batch: int = 1

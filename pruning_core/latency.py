@@ -164,14 +164,15 @@ class LatencyTable:
     """Predicted latency of any pruned variant of one traced model, from per-layer timings on this machine.
 
     Every conv and linear layer is timed alone, at widths on a grid of multiples of ``block`` (the channel block
-    of the CPU kernels: 8 with AVX2), once per distinct layer shape and pruned dimension. A pruned model's latency
-    is ``offset_ms + scale * S``, with ``S`` the sum of its layers' entries, each looked up at its widths rounded
-    up to the grid. ``offset_ms`` and ``scale`` are fitted to two whole-model timings taken in pairs: the dense
-    model, and a probe with every prunable group at half width (rounded to the block). The offset is the time
-    the layers timed alone do not shrink with (the element-wise work on unpruned residual streams, layout
-    reorders, the runtime's own overhead); without it, tables made proportional to the dense timing alone
-    predicted the benchmark models' latency ratios 0.020 too low on average, and up to 0.045. Entries are made
-    monotone (a wider layer never predicts faster), so a budget on the prediction can be bisected.
+    of the CPU kernels: 8 with AVX2, 16 with AVX-512), once per distinct layer shape and pruned dimension. A
+    pruned model's latency is ``offset_ms + scale * S``, with ``S`` the sum of its layers' entries, each looked
+    up at its widths rounded up to the grid. ``offset_ms`` and ``scale`` are fitted to two whole-model timings
+    taken in pairs: the dense model, and a probe with every prunable group at half width (rounded to the block).
+    The offset is the time the layers timed alone do not shrink with (the element-wise work on unpruned residual
+    streams, layout reorders, the runtime's own overhead); without it, tables made proportional to the dense
+    timing alone predicted the benchmark models' latency ratios 0.020 too low on average, and up to 0.045.
+    Entries are made monotone (a wider layer never predicts faster), so a budget on the prediction can be
+    bisected.
 
     This is NetAdapt's and AMC's latency lookup table. It predicts runtimes that fuse the non-conv work into the
     convs well: in ONNX Runtime at batch 64 on a 2-core AVX2 CPU, a fresh table predicted 23 benchmark ResNet-56
@@ -224,17 +225,24 @@ class LatencyTable:
 
     @classmethod
     def measure(cls, model: nn.Module, trace: ModelTrace, backend: str = "onnxruntime", batch_size: int = 1,
-                block: int = 8, min_run_time: float = 0.05, threads: int | None = None,
+                block: int | None = None, min_run_time: float = 0.05, threads: int | None = None,
                 progress: Callable[[int, int], None] | None = None, max_timings: int = 600) -> LatencyTable:
         """Time every distinct conv/linear layer shape of ``trace`` at its grid widths, and ``model`` whole.
 
         :param trace: ``model``'s :class:`~pruning_core.graph.ModelTrace`.
+        :param block: the grid step and the half-width probe's rounding; by default this CPU's channel block
+            (:func:`cpu_channel_block`). A block of 8 on an AVX-512 CPU puts the probe's stage-1 convs off the
+            16-channel kernels, and the fit reads their slowness as fixed time: for ResNet-56 in ORT at batch 64,
+            two such tables had offsets of 37 of 67 ms and 40 of 91 ms, and predicted 23 models in 16-channel
+            blocks 0.24 and 0.13 of dense latency too slow on average; two tables with block 16 were off by -0.03
+            and +0.10 (bench/results/table_accuracy_drop*_xeon*.json; this VM's timings drift between runs).
         :param max_timings: the grid of wide layers coarsens (at most 16, 8, 4 or 2 points per dimension) until
             the table needs at most this many timings: 42 for ResNet-56, each about 0.1 s in ORT.
         :param progress: called as ``progress(done, total)`` after each timed layer variant.
         """
         if backend not in BACKENDS:
             raise UserError(f"unknown latency backend {backend!r}; use one of {', '.join(BACKENDS)}")
+        block = cpu_channel_block() if block is None else block
         if block < 1:
             raise UserError(f"latency table block must be >= 1, got {block}")
         keys = cls._shape_keys(trace)

@@ -76,6 +76,7 @@ def test_measured_table_predicts_dense_and_round_trips(tmp_path):
                                  progress=lambda done, total: ticks.append((done, total)))
     convs = [n for n, i in trace.layers.items() if i.kind != "bn"]
     assert set(table.shapes) == set(convs)
+    assert table.block == cpu_channel_block()  # the grid and the probe follow this CPU's conv kernels
     assert len(table.layers) < len(convs)  # the blocks of a stage share their shapes: each timed once
     assert ticks[-1][0] == ticks[-1][1] == sum(len(e["in"]) * len(e["out"]) for e in table.layers.values())
     for e in table.layers.values():  # monotone, so that a budget on the prediction can be bisected
