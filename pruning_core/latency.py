@@ -233,9 +233,9 @@ class LatencyTable:
         :param block: the grid step and the half-width probe's rounding; by default this CPU's channel block
             (:func:`cpu_channel_block`). A block of 8 on an AVX-512 CPU puts the probe's stage-1 convs off the
             16-channel kernels, and the fit reads their slowness as fixed time: for ResNet-56 in ORT at batch 64,
-            two such tables had offsets of 37 of 67 ms and 40 of 91 ms, and predicted 23 models in 16-channel
-            blocks 0.24 and 0.13 of dense latency too slow on average; two tables with block 16 were off by -0.03
-            and +0.10 (bench/results/table_accuracy_drop*_xeon*.json; this VM's timings drift between runs).
+            three such tables had offsets of 24-40 ms (of 67-95) and predicted 23 models in 16-channel blocks
+            0.08-0.24 of dense latency too slow on average; two tables with block 16 were off by -0.03 and +0.10
+            (bench/results/table_accuracy_drop*_xeon*.json; this VM's timings drift between runs).
         :param max_timings: the grid of wide layers coarsens (at most 16, 8, 4 or 2 points per dimension) until
             the table needs at most this many timings: 42 for ResNet-56, each about 0.1 s in ORT.
         :param progress: called as ``progress(done, total)`` after each timed layer variant.
