@@ -224,19 +224,33 @@ def exhaustive_table(res: dict) -> list[str]:
     return lines
 
 
-ORDER = ("search", "exhaustive", "latency", "transfer", "ablation", "reward", "scale", "env")
+def trunk_table(res: dict) -> list[str]:
+    criteria = ("bn-taylor", "fm-taylor", "act-l2")
+    lines = [f"{res['model']} with its residual trunks narrowed (bench/trunk_probe.py: removed trunk channels zeroed "
+             "on every block output, branches pruned for real, BN recalibrated). Widths per stage; accuracy on the "
+             "reward / select splits (training images) for each way of choosing the trunk channels.", "",
+             "| trunk widths | branch widths | FLOPs | " + " | ".join(criteria) + " |",
+             "|---|---|---|" + "---|" * len(criteria)]
+    for r in res["rows"]:
+        cells = [f"{r[c]['acc_reward']:.1f} / {r[c]['acc_select']:.1f}" if c in r else "–" for c in criteria]
+        lines.append(f"| {'/'.join(map(str, r['trunk']))} | {'/'.join(map(str, r['branch']))} | "
+                     f"{r['flops_ratio']:.3f} | " + " | ".join(cells) + " |")
+    return lines
+
+
+ORDER = ("search", "exhaustive", "latency", "transfer", "ablation", "reward", "scale", "env", "trunk")
 README_START, README_END = "<!-- bench:start -->", "<!-- bench:end -->"
 # The runs behind the README's "where it stands" summary (the latest of each kind); REPORT.md holds every file.
 README_RESULTS = ("search_substage_r16_drop_loss", "search_substage_r16_drop_loss_s345", "search_group_r16_drop",
                   "search_substage_warmup", "search_substage_warmup_s345", "latency_substage_drop_loss_xeon",
-                  "latency_substage_drop_loss_s345_xeon", "transfer_drop_loss", "scale")
+                  "latency_substage_drop_loss_s345_xeon", "transfer_drop_loss", "scale", "trunk_probe_xeon")
 
 
 def render_all(names: tuple[str, ...] | None = None) -> str:
     """Every results file's table, or only those of ``names`` (results file stems)."""
     renderers = {"search": search_table, "exhaustive": exhaustive_table, "transfer": transfer_table,
                  "scale": scale_table, "latency": latency_table, "ablation": ablation_table, "env": env_table,
-                 "reward": reward_signal_table}
+                 "reward": reward_signal_table, "trunk": trunk_table}
     out = []
     paths = sorted(RESULTS.glob("*.json"), key=lambda p: (ORDER.index(p.stem.split("_")[0])
                                                           if p.stem.split("_")[0] in ORDER else len(ORDER), p.stem))
