@@ -16,22 +16,24 @@ log = logging.getLogger(__name__)
 
 
 @torch.no_grad()
-def accuracy(model: nn.Module, split: Split, batch_size: int = 256) -> float:
-    """Top-1 accuracy in percent on ``split`` (eval mode)."""
+def _summed(model: nn.Module, split: Split, batch_size: int, per_batch) -> float:
+    """``per_batch(logits, labels)`` summed over ``split``, in eval mode (the model's mode is restored)."""
     was_training = model.training
     model.eval()
-    correct = sum(int((model(x).argmax(1) == y).sum()) for x, y in split.batches(batch_size))
+    total = sum(per_batch(model(x), y) for x, y in split.batches(batch_size))
     model.train(was_training)
+    return total
+
+
+def accuracy(model: nn.Module, split: Split, batch_size: int = 256) -> float:
+    """Top-1 accuracy in percent on ``split`` (eval mode)."""
+    correct = _summed(model, split, batch_size, lambda out, y: int((out.argmax(1) == y).sum()))
     return 100.0 * correct / max(1, len(split))
 
 
-@torch.no_grad()
 def mean_loss(model: nn.Module, split: Split, batch_size: int = 256) -> float:
     """Mean cross-entropy on ``split`` (eval mode): finer-grained than accuracy on images the model fits."""
-    was_training = model.training
-    model.eval()
-    total = sum(float(F.cross_entropy(model(x), y, reduction="sum")) for x, y in split.batches(batch_size))
-    model.train(was_training)
+    total = _summed(model, split, batch_size, lambda out, y: float(F.cross_entropy(out, y, reduction="sum")))
     return total / max(1, len(split))
 
 
