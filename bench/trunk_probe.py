@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from common import cifar_session, write_result
 
-from pruning_core import accuracy
+from pruning_core import accuracy, layer_macs
 from pruning_core.evaluate import adapt_bn, augment_batch
 
 STAGES = (1, 2, 3)
@@ -88,13 +88,16 @@ def trunk_scores(session, blocks: int, batches: int) -> dict[str, dict[int, torc
 
 
 def macs(trunk: dict[int, int], branch: dict[int, int], blocks: int, classes: int) -> int:
-    """MACs at batch 1 of a CIFAR ResNet with these trunk and branch widths (conv and linear, as ``layer_macs``)."""
-    total, prev = HW[1] ** 2 * 3 * trunk[1] * 9, trunk[1]
+    """MACs at batch 1 of a CIFAR ResNet with these trunk and branch widths, by the project's ``layer_macs``."""
+    def conv(c_in: int, c_out: int, s: int) -> int:
+        return layer_macs("conv", c_in, c_out, 1, 3, (HW[s], HW[s]))
+
+    total, prev = conv(3, trunk[1], 1), trunk[1]
     for s in STAGES:
         for i in range(blocks):
-            total += HW[s] ** 2 * 9 * ((prev if i == 0 else trunk[s]) * branch[s] + branch[s] * trunk[s])
+            total += conv(prev if i == 0 else trunk[s], branch[s], s) + conv(branch[s], trunk[s], s)
         prev = trunk[s]
-    return total + trunk[3] * classes
+    return total + layer_macs("linear", trunk[3], classes, 1, 1, (1, 1))
 
 
 def evaluate(session, blocks: int, trunk: dict[int, int], branch: dict[int, int],
