@@ -160,6 +160,9 @@ class TrainConfig:
     """Show a progress bar with the best reward so far."""
 
     def validate(self) -> None:
+        if not isinstance(self.model, str):
+            raise UserError(f"model must be a zoo name or 'package.module:factory', not a {type(self.model).__name__} "
+                            "object: a run records it so that --resume can rebuild the model")
         if self.algo not in ALGOS:
             raise UserError(f"unknown algorithm {self.algo!r}; use one of {', '.join(ALGOS)}")
         if self.granularity not in GRANULARITIES:

@@ -78,6 +78,9 @@ def train(config: TrainConfig | None = None, session: PruningSession | None = No
     """
     config = replace(config or TrainConfig(), **overrides)
     config.validate()
+    if session is not None and session.model_name != config.model:
+        raise UserError(f"the session's model is {session.model_name}, not config.model {config.model}: build the "
+                        "session from the same model spec, which the run records for --resume")
     run_dir = Path(config.out)
     if (run_dir / "config.json").exists():
         raise UserError(f"{run_dir} already holds a run; continue it with --resume {run_dir} or pick another --out")

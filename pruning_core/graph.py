@@ -97,18 +97,21 @@ class ModelTrace:
     nodes: list[GraphNode]  # layer graph in topological order
     edges: list[tuple[int, int]]  # data flow between nodes (source, target)
     out_group: dict[str, str] = field(default_factory=dict)  # layer -> group governing its out channels
-    in_group: dict[str, str] = field(default_factory=dict)  # layer -> group governing its in channels
+    in_groups: dict[str, list[str]] = field(default_factory=dict)  # layer -> groups among its in channels
 
     has_bias: dict[str, bool] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.group_index = {g.name: i for i, g in enumerate(self.groups)}
-        self.in_multiplicity: dict[str, int] = {}  # input features per group channel (>1 after a flatten)
+        # input features per group channel, per (layer, group): >1 after a flatten
+        self.in_multiplicity: dict[tuple[str, str], int] = {}
         for g in self.groups:
             for m in g.members:
-                (self.out_group if m.dim == "out" else self.in_group)[m.module] = g.name
-                if m.dim == "in":
-                    self.in_multiplicity[m.module] = len(m.index[0])
+                if m.dim == "out":
+                    self.out_group[m.module] = g.name
+                else:  # a layer after a concat reads several groups
+                    self.in_groups.setdefault(m.module, []).append(g.name)
+                    self.in_multiplicity[m.module, g.name] = len(m.index[0])
         self._node_of = {n.module: i for i, n in enumerate(self.nodes) if n.module}
         self._succ: dict[int, list[int]] = {}
         for a, b in self.edges:
@@ -162,14 +165,14 @@ class ModelTrace:
     def channels_of(self, layer: str, kept: dict[str, int]) -> tuple[int, int, int]:
         """(in, out, groups) channels of ``layer`` when each group keeps ``kept[group]`` channels."""
         info = self.layers[layer]
-        g_out, g_in = self.out_group.get(layer), self.in_group.get(layer)
+        g_out = self.out_group.get(layer)
         out_c = kept.get(g_out, info.out_channels) if g_out else info.out_channels
         if info.depthwise:
             return out_c, out_c, out_c
         in_c = info.in_channels
-        if g_in:
+        for g_in in self.in_groups.get(layer, ()):
             removed = self.groups[self.group_index[g_in]].channels - kept.get(g_in, 0)
-            in_c -= removed * self.in_multiplicity[layer]
+            in_c -= removed * self.in_multiplicity[layer, g_in]
         return in_c, out_c, info.groups
 
     def layer_flops(self, kept: dict[str, int] | None = None) -> dict[str, int]:
@@ -346,7 +349,7 @@ def _channel_groups(dg: tp.DependencyGraph, model: nn.Module, names: dict, layer
             if any(len(ix) != len(index[0]) for ix in index) or len(set(idxs)) != len(idxs):
                 problem = f"{name} maps group channels unevenly"
                 break
-            if name not in {m.module for m in members}:
+            if (name, dim) not in {(m.module, m.dim) for m in members}:  # a layer may read what it scales
                 members.append(Member(name, dim, tuple(tuple(ix) for ix in index)))
         outs = [m for m in members if m.dim == "out" and layers[m.module].kind != "bn"]
         candidates = sorted(outs or members, key=lambda m: (layers[m.module].depthwise, definition_order[m.module]))

@@ -217,7 +217,7 @@ class LatencyTable:
         for name, info in trace.layers.items():
             if info.kind == "bn":
                 continue
-            free_in, free_out = name in trace.in_group and not info.depthwise, name in trace.out_group
+            free_in, free_out = name in trace.in_groups and not info.depthwise, name in trace.out_group
             out[name] = (f"{info.kind} k{info.kernel} s{info.stride} {'dw ' if info.depthwise else ''}"
                          f"{info.in_channels}{'*' if free_in else ''}x{info.out_channels}{'*' if free_out else ''} "
                          f"@{info.out_hw[0]}x{info.out_hw[1]}", free_in, free_out)

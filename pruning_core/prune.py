@@ -84,9 +84,11 @@ class DroppedBranch(nn.Module):
     """A conv whose input channels were all removed, in a dropped residual branch: it contributes nothing.
 
     With ``broadcast`` it is a ``(1, C, 1, 1)`` zero tensor that the residual add broadcasts (no extra memory
-    traffic, and PyTorch keeps its channels-last layout); where every input of the add is a dropped branch it is
-    expanded to the output shape that the trace fixed (the model's input size), the input giving the batch.
-    Where its whole block reduces to the identity (or to its shortcut), :func:`prune` removes the block instead.
+    traffic, and PyTorch keeps its channels-last layout). Otherwise it is a fresh zero tensor of the output shape
+    that the trace fixed (the model's input size), the input giving the batch: where every input of the add is
+    a dropped branch, or where the model adds into the branch's output in place (torchvision's
+    ``out += identity``), which a broadcast tensor cannot hold. Where its whole block reduces to the identity
+    (or to its shortcut), :func:`prune` removes the block instead.
     """
 
     def __init__(self, out_channels: int, out_hw: tuple[int, int], broadcast: bool = True):
@@ -95,7 +97,9 @@ class DroppedBranch(nn.Module):
         self.register_buffer("zeros", torch.zeros(1, out_channels, 1, 1))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.zeros if self.broadcast else self.zeros.expand(x.shape[0], -1, *self.out_hw)
+        if self.broadcast:
+            return self.zeros
+        return x.new_zeros(x.shape[0], self.out_channels, *self.out_hw)
 
     def extra_repr(self) -> str:
         return f"out_channels={self.out_channels}, out_hw={self.out_hw}, broadcast={self.broadcast}"
@@ -119,13 +123,21 @@ def prune(model: nn.Module, ratios: dict[str, float], scores: dict[str, torch.Te
     kept = kept_counts(trace, ratios, round_to)
     net = copy.deepcopy(model)
     modules = dict(net.named_modules())
+    # the channels each layer loses, per dimension, gathered over every group first: a layer after a concat
+    # reads several groups, whose indices all refer to its dense input
+    removed: dict[tuple[str, str], set[int]] = {}
     for g in trace.groups:
         if kept[g.name] in (0, g.channels):  # dense, or dropped (below)
             continue
-        keep = torch.topk(scores[g.name].float(), kept[g.name]).indices.sort().values
+        gone = torch.ones(g.channels, dtype=torch.bool)
+        gone[torch.topk(scores[g.name].float(), kept[g.name]).indices] = False
         for m in g.members:
-            idx = torch.tensor(m.index)[keep].flatten()
-            _slice(modules[m.module], m.dim, idx)
+            removed.setdefault((m.module, m.dim), set()).update(
+                i for j in gone.nonzero().flatten().tolist() for i in m.index[j])
+    for (name, dim), gone_idx in removed.items():
+        info = trace.layers[name]
+        full = info.out_channels if dim == "out" else info.in_channels
+        _slice(modules[name], dim, torch.tensor([i for i in range(full) if i not in gone_idx], dtype=torch.long))
     # dropped branches last: the conv reading one may write a stream that another group narrowed (MobileNetV2)
     dropped = [m for g in trace.groups if kept[g.name] == 0 for m in g.members]
     if not dropped:
@@ -142,8 +154,32 @@ def prune(model: nn.Module, ratios: dict[str, float], scores: dict[str, torch.Te
                                               into[add] < inputs[add]), old.training)
         for bn in trace.branch_bns(m.module):  # the branch's BN would turn its zeros into a constant shift
             _replace(net, bn, nn.Identity(), old.training)
+    _unbroadcast_if_added_in_place(net, trace)
     _remove_dead_blocks(net, trace, kept)
     return net
+
+
+def _unbroadcast_if_added_in_place(net: nn.Module, trace: ModelTrace) -> None:
+    """Give every :class:`DroppedBranch` full-size zeros when the model does not run with broadcast ones: an add
+    into the branch's output in place (``out += identity``) fails on a ``(1, C, 1, 1)`` tensor (and at batch 1 on
+    a 1x1 map would write into its buffer, which the batch of 2 here rules out).
+    """
+    branches = [m for m in net.modules() if isinstance(m, DroppedBranch) and m.broadcast]
+    if not branches:
+        return
+    modes = {m: m.training for m in net.modules()}
+    param = next(net.parameters(), None)
+    x = torch.zeros(2, *trace.input_shape, device=None if param is None else param.device)
+    try:
+        net.eval()
+        with torch.no_grad():
+            net(x)
+    except RuntimeError:
+        for m in branches:
+            m.broadcast = False
+    finally:
+        for m, mode in modes.items():
+            m.train(mode)
 
 
 def _replace(net: nn.Module, name: str, new: nn.Module, training: bool) -> None:

@@ -120,6 +120,18 @@ def test_repeat_penalty_lowers_only_the_reward_of_repeated_allocations(digits_se
         tiny_config(repeat_penalty=-0.1).validate()
 
 
+def test_train_refuses_a_model_its_run_cannot_record(digits_session, tmp_path):
+    """A run records its model spec for --resume, so train() takes a spec, and a session built from that spec;
+    either mistake is a clear error before anything is written."""
+    from agent import train
+    from pruning_core import build_model
+    with pytest.raises(UserError, match="not a SmallCNN object"):
+        train(model=build_model("digits_cnn"), out=str(tmp_path / "a"))
+    with pytest.raises(UserError, match="session's model is digits_cnn, not config.model digits_cnn_wide"):
+        train(session=digits_session, model="digits_cnn_wide", out=str(tmp_path / "b"))
+    assert not any(tmp_path.iterdir())
+
+
 @pytest.mark.parametrize("sde", [True, False])
 def test_ppo_reexplores_after_rollouts_of_repeats(sde, digits_session):
     """A PPO policy collapsed onto one allocation repeats it: the first rollout (4 episodes) evaluates it once,

@@ -108,6 +108,113 @@ def test_equivalence_random_weights(name):
     check_equivalence(randomise(build_model(name)), shape)
 
 
+def _cbr(c_in: int, c_out: int, k: int = 3) -> nn.Sequential:
+    return nn.Sequential(nn.Conv2d(c_in, c_out, k, padding=k // 2, bias=False), nn.BatchNorm2d(c_out), nn.ReLU())
+
+
+class DenseConcat(nn.Module):
+    """DenseNet-style: each layer reads the concat of all earlier outputs, so one conv's input spans 3 groups."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem, self.a, self.b, self.t = _cbr(3, 16), _cbr(16, 12), _cbr(28, 12), _cbr(40, 24, 1)
+        self.fc = nn.Linear(24, 10)
+
+    def forward(self, x):
+        x = self.stem(x)
+        x = torch.cat([x, self.a(x)], 1)
+        x = torch.cat([x, self.b(x)], 1)
+        return self.fc(self.t(x).mean((2, 3)))
+
+
+class Inception(nn.Module):
+    """Parallel paths of unequal width (one behind a max-pool) concatenated."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem, self.p1, self.p3, self.head = _cbr(3, 16), _cbr(16, 8, 1), _cbr(16, 4, 1), _cbr(24, 16)
+        self.p2 = nn.Sequential(_cbr(16, 8, 1), _cbr(8, 12))
+        self.fc = nn.Linear(16, 10)
+
+    def forward(self, x):
+        x = self.stem(x)
+        x = torch.cat([self.p1(x), self.p2(x), self.p3(F.max_pool2d(x, 3, 1, 1))], 1)
+        return self.fc(self.head(x).mean((2, 3)))
+
+
+class SelfGated(nn.Module):
+    """``y * sigmoid(conv(y))``: the gate conv reads the channels it gates, one group on both of its sides."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b, self.gate = _cbr(3, 16), _cbr(3, 16), _cbr(16, 16)
+        self.fc = nn.Linear(16, 10)
+
+    def forward(self, x):
+        y = self.a(x) + self.b(x)
+        return self.fc((y * torch.sigmoid(self.gate(y))).mean((2, 3)))
+
+
+@pytest.mark.parametrize("cls", [DenseConcat, Inception, SelfGated])
+def test_equivalence_concat_and_gating(cls):
+    """Pruned models compute what masking computes, with FLOPs and params as the trace counts them (a layer after a
+    concat loses channels of several groups at once, all indexed in its dense input)."""
+    model = randomise(cls())
+    check_equivalence(model, (3, 16, 16))
+    trace = trace_model(model, (3, 16, 16))
+    if cls is DenseConcat:
+        assert trace.in_groups["t.0"] == ["stem.0", "a.0", "b.0"] and not trace.excluded
+    if cls is SelfGated:
+        (group,) = trace.groups
+        assert {("gate.0", "in"), ("gate.0", "out")} <= {(m.module, m.dim) for m in group.members}
+
+
+class InPlaceAddResNet(nn.Module):
+    """torchvision's BasicBlock form: ``out += identity`` adds into the branch's output in place, with a 1x1-conv
+    shortcut where the shape changes."""
+
+    class Block(nn.Module):
+        def __init__(self, c_in: int, c_out: int, stride: int):
+            super().__init__()
+            self.conv1, self.bn1 = nn.Conv2d(c_in, c_out, 3, stride, 1, bias=False), nn.BatchNorm2d(c_out)
+            self.conv2, self.bn2 = nn.Conv2d(c_out, c_out, 3, 1, 1, bias=False), nn.BatchNorm2d(c_out)
+            self.relu = nn.ReLU(inplace=True)
+            self.downsample = None if stride == 1 and c_in == c_out else nn.Sequential(
+                nn.Conv2d(c_in, c_out, 1, stride, bias=False), nn.BatchNorm2d(c_out))
+
+        def forward(self, x):
+            identity = x if self.downsample is None else self.downsample(x)
+            out = self.bn2(self.conv2(self.relu(self.bn1(self.conv1(x)))))
+            out += identity
+            return self.relu(out)
+
+    def __init__(self):
+        super().__init__()
+        self.stem = _cbr(3, 16)
+        self.blocks = nn.Sequential(self.Block(16, 16, 1), self.Block(16, 16, 1), self.Block(16, 32, 2))
+        self.fc = nn.Linear(32, 10)
+
+    def forward(self, x):
+        return self.fc(self.blocks(self.stem(x)).mean((2, 3)))
+
+
+def test_dropped_branch_under_an_in_place_add():
+    """``out += identity`` cannot add into broadcast zeros: the dropped branch then yields full-size ones, the
+    pruned model computes what masking does, and the blocks that became the identity are removed."""
+    model = randomise(InPlaceAddResNet())
+    check_equivalence(model, (3, 16, 16), ratios_of=random_drops)
+    trace = trace_model(model, (3, 16, 16))
+    assert trace.droppable == {"blocks.0.conv1", "blocks.1.conv1", "blocks.2.conv1"}
+    scores = {g.name: torch.rand(g.channels) for g in trace.groups}
+    pruned = prune(model, {"blocks.1.conv1": 1.0, "blocks.2.conv1": 1.0}, scores, trace)
+    assert isinstance(pruned.blocks[1], nn.Identity)  # relu(0 + x) on a ReLU output
+    assert isinstance(pruned.blocks[2].conv2, DroppedBranch) and not pruned.blocks[2].conv2.broadcast
+    x = torch.randn(3, 3, 16, 16)
+    with torch.no_grad():
+        assert torch.allclose(pruned(x), masked(model, trace, {"blocks.1.conv1": 1.0, "blocks.2.conv1": 1.0},
+                                                   scores)(x), atol=1e-5)
+
+
 def test_droppable_groups_are_the_residual_branches():
     assert trace_model(build_model("resnet20"), (3, 32, 32)).droppable == {
         f"layer{s}.{b}.conv1" for s in (1, 2, 3) for b in range(3)}
