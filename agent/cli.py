@@ -24,10 +24,24 @@ from pruning_core import (
     kept_counts,
     uniform_ratios,
 )
-from pruning_core.latency import BACKENDS, check_max_latency
+from pruning_core.latency import BACKENDS, check_max_latency, cpu_channel_block
 from pruning_core.prune import check_ratios
 
 log = logging.getLogger("prunepilot")
+
+ROUND_TO_HELP = ("round kept channels up to a multiple of this; auto: this CPU's conv channel block (16 with "
+                 "AVX-512, else 8), the widths its kernels run without padding")
+
+
+def round_to_arg(value: str) -> int:
+    """``--round-to``: a whole number >= 1, or ``auto`` for this CPU's channel block (:func:`cpu_channel_block`),
+    resolved here so that reports and saved configs record the number.
+    """
+    if value == "auto":
+        return cpu_channel_block()
+    if not value.isdigit() or int(value) < 1:
+        raise argparse.ArgumentTypeError(f"must be a whole number >= 1 or 'auto', got {value!r}")
+    return int(value)
 
 
 def add_model_args(p: argparse.ArgumentParser, data_default: str | None = None) -> None:
@@ -42,7 +56,7 @@ def add_model_args(p: argparse.ArgumentParser, data_default: str | None = None) 
     p.add_argument("--flops", type=float, default=0.5, help="FLOPs budget as a fraction of dense (default: 0.5)")
     p.add_argument("--max-ratio", type=float, default=0.8,
                    help="largest pruning ratio of any one group (default: 0.8)")
-    p.add_argument("--round-to", type=int, default=None, help="round kept channels up to a multiple of this")
+    p.add_argument("--round-to", type=round_to_arg, default=None, help=ROUND_TO_HELP)
     p.add_argument("--reward-images", type=int, default=1000,
                    help="training images in the reward split (default: 1000)")
     p.add_argument("--calib-batches", type=int, default=10,
@@ -119,7 +133,7 @@ def prune_command_parser(subparsers) -> None:
     p.add_argument("--max-latency", type=float, default=None,
                    help="also keep the latency predicted by a table of this machine's per-layer timings within "
                         "this fraction of dense; the table times the --latency backend (default: onnxruntime) at "
-                        "--latency-batch (pair it with --round-to 8, or 16 on an AVX-512 CPU)")
+                        "--latency-batch (pair it with --round-to auto: 8, or 16 on an AVX-512 CPU)")
     add_output_args(p)
     p.set_defaults(func=prune_command)
 

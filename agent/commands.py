@@ -7,6 +7,7 @@ import sys
 from dataclasses import fields
 from pathlib import Path
 
+from agent.cli import ROUND_TO_HELP, round_to_arg
 from agent.config import ALGOS, TrainConfig
 from agent.outputs import print_report
 from envs import ACTION_CENTERS, GRANULARITIES, REWARDS
@@ -46,7 +47,7 @@ def train_command_parser(subparsers) -> None:
     p.add_argument("--action-center", choices=ACTION_CENTERS, help=_field_help("action_center"))
     p.add_argument("--latency-backend", choices=BACKENDS, help=_field_help("latency_backend"))
     for name, typ in (("flops", float), ("episodes", int), ("evaluations", int), ("seed", int), ("max_ratio", float),
-                      ("round_to", int),
+                      ("round_to", round_to_arg),
                       ("max_latency", float), ("latency_batch", int),
                       ("reward_images", int), ("calib_batches", int), ("rescore_top", int), ("select_images", int),
                       ("warmup_episodes", int),
@@ -120,8 +121,8 @@ def apply_command_parser(subparsers) -> None:
     p.add_argument("--flops", type=float, help="FLOPs budget (default: the policy's own)")
     p.add_argument("--search-episodes", type=int, default=0,
                    help="episodes of RL fine-tuning on the new model before applying (default: 0, zero-shot)")
-    p.add_argument("--round-to", type=int, default=None,
-                   help="round kept channels up to a multiple of this (default: the policy's own; 1: none)")
+    p.add_argument("--round-to", type=round_to_arg, default=None,
+                   help=ROUND_TO_HELP + " (default: the policy's own; 1: none)")
     p.add_argument("--reward-images", type=int, default=1000, help="training images in the reward split")
     p.add_argument("--calib-batches", type=int, default=10, help="batches of 64 images for adaptive BN")
     p.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")

@@ -59,8 +59,8 @@ class TrainConfig:
     83.55 +- 1.10% test accuracy against 81.81 +- 2.94% for ``uniform`` (bench/results/ablation_action_center.json)."""
     round_to: int | None = None
     """Round kept channels up to a multiple of this: the CPU conv kernels' channel block, 8 with AVX2 and 16 with
-    AVX-512 (``pruning_core.latency.cpu_channel_block()``). Groups no wider than it are not rounded. On this
-    coarse grid pair PPO with ``repeat_penalty`` 0.02 or ``clone_warmup``."""
+    AVX-512 (``pruning_core.latency.cpu_channel_block()``; ``--round-to auto`` on the command line). Groups no
+    wider than it are not rounded. On this coarse grid pair PPO with ``repeat_penalty`` 0.02 or ``clone_warmup``."""
     drop_blocks: bool = False
     """Let the agent remove residual branches whole (``ModelTrace.droppable``: a ResNet block's inner convs, a
     MobileNetV2 block with a skip): such a group keeps a whole number of ``round_to`` blocks, or none. With

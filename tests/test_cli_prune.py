@@ -81,7 +81,9 @@ def test_bad_input_clear_error(case, tmp_path, capsys):
 
 
 @pytest.mark.parametrize("flags,message", [(["--latency-batch", "0"], "must be >= 1"),
-                                           (["--latency", "tensorrt"], "invalid choice")])
+                                           (["--latency", "tensorrt"], "invalid choice"),
+                                           (["--round-to", "0"], "whole number >= 1 or 'auto'"),
+                                           (["--round-to", "avx"], "whole number >= 1 or 'auto'")])
 def test_bad_latency_flags_stop_before_any_work(flags, message, tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         main(["prune", "--model", "digits_cnn", "--data", "digits", "--out", str(tmp_path / "out"), *flags])
@@ -100,6 +102,26 @@ def test_prune_with_a_latency_budget(tmp_path, capsys):
     # 0.95: reachable whatever the timings (the table's probe must run >= 1.1x faster to give it an offset)
     assert budget["backend"] == "torch" and budget["max_latency"] == 0.95 and budget["predicted_ratio"] <= 0.95
     assert report["flops_ratio"] <= 0.6 and report["latency"]["backend"] == "torch"
+
+
+@pytest.mark.parametrize("command", ["prune", "train", "apply"])
+def test_round_to_auto_is_this_cpus_channel_block(command):
+    """``--round-to auto`` resolves to :func:`cpu_channel_block` as the flags are parsed, so every report and saved
+    config records the number."""
+    import argparse
+
+    from agent.cli import prune_command_parser
+    from agent.commands import apply_command_parser, train_command_parser
+    from pruning_core.latency import cpu_channel_block
+    parser = argparse.ArgumentParser()
+    sub = parser.add_subparsers(dest="command")
+    for add in (prune_command_parser, train_command_parser, apply_command_parser):
+        add(sub)
+    required = {"prune": ["--model", "m", "--data", "digits"], "train": [],
+                "apply": ["p", "--model", "m", "--data", "d", "--out", "o"]}
+    args = parser.parse_args([command, *required[command], "--round-to", "auto"])
+    assert args.round_to == cpu_channel_block() in (8, 16)
+    assert parser.parse_args([command, *required[command], "--round-to", "4"]).round_to == 4
 
 
 def test_help_explains(capsys):
