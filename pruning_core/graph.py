@@ -28,7 +28,8 @@ __all__ = ["ChannelGroup", "GraphNode", "LayerInfo", "Member", "ModelTrace", "la
 
 log = logging.getLogger(__name__)
 
-_SUPPORTED = (nn.Conv2d, nn.Linear, nn.BatchNorm2d)
+_BN = (nn.BatchNorm1d, nn.BatchNorm2d)
+_SUPPORTED = (nn.Conv2d, nn.Linear, *_BN)
 # autograd function names (Torch-Pruning's element-wise ops) that become layer-graph nodes
 _GRAPH_OPS = {"AddBackward0": "add", "CatBackward0": "concat", "AvgPool2DBackward0": "pool",
               "MaxPool2DWithIndicesBackward0": "pool", "AdaptiveAvgPool2DBackward0": "pool",
@@ -99,7 +100,7 @@ class ModelTrace:
     out_group: dict[str, str] = field(default_factory=dict)  # layer -> group governing its out channels
     in_groups: dict[str, list[str]] = field(default_factory=dict)  # layer -> groups among its in channels
 
-    has_bias: dict[str, bool] = field(default_factory=dict)
+    has_bias: dict[str, bool] = field(default_factory=dict)  # conv/linear: a bias; BN: affine (gate and bias)
 
     def __post_init__(self) -> None:
         self.group_index = {g.name: i for i, g in enumerate(self.groups)}
@@ -197,7 +198,7 @@ class ModelTrace:
             if name in self.branch_bn_of and kept[self.branch_bn_of[name]] == 0:
                 out[name] = 0  # the BN of a dropped branch goes with it
             elif info.kind == "bn":
-                out[name] = 2 * out_c
+                out[name] = 2 * out_c if self.has_bias.get(name) else 0  # affine weight and bias
             elif in_c == 0:  # reads a dropped branch: gone, bias included
                 out[name] = 0
             else:
@@ -252,7 +253,7 @@ def _check_supported(model: nn.Module) -> None:
         own_params = list(mod.parameters(recurse=False))
         if own_params and not isinstance(mod, _SUPPORTED):
             raise UserError(f"module {name!r} ({type(mod).__name__}) has parameters but is not supported; "
-                            "prunepilot prunes Conv2d, Linear and BatchNorm2d networks")
+                            "prunepilot prunes Conv2d, Linear and BatchNorm1d/2d networks")
         if isinstance(mod, nn.Conv2d):
             if mod.groups > 1 and not (mod.groups == mod.in_channels == mod.out_channels):
                 raise UserError(f"module {name!r}: grouped conv with groups={mod.groups} is not supported "
@@ -298,8 +299,9 @@ def trace_model(model: nn.Module, input_shape: tuple[int, ...]) -> ModelTrace:
         elif isinstance(mod, nn.Linear):
             layers[name] = LayerInfo(name, "linear", mod.in_features, mod.out_features)
             has_bias[name] = mod.bias is not None
-        elif isinstance(mod, nn.BatchNorm2d):
+        elif isinstance(mod, _BN):
             layers[name] = LayerInfo(name, "bn", mod.num_features, mod.num_features, out_hw=shapes[name])
+            has_bias[name] = mod.affine  # BN: whether it has a gate and a bias (affine)
 
     nodes, edges = _layer_graph(dg, names)
     order = {n.module: i for i, n in enumerate(nodes) if n.module}
@@ -329,7 +331,7 @@ def _channel_groups(dg: tp.DependencyGraph, model: nn.Module, names: dict, layer
                 continue  # functional op: nothing to cut
             name = names[mod]
             handler = item.dep.handler.__name__
-            dim = "out" if handler == "prune_out_channels" or isinstance(mod, nn.BatchNorm2d) else "in"
+            dim = "out" if handler == "prune_out_channels" or isinstance(mod, _BN) else "in"
             info = layers[name]
             full = info.out_channels if dim == "out" else info.in_channels
             root_idxs = [int(r) for r in (item.root_idxs if item.root_idxs is not None else item.idxs)]
@@ -373,7 +375,7 @@ def _layer_graph(dg: tp.DependencyGraph, names: dict) -> tuple[list[GraphNode], 
             return "dwconv" if mod.groups > 1 else "conv"
         if isinstance(mod, nn.Linear):
             return "linear"
-        if isinstance(mod, nn.BatchNorm2d):
+        if isinstance(mod, _BN):
             return "bn"
         if type(mod).__name__ == "_ConcatOp":
             return "concat"

@@ -23,7 +23,7 @@ def _to_group_scores(trace: ModelTrace, per_layer: dict[str, torch.Tensor], use:
     out = {}
     for g in trace.groups:
         total = torch.zeros(g.channels, dtype=torch.float64)
-        members = {m.module: m for m in g.members}
+        members = {m.module: m for m in g.members if m.dim == "out"}  # a gate conv may also read the group
         for layer in use[g.name]:
             idx = torch.tensor(members[layer].index)  # (channels, 1) for out members
             total += per_layer[layer][idx].sum(dim=1).double()
@@ -32,12 +32,12 @@ def _to_group_scores(trace: ModelTrace, per_layer: dict[str, torch.Tensor], use:
 
 
 def _score_layers(trace: ModelTrace) -> dict[str, list[str]]:
-    """Per group, the layers whose gates are scored: its BNs, or its conv/linear outputs where it has no BN."""
+    """Per group, the layers whose gates are scored: its affine BNs, or its conv/linear outputs where it has none."""
     use = {}
     for g in trace.groups:
         outs = [m.module for m in g.members if m.dim == "out"]
-        bns = [n for n in outs if trace.layers[n].kind == "bn"]
-        use[g.name] = bns or outs
+        bns = [n for n in outs if trace.layers[n].kind == "bn" and trace.has_bias.get(n)]
+        use[g.name] = bns or [n for n in outs if trace.layers[n].kind != "bn"]
     return use
 
 
@@ -71,7 +71,7 @@ class TaylorImportance:
             with torch.no_grad():
                 for n in layers:
                     m = modules[n]
-                    if isinstance(m, nn.BatchNorm2d):
+                    if isinstance(m, nn.modules.batchnorm._BatchNorm):
                         s = m.weight * m.weight.grad + m.bias * m.bias.grad
                     else:
                         s = (m.weight * m.weight.grad).flatten(1).sum(1)

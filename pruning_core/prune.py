@@ -274,9 +274,10 @@ def _slice(mod: nn.Module, dim: str, idx: torch.Tensor) -> None:
     def cut(p: torch.Tensor | None, axis: int) -> torch.Tensor | None:
         return None if p is None else p.index_select(axis, idx).clone()
 
-    if isinstance(mod, nn.BatchNorm2d):
-        mod.weight = nn.Parameter(cut(mod.weight, 0))
-        mod.bias = nn.Parameter(cut(mod.bias, 0))
+    if isinstance(mod, nn.modules.batchnorm._BatchNorm):
+        if mod.affine:
+            mod.weight = nn.Parameter(cut(mod.weight, 0))
+            mod.bias = nn.Parameter(cut(mod.bias, 0))
         mod.running_mean, mod.running_var = cut(mod.running_mean, 0), cut(mod.running_var, 0)
         mod.num_features = len(idx)
     elif isinstance(mod, nn.Conv2d):

@@ -35,9 +35,10 @@ def randomise(model: nn.Module, seed: int = 0) -> nn.Module:
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for m in model.modules():
-            if isinstance(m, nn.BatchNorm2d):
-                m.weight.copy_(torch.rand(m.num_features, generator=g) + 0.5)
-                m.bias.copy_(torch.randn(m.num_features, generator=g) * 0.2)
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                if m.affine:
+                    m.weight.copy_(torch.rand(m.num_features, generator=g) + 0.5)
+                    m.bias.copy_(torch.randn(m.num_features, generator=g) * 0.2)
                 m.running_mean.copy_(torch.randn(m.num_features, generator=g) * 0.1)
                 m.running_var.copy_(torch.rand(m.num_features, generator=g) + 0.5)
     return model.eval()
@@ -54,10 +55,13 @@ def masked(model: nn.Module, trace, ratios, scores) -> nn.Module:
             keep = set(torch.topk(scores[g.name].float(), kept[g.name]).indices.tolist())
             drop = [c for c in range(g.channels) if c not in keep]
             outs = [m for m in g.members if m.dim == "out"]
-            bns = [m for m in outs if isinstance(mods[m.module], nn.BatchNorm2d)]
+            bns = [m for m in outs if isinstance(mods[m.module], nn.modules.batchnorm._BatchNorm)]
             for m in bns or outs:
                 idx = torch.tensor([i for c in drop for i in m.index[c]], dtype=torch.long)
                 mod = mods[m.module]
+                if m in bns and not mod.affine:  # no gate to zero: zero its output
+                    mod.register_forward_hook(lambda _m, _i, out, idx=idx: out.index_fill(1, idx, 0.0))
+                    continue
                 mod.weight[idx] = 0
                 if mod.bias is not None:
                     mod.bias[idx] = 0
@@ -67,7 +71,7 @@ def masked(model: nn.Module, trace, ratios, scores) -> nn.Module:
                         for name in (m.module, *trace.branch_bns(m.module)):
                             if mods[name].bias is not None:
                                 mods[name].bias.zero_()
-                            if isinstance(mods[name], nn.BatchNorm2d):
+                            if isinstance(mods[name], nn.modules.batchnorm._BatchNorm) and mods[name].affine:
                                 mods[name].weight.zero_()
     return net
 
@@ -167,6 +171,30 @@ def test_equivalence_concat_and_gating(cls):
     if cls is SelfGated:
         (group,) = trace.groups
         assert {("gate.0", "in"), ("gate.0", "out")} <= {(m.module, m.dim) for m in group.members}
+
+
+class BNVariants(nn.Module):
+    """A BN without affine parameters (no gate: Taylor scores the conv's filters) and a BatchNorm1d head."""
+
+    def __init__(self):
+        super().__init__()
+        self.c1, self.bn = nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16, affine=False)
+        self.c2 = _cbr(16, 16)
+        self.fc1, self.bn1, self.fc2 = nn.Linear(16, 32), nn.BatchNorm1d(32), nn.Linear(32, 10)
+
+    def forward(self, x):
+        x = self.c2(F.relu(self.bn(self.c1(x)))).mean((2, 3))
+        return self.fc2(F.relu(self.bn1(self.fc1(x))))
+
+
+def test_bn1d_and_non_affine_bn():
+    model = randomise(BNVariants())
+    check_equivalence(model, (3, 8, 8))
+    trace = trace_model(model, (3, 8, 8))
+    assert [g.name for g in trace.groups] == ["c1", "c2.0", "fc1"]
+    batches = [(torch.randn(4, 3, 8, 8), torch.randint(0, 10, (4,)))] * 2
+    scores = TaylorImportance(2)(model, batches, trace)
+    assert all(bool(torch.isfinite(s).all()) and float(s.sum()) > 0 for s in scores.values())
 
 
 class InPlaceAddResNet(nn.Module):
