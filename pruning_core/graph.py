@@ -305,13 +305,31 @@ def trace_model(model: nn.Module, input_shape: tuple[int, ...]) -> ModelTrace:
 
     nodes, edges = _layer_graph(dg, names)
     order = {n.module: i for i, n in enumerate(nodes) if n.module}
-    outputs = [names[m] for m, node in dg.module2node.items()
-               if m in names and not node.outputs and isinstance(m, (nn.Conv2d, nn.Linear))]
+    outputs = _output_layers(dg, names)
     groups, excluded = _channel_groups(dg, model, names, layers, outputs)
     groups.sort(key=lambda g: order.get(g.name, len(order)))
     for name, reason in excluded.items():
         log.info("group %s is not prunable: %s", name, reason)
     return ModelTrace(tuple(input_shape), layers, groups, excluded, nodes, edges, has_bias=has_bias)
+
+
+def _output_layers(dg: tp.DependencyGraph, names: dict) -> list[str]:
+    """The conv/linear layers whose output channels are the model's outputs (the classes): those reached from each
+    output backwards through anything but a conv or linear layer (BN, pooling, flatten, softmax, add, concat), as
+    in a classifier that is a 1x1 conv followed by global pooling. Their output channels are never pruned.
+    """
+    found, seen = [], set()
+    todo = [node for node in dg.module2node.values() if not node.outputs]
+    while todo:
+        node = todo.pop()
+        if id(node) in seen:
+            continue
+        seen.add(id(node))
+        if isinstance(node.module, (nn.Conv2d, nn.Linear)) and node.module in names:
+            found.append(names[node.module])
+        else:
+            todo.extend(node.inputs)
+    return sorted(found)
 
 
 def _channel_groups(dg: tp.DependencyGraph, model: nn.Module, names: dict, layers: dict[str, LayerInfo],

@@ -197,6 +197,29 @@ def test_bn1d_and_non_affine_bn():
     assert all(bool(torch.isfinite(s).all()) and float(s.sum()) > 0 for s in scores.values())
 
 
+class ConvClassifier(nn.Module):
+    """An all-conv net (NIN, SqueezeNet): the classes are a 1x1 conv's channels, then BN, pooling and log-softmax."""
+
+    def __init__(self):
+        super().__init__()
+        self.body, self.classes, self.bn = _cbr(3, 16), nn.Conv2d(16, 10, 1), nn.BatchNorm2d(10)
+
+    def forward(self, x):
+        return F.log_softmax(F.adaptive_avg_pool2d(self.bn(self.classes(self.body(x))), 1).flatten(1), 1)
+
+
+def test_class_channels_are_never_pruned():
+    """The output layer is found backwards from the output through BN and functional ops, not only as the last
+    node: pruning the classifier conv would silently score fewer classes."""
+    model = randomise(ConvClassifier())
+    trace = trace_model(model, (3, 8, 8))
+    assert [g.name for g in trace.groups] == ["body.0"]
+    pruned = prune(model, uniform_ratios(trace, 0.6), {"body.0": torch.rand(16)}, trace)
+    with torch.no_grad():
+        assert pruned(torch.randn(2, 3, 8, 8)).shape == (2, 10)
+    check_equivalence(model, (3, 8, 8))
+
+
 class InPlaceAddResNet(nn.Module):
     """torchvision's BasicBlock form: ``out += identity`` adds into the branch's output in place, with a 1x1-conv
     shortcut where the shape changes."""
