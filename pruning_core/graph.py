@@ -273,12 +273,17 @@ def trace_model(model: nn.Module, input_shape: tuple[int, ...]) -> ModelTrace:
     model.eval()
     names = {m: n for n, m in model.named_modules()}
     shapes: dict[str, tuple[int, int]] = {}
+    calls: dict[str, int] = {}
 
     def hook(mod: nn.Module, _inp: tuple, out: torch.Tensor) -> None:
         shapes[names[mod]] = tuple(out.shape[2:4]) if out.dim() == 4 else (1, 1)
+        calls[names[mod]] = calls.get(names[mod], 0) + 1
 
     handles = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, _SUPPORTED)]
     try:
+        with torch.no_grad():  # one plain forward pass: the shapes, and how often each layer runs
+            model(torch.zeros(1, *input_shape))
+        shared = sorted(name for name, n in calls.items() if n > 1)
         dg = tp.DependencyGraph().build_dependency(model, example_inputs=torch.zeros(1, *input_shape))
     except Exception as e:  # noqa: BLE001 - report any tracing failure as a user error with the cause
         raise UserError(f"cannot trace {type(model).__name__} on input shape {input_shape}: {e}") from e
@@ -286,6 +291,9 @@ def trace_model(model: nn.Module, input_shape: tuple[int, ...]) -> ModelTrace:
         for h in handles:
             h.remove()
         model.train(was_training)
+    if shared:
+        raise UserError(f"{type(model).__name__} calls {', '.join(map(repr, shared))} more than once per forward "
+                        "pass (shared weights); prunepilot needs each conv, linear and BN layer used once")
 
     layers: dict[str, LayerInfo] = {}
     has_bias: dict[str, bool] = {}

@@ -442,6 +442,11 @@ def test_unsupported_layer_names_the_module():
     model(torch.zeros(1, 3, 8, 8))
     with pytest.raises(UserError, match=r"'1' \(GroupNorm\)"):
         trace_model(model, (3, 8, 8))
+    # a layer called twice: its channels and FLOPs would be counted once
+    shared = nn.Conv2d(8, 8, 3, padding=1)
+    twice = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), shared, nn.ReLU(), shared, nn.Flatten(), nn.Linear(512, 10))
+    with pytest.raises(UserError, match="calls '1' more than once per forward pass"):
+        trace_model(twice, (3, 8, 8))
 
 
 @needs_assets
