@@ -129,11 +129,10 @@ def prune(model: nn.Module, ratios: dict[str, float], scores: dict[str, torch.Te
     for g in trace.groups:
         if kept[g.name] in (0, g.channels):  # dense, or dropped (below)
             continue
-        gone = torch.ones(g.channels, dtype=torch.bool)
-        gone[torch.topk(scores[g.name].float(), kept[g.name]).indices] = False
+        keep = set(torch.topk(scores[g.name].float(), kept[g.name]).indices.tolist())
+        gone = [j for j in range(g.channels) if j not in keep]
         for m in g.members:
-            removed.setdefault((m.module, m.dim), set()).update(
-                i for j in gone.nonzero().flatten().tolist() for i in m.index[j])
+            removed.setdefault((m.module, m.dim), set()).update(i for j in gone for i in m.index[j])
     for (name, dim), gone_idx in removed.items():
         info = trace.layers[name]
         full = info.out_channels if dim == "out" else info.in_channels
