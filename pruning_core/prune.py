@@ -153,32 +153,8 @@ def prune(model: nn.Module, ratios: dict[str, float], scores: dict[str, torch.Te
                                               into[add] < inputs[add]), old.training)
         for bn in trace.branch_bns(m.module):  # the branch's BN would turn its zeros into a constant shift
             _replace(net, bn, nn.Identity(), old.training)
-    _unbroadcast_if_added_in_place(net, trace)
     _remove_dead_blocks(net, trace, kept)
     return net
-
-
-def _unbroadcast_if_added_in_place(net: nn.Module, trace: ModelTrace) -> None:
-    """Give every :class:`DroppedBranch` full-size zeros when the model does not run with broadcast ones: an add
-    into the branch's output in place (``out += identity``) fails on a ``(1, C, 1, 1)`` tensor (and at batch 1 on
-    a 1x1 map would write into its buffer, which the batch of 2 here rules out).
-    """
-    branches = [m for m in net.modules() if isinstance(m, DroppedBranch) and m.broadcast]
-    if not branches:
-        return
-    modes = {m: m.training for m in net.modules()}
-    param = next(net.parameters(), None)
-    x = torch.zeros(2, *trace.input_shape, device=None if param is None else param.device)
-    try:
-        net.eval()
-        with torch.no_grad():
-            net(x)
-    except RuntimeError:
-        for m in branches:
-            m.broadcast = False
-    finally:
-        for m, mode in modes.items():
-            m.train(mode)
 
 
 def _replace(net: nn.Module, name: str, new: nn.Module, training: bool) -> None:
@@ -195,7 +171,8 @@ def _remove_dead_blocks(net: nn.Module, trace: ModelTrace, kept: dict[str, int])
 
     The candidates are the modules enclosing a dropped group's layers, innermost first, up to one that holds a
     layer still computing outside the kept child. A candidate is replaced only when, on a random input in eval
-    mode, its output equals its input (or its child's output on that input) exactly.
+    mode, its output equals its input (or its child's output on that input) exactly. Where that forward pass
+    fails on the broadcast zeros of a :class:`DroppedBranch`, every one of them yields full-size zeros instead.
     """
     dead = {m.module for g in trace.groups if kept[g.name] == 0 for m in g.members}
     dead |= {bn for bn, g in trace.branch_bn_of.items() if kept[g] == 0}
@@ -216,7 +193,19 @@ def _remove_dead_blocks(net: nn.Module, trace: ModelTrace, kept: dict[str, int])
         with torch.no_grad():
             x = torch.randn(2, *trace.input_shape, generator=torch.Generator().manual_seed(0))
             param = next(net.parameters(), None)
-            net(x if param is None else x.to(param.device))
+            x = x if param is None else x.to(param.device)
+            try:
+                net(x)
+            except RuntimeError:
+                # an add into a dropped branch's output in place (torchvision's ``out += identity``) cannot hold
+                # broadcast zeros (at batch 1 on a 1x1 map it would write into their buffer; this batch is 2)
+                broadcast = [m for m in net.modules() if isinstance(m, DroppedBranch) and m.broadcast]
+                if not broadcast:
+                    raise
+                for m in broadcast:
+                    m.broadcast = False
+                io.clear()
+                net(x)
             chosen: dict[str, nn.Module] = {}
             for names in candidates.values():
                 for c in names:
