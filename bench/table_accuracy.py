@@ -45,8 +45,7 @@ def main() -> None:
     dense = build_model("resnet56").eval()
     trace = trace_model(dense, (3, 32, 32))
     t = time.perf_counter()
-    table = LatencyTable.measure(dense, trace, "onnxruntime", 64,
-                                 **({"block": args.block} if args.block else {}))
+    table = LatencyTable.measure(dense, trace, "onnxruntime", 64, block=args.block)
     build_s = time.perf_counter() - t
     proportional = LatencyTable.from_dict({**table.to_dict(), "offset_ms": 0.0})
     print(f"table: {build_s:.1f}s, dense {table.dense_ms:.1f} ms, offset {table.offset_ms:.2f} ms, probe "
