@@ -15,11 +15,13 @@ layers only (BN, activations and pooling are not counted). :func:`layer_macs` is
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass, field
 
 import torch
 import torch_pruning as tp
 from torch import nn
+from torch.overrides import TorchFunctionMode
 
 from pruning_core.errors import UserError
 
@@ -35,6 +37,18 @@ _GRAPH_OPS = {"AddBackward0": "add", "CatBackward0": "concat", "AvgPool2DBackwar
               "MaxPool2DWithIndicesBackward0": "pool", "AdaptiveAvgPool2DBackward0": "pool",
               "MeanBackward1": "pool", "AdaptiveMaxPool2DBackward0": "pool"}
 OP_TYPES = ("conv", "dwconv", "linear", "bn", "add", "concat", "pool")
+
+# Functional ops a channel group may pass through. Torch-Pruning treats an op it does not know as element-wise,
+# so channel j stays channel j; that is wrong for a pixel or channel shuffle, a flip, a softmax or a norm over the
+# channels, and a group through any op not listed here is excluded instead (its channels stay unpruned).
+_ELEMENTWISE = frozenset(
+    "Relu Hardtanh LeakyRelu Elu Gelu Silu Mish Hardswish Hardsigmoid Sigmoid Tanh Softplus Threshold Add Sub Mul "
+    "Div Neg Abs Exp Pow Sqrt Rsqrt Reciprocal Clamp ClampMin ClampMax Maximum Minimum Where Clone ToCopy Alias "
+    "Expand T NativeDropout AvgPool2D MaxPool2DWithIndices AdaptiveAvgPool2D AdaptiveMaxPool2D UpsampleNearest2D "
+    "UpsampleBilinear2D UpsampleBicubic2D Cat Split SplitWithSizes Slice".split())
+_REDUCTIONS = frozenset("Mean Sum Amax Amin Max Min Std Var Logsumexp LinalgVectorNorm Softmax LogSoftmax".split())
+_RESHAPES = frozenset("View UnsafeView Reshape ReshapeAlias Squeeze Unsqueeze".split())
+_PADS = frozenset("ConstantPadNd ReflectionPad2D ReplicationPad2D".split())
 
 
 @dataclass(frozen=True)
@@ -284,7 +298,8 @@ def trace_model(model: nn.Module, input_shape: tuple[int, ...]) -> ModelTrace:
         with torch.no_grad():  # one plain forward pass: the shapes, and how often each layer runs
             model(torch.zeros(1, *input_shape))
         shared = sorted(name for name, n in calls.items() if n > 1)
-        dg = tp.DependencyGraph().build_dependency(model, example_inputs=torch.zeros(1, *input_shape))
+        with _OpShapes() as op_shapes:
+            dg = tp.DependencyGraph().build_dependency(model, example_inputs=torch.zeros(1, *input_shape))
     except Exception as e:  # noqa: BLE001 - report any tracing failure as a user error with the cause
         raise UserError(f"cannot trace {type(model).__name__} on input shape {input_shape}: {e}") from e
     finally:
@@ -314,7 +329,7 @@ def trace_model(model: nn.Module, input_shape: tuple[int, ...]) -> ModelTrace:
     nodes, edges = _layer_graph(dg, names)
     order = {n.module: i for i, n in enumerate(nodes) if n.module}
     outputs = _output_layers(dg, names)
-    groups, excluded = _channel_groups(dg, model, names, layers, outputs)
+    groups, excluded = _channel_groups(dg, model, names, layers, outputs, op_shapes.shapes)
     groups.sort(key=lambda g: order.get(g.name, len(order)))
     for name, reason in excluded.items():
         log.info("group %s is not prunable: %s", name, reason)
@@ -340,8 +355,69 @@ def _output_layers(dg: tp.DependencyGraph, names: dict) -> list[str]:
     return sorted(found)
 
 
+class _OpShapes(TorchFunctionMode):
+    """Records, for the autograd node of each op in a forward pass, the shapes of its first tensor input and of its
+    output: what a reshape did to the channel dimension, which the node itself does not keep."""
+
+    def __init__(self):
+        super().__init__()
+        self.shapes: dict = {}
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if isinstance(out, torch.Tensor) and out.grad_fn is not None and out.grad_fn not in self.shapes:
+            first = next((a for a in args if isinstance(a, torch.Tensor)), None)
+            self.shapes[out.grad_fn] = (None if first is None else tuple(first.shape), tuple(out.shape))
+        return out
+
+
+def _channel_op_problem(grad_fn, shapes: dict) -> str | None:
+    """Why a group's channels cannot pass through this functional op one to one (None if they can): the op is
+    not known to keep channel j at position j of dimension 1 (see ``_ELEMENTWISE``), or it reduces, normalises
+    over, reorders or reshapes that dimension."""
+    if grad_fn is None:
+        return None
+    op = grad_fn.name().rstrip("0123456789").removesuffix("Backward").lstrip("_")
+    if op in _ELEMENTWISE:
+        return None
+    in_shape, out_shape = shapes.get(grad_fn, (None, None))
+
+    def dims(attr: str) -> set[int] | None:
+        value = getattr(grad_fn, attr, None)
+        if value is None or in_shape is None:
+            return None
+        value = value if isinstance(value, tuple) else (value,)
+        return {(d - 2**64 if d >= 2**63 else d) % len(in_shape) for d in value}
+
+    if op in _REDUCTIONS:
+        reduced = dims("_saved_dim")
+        if reduced is not None and 1 not in reduced and 0 not in reduced:
+            return None
+        return f"{op} over the channel dimension mixes channels"
+    if op in ("Transpose", "Permute", "Flip"):
+        if op == "Permute":  # the dimensions that the permutation moves
+            perm = dims("_saved_dims")
+            order = getattr(grad_fn, "_saved_dims", ())
+            moved = None if perm is None else {i for i, d in enumerate(order) if d % len(in_shape) != i}
+        elif op == "Transpose":
+            a, b = dims("_saved_dim0"), dims("_saved_dim1")
+            moved = None if a is None or b is None or a == b else a | b
+        else:
+            moved = dims("_saved_dims")
+        if moved is not None and not moved & {0, 1}:
+            return None
+        return f"{op} reorders the channels"
+    if op in _RESHAPES | _PADS and in_shape is not None and out_shape is not None and len(in_shape) >= 2:
+        n, c, rest = in_shape[0], in_shape[1], math.prod(in_shape[2:])
+        if len(out_shape) >= 2 and out_shape[0] == n and (out_shape[1] == c or (  # channels stay in dimension 1,
+                op in _RESHAPES and len(out_shape) == 2 and out_shape[1] == c * rest)):  # or a flatten into a linear
+            return None
+        return f"{op} from {list(in_shape)} to {list(out_shape)} changes the channel dimension"
+    return f"{op} is not known to keep channels one to one"
+
+
 def _channel_groups(dg: tp.DependencyGraph, model: nn.Module, names: dict, layers: dict[str, LayerInfo],
-                    outputs: list[str]) -> tuple[list[ChannelGroup], dict[str, str]]:
+                    outputs: list[str], op_shapes: dict) -> tuple[list[ChannelGroup], dict[str, str]]:
     modules = dict(model.named_modules())
     ignored = [modules[n] for n in outputs]
     groups: list[ChannelGroup] = []
@@ -353,8 +429,11 @@ def _channel_groups(dg: tp.DependencyGraph, model: nn.Module, names: dict, layer
         problem = None
         for item in tp_group.items:
             mod = item.dep.target.module
-            if mod not in names or not isinstance(mod, _SUPPORTED):
-                continue  # functional op: nothing to cut
+            if mod not in names or not isinstance(mod, _SUPPORTED):  # functional op: nothing to cut, but it must
+                problem = _channel_op_problem(item.dep.target.grad_fn, op_shapes)  # keep channels one to one
+                if problem:
+                    break
+                continue
             name = names[mod]
             handler = item.dep.handler.__name__
             dim = "out" if handler == "prune_out_channels" or isinstance(mod, _BN) else "in"
