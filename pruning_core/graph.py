@@ -357,7 +357,8 @@ def _output_layers(dg: tp.DependencyGraph, names: dict) -> list[str]:
 
 class _OpShapes(TorchFunctionMode):
     """Records, for the autograd node of each op in a forward pass, the shapes of its first tensor input and of its
-    output: what a reshape did to the channel dimension, which the node itself does not keep."""
+    output: what a reshape did to the channel dimension, which the node itself does not keep.
+    """
 
     def __init__(self):
         super().__init__()
@@ -374,7 +375,8 @@ class _OpShapes(TorchFunctionMode):
 def _channel_op_problem(grad_fn, shapes: dict) -> str | None:
     """Why a group's channels cannot pass through this functional op one to one (None if they can): the op is
     not known to keep channel j at position j of dimension 1 (see ``_ELEMENTWISE``), or it reduces, normalises
-    over, reorders or reshapes that dimension."""
+    over, reorders or reshapes that dimension.
+    """
     if grad_fn is None:
         return None
     op = grad_fn.name().rstrip("0123456789").removesuffix("Backward").lstrip("_")
