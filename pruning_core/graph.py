@@ -84,11 +84,16 @@ class Member:
 
 @dataclass
 class ChannelGroup:
-    """Layers whose channels must be removed together, named after their root module."""
+    """Layers whose channels must be removed together, named after their root module.
+
+    ``blocks`` > 1 where a grouped conv reads or writes the group: its channels fall into that many equal
+    consecutive blocks (one per conv group, or a multiple), and each block keeps the same number of them.
+    """
 
     name: str
     channels: int
     members: list[Member]
+    blocks: int = 1
 
     def layers(self, dim: str) -> list[str]:
         return [m.module for m in self.members if m.dim == dim]
@@ -269,9 +274,6 @@ def _check_supported(model: nn.Module) -> None:
             raise UserError(f"module {name!r} ({type(mod).__name__}) has parameters but is not supported; "
                             "prunepilot prunes Conv2d, Linear and BatchNorm1d/2d networks")
         if isinstance(mod, nn.Conv2d):
-            if mod.groups > 1 and not (mod.groups == mod.in_channels == mod.out_channels):
-                raise UserError(f"module {name!r}: grouped conv with groups={mod.groups} is not supported "
-                                "(only dense and depthwise convs are)")
             if mod.kernel_size[0] != mod.kernel_size[1]:
                 raise UserError(f"module {name!r}: non-square kernel {mod.kernel_size} is not supported")
 
@@ -460,6 +462,20 @@ def _channel_groups(dg: tp.DependencyGraph, model: nn.Module, names: dict, layer
                 break
             if (name, dim) not in {(m.module, m.dim) for m in members}:  # a layer may read what it scales
                 members.append(Member(name, dim, tuple(tuple(ix) for ix in index)))
+        blocks = 1
+        for m in members if problem is None else ():
+            info = layers[m.module]
+            if info.kind != "conv" or info.groups == 1 or info.depthwise:
+                continue
+            full = info.out_channels if m.dim == "out" else info.in_channels
+            if full != root_len or any(ix != (j,) for j, ix in enumerate(m.index)):
+                problem = f"grouped conv {m.module} (groups={info.groups}) has channels of this group among others"
+                break
+            blocks = math.lcm(blocks, info.groups)
+            if blocks == root_len:
+                problem = (f"grouped conv {m.module} (groups={info.groups}) reads each of these channels in a conv "
+                           "group of its own (a depthwise conv with a channel multiplier)")
+                break
         outs = [m for m in members if m.dim == "out" and layers[m.module].kind != "bn"]
         candidates = sorted(outs or members, key=lambda m: (layers[m.module].depthwise, definition_order[m.module]))
         gname = candidates[0].module if candidates else names.get(tp_group.items[0].dep.target.module, "?")
@@ -468,7 +484,7 @@ def _channel_groups(dg: tp.DependencyGraph, model: nn.Module, names: dict, layer
         if problem:
             excluded[gname] = problem
             continue
-        groups.append(ChannelGroup(gname, root_len, members))
+        groups.append(ChannelGroup(gname, root_len, members, blocks))
     return groups, excluded
 
 

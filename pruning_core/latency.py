@@ -8,6 +8,7 @@ import copy
 import io
 import json
 import logging
+import math
 import statistics
 import warnings
 from collections.abc import Callable
@@ -218,7 +219,8 @@ class LatencyTable:
             if info.kind == "bn":
                 continue
             free_in, free_out = name in trace.in_groups and not info.depthwise, name in trace.out_group
-            out[name] = (f"{info.kind} k{info.kernel} s{info.stride} {'dw ' if info.depthwise else ''}"
+            grouped = "dw " if info.depthwise else f"g{info.groups} " if info.groups > 1 else ""
+            out[name] = (f"{info.kind} k{info.kernel} s{info.stride} {grouped}"
                          f"{info.in_channels}{'*' if free_in else ''}x{info.out_channels}{'*' if free_out else ''} "
                          f"@{info.out_hw[0]}x{info.out_hw[1]}", free_in, free_out)
         return out
@@ -253,8 +255,12 @@ class LatencyTable:
             for name, (key, free_in, free_out) in keys.items():
                 if key not in todo:
                     info = trace.layers[name]
-                    ins = _grid(info.in_channels, block, points) if free_in else [info.in_channels]
-                    outs = _grid(info.out_channels, block, points) if free_out else [info.out_channels]
+                    step = block
+                    if info.groups > 1 and not info.depthwise:  # a grouped conv's widths are multiples of its groups
+                        step = math.lcm(block, info.groups)
+                        step = step if step <= min(info.in_channels, info.out_channels) else info.groups
+                    ins = _grid(info.in_channels, step, points) if free_in else [info.in_channels]
+                    outs = _grid(info.out_channels, step, points) if free_out else [info.out_channels]
                     todo[key] = (info, ins, outs)
             total, done = sum(len(i) * len(o) for _, i, o in todo.values()), 0
             if total <= max_timings or points <= 2:
@@ -272,7 +278,7 @@ class LatencyTable:
                         dw = info.depthwise
                         c_in = c_out if dw else c_in
                         mod = nn.Conv2d(c_in, c_out, info.kernel, info.stride, info.kernel // 2,
-                                        groups=c_out if dw else 1)
+                                        groups=c_out if dw else info.groups)
                         shape = (c_in, info.out_hw[0] * info.stride, info.out_hw[1] * info.stride)
                     run = latency_runner(mod, shape, batch_size, threads, backend)
                     row.append(1000 * time_runner(run, min_run_time, threads))

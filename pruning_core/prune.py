@@ -12,18 +12,21 @@ import torch
 from torch import nn
 
 from pruning_core.errors import UserError
-from pruning_core.graph import ModelTrace
+from pruning_core.graph import ChannelGroup, ModelTrace
 from pruning_core.latency import LatencyBudget
 
 __all__ = ["DroppedBranch", "EmptyChannels", "branch_width", "check_ratios", "drop_order", "fits_budget",
-           "global_ratios", "kept_channels", "kept_counts", "prune", "uniform_ratios"]
+           "global_ratios", "kept_channels", "kept_counts", "kept_indices", "prune", "uniform_ratios"]
 
 
-def kept_channels(channels: int, ratio: float, round_to: int | None = None, drop: bool = False) -> int:
+def kept_channels(channels: int, ratio: float, round_to: int | None = None, drop: bool = False,
+                  blocks: int = 1) -> int:
     """Channels a group of ``channels`` keeps at pruning ``ratio``: at least one, rounded up to ``round_to``.
 
     Ratio 1 keeps none (a dropped residual branch, see :attr:`ModelTrace.droppable`). With ``drop`` the group
     keeps a whole number of ``round_to`` blocks, possibly none: a width under half a block drops the branch.
+    A group that a grouped conv reads or writes (``blocks`` > 1, :attr:`ChannelGroup.blocks`) keeps a multiple of
+    ``blocks`` too (of both where that fits in ``channels``, else of ``blocks`` alone).
     """
     if ratio >= 1.0:
         return 0
@@ -32,16 +35,31 @@ def kept_channels(channels: int, ratio: float, round_to: int | None = None, drop
     if drop and raw < block / 2:
         return 0
     keep = max(1, int(round(raw)))
-    if block > 1 and (channels > block or drop):
-        keep = min(channels, int(math.ceil(keep / block) * block))
+    step = block if block > 1 and (channels > block or drop) else 1
+    if blocks > 1:
+        step = math.lcm(step, blocks) if math.lcm(step, blocks) <= channels else blocks
+    if step > 1:
+        keep = min(channels, int(math.ceil(keep / step) * step))
     return keep
 
 
-def branch_width(channels: int, ratio: float, round_to: int) -> int:
+def branch_width(channels: int, ratio: float, round_to: int, blocks: int = 1) -> int:
     """Channels a residual branch keeps at ``ratio`` when only a drop decision may remove it: whole ``round_to``
-    blocks (:func:`kept_channels` with ``drop``), at least one.
+    blocks (:func:`kept_channels` with ``drop``), at least one (as :func:`kept_channels` rounds it for ``blocks``).
     """
-    return max(min(channels, round_to), kept_channels(channels, ratio, round_to, drop=True))
+    one_block = kept_channels(channels, 1.0 - min(channels, round_to) / channels, round_to, blocks=blocks)
+    return max(one_block, kept_channels(channels, ratio, round_to, drop=True, blocks=blocks))
+
+
+def kept_indices(group: ChannelGroup, scores: torch.Tensor, kept: int) -> list[int]:
+    """The ``kept`` highest-scoring channels of ``group``, in their original order; with ``group.blocks`` > 1 the
+    same number from each block (``kept`` must be a multiple of it, as :func:`kept_channels` makes it).
+    """
+    if kept % group.blocks:
+        raise ValueError(f"group {group.name} keeps {kept} channels, not a multiple of its {group.blocks} blocks")
+    size, per = group.channels // group.blocks, kept // group.blocks
+    return sorted(b * size + int(i) for b in range(group.blocks)
+                  for i in torch.topk(scores[b * size:(b + 1) * size].float(), per).indices)
 
 
 def drop_order(trace: ModelTrace, costs: dict[str, float]) -> list[str]:
@@ -69,8 +87,8 @@ def kept_counts(trace: ModelTrace, ratios: dict[str, float], round_to: int | Non
     """Channels kept per group; groups missing from ``ratios`` stay dense. ``drop`` applies to the groups in
     ``trace.droppable`` (see :func:`kept_channels`).
     """
-    return {g.name: kept_channels(g.channels, ratios.get(g.name, 0.0), round_to, drop and g.name in trace.droppable)
-            for g in trace.groups}
+    return {g.name: kept_channels(g.channels, ratios.get(g.name, 0.0), round_to, drop and g.name in trace.droppable,
+                                  g.blocks) for g in trace.groups}
 
 
 class EmptyChannels(nn.Module):
@@ -129,14 +147,15 @@ def prune(model: nn.Module, ratios: dict[str, float], scores: dict[str, torch.Te
     for g in trace.groups:
         if kept[g.name] in (0, g.channels):  # dense, or dropped (below)
             continue
-        keep = set(torch.topk(scores[g.name].float(), kept[g.name]).indices.tolist())
+        keep = set(kept_indices(g, scores[g.name], kept[g.name]))
         gone = [j for j in range(g.channels) if j not in keep]
         for m in g.members:
             removed.setdefault((m.module, m.dim), set()).update(i for j in gone for i in m.index[j])
     for (name, dim), gone_idx in removed.items():
         info = trace.layers[name]
         full = info.out_channels if dim == "out" else info.in_channels
-        _slice(modules[name], dim, torch.tensor([i for i in range(full) if i not in gone_idx], dtype=torch.long))
+        _slice(modules[name], dim, torch.tensor([i for i in range(full) if i not in gone_idx], dtype=torch.long),
+               info.depthwise)
     # dropped branches last: the conv reading one may write a stream that another group narrowed (MobileNetV2)
     dropped = [m for g in trace.groups if kept[g.name] == 0 for m in g.members]
     if not dropped:
@@ -258,7 +277,7 @@ def _common_prefix(paths: list[list[str]]) -> list[str]:
 
 
 @torch.no_grad()
-def _slice(mod: nn.Module, dim: str, idx: torch.Tensor) -> None:
+def _slice(mod: nn.Module, dim: str, idx: torch.Tensor, depthwise: bool = False) -> None:
     def cut(p: torch.Tensor | None, axis: int) -> torch.Tensor | None:
         return None if p is None else p.index_select(axis, idx).clone()
 
@@ -274,8 +293,15 @@ def _slice(mod: nn.Module, dim: str, idx: torch.Tensor) -> None:
             if mod.bias is not None:
                 mod.bias = nn.Parameter(cut(mod.bias, 0))
             mod.out_channels = len(idx)
-            if mod.groups > 1:  # depthwise: input channels and groups follow
+            if depthwise:  # input channels and groups follow
                 mod.in_channels = mod.groups = len(idx)
+        elif mod.groups > 1:  # grouped: each conv group's filters keep that group's remaining inputs
+            size, rows = mod.in_channels // mod.groups, mod.out_channels // mod.groups
+            mod.weight = nn.Parameter(torch.cat([
+                mod.weight[b * rows:(b + 1) * rows].index_select(1, idx[(idx >= b * size) & (idx < (b + 1) * size)]
+                                                                  - b * size)
+                for b in range(mod.groups)]).clone())
+            mod.in_channels = len(idx)
         else:
             mod.weight = nn.Parameter(cut(mod.weight, 1))
             mod.in_channels = len(idx)
@@ -340,7 +366,7 @@ def uniform_ratios(trace: ModelTrace, target: float, max_ratio: float = 0.9,
     ratios = {g.name: hi for g in trace.groups}
     step = round_to if round_to and round_to > 1 else 1
     for g in trace.groups:
-        kept = kept_channels(g.channels, ratios[g.name], round_to)
+        kept = kept_channels(g.channels, ratios[g.name], round_to, blocks=g.blocks)
         if kept + step > g.channels:
             continue
         trial = {**ratios, g.name: 1.0 - (kept + step) / g.channels}
@@ -358,7 +384,7 @@ def global_ratios(trace: ModelTrace, scores: dict[str, torch.Tensor], target: fl
     """
     dense = _check_target(trace, target, max_ratio, round_to, latency)
     entries = sorted((float(s), g.name) for g in trace.groups for s in scores[g.name])
-    cap = {g.name: g.channels - kept_channels(g.channels, max_ratio) for g in trace.groups}
+    cap = {g.name: g.channels - kept_channels(g.channels, max_ratio, blocks=g.blocks) for g in trace.groups}
 
     def ratios_for(k: int) -> dict[str, float]:
         removed = dict.fromkeys(cap, 0)

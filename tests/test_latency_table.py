@@ -184,3 +184,33 @@ def test_cpu_channel_block_follows_the_simd_width(capability, block, monkeypatch
     """The conv kernels' channel block is 16 on AVX-512 machines, where a width of 8 is half a block, else 8."""
     monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: capability)
     assert cpu_channel_block() == block
+
+
+def test_grouped_convs_in_the_table_and_the_env():
+    """A grouped conv is timed with its conv groups at widths that are multiples of them, and the env's episodes
+    keep every group's blocks even while both budgets hold."""
+    from test_graph_encoder import _tiny_cifar
+    from test_pruning_core import Grouped
+
+    from pruning_core import PruningSession, SessionConfig
+    session = PruningSession(randomise(Grouped()), None, _tiny_cifar(),
+                             SessionConfig(reward_images=8, calib_batches=1, taylor_batches=1, batch_size=8))
+    trace = session.trace
+    table = LatencyTable.measure(session.model, trace, "torch", 1, block=8, min_run_time=0.002)
+    grouped = {k: e for k, e in table.layers.items() if " g" in k}
+    assert set(grouped) == {"conv k3 s1 g4 24*x48* @32x32", "conv k3 s1 g2 32*x24 @32x32",
+                            "conv k3 s1 g24 24x48* @32x32"}, list(table.layers)
+    assert grouped["conv k3 s1 g4 24*x48* @32x32"]["out"] == [8, 16, 24, 32, 40, 48]  # lcm(8, 4) = 8
+    assert grouped["conv k3 s1 g24 24x48* @32x32"]["out"] == [24, 48]  # multiples of its 24 groups
+    budget = LatencyBudget(table, 0.8)
+    rng = np.random.default_rng(0)
+    for granularity, round_to in (("group", None), ("substage", 8)):
+        env = BudgetOnlyEnv(session=session, flops=0.5, round_to=round_to, granularity=granularity,
+                            latency_budget=budget)
+        for episode in range(20):
+            env.reset(seed=episode)
+            done = False
+            while not done:
+                _, _, done, _, info = env.step(np.array([rng.uniform(-1, 1)], np.float32))
+            assert all(env.kept[g.name] % g.blocks == 0 for g in trace.groups), env.kept
+            assert info["flops_ratio"] <= 0.5 + 1e-12 and table.ratio(trace, env.kept) <= 0.8 + 1e-12

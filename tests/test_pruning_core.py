@@ -27,7 +27,7 @@ from pruning_core import (
 )
 from pruning_core.importance import TaylorImportance
 from pruning_core.latency import deploy_form
-from pruning_core.prune import DroppedBranch
+from pruning_core.prune import DroppedBranch, kept_indices
 
 
 def randomise(model: nn.Module, seed: int = 0) -> nn.Module:
@@ -52,7 +52,7 @@ def masked(model: nn.Module, trace, ratios, scores) -> nn.Module:
     kept = kept_counts(trace, ratios)
     with torch.no_grad():
         for g in trace.groups:
-            keep = set(torch.topk(scores[g.name].float(), kept[g.name]).indices.tolist())
+            keep = set(kept_indices(g, scores[g.name], kept[g.name]))
             drop = [c for c in range(g.channels) if c not in keep]
             outs = [m for m in g.members if m.dim == "out"]
             bns = [m for m in outs if isinstance(mods[m.module], nn.modules.batchnorm._BatchNorm)]
@@ -214,6 +214,52 @@ def test_ops_that_reorder_or_mix_channels_exclude_the_group(op):
     if not prunable:
         assert "channel" in trace.excluded["a.0"], trace.excluded
     check_equivalence(model, (3, 8, 8))
+
+
+class Grouped(nn.Module):
+    """A ResNeXt block (1x1, 3x3 with 4 conv groups, 1x1, skip), a plain grouped conv with 2 groups, and a
+    depthwise conv with a channel multiplier of 2 (each input channel its own conv group, two outputs each)."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = _cbr(3, 32)
+        self.a, self.b = _cbr(32, 24, 1), nn.Sequential(nn.Conv2d(24, 48, 3, padding=1, groups=4), nn.BatchNorm2d(48),
+                                                          nn.ReLU())
+        self.c = nn.Sequential(nn.Conv2d(48, 32, 1, bias=False), nn.BatchNorm2d(32))
+        self.g = nn.Sequential(nn.Conv2d(32, 24, 3, padding=1, groups=2, bias=False), nn.BatchNorm2d(24), nn.ReLU())
+        self.dw = nn.Sequential(nn.Conv2d(24, 48, 3, padding=1, groups=24, bias=False), nn.BatchNorm2d(48), nn.ReLU())
+        self.fc = nn.Linear(48, 10)
+
+    def forward(self, x):
+        x = self.stem(x)
+        x = F.relu(x + self.c(self.b(self.a(x))))
+        return self.fc(self.dw(self.g(x)).mean((2, 3)))
+
+
+def test_grouped_convs_prune_evenly_per_conv_group():
+    """A grouped conv's conv groups must stay equal: every group it reads or writes loses the same number of
+    channels from each of its blocks (the highest-scoring ones within each block), and a grouped conv's filters
+    keep their own group's inputs. A depthwise conv with a channel multiplier reads each channel in a group of its
+    own, so the group feeding it stays whole. Grouped convs were refused before."""
+    model = randomise(Grouped())
+    check_equivalence(model, (3, 8, 8), n_dicts=4)
+    trace = trace_model(model, (3, 8, 8))
+    check_equivalence(model, (3, 8, 8), ratios_of=random_drops)
+    blocks = {g.name: g.blocks for g in trace.groups}
+    assert blocks == {"stem.0": 2, "a.0": 4, "b.0": 4, "dw.0": 24}, blocks  # stem: read by g (2 conv groups)
+    assert "channel multiplier" in trace.excluded["g.0"] and "b.0" in trace.droppable
+    for ratio in (0.3, 0.55, 0.8):
+        kept = kept_counts(trace, {g.name: ratio for g in trace.groups}, round_to=8)
+        assert all(kept[n] % b == 0 for n, b in blocks.items()), kept
+        assert kept["b.0"] % 8 == 0 and kept["dw.0"] % 24 == 0
+    scores = {g.name: torch.arange(g.channels, dtype=torch.float) for g in trace.groups}
+    pruned = prune(model, {"b.0": 0.5}, scores, trace)
+    # each of b's 4 conv groups keeps its top 6 of 12 outputs: the last six of each block by these scores
+    assert pruned.b[0].groups == 4 and pruned.b[0].out_channels == 24 and pruned.c[0].in_channels == 24
+    assert torch.equal(pruned.b[0].weight, model.b[0].weight[[12 * k + i for k in range(4) for i in range(6, 12)]])
+    assert sum(p.numel() for p in pruned.parameters()) == trace.params(kept_counts(trace, {"b.0": 0.5}))
+    with pytest.raises(ValueError, match="multiple of its 4 blocks"):
+        kept_indices(trace.group("b.0"), scores["b.0"], 10)
 
 
 class BNVariants(nn.Module):
