@@ -57,6 +57,10 @@ def print_report(report: dict, as_json: bool) -> None:
         return
     print(f"{report['model']} [{report['method']}]: FLOPs {report['flops_ratio']:.3f} of dense, params "
           f"{report['params_ratio']:.3f}, test acc {report['acc']:.2f}% (dense {report['acc_dense']:.2f}%)")
+    if report.get("excluded"):  # the reasons in full are in report.json
+        reasons = [f"{name} ({why})" for name, why in report["excluded"].items()]
+        more = f"; {len(reasons) - 2} more in report.json" if len(reasons) > 2 else ""
+        print(f"left unpruned: {'; '.join(reasons[:2])}{more}")
     if "latency" in report:
         lat = report["latency"]
         print(f"latency ({lat['backend']}, batch {lat['batch_size']}): {lat['dense_ms']:.2f} ms dense -> "

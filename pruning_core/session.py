@@ -185,6 +185,6 @@ class PruningSession:
             "acc_dense": self.dense_accuracy("test"), "acc": accuracy(model, self.splits.test), "acc_split": "test",
             "acc_reward": accuracy(model, self.splits.reward),
             "ratios": {k: round(float(v), 6) for k, v in ratios.items()}, "round_to": round_to,
-            "method": method, "seed": seed,
+            "method": method, "seed": seed, "excluded": dict(self.trace.excluded),
             "time_s": round(time_s, 3), **extra,
         }

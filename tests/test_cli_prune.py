@@ -27,6 +27,8 @@ def test_prune_cli_report_meets_budget(tmp_path, capsys):
         assert key in report
     assert 0.48 <= report["flops_ratio"] <= 0.5
     assert report["acc_split"] == "test" and report["method"] == "global"
+    (reason,) = report["excluded"].values()  # the residual streams, coupled by the zero-padding shortcut
+    assert "ConstantPadNd" in reason
     assert report["acc"] > 30.0  # adaptive BN keeps a global-ranked 50% ResNet-56 far above chance
     assert json.loads((out_dir / "report.json").read_text())["flops"] == report["flops"]
     assert (out_dir / "model.pt2").is_file()
@@ -144,3 +146,14 @@ def test_every_subcommand_help_renders(command, flags, capsys):
     assert e.value.code == 0
     text = capsys.readouterr().out
     assert all(f in text for f in flags), text
+
+
+def test_summary_names_the_groups_left_unpruned(capsys):
+    from agent.outputs import print_report
+    report = {"model": "m", "method": "uniform", "flops_ratio": 0.5, "params_ratio": 0.5, "acc": 80.0,
+              "acc_dense": 90.0, "excluded": {f"g{i}": f"reason {i}" for i in range(4)}}
+    print_report(report, as_json=False)
+    last = capsys.readouterr().out.splitlines()[-1]
+    assert last == "left unpruned: g0 (reason 0); g1 (reason 1); 2 more in report.json"
+    print_report({**report, "excluded": {}}, as_json=False)
+    assert "unpruned" not in capsys.readouterr().out
