@@ -386,28 +386,27 @@ def _channel_op_problem(grad_fn, shapes: dict) -> str | None:
         return None
     in_shape, out_shape = shapes.get(grad_fn, (None, None))
 
-    def dims(attr: str) -> set[int] | None:
+    def dims(attr: str) -> tuple[int, ...] | None:  # a saved dimension argument, made non-negative
         value = getattr(grad_fn, attr, None)
         if value is None or in_shape is None:
             return None
-        value = value if isinstance(value, tuple) else (value,)
-        return {(d - 2**64 if d >= 2**63 else d) % len(in_shape) for d in value}
+        return tuple((d - 2**64 if d >= 2**63 else d) % len(in_shape) for d in (value if isinstance(value, tuple)
+                                                                               else (value,)))
 
     if op in _REDUCTIONS:
         reduced = dims("_saved_dim")
-        if reduced is not None and 1 not in reduced and 0 not in reduced:
+        if reduced is not None and not {0, 1} & set(reduced):
             return None
         return f"{op} over the channel dimension mixes channels"
     if op in ("Transpose", "Permute", "Flip"):
         if op == "Permute":  # the dimensions that the permutation moves
-            perm = dims("_saved_dims")
-            order = getattr(grad_fn, "_saved_dims", ())
-            moved = None if perm is None else {i for i, d in enumerate(order) if d % len(in_shape) != i}
+            order = dims("_saved_dims")
+            moved = None if order is None else {i for i, d in enumerate(order) if d != i}
         elif op == "Transpose":
-            a, b = dims("_saved_dim0"), dims("_saved_dim1")
-            moved = None if a is None or b is None or a == b else a | b
+            pair = (dims("_saved_dim0") or ()) + (dims("_saved_dim1") or ())
+            moved = set(pair) if len(pair) == 2 and pair[0] != pair[1] else None
         else:
-            moved = dims("_saved_dims")
+            moved = None if dims("_saved_dims") is None else set(dims("_saved_dims"))
         if moved is not None and not moved & {0, 1}:
             return None
         return f"{op} reorders the channels"
