@@ -238,7 +238,22 @@ def trunk_table(res: dict) -> list[str]:
     return lines
 
 
-ORDER = ("search", "exhaustive", "latency", "transfer", "ablation", "reward", "scale", "env", "trunk")
+def within_table(res: dict) -> list[str]:
+    variants = list(res["summary_mean_change"])
+    lines = ["ResNet-56 at 50% FLOPs: searched allocations with each stage's pruning spread over its blocks "
+             "(bench/within_stage.py: same stage totals; Taylor ranking within the stage, or a slope in ratio from "
+             "the first block to the last). Accuracy on the reward / select splits (training images).", "",
+             "| allocation | searched | " + " | ".join(variants) + " |", "|---|---|" + "---|" * len(variants)]
+    for r in res["rows"]:
+        cells = [f"{r[k]['reward']:.1f} / {r[k]['select']:.1f}" for k in ("searched", *variants)]
+        lines.append(f"| {r['run']} | " + " | ".join(cells) + " |")
+    mean = res["summary_mean_change"]
+    lines.append("| mean change | – | " + " | ".join(f"{mean[v]['reward']:+.2f} / {mean[v]['select']:+.2f}"
+                                                   for v in variants) + " |")
+    return lines
+
+
+ORDER = ("search", "exhaustive", "latency", "transfer", "ablation", "reward", "scale", "env", "trunk", "within")
 README_START, README_END = "<!-- bench:start -->", "<!-- bench:end -->"
 # The runs behind the README's "where it stands" summary (the latest of each kind); REPORT.md holds every file.
 README_RESULTS = ("search_substage_r16_drop_loss", "search_substage_r16_drop_loss_s345", "search_group_r16_drop",
@@ -250,7 +265,7 @@ def render_all(names: tuple[str, ...] | None = None) -> str:
     """Every results file's table, or only those of ``names`` (results file stems)."""
     renderers = {"search": search_table, "exhaustive": exhaustive_table, "transfer": transfer_table,
                  "scale": scale_table, "latency": latency_table, "ablation": ablation_table, "env": env_table,
-                 "reward": reward_signal_table, "trunk": trunk_table}
+                 "reward": reward_signal_table, "trunk": trunk_table, "within": within_table}
     out = []
     paths = sorted(RESULTS.glob("*.json"), key=lambda p: (ORDER.index(p.stem.split("_")[0])
                                                           if p.stem.split("_")[0] in ORDER else len(ORDER), p.stem))
