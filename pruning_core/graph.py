@@ -25,8 +25,8 @@ from torch.overrides import TorchFunctionMode
 
 from pruning_core.errors import UserError
 
-__all__ = ["ChannelGroup", "GraphNode", "LayerInfo", "Member", "ModelTrace", "layer_macs", "measure_flops",
-           "trace_model"]
+__all__ = ["ChannelGroup", "GraphNode", "LayerInfo", "Member", "ModelTrace", "grouped_step", "layer_macs",
+           "measure_flops", "trace_model"]
 
 log = logging.getLogger(__name__)
 
@@ -233,6 +233,14 @@ class ModelTrace:
         return {g.name: g.channels for g in self.groups}
 
 
+def grouped_step(step: int, groups: int, channels: int) -> int:
+    """The width step of ``channels`` that a grouped conv splits over its ``groups`` conv groups: a multiple of
+    both ``step`` (e.g. the CPU's channel block) and ``groups`` where that fits in ``channels``, else of ``groups``.
+    """
+    both = math.lcm(step, groups)
+    return both if both <= channels else groups
+
+
 def layer_macs(kind: str, in_c: int, out_c: int, groups: int, kernel: int, out_hw: tuple[int, int]) -> int:
     """Multiply-accumulates of one conv or linear layer at batch 1: the project's only FLOPs formula."""
     if kind == "linear":
@@ -429,7 +437,7 @@ def _channel_groups(dg: tp.DependencyGraph, model: nn.Module, names: dict, layer
     for tp_group in dg.get_all_groups(ignored_layers=ignored, root_module_types=[nn.Conv2d, nn.Linear]):
         root_len = len(tp_group.items[0].idxs)
         members: list[Member] = []
-        problem = None
+        problem, blocks = None, 1
         for item in tp_group.items:
             mod = item.dep.target.module
             if mod not in names or not isinstance(mod, _SUPPORTED):  # functional op: nothing to cut, but it must
@@ -459,22 +467,17 @@ def _channel_groups(dg: tp.DependencyGraph, model: nn.Module, names: dict, layer
             if any(len(ix) != len(index[0]) for ix in index) or len(set(idxs)) != len(idxs):
                 problem = f"{name} maps group channels unevenly"
                 break
+            if info.kind == "conv" and info.groups > 1 and not info.depthwise:  # a grouped conv: blocks stay even
+                if full != root_len or any(ix != [j] for j, ix in enumerate(index)):
+                    problem = f"grouped conv {name} (groups={info.groups}) has channels of this group among others"
+                    break
+                blocks = math.lcm(blocks, info.groups)
+                if blocks == root_len:
+                    problem = (f"grouped conv {name} (groups={info.groups}) reads each of these channels in a conv "
+                               "group of its own (a depthwise conv with a channel multiplier)")
+                    break
             if (name, dim) not in {(m.module, m.dim) for m in members}:  # a layer may read what it scales
                 members.append(Member(name, dim, tuple(tuple(ix) for ix in index)))
-        blocks = 1
-        for m in members if problem is None else ():
-            info = layers[m.module]
-            if info.kind != "conv" or info.groups == 1 or info.depthwise:
-                continue
-            full = info.out_channels if m.dim == "out" else info.in_channels
-            if full != root_len or any(ix != (j,) for j, ix in enumerate(m.index)):
-                problem = f"grouped conv {m.module} (groups={info.groups}) has channels of this group among others"
-                break
-            blocks = math.lcm(blocks, info.groups)
-            if blocks == root_len:
-                problem = (f"grouped conv {m.module} (groups={info.groups}) reads each of these channels in a conv "
-                           "group of its own (a depthwise conv with a channel multiplier)")
-                break
         outs = [m for m in members if m.dim == "out" and layers[m.module].kind != "bn"]
         candidates = sorted(outs or members, key=lambda m: (layers[m.module].depthwise, definition_order[m.module]))
         gname = candidates[0].module if candidates else names.get(tp_group.items[0].dep.target.module, "?")

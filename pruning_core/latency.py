@@ -8,7 +8,6 @@ import copy
 import io
 import json
 import logging
-import math
 import statistics
 import warnings
 from collections.abc import Callable
@@ -21,6 +20,7 @@ import torch.utils.benchmark as benchmark
 from torch import nn
 
 from pruning_core.errors import UserError
+from pruning_core.graph import grouped_step
 
 if TYPE_CHECKING:
     from pruning_core.graph import ModelTrace
@@ -257,8 +257,7 @@ class LatencyTable:
                     info = trace.layers[name]
                     step = block
                     if info.groups > 1 and not info.depthwise:  # a grouped conv's widths are multiples of its groups
-                        step = math.lcm(block, info.groups)
-                        step = step if step <= min(info.in_channels, info.out_channels) else info.groups
+                        step = grouped_step(block, info.groups, min(info.in_channels, info.out_channels))
                     ins = _grid(info.in_channels, step, points) if free_in else [info.in_channels]
                     outs = _grid(info.out_channels, step, points) if free_out else [info.out_channels]
                     todo[key] = (info, ins, outs)

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from pruning_core.errors import UserError
-from pruning_core.graph import ChannelGroup, ModelTrace
+from pruning_core.graph import ChannelGroup, ModelTrace, grouped_step
 from pruning_core.latency import LatencyBudget
 
 __all__ = ["DroppedBranch", "EmptyChannels", "branch_width", "check_ratios", "drop_order", "fits_budget",
@@ -37,7 +37,7 @@ def kept_channels(channels: int, ratio: float, round_to: int | None = None, drop
     keep = max(1, int(round(raw)))
     step = block if block > 1 and (channels > block or drop) else 1
     if blocks > 1:
-        step = math.lcm(step, blocks) if math.lcm(step, blocks) <= channels else blocks
+        step = grouped_step(step, blocks, channels)
     if step > 1:
         keep = min(channels, int(math.ceil(keep / step) * step))
     return keep
