@@ -115,8 +115,8 @@ class LayerGraph:
                                                                 else 0.0, *q.tolist()]
         np.clip(x, -FEATURE_BOUND, FEATURE_BOUND, out=x)
         index = {node.module: i for i, node in enumerate(nodes) if node.module}
-        group_nodes = [np.array(sorted(index[m.module] for m in g.members if m.dim == "out"), dtype=np.int64)
-                       for g in trace.groups]
+        group_nodes = [np.array(sorted(index[m.module] for m in g.members if m.dim == "out" and m.module in index),
+                                dtype=np.int64) for g in trace.groups]  # a PReLU is no node (as a ReLU is none)
         roots = np.array([index[g.name] for g in trace.groups], dtype=np.int64)
         edges = np.array(trace.edges, dtype=np.int64).T.reshape(2, -1)
         return cls([nd.name for nd in nodes], x, edges, [g.name for g in trace.groups], group_nodes, roots)

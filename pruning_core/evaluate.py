@@ -41,10 +41,11 @@ def mean_loss(model: nn.Module, split: Split, batch_size: int = 256) -> float:
 def adapt_bn(model: nn.Module, calib: Split, num_batches: int = 10, batch_size: int = 64) -> nn.Module:
     """Adaptive BN (Li et al., EagleEye, ECCV 2020): re-estimate BN statistics on calibration images.
 
+    Covers every norm layer that keeps running statistics (BN, and instance norm with ``track_running_stats``).
     Resets running statistics, forwards ``num_batches`` batches in train mode without gradients using a
     cumulative average, and returns the model in eval mode. Modifies ``model`` in place.
     """
-    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._NormBase) and m.track_running_stats]
     if not bns:
         return model.eval()
     momenta = [m.momentum for m in bns]

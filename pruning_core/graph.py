@@ -30,8 +30,9 @@ __all__ = ["ChannelGroup", "GraphNode", "LayerInfo", "Member", "ModelTrace", "gr
 
 log = logging.getLogger(__name__)
 
-_BN = (nn.BatchNorm1d, nn.BatchNorm2d)
-_SUPPORTED = (nn.Conv2d, nn.Linear, *_BN)
+# per-channel norms ("bn" layers): BN, and instance norm (its statistics are per channel too, so channels can go)
+_BN = (nn.BatchNorm1d, nn.BatchNorm2d, nn.InstanceNorm2d)
+_SUPPORTED = (nn.Conv2d, nn.Linear, *_BN, nn.PReLU)  # PReLU with one slope per channel is an "act" layer
 # autograd function names (Torch-Pruning's element-wise ops) that become layer-graph nodes
 _GRAPH_OPS = {"AddBackward0": "add", "CatBackward0": "concat", "AvgPool2DBackward0": "pool",
               "MaxPool2DWithIndicesBackward0": "pool", "AdaptiveAvgPool2DBackward0": "pool",
@@ -56,7 +57,7 @@ class LayerInfo:
     """Static shape of a conv, linear or BN layer in the dense model."""
 
     name: str
-    kind: str  # "conv" | "linear" | "bn"
+    kind: str  # "conv" | "linear" | "bn" (a per-channel norm) | "act" (a per-channel activation: PReLU)
     in_channels: int
     out_channels: int
     kernel: int = 1
@@ -94,6 +95,7 @@ class ChannelGroup:
     channels: int
     members: list[Member]
     blocks: int = 1
+    shared_slopes: tuple[str, ...] = ()  # PReLUs with one shared slope that these channels pass
 
     def layers(self, dim: str) -> list[str]:
         return [m.module for m in self.members if m.dim == dim]
@@ -120,6 +122,9 @@ class ModelTrace:
     in_groups: dict[str, list[str]] = field(default_factory=dict)  # layer -> groups among its in channels
 
     has_bias: dict[str, bool] = field(default_factory=dict)  # conv/linear: a bias; BN: affine (gate and bias)
+    # PReLUs with one shared slope (element-wise, never cut) -> the group whose channels they pass ("" for none):
+    # the slope goes when that residual branch is dropped
+    shared_slopes: dict[str, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.group_index = {g.name: i for i, g in enumerate(self.groups)}
@@ -200,7 +205,7 @@ class ModelTrace:
         kept = kept if kept is not None else self.dense_kept()
         out = {}
         for name, info in self.layers.items():
-            if info.kind == "bn":
+            if info.kind in ("bn", "act"):
                 continue
             in_c, out_c, groups = self.channels_of(name, kept)
             out[name] = layer_macs(info.kind, in_c, out_c, groups, info.kernel, info.out_hw)
@@ -218,6 +223,8 @@ class ModelTrace:
                 out[name] = 0  # the BN of a dropped branch goes with it
             elif info.kind == "bn":
                 out[name] = 2 * out_c if self.has_bias.get(name) else 0  # affine weight and bias
+            elif info.kind == "act":
+                out[name] = out_c  # one PReLU slope per channel
             elif in_c == 0:  # reads a dropped branch: gone, bias included
                 out[name] = 0
             else:
@@ -226,8 +233,9 @@ class ModelTrace:
         return out
 
     def params(self, kept: dict[str, int] | None = None) -> int:
-        """Parameters of conv, linear and BN layers (weights, biases, BN affine)."""
-        return sum(self.layer_params(kept).values())
+        """Parameters of conv, linear, norm and PReLU layers (weights, biases, norm affine, slopes)."""
+        kept = kept if kept is not None else self.dense_kept()
+        return sum(self.layer_params(kept).values()) + sum(kept.get(g, 1) > 0 for g in self.shared_slopes.values())
 
     def dense_kept(self) -> dict[str, int]:
         return {g.name: g.channels for g in self.groups}
@@ -275,12 +283,18 @@ def measure_flops(model: nn.Module, input_shape: tuple[int, ...]) -> int:
     return total
 
 
+def _is_layer(mod: nn.Module) -> bool:
+    """Whether ``mod`` is a layer of the trace; a PReLU with one shared slope is an element-wise op instead."""
+    return isinstance(mod, _SUPPORTED) and not (isinstance(mod, nn.PReLU) and mod.num_parameters == 1)
+
+
 def _check_supported(model: nn.Module) -> None:
     for name, mod in model.named_modules():
         own_params = list(mod.parameters(recurse=False))
         if own_params and not isinstance(mod, _SUPPORTED):
             raise UserError(f"module {name!r} ({type(mod).__name__}) has parameters but is not supported; "
-                            "prunepilot prunes Conv2d, Linear and BatchNorm1d/2d networks")
+                            "prunepilot prunes networks of Conv2d, Linear, BatchNorm1d/2d, InstanceNorm2d and PReLU "
+                            "layers")
         if isinstance(mod, nn.Conv2d):
             if mod.kernel_size[0] != mod.kernel_size[1]:
                 raise UserError(f"module {name!r}: non-square kernel {mod.kernel_size} is not supported")
@@ -298,18 +312,26 @@ def trace_model(model: nn.Module, input_shape: tuple[int, ...]) -> ModelTrace:
     names = {m: n for n, m in model.named_modules()}
     shapes: dict[str, tuple[int, int]] = {}
     calls: dict[str, int] = {}
+    inner: set = set()  # autograd nodes inside a layer's own forward (instance norm's reshapes, PReLU's slopes)
+    op_shapes: _OpShapes | None = None
 
-    def hook(mod: nn.Module, _inp: tuple, out: torch.Tensor) -> None:
-        shapes[names[mod]] = tuple(out.shape[2:4]) if out.dim() == 4 else (1, 1)
+    def hook(mod: nn.Module, inp: tuple, out: torch.Tensor) -> None:
+        if op_shapes is not None:  # Torch-Pruning's pass
+            inner.update(_nodes_between(out.grad_fn, {t.grad_fn for t in inp if isinstance(t, torch.Tensor)}))
+            return
         calls[names[mod]] = calls.get(names[mod], 0) + 1
+        if _is_layer(mod):
+            shapes[names[mod]] = tuple(out.shape[2:4]) if out.dim() == 4 else (1, 1)
 
     handles = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, _SUPPORTED)]
     try:
         with torch.no_grad():  # one plain forward pass: the shapes, and how often each layer runs
             model(torch.zeros(1, *input_shape))
         shared = sorted(name for name, n in calls.items() if n > 1)
-        with _OpShapes() as op_shapes:
-            dg = tp.DependencyGraph().build_dependency(model, example_inputs=torch.zeros(1, *input_shape))
+        if not shared:
+            op_shapes = _OpShapes()
+            with op_shapes:
+                dg = tp.DependencyGraph().build_dependency(model, example_inputs=torch.zeros(1, *input_shape))
     except Exception as e:  # noqa: BLE001 - report any tracing failure as a user error with the cause
         raise UserError(f"cannot trace {type(model).__name__} on input shape {input_shape}: {e}") from e
     finally:
@@ -318,7 +340,7 @@ def trace_model(model: nn.Module, input_shape: tuple[int, ...]) -> ModelTrace:
         model.train(was_training)
     if shared:
         raise UserError(f"{type(model).__name__} calls {', '.join(map(repr, shared))} more than once per forward "
-                        "pass (shared weights); prunepilot needs each conv, linear and BN layer used once")
+                        "pass (shared weights); prunepilot needs each layer with parameters used once")
 
     layers: dict[str, LayerInfo] = {}
     has_bias: dict[str, bool] = {}
@@ -335,15 +357,21 @@ def trace_model(model: nn.Module, input_shape: tuple[int, ...]) -> ModelTrace:
         elif isinstance(mod, _BN):
             layers[name] = LayerInfo(name, "bn", mod.num_features, mod.num_features, out_hw=shapes[name])
             has_bias[name] = mod.affine  # BN: whether it has a gate and a bias (affine)
+        elif isinstance(mod, nn.PReLU):
+            layers[name] = LayerInfo(name, "act", mod.num_parameters, mod.num_parameters, out_hw=shapes[name])
+            has_bias[name] = False
 
     nodes, edges = _layer_graph(dg, names)
     order = {n.module: i for i, n in enumerate(nodes) if n.module}
     outputs = _output_layers(dg, names)
-    groups, excluded = _channel_groups(dg, model, names, layers, outputs, op_shapes.shapes)
+    groups, excluded = _channel_groups(dg, model, names, layers, outputs, op_shapes.shapes, inner)
     groups.sort(key=lambda g: order.get(g.name, len(order)))
     for name, reason in excluded.items():
         log.info("group %s is not prunable: %s", name, reason)
-    return ModelTrace(tuple(input_shape), layers, groups, excluded, nodes, edges, has_bias=has_bias)
+    slopes = {n: "" for m, n in names.items() if isinstance(m, nn.PReLU) and not _is_layer(m)}
+    slopes.update({n: g.name for g in groups for n in g.shared_slopes})
+    return ModelTrace(tuple(input_shape), layers, groups, excluded, nodes, edges, has_bias=has_bias,
+                      shared_slopes=slopes)
 
 
 def _output_layers(dg: tp.DependencyGraph, names: dict) -> list[str]:
@@ -427,8 +455,20 @@ def _channel_op_problem(grad_fn, shapes: dict) -> str | None:
     return f"{op} is not known to keep channels one to one"
 
 
+def _nodes_between(start, stop: set) -> set:
+    """The autograd nodes from ``start`` back to (not into) the ``stop`` nodes: the ops of one layer's forward."""
+    seen, todo = set(), [start]
+    while todo:
+        node = todo.pop()
+        if node is None or node in stop or node in seen:
+            continue
+        seen.add(node)
+        todo.extend(f for f, _ in node.next_functions)
+    return seen
+
+
 def _channel_groups(dg: tp.DependencyGraph, model: nn.Module, names: dict, layers: dict[str, LayerInfo],
-                    outputs: list[str], op_shapes: dict) -> tuple[list[ChannelGroup], dict[str, str]]:
+                    outputs: list[str], op_shapes: dict, inner: set) -> tuple[list[ChannelGroup], dict[str, str]]:
     modules = dict(model.named_modules())
     ignored = [modules[n] for n in outputs]
     groups: list[ChannelGroup] = []
@@ -437,17 +477,22 @@ def _channel_groups(dg: tp.DependencyGraph, model: nn.Module, names: dict, layer
     for tp_group in dg.get_all_groups(ignored_layers=ignored, root_module_types=[nn.Conv2d, nn.Linear]):
         root_len = len(tp_group.items[0].idxs)
         members: list[Member] = []
-        problem, blocks = None, 1
+        problem, blocks, slopes = None, 1, []
         for item in tp_group.items:
             mod = item.dep.target.module
+            if isinstance(mod, nn.PReLU) and not _is_layer(mod):  # one shared slope: element-wise
+                slopes.append(names[mod])
+                continue
             if mod not in names or not isinstance(mod, _SUPPORTED):  # functional op: nothing to cut, but it must
+                if item.dep.target.grad_fn in inner:  # keep channels one to one, unless the op is part of a
+                    continue  # layer's own forward (instance norm's reshapes, PReLU's slopes), cut with the layer
                 problem = _channel_op_problem(item.dep.target.grad_fn, op_shapes)  # keep channels one to one
                 if problem:
                     break
                 continue
             name = names[mod]
             handler = item.dep.handler.__name__
-            dim = "out" if handler == "prune_out_channels" or isinstance(mod, _BN) else "in"
+            dim = "out" if handler == "prune_out_channels" or isinstance(mod, (*_BN, nn.PReLU)) else "in"
             info = layers[name]
             full = info.out_channels if dim == "out" else info.in_channels
             root_idxs = [int(r) for r in (item.root_idxs if item.root_idxs is not None else item.idxs)]
@@ -478,7 +523,7 @@ def _channel_groups(dg: tp.DependencyGraph, model: nn.Module, names: dict, layer
                     break
             if (name, dim) not in {(m.module, m.dim) for m in members}:  # a layer may read what it scales
                 members.append(Member(name, dim, tuple(tuple(ix) for ix in index)))
-        outs = [m for m in members if m.dim == "out" and layers[m.module].kind != "bn"]
+        outs = [m for m in members if m.dim == "out" and layers[m.module].kind in ("conv", "linear")]
         candidates = sorted(outs or members, key=lambda m: (layers[m.module].depthwise, definition_order[m.module]))
         gname = candidates[0].module if candidates else names.get(tp_group.items[0].dep.target.module, "?")
         if problem is None and not outs:
@@ -486,7 +531,7 @@ def _channel_groups(dg: tp.DependencyGraph, model: nn.Module, names: dict, layer
         if problem:
             excluded[gname] = problem
             continue
-        groups.append(ChannelGroup(gname, root_len, members, blocks))
+        groups.append(ChannelGroup(gname, root_len, members, blocks, tuple(dict.fromkeys(slopes))))
     return groups, excluded
 
 

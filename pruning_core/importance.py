@@ -32,12 +32,12 @@ def _to_group_scores(trace: ModelTrace, per_layer: dict[str, torch.Tensor], use:
 
 
 def _score_layers(trace: ModelTrace) -> dict[str, list[str]]:
-    """Per group, the layers whose gates are scored: its affine BNs, or its conv/linear outputs where it has none."""
+    """Per group, the layers whose gates are scored: its affine norms, or its conv/linear outputs where it has none."""
     use = {}
     for g in trace.groups:
         outs = [m.module for m in g.members if m.dim == "out"]
         bns = [n for n in outs if trace.layers[n].kind == "bn" and trace.has_bias.get(n)]
-        use[g.name] = bns or [n for n in outs if trace.layers[n].kind != "bn"]
+        use[g.name] = bns or [n for n in outs if trace.layers[n].kind in ("conv", "linear")]
     return use
 
 
@@ -71,7 +71,7 @@ class TaylorImportance:
             with torch.no_grad():
                 for n in layers:
                     m = modules[n]
-                    if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                    if trace.layers[n].kind == "bn":
                         s = m.weight * m.weight.grad + m.bias * m.bias.grad
                     else:
                         s = (m.weight * m.weight.grad).flatten(1).sum(1)
@@ -89,8 +89,8 @@ class L1Importance:
 
     def __call__(self, model: nn.Module, batches: object, trace: ModelTrace) -> dict[str, torch.Tensor]:
         modules = dict(model.named_modules())
-        use = {g.name: [m.module for m in g.members if m.dim == "out" and trace.layers[m.module].kind != "bn"]
-               for g in trace.groups}
+        use = {g.name: [m.module for m in g.members
+                        if m.dim == "out" and trace.layers[m.module].kind in ("conv", "linear")] for g in trace.groups}
         with torch.no_grad():
             per_layer = {n: modules[n].weight.abs().flatten(1).sum(1) for names in use.values() for n in names}
         return _to_group_scores(trace, per_layer, use)

@@ -160,6 +160,8 @@ def prune(model: nn.Module, ratios: dict[str, float], scores: dict[str, torch.Te
     dropped = [m for g in trace.groups if kept[g.name] == 0 for m in g.members]
     if not dropped:
         return net
+    for slope in (s for g in trace.groups if kept[g.name] == 0 for s in g.shared_slopes):  # a PReLU of no channels
+        _replace(net, slope, nn.Identity(), modules[slope].training)
     adds = {m.module: trace.branch_add(m.module) for m in dropped if m.dim == "in"}
     into, inputs = Counter(adds.values()), Counter(b for _, b in trace.edges)
     for m in dropped:
@@ -196,6 +198,7 @@ def _remove_dead_blocks(net: nn.Module, trace: ModelTrace, kept: dict[str, int])
     dead = {m.module for g in trace.groups if kept[g.name] == 0 for m in g.members}
     dead |= {bn for bn, g in trace.branch_bn_of.items() if kept[g] == 0}
     live = [name for name in trace.layers if name not in dead]
+    live += [name for name, g in trace.shared_slopes.items() if kept.get(g, 1) > 0]  # not layers, but parameters
     named = dict(net.named_modules())
     candidates: dict[str, list[str]] = {}  # dropped group -> enclosing module names, innermost first
     for g in trace.groups:
@@ -281,12 +284,15 @@ def _slice(mod: nn.Module, dim: str, idx: torch.Tensor, depthwise: bool = False)
     def cut(p: torch.Tensor | None, axis: int) -> torch.Tensor | None:
         return None if p is None else p.index_select(axis, idx).clone()
 
-    if isinstance(mod, nn.modules.batchnorm._BatchNorm):
+    if isinstance(mod, nn.modules.batchnorm._NormBase):  # BN and instance norm
         if mod.affine:
             mod.weight = nn.Parameter(cut(mod.weight, 0))
             mod.bias = nn.Parameter(cut(mod.bias, 0))
         mod.running_mean, mod.running_var = cut(mod.running_mean, 0), cut(mod.running_var, 0)
         mod.num_features = len(idx)
+    elif isinstance(mod, nn.PReLU):  # one slope per channel
+        mod.weight = nn.Parameter(cut(mod.weight, 0))
+        mod.num_parameters = len(idx)
     elif isinstance(mod, nn.Conv2d):
         if dim == "out":
             mod.weight = nn.Parameter(cut(mod.weight, 0))

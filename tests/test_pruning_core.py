@@ -9,9 +9,11 @@ import torch.nn.functional as F
 from conftest import needs_assets
 from torch import nn
 
+from graph_encoder import LayerGraph
 from pruning_core import (
     UserError,
     accuracy,
+    adapt_bn,
     build_model,
     compare_latency,
     export_model,
@@ -25,6 +27,7 @@ from pruning_core import (
     trace_model,
     uniform_ratios,
 )
+from pruning_core.data import Split
 from pruning_core.importance import TaylorImportance
 from pruning_core.latency import deploy_form
 from pruning_core.prune import DroppedBranch, kept_indices
@@ -55,7 +58,7 @@ def masked(model: nn.Module, trace, ratios, scores) -> nn.Module:
             keep = set(kept_indices(g, scores[g.name], kept[g.name]))
             drop = [c for c in range(g.channels) if c not in keep]
             outs = [m for m in g.members if m.dim == "out"]
-            bns = [m for m in outs if isinstance(mods[m.module], nn.modules.batchnorm._BatchNorm)]
+            bns = [m for m in outs if isinstance(mods[m.module], nn.modules.batchnorm._NormBase)]
             for m in bns or outs:
                 idx = torch.tensor([i for c in drop for i in m.index[c]], dtype=torch.long)
                 mod = mods[m.module]
@@ -63,7 +66,7 @@ def masked(model: nn.Module, trace, ratios, scores) -> nn.Module:
                     mod.register_forward_hook(lambda _m, _i, out, idx=idx: out.index_fill(1, idx, 0.0))
                     continue
                 mod.weight[idx] = 0
-                if mod.bias is not None:
+                if getattr(mod, "bias", None) is not None:  # a PReLU has slopes only
                     mod.bias[idx] = 0
             if kept[g.name] == 0:
                 for m in g.members:
@@ -71,7 +74,7 @@ def masked(model: nn.Module, trace, ratios, scores) -> nn.Module:
                         for name in (m.module, *trace.branch_bns(m.module)):
                             if mods[name].bias is not None:
                                 mods[name].bias.zero_()
-                            if isinstance(mods[name], nn.modules.batchnorm._BatchNorm) and mods[name].affine:
+                            if isinstance(mods[name], nn.modules.batchnorm._NormBase) and mods[name].affine:
                                 mods[name].weight.zero_()
     return net
 
@@ -284,6 +287,73 @@ def test_bn1d_and_non_affine_bn():
     batches = [(torch.randn(4, 3, 8, 8), torch.randint(0, 10, (4,)))] * 2
     scores = TaylorImportance(2)(model, batches, trace)
     assert all(bool(torch.isfinite(s).all()) and float(s.sum()) > 0 for s in scores.values())
+
+
+class SlopeBlock(nn.Module):
+    """A residual block with shared-slope PReLUs: one inside the branch, one after the add."""
+
+    def __init__(self, c: int):
+        super().__init__()
+        self.c1, self.n1, self.a1 = nn.Conv2d(c, c, 3, padding=1, bias=False), nn.BatchNorm2d(c), nn.PReLU()
+        self.c2, self.n2, self.a2 = nn.Conv2d(c, c, 3, padding=1, bias=False), nn.BatchNorm2d(c), nn.PReLU()
+
+    def forward(self, x):
+        return self.a2(x + self.n2(self.c2(self.a1(self.n1(self.c1(x))))))
+
+
+class SlopesAndNorms(nn.Module):
+    """PReLU with a slope per channel (after a conv and after a linear layer) and with one shared slope (residual
+    branches in a block of their own and in the top module), and instance norm with affine parameters, with and
+    without running statistics."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.InstanceNorm2d(16, affine=True), nn.PReLU(16))
+        self.block = SlopeBlock(16)
+        self.c1, self.n1, self.a1 = nn.Conv2d(16, 16, 3, padding=1, bias=False), nn.BatchNorm2d(16), nn.PReLU()
+        self.c2, self.n2 = nn.Conv2d(16, 16, 3, padding=1, bias=False), nn.BatchNorm2d(16)
+        self.down = nn.Sequential(nn.Conv2d(16, 32, 3, 2, 1),
+                                  nn.InstanceNorm2d(32, affine=True, track_running_stats=True), nn.PReLU(32))
+        self.fc1, self.act, self.fc2 = nn.Linear(32, 20), nn.PReLU(20), nn.Linear(20, 10)
+
+    def forward(self, x):
+        x = self.block(self.stem(x))
+        x = x + self.n2(self.c2(self.a1(self.n1(self.c1(x)))))
+        return self.fc2(self.act(self.fc1(self.down(x).mean((2, 3)))))
+
+
+def test_prelu_and_instance_norm_are_cut_like_bn():
+    model = randomise(SlopesAndNorms())
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():  # slopes of both signs; instance-norm gates, biases and statistics away from 1 and 0
+        for m in model.modules():
+            if isinstance(m, nn.PReLU):
+                m.weight.copy_(torch.rand(m.num_parameters, generator=g) - 0.5)
+            elif isinstance(m, nn.InstanceNorm2d):
+                m.weight.copy_(torch.rand(m.num_features, generator=g) + 0.5)
+                m.bias.copy_(torch.randn(m.num_features, generator=g) * 0.2)
+                if m.track_running_stats:
+                    m.running_mean.copy_(torch.randn(m.num_features, generator=g) * 0.1)
+                    m.running_var.copy_(torch.rand(m.num_features, generator=g) + 0.5)
+        # the stem's output is never negative, so once its branch is dropped the block computes block.a2(x) = x;
+        # it becomes block.a2 (whose slope the trace counts), not the identity
+        model.stem[2].weight.copy_(-torch.rand(16, generator=g))
+    check_equivalence(model, (3, 8, 8), n_dicts=4)
+    check_equivalence(model, (3, 8, 8), n_dicts=6, ratios_of=random_drops)  # a branch's shared slope goes with it
+    trace = trace_model(model, (3, 8, 8))
+    assert [g.name for g in trace.groups] == ["stem.0", "block.c1", "c1", "down.0", "fc1"] and not trace.excluded
+    assert trace.droppable == {"block.c1", "c1"}
+    assert trace.shared_slopes == {"block.a1": "block.c1", "block.a2": "stem.0", "a1": "c1"}
+    assert [trace.layers[n].kind for n in ("stem.1", "stem.2", "act")] == ["bn", "act", "act"]
+    batches = [(torch.randn(4, 3, 8, 8), torch.randint(0, 10, (4,)))] * 2
+    scores = TaylorImportance(2)(model, batches, trace)  # on the instance norms' gates, as on BN's
+    assert all(bool(torch.isfinite(s).all()) and float(s.sum()) > 0 for s in scores.values())
+    graph = LayerGraph.from_trace(trace, scores)  # a norm node for instance norm; a PReLU is no node, as a ReLU
+    assert [graph.names[i] for i in graph.group_nodes[0]] == ["stem.0", "stem.1", "block.c2", "block.n2", "c2", "n2"]
+    before = model.down[1].running_mean.clone()  # adaptive BN re-estimates instance norm's running statistics
+    images = torch.randint(0, 256, (64, 3, 8, 8), dtype=torch.uint8, generator=g)
+    adapt_bn(model, Split(images, torch.zeros(64, dtype=torch.long), (0.2,) * 3, (0.3,) * 3), num_batches=1)
+    assert not torch.allclose(model.down[1].running_mean, before)
 
 
 class ConvClassifier(nn.Module):
@@ -534,6 +604,11 @@ def test_unsupported_layer_names_the_module():
     # a layer called twice: its channels and FLOPs would be counted once
     shared = nn.Conv2d(8, 8, 3, padding=1)
     twice = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), shared, nn.ReLU(), shared, nn.Flatten(), nn.Linear(512, 10))
+    with pytest.raises(UserError, match="calls '1' more than once per forward pass"):
+        trace_model(twice, (3, 8, 8))
+    act = nn.PReLU()  # a shared slope is a weight too
+    twice = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), act, nn.Conv2d(8, 8, 3, padding=1), act, nn.Flatten(),
+                          nn.Linear(512, 10))
     with pytest.raises(UserError, match="calls '1' more than once per forward pass"):
         trace_model(twice, (3, 8, 8))
 
