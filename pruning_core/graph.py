@@ -431,9 +431,13 @@ def _channel_op_problem(grad_fn, shapes: dict) -> str | None:
 
     if op in _REDUCTIONS:
         reduced = dims("_saved_dim")
-        if reduced is not None and not {0, 1} & set(reduced):
-            return None
-        return f"{op} over the channel dimension mixes channels"
+        if reduced is not None and 1 not in reduced and (0 not in reduced or getattr(grad_fn, "_saved_keepdim", 0)):
+            return None  # over space, or over the batch with its dimension kept: channel j stays at j
+        if reduced is None:
+            return f"{op} over every dimension mixes channels"
+        if 1 in reduced:
+            return f"{op} over the channel dimension mixes channels"
+        return f"{op} over the batch dimension moves the channels out of dimension 1"
     if op in ("Transpose", "Permute", "Flip"):
         if op == "Permute":  # the dimensions that the permutation moves
             order = dims("_saved_dims")

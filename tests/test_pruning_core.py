@@ -192,6 +192,8 @@ class ChannelOp(nn.Module):
         "transpose_spatial": (lambda x: x.transpose(2, 3), True),
         "softmax_spatial": (lambda x: x * x.flatten(2).softmax(-1).view(x.shape), True),
         "pad_upsample": (lambda x: F.interpolate(F.pad(x, (1, 1, 1, 1)), scale_factor=2), True),
+        "centre_over_batch": (lambda x: x - x.mean(0, keepdim=True), True),
+        "sum_over_batch": (lambda x: x.sum(0).expand(x.shape), False),  # the channels move to dimension 0
     }
 
     def __init__(self, op: str):
