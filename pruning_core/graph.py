@@ -54,7 +54,7 @@ _PADS = frozenset("ConstantPadNd ReflectionPad2D ReplicationPad2D".split())
 
 @dataclass(frozen=True)
 class LayerInfo:
-    """Static shape of a conv, linear or BN layer in the dense model."""
+    """Static shape of a conv, linear, norm or PReLU layer in the dense model."""
 
     name: str
     kind: str  # "conv" | "linear" | "bn" (a per-channel norm) | "act" (a per-channel activation: PReLU)
