@@ -61,6 +61,20 @@ def test_offset_fits_the_probe(monkeypatch):
             assert table.offset_ms == 0.0 and table.ratio(trace, kept) == pytest.approx(share)
 
 
+def test_compare_latency_reports_the_median_sweep(monkeypatch):
+    """Both timings come from the sweep whose ratio is the speed-up, so the three agree where the machine's speed
+    drifts between sweeps (the medians of each model's timings once printed "0.04 ms dense -> 0.06 ms pruned, 1.21x
+    faster")."""
+    import pruning_core.latency as latency
+
+    seconds = iter([4, 2, 1, 1, 8, 2, 2, 3, 6, 4])  # (dense, pruned) per sweep: ratios 2, 1, 4, 0.67, 1.5
+    monkeypatch.setattr(latency, "latency_runner", lambda *a, **k: None)
+    monkeypatch.setattr(latency, "time_runner", lambda *a, **k: next(seconds) / 1000)
+    timed = latency.compare_latency(None, None, (3, 8, 8), repeats=5)
+    assert timed["speedup"] == pytest.approx(1.5)  # the medians taken apart, 4 and 2 ms, give 2x
+    assert (timed["dense_ms"], timed["pruned_ms"]) == (pytest.approx(6), pytest.approx(4))
+
+
 def test_grid_is_block_multiples_and_coarser_for_wide_layers():
     assert _grid(16, 8) == [8, 16]
     assert _grid(60, 8) == [8, 16, 24, 32, 40, 48, 56, 60]
