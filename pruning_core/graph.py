@@ -66,6 +66,11 @@ class LayerInfo:
     out_hw: tuple[int, int] = (1, 1)
 
     @property
+    def weighted(self) -> bool:
+        """A conv or linear layer: one that produces channels, and that the FLOPs count (not a norm or a PReLU)."""
+        return self.kind in ("conv", "linear")
+
+    @property
     def depthwise(self) -> bool:
         return self.kind == "conv" and self.groups > 1 and self.groups == self.in_channels == self.out_channels
 
@@ -205,7 +210,7 @@ class ModelTrace:
         kept = kept if kept is not None else self.dense_kept()
         out = {}
         for name, info in self.layers.items():
-            if info.kind in ("bn", "act"):
+            if not info.weighted:
                 continue
             in_c, out_c, groups = self.channels_of(name, kept)
             out[name] = layer_macs(info.kind, in_c, out_c, groups, info.kernel, info.out_hw)
@@ -283,9 +288,14 @@ def measure_flops(model: nn.Module, input_shape: tuple[int, ...]) -> int:
     return total
 
 
+def _shared_slope(mod: nn.Module) -> bool:
+    """A PReLU with one slope for every channel: an element-wise op, not a layer of the trace."""
+    return isinstance(mod, nn.PReLU) and mod.num_parameters == 1
+
+
 def _is_layer(mod: nn.Module) -> bool:
-    """Whether ``mod`` is a layer of the trace; a PReLU with one shared slope is an element-wise op instead."""
-    return isinstance(mod, _SUPPORTED) and not (isinstance(mod, nn.PReLU) and mod.num_parameters == 1)
+    """Whether ``mod`` is a layer of the trace (see :func:`_shared_slope`)."""
+    return isinstance(mod, _SUPPORTED) and not _shared_slope(mod)
 
 
 def _check_supported(model: nn.Module) -> None:
@@ -368,7 +378,7 @@ def trace_model(model: nn.Module, input_shape: tuple[int, ...]) -> ModelTrace:
     groups.sort(key=lambda g: order.get(g.name, len(order)))
     for name, reason in excluded.items():
         log.info("group %s is not prunable: %s", name, reason)
-    slopes = {n: "" for m, n in names.items() if isinstance(m, nn.PReLU) and not _is_layer(m)}
+    slopes = {n: "" for m, n in names.items() if _shared_slope(m)}
     slopes.update({n: g.name for g in groups for n in g.shared_slopes})
     return ModelTrace(tuple(input_shape), layers, groups, excluded, nodes, edges, has_bias=has_bias,
                       shared_slopes=slopes)
@@ -484,7 +494,7 @@ def _channel_groups(dg: tp.DependencyGraph, model: nn.Module, names: dict, layer
         problem, blocks, slopes = None, 1, []
         for item in tp_group.items:
             mod = item.dep.target.module
-            if isinstance(mod, nn.PReLU) and not _is_layer(mod):  # one shared slope: element-wise
+            if _shared_slope(mod):  # element-wise
                 slopes.append(names[mod])
                 continue
             if mod not in names or not isinstance(mod, _SUPPORTED):  # functional op: nothing to cut, but it must
@@ -527,7 +537,7 @@ def _channel_groups(dg: tp.DependencyGraph, model: nn.Module, names: dict, layer
                     break
             if (name, dim) not in {(m.module, m.dim) for m in members}:  # a layer may read what it scales
                 members.append(Member(name, dim, tuple(tuple(ix) for ix in index)))
-        outs = [m for m in members if m.dim == "out" and layers[m.module].kind in ("conv", "linear")]
+        outs = [m for m in members if m.dim == "out" and layers[m.module].weighted]
         candidates = sorted(outs or members, key=lambda m: (layers[m.module].depthwise, definition_order[m.module]))
         gname = candidates[0].module if candidates else names.get(tp_group.items[0].dep.target.module, "?")
         if problem is None and not outs:

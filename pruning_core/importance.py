@@ -37,7 +37,7 @@ def _score_layers(trace: ModelTrace) -> dict[str, list[str]]:
     for g in trace.groups:
         outs = [m.module for m in g.members if m.dim == "out"]
         bns = [n for n in outs if trace.layers[n].kind == "bn" and trace.has_bias.get(n)]
-        use[g.name] = bns or [n for n in outs if trace.layers[n].kind in ("conv", "linear")]
+        use[g.name] = bns or [n for n in outs if trace.layers[n].weighted]
     return use
 
 
@@ -89,8 +89,8 @@ class L1Importance:
 
     def __call__(self, model: nn.Module, batches: object, trace: ModelTrace) -> dict[str, torch.Tensor]:
         modules = dict(model.named_modules())
-        use = {g.name: [m.module for m in g.members
-                        if m.dim == "out" and trace.layers[m.module].kind in ("conv", "linear")] for g in trace.groups}
+        use = {g.name: [m.module for m in g.members if m.dim == "out" and trace.layers[m.module].weighted]
+               for g in trace.groups}
         with torch.no_grad():
             per_layer = {n: modules[n].weight.abs().flatten(1).sum(1) for names in use.values() for n in names}
         return _to_group_scores(trace, per_layer, use)

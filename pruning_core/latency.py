@@ -219,7 +219,7 @@ class LatencyTable:
         """Per conv/linear layer: its shape key, and whether its input and its output width can be pruned."""
         out = {}
         for name, info in trace.layers.items():
-            if info.kind in ("bn", "act"):
+            if not info.weighted:
                 continue
             free_in, free_out = name in trace.in_groups and not info.depthwise, name in trace.out_group
             grouped = "dw " if info.depthwise else f"g{info.groups} " if info.groups > 1 else ""
