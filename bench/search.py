@@ -78,8 +78,8 @@ def taylor_drop_ratios(session: PruningSession, target: float, max_ratio: float,
     def kept_at(ratio: float, dropped: set[str]) -> dict[str, int]:
         branch = trace.droppable
         return {g.name: 0 if g.name in dropped
-                else branch_width(g.channels, ratio, round_to, g.blocks) if g.name in branch
-                else kept_channels(g.channels, ratio, round_to, blocks=g.blocks) for g in trace.groups}
+                else branch_width(g.channels, ratio, round_to, g.step) if g.name in branch
+                else kept_channels(g.channels, ratio, round_to, multiple=g.step) for g in trace.groups}
 
     for k in range(len(order) + 1):
         dropped = set(order[:k])

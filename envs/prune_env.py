@@ -292,8 +292,8 @@ class PruneEnv(gym.Env):
         a residual branch keeps at least one block, and only its drop step removes it).
         """
         if self._staged and group.name in self._drops:
-            return branch_width(group.channels, ratio, self.round_to, group.blocks)
-        return kept_channels(group.channels, ratio, self.round_to, group.name in self._drops, group.blocks)
+            return branch_width(group.channels, ratio, self.round_to, group.step)
+        return kept_channels(group.channels, ratio, self.round_to, group.name in self._drops, group.step)
 
     def _width_grid(self, decision: list[int]) -> list[float]:
         """The ratios that give distinct widths to the groups of width step ``decision``, up to max_ratio."""

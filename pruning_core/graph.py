@@ -30,8 +30,9 @@ __all__ = ["ChannelGroup", "GraphNode", "LayerInfo", "Member", "ModelTrace", "gr
 
 log = logging.getLogger(__name__)
 
-# per-channel norms ("bn" layers): BN, and instance norm (its statistics are per channel too, so channels can go)
-_BN = (nn.BatchNorm1d, nn.BatchNorm2d, nn.InstanceNorm2d)
+# norms ("bn" layers): BN and instance norm, whose statistics are per channel, so channels can go one by one, and
+# group norm, whose statistics span a norm group of channels, so a norm group goes whole (ChannelGroup.unit)
+_BN = (nn.BatchNorm1d, nn.BatchNorm2d, nn.InstanceNorm2d, nn.GroupNorm)
 _SUPPORTED = (nn.Conv2d, nn.Linear, *_BN, nn.PReLU)  # PReLU with one slope per channel is an "act" layer
 # autograd function names (Torch-Pruning's element-wise ops) that become layer-graph nodes
 _GRAPH_OPS = {"AddBackward0": "add", "CatBackward0": "concat", "AvgPool2DBackward0": "pool",
@@ -94,6 +95,9 @@ class ChannelGroup:
 
     ``blocks`` > 1 where a grouped conv reads or writes the group: its channels fall into that many equal
     consecutive blocks (one per conv group, or a multiple), and each block keeps the same number of them.
+    ``unit`` > 1 where a group norm normalises the group: its channels go in runs of ``unit`` consecutive ones
+    (a norm group, or several), since removing part of a norm group would change the statistics of the rest.
+    A group has one of the two at most.
     """
 
     name: str
@@ -101,9 +105,15 @@ class ChannelGroup:
     members: list[Member]
     blocks: int = 1
     shared_slopes: tuple[str, ...] = ()  # PReLUs with one shared slope that these channels pass
+    unit: int = 1
 
     def layers(self, dim: str) -> list[str]:
         return [m.module for m in self.members if m.dim == dim]
+
+    @property
+    def step(self) -> int:
+        """What the group's kept channels are a multiple of: its ``blocks`` or its ``unit`` (one is 1)."""
+        return self.blocks * self.unit
 
 
 @dataclass(frozen=True)
@@ -303,8 +313,8 @@ def _check_supported(model: nn.Module) -> None:
         own_params = list(mod.parameters(recurse=False))
         if own_params and not isinstance(mod, _SUPPORTED):
             raise UserError(f"module {name!r} ({type(mod).__name__}) has parameters but is not supported; "
-                            "prunepilot prunes networks of Conv2d, Linear, BatchNorm1d/2d, InstanceNorm2d and PReLU "
-                            "layers")
+                            "prunepilot prunes networks of Conv2d, Linear, BatchNorm1d/2d, InstanceNorm2d, GroupNorm "
+                            "and PReLU layers")
         if isinstance(mod, nn.Conv2d):
             if mod.kernel_size[0] != mod.kernel_size[1]:
                 raise UserError(f"module {name!r}: non-square kernel {mod.kernel_size} is not supported")
@@ -365,7 +375,8 @@ def trace_model(model: nn.Module, input_shape: tuple[int, ...]) -> ModelTrace:
             layers[name] = LayerInfo(name, "linear", mod.in_features, mod.out_features)
             has_bias[name] = mod.bias is not None
         elif isinstance(mod, _BN):
-            layers[name] = LayerInfo(name, "bn", mod.num_features, mod.num_features, out_hw=shapes[name])
+            c = mod.num_channels if isinstance(mod, nn.GroupNorm) else mod.num_features
+            layers[name] = LayerInfo(name, "bn", c, c, out_hw=shapes[name])
             has_bias[name] = mod.affine  # BN: whether it has a gate and a bias (affine)
         elif isinstance(mod, nn.PReLU):
             layers[name] = LayerInfo(name, "act", mod.num_parameters, mod.num_parameters, out_hw=shapes[name])
@@ -491,7 +502,7 @@ def _channel_groups(dg: tp.DependencyGraph, model: nn.Module, names: dict, layer
     for tp_group in dg.get_all_groups(ignored_layers=ignored, root_module_types=[nn.Conv2d, nn.Linear]):
         root_len = len(tp_group.items[0].idxs)
         members: list[Member] = []
-        problem, blocks, slopes = None, 1, []
+        problem, blocks, unit, slopes = None, 1, 1, []
         for item in tp_group.items:
             mod = item.dep.target.module
             if _shared_slope(mod):  # element-wise
@@ -535,6 +546,19 @@ def _channel_groups(dg: tp.DependencyGraph, model: nn.Module, names: dict, layer
                     problem = (f"grouped conv {name} (groups={info.groups}) reads each of these channels in a conv "
                                "group of its own (a depthwise conv with a channel multiplier)")
                     break
+            if isinstance(mod, nn.GroupNorm):  # whole norm groups go
+                if full != root_len or any(ix != [j] for j, ix in enumerate(index)):
+                    problem = f"group norm {name} has channels of this group among others"
+                    break
+                unit = math.lcm(unit, full // mod.num_groups)
+                if root_len % unit or unit == root_len:
+                    problem = (f"group norm {name} (num_groups={mod.num_groups}) normalises all these channels "
+                               "together" if unit == root_len else
+                               f"group norms of {root_len} channels in norm groups that do not nest ({name})")
+                    break
+            if blocks > 1 and unit > 1:
+                problem = f"{name}: a grouped conv and a group norm on the same channels are not supported"
+                break
             if (name, dim) not in {(m.module, m.dim) for m in members}:  # a layer may read what it scales
                 members.append(Member(name, dim, tuple(tuple(ix) for ix in index)))
         outs = [m for m in members if m.dim == "out" and layers[m.module].weighted]
@@ -545,7 +569,7 @@ def _channel_groups(dg: tp.DependencyGraph, model: nn.Module, names: dict, layer
         if problem:
             excluded[gname] = problem
             continue
-        groups.append(ChannelGroup(gname, root_len, members, blocks, tuple(dict.fromkeys(slopes))))
+        groups.append(ChannelGroup(gname, root_len, members, blocks, tuple(dict.fromkeys(slopes)), unit))
     return groups, excluded
 
 

@@ -20,13 +20,14 @@ __all__ = ["DroppedBranch", "EmptyChannels", "branch_width", "check_ratios", "dr
 
 
 def kept_channels(channels: int, ratio: float, round_to: int | None = None, drop: bool = False,
-                  blocks: int = 1) -> int:
+                  multiple: int = 1) -> int:
     """Channels a group of ``channels`` keeps at pruning ``ratio``: at least one, rounded up to ``round_to``.
 
     Ratio 1 keeps none (a dropped residual branch, see :attr:`ModelTrace.droppable`). With ``drop`` the group
     keeps a whole number of ``round_to`` blocks, possibly none: a width under half a block drops the branch.
-    A group that a grouped conv reads or writes (``blocks`` > 1, :attr:`ChannelGroup.blocks`) keeps a multiple of
-    ``blocks`` too (of both where that fits in ``channels``, else of ``blocks`` alone).
+    A group whose channels go in steps (``multiple`` > 1, :attr:`ChannelGroup.step`: the blocks of a grouped conv,
+    or a group norm's norm groups) keeps a multiple of ``multiple`` too (of both where that fits in ``channels``,
+    else of ``multiple`` alone).
     """
     if ratio >= 1.0:
         return 0
@@ -36,27 +37,32 @@ def kept_channels(channels: int, ratio: float, round_to: int | None = None, drop
         return 0
     keep = max(1, int(round(raw)))
     step = block if block > 1 and (channels > block or drop) else 1
-    if blocks > 1:
-        step = grouped_step(step, blocks, channels)
+    if multiple > 1:
+        step = grouped_step(step, multiple, channels)
     if step > 1:
         keep = min(channels, int(math.ceil(keep / step) * step))
     return keep
 
 
-def branch_width(channels: int, ratio: float, round_to: int, blocks: int = 1) -> int:
+def branch_width(channels: int, ratio: float, round_to: int, multiple: int = 1) -> int:
     """Channels a residual branch keeps at ``ratio`` when only a drop decision may remove it: whole ``round_to``
-    blocks (:func:`kept_channels` with ``drop``), at least one (as :func:`kept_channels` rounds it for ``blocks``).
+    blocks (:func:`kept_channels` with ``drop``), at least one (as :func:`kept_channels` rounds it for ``multiple``).
     """
-    one_block = kept_channels(channels, 1.0 - min(channels, round_to) / channels, round_to, blocks=blocks)
-    return max(one_block, kept_channels(channels, ratio, round_to, drop=True, blocks=blocks))
+    one_block = kept_channels(channels, 1.0 - min(channels, round_to) / channels, round_to, multiple=multiple)
+    return max(one_block, kept_channels(channels, ratio, round_to, drop=True, multiple=multiple))
 
 
 def kept_indices(group: ChannelGroup, scores: torch.Tensor, kept: int) -> list[int]:
-    """The ``kept`` highest-scoring channels of ``group``, in their original order; with ``group.blocks`` > 1 the
-    same number from each block (``kept`` must be a multiple of it, as :func:`kept_channels` makes it).
+    """The ``kept`` highest-scoring channels of ``group``, in their original order. With ``group.blocks`` > 1 the
+    same number from each block; with ``group.unit`` > 1 whole units, by their channels' summed score (``kept``
+    must be a multiple of either, as :func:`kept_channels` makes it).
     """
-    if kept % group.blocks:
-        raise ValueError(f"group {group.name} keeps {kept} channels, not a multiple of its {group.blocks} blocks")
+    if kept % group.step:
+        raise ValueError(f"group {group.name} keeps {kept} channels, not a multiple of its step {group.step}")
+    if group.unit > 1:
+        u = group.unit
+        best = torch.topk(scores.float().reshape(-1, u).sum(1), kept // u).indices
+        return sorted(int(b) * u + i for b in best for i in range(u))
     size, per = group.channels // group.blocks, kept // group.blocks
     return sorted(b * size + int(i) for b in range(group.blocks)
                   for i in torch.topk(scores[b * size:(b + 1) * size].float(), per).indices)
@@ -88,7 +94,7 @@ def kept_counts(trace: ModelTrace, ratios: dict[str, float], round_to: int | Non
     ``trace.droppable`` (see :func:`kept_channels`).
     """
     return {g.name: kept_channels(g.channels, ratios.get(g.name, 0.0), round_to, drop and g.name in trace.droppable,
-                                  g.blocks) for g in trace.groups}
+                                  g.step) for g in trace.groups}
 
 
 class EmptyChannels(nn.Module):
@@ -290,6 +296,14 @@ def _slice(mod: nn.Module, dim: str, idx: torch.Tensor, depthwise: bool = False)
             mod.bias = nn.Parameter(cut(mod.bias, 0))
         mod.running_mean, mod.running_var = cut(mod.running_mean, 0), cut(mod.running_var, 0)
         mod.num_features = len(idx)
+    elif isinstance(mod, nn.GroupNorm):  # whole norm groups go (ChannelGroup.unit), so the others keep their statistics
+        size = mod.num_channels // mod.num_groups
+        if len(idx) % size:
+            raise ValueError(f"a group norm of {size} channels per group cannot keep {len(idx)} channels")
+        if mod.affine:
+            mod.weight = nn.Parameter(cut(mod.weight, 0))
+            mod.bias = nn.Parameter(cut(mod.bias, 0))
+        mod.num_groups, mod.num_channels = len(idx) // size, len(idx)
     elif isinstance(mod, nn.PReLU):  # one slope per channel
         mod.weight = nn.Parameter(cut(mod.weight, 0))
         mod.num_parameters = len(idx)
@@ -372,7 +386,7 @@ def uniform_ratios(trace: ModelTrace, target: float, max_ratio: float = 0.9,
     ratios = {g.name: hi for g in trace.groups}
     step = round_to if round_to and round_to > 1 else 1
     for g in trace.groups:
-        kept = kept_channels(g.channels, ratios[g.name], round_to, blocks=g.blocks)
+        kept = kept_channels(g.channels, ratios[g.name], round_to, multiple=g.step)
         if kept + step > g.channels:
             continue
         trial = {**ratios, g.name: 1.0 - (kept + step) / g.channels}
@@ -390,7 +404,7 @@ def global_ratios(trace: ModelTrace, scores: dict[str, torch.Tensor], target: fl
     """
     dense = _check_target(trace, target, max_ratio, round_to, latency)
     entries = sorted((float(s), g.name) for g in trace.groups for s in scores[g.name])
-    cap = {g.name: g.channels - kept_channels(g.channels, max_ratio, blocks=g.blocks) for g in trace.groups}
+    cap = {g.name: g.channels - kept_channels(g.channels, max_ratio, multiple=g.step) for g in trace.groups}
 
     def ratios_for(k: int) -> dict[str, float]:
         removed = dict.fromkeys(cap, 0)

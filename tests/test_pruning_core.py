@@ -47,6 +47,9 @@ def randomise(model: nn.Module, seed: int = 0) -> nn.Module:
     return model.eval()
 
 
+NORMS = (nn.modules.batchnorm._NormBase, nn.GroupNorm)  # BN, instance norm, group norm
+
+
 def masked(model: nn.Module, trace, ratios, scores) -> nn.Module:
     """The dense model with the pruned channels' BN gates (or, without BN, filters) zeroed, and a dropped branch's
     output (its reader's bias, the BN after it) zeroed too."""
@@ -58,7 +61,7 @@ def masked(model: nn.Module, trace, ratios, scores) -> nn.Module:
             keep = set(kept_indices(g, scores[g.name], kept[g.name]))
             drop = [c for c in range(g.channels) if c not in keep]
             outs = [m for m in g.members if m.dim == "out"]
-            bns = [m for m in outs if isinstance(mods[m.module], nn.modules.batchnorm._NormBase)]
+            bns = [m for m in outs if isinstance(mods[m.module], NORMS)]
             for m in bns or outs:
                 idx = torch.tensor([i for c in drop for i in m.index[c]], dtype=torch.long)
                 mod = mods[m.module]
@@ -74,7 +77,7 @@ def masked(model: nn.Module, trace, ratios, scores) -> nn.Module:
                         for name in (m.module, *trace.branch_bns(m.module)):
                             if mods[name].bias is not None:
                                 mods[name].bias.zero_()
-                            if isinstance(mods[name], nn.modules.batchnorm._NormBase) and mods[name].affine:
+                            if isinstance(mods[name], NORMS) and mods[name].affine:
                                 mods[name].weight.zero_()
     return net
 
@@ -358,6 +361,53 @@ def test_prelu_and_instance_norm_are_cut_like_bn():
     assert not torch.allclose(model.down[1].running_mean, before)
 
 
+class GroupNormNet(nn.Module):
+    """Group norm with norm groups of 4 channels (the stem), of 2 inside a residual branch (so the stream goes in
+    runs of 4), of 1 (per channel), and of all 32 channels (which cannot lose any)."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.GroupNorm(4, 16), nn.ReLU())
+        self.c1, self.n1 = nn.Conv2d(16, 16, 3, padding=1, bias=False), nn.GroupNorm(16, 16)
+        self.c2, self.n2 = nn.Conv2d(16, 16, 3, padding=1, bias=False), nn.GroupNorm(8, 16)
+        self.down, self.nd = nn.Conv2d(16, 32, 3, 2, 1), nn.GroupNorm(1, 32)
+        self.c3, self.n3 = nn.Conv2d(32, 24, 1), nn.GroupNorm(6, 24, affine=False)
+        self.fc = nn.Linear(24, 10)
+
+    def forward(self, x):
+        x = self.stem(x)
+        x = F.relu(x + self.n2(self.c2(F.relu(self.n1(self.c1(x))))))
+        x = F.relu(self.n3(self.c3(F.relu(self.nd(self.down(x))))))
+        return self.fc(x.mean((2, 3)))
+
+
+def test_group_norm_loses_whole_norm_groups():
+    model = randomise(GroupNormNet())
+    g = torch.Generator().manual_seed(2)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.GroupNorm) and m.affine:
+                m.weight.copy_(torch.rand(m.num_channels, generator=g) + 0.5)
+                m.bias.copy_(torch.randn(m.num_channels, generator=g) * 0.2)
+    check_equivalence(model, (3, 8, 8), n_dicts=5)
+    check_equivalence(model, (3, 8, 8), n_dicts=4, ratios_of=random_drops)
+    trace = trace_model(model, (3, 8, 8))
+    assert {g.name: g.unit for g in trace.groups} == {"stem.0": 4, "c1": 1, "c3": 4}
+    assert trace.excluded == {"down": "group norm nd (num_groups=1) normalises all these channels together"}
+    assert trace.droppable == {"c1"} and trace.layers["n2"].kind == "bn"
+    assert [kept_counts(trace, {"stem.0": r, "c3": r})["stem.0"] for r in (0.1, 0.3, 0.55, 0.9)] == [16, 12, 8, 4]
+    assert [kept_counts(trace, {"c3": r}, round_to=8)["c3"] for r in (0.3, 0.55, 0.9)] == [24, 16, 8]
+    scores = {"stem.0": torch.arange(16.0), "c1": torch.rand(16), "c3": torch.rand(24)}
+    pruned = prune(model, {"stem.0": 0.5}, scores, trace)  # the two norm groups of 4 with the highest sums
+    assert (pruned.stem[1].num_groups, pruned.stem[1].num_channels, pruned.n2.num_groups) == (2, 8, 4)
+    assert kept_indices(trace.group("stem.0"), scores["stem.0"], 8) == list(range(8, 16))
+    batches = [(torch.randn(4, 3, 8, 8), torch.randint(0, 10, (4,)))] * 2
+    taylor = TaylorImportance(2)(model, batches, trace)  # on the group norms' gates, as on BN's
+    assert all(bool(torch.isfinite(s).all()) and float(s.sum()) > 0 for s in taylor.values())
+    graph = LayerGraph.from_trace(trace, taylor)
+    assert [graph.names[i] for i in graph.group_nodes[0]] == ["stem.0", "stem.1", "c2", "n2"]
+
+
 class ConvClassifier(nn.Module):
     """An all-conv net (NIN, SqueezeNet): the classes are a 1x1 conv's channels, then BN, pooling and log-softmax."""
 
@@ -599,9 +649,9 @@ def test_unreachable_target_and_bad_ratios():
 
 
 def test_unsupported_layer_names_the_module():
-    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.GroupNorm(2, 8), nn.Flatten(), nn.LazyLinear(10))
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.LayerNorm([8, 6, 6]), nn.Flatten(), nn.LazyLinear(10))
     model(torch.zeros(1, 3, 8, 8))
-    with pytest.raises(UserError, match=r"'1' \(GroupNorm\)"):
+    with pytest.raises(UserError, match=r"'1' \(LayerNorm\)"):
         trace_model(model, (3, 8, 8))
     # a layer called twice: its channels and FLOPs would be counted once
     shared = nn.Conv2d(8, 8, 3, padding=1)
