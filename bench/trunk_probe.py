@@ -30,6 +30,7 @@ from common import cifar_session, write_result
 
 from pruning_core import accuracy, layer_macs
 from pruning_core.evaluate import adapt_bn, augment_batch
+from pruning_core.importance import taylor_term
 
 STAGES = (1, 2, 3)
 FULL = {1: 16, 2: 32, 3: 64}
@@ -75,8 +76,7 @@ def trunk_scores(session, blocks: int, batches: int) -> dict[str, dict[int, torc
         with torch.no_grad():
             for s in STAGES:
                 for n in gates[s]:
-                    bn = mods[n]
-                    out["bn-taylor"][s] += (bn.weight * bn.weight.grad + bn.bias * bn.bias.grad).double() ** 2
+                    out["bn-taylor"][s] += taylor_term(mods[n], gate=True) ** 2
                 for n in points[s]:
                     a = acts[n]
                     out["fm-taylor"][s] += ((a * a.grad).sum((2, 3)).double() ** 2).mean(0)

@@ -15,7 +15,7 @@ from torch import nn
 
 from pruning_core.graph import ModelTrace
 
-__all__ = ["L1Importance", "TaylorImportance"]
+__all__ = ["L1Importance", "TaylorImportance", "taylor_term"]
 
 
 def _to_group_scores(trace: ModelTrace, per_layer: dict[str, torch.Tensor], use: dict[str, list[str]]) -> dict:
@@ -39,6 +39,20 @@ def _score_layers(trace: ModelTrace) -> dict[str, list[str]]:
         bns = [n for n in outs if trace.layers[n].kind == "bn" and trace.has_bias.get(n)]
         use[g.name] = bns or [n for n in outs if trace.layers[n].weighted]
     return use
+
+
+def taylor_term(module: nn.Module, gate: bool) -> torch.Tensor:
+    """Per output channel, the first-order change in the loss from zeroing the channel, after a backward pass: on a
+    norm layer's gate (``gate``) ``gamma*dL/dgamma + beta*dL/dbeta``, else ``sum over the filter of w*dL/dw``
+    (plus the bias term). :class:`TaylorImportance` squares it per minibatch.
+    """
+    if gate:
+        s = module.weight * module.weight.grad + module.bias * module.bias.grad
+    else:
+        s = (module.weight * module.weight.grad).flatten(1).sum(1)
+        if module.bias is not None:
+            s = s + module.bias * module.bias.grad
+    return s.double()
 
 
 class TaylorImportance:
@@ -70,14 +84,7 @@ class TaylorImportance:
             F.cross_entropy(net(x), y).backward()
             with torch.no_grad():
                 for n in layers:
-                    m = modules[n]
-                    if trace.layers[n].kind == "bn":
-                        s = m.weight * m.weight.grad + m.bias * m.bias.grad
-                    else:
-                        s = (m.weight * m.weight.grad).flatten(1).sum(1)
-                        if m.bias is not None:
-                            s = s + m.bias * m.bias.grad
-                    acc[n] += s.double() ** 2
+                    acc[n] += taylor_term(modules[n], trace.layers[n].kind == "bn") ** 2
             seen += 1
         if seen == 0:
             raise ValueError("TaylorImportance needs at least one minibatch")
