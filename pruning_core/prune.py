@@ -58,7 +58,8 @@ def kept_indices(group: ChannelGroup, scores: torch.Tensor, kept: int) -> list[i
     must be a multiple of either, as :func:`kept_channels` makes it).
     """
     if kept % group.step:
-        raise ValueError(f"group {group.name} keeps {kept} channels, not a multiple of its step {group.step}")
+        what = f"{group.blocks} blocks" if group.blocks > 1 else f"group norm's {group.unit}-channel unit"
+        raise ValueError(f"group {group.name} keeps {kept} channels, not a multiple of its {what}")
     if group.unit > 1:
         u = group.unit
         best = torch.topk(scores.float().reshape(-1, u).sum(1), kept // u).indices

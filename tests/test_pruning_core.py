@@ -401,6 +401,8 @@ def test_group_norm_loses_whole_norm_groups():
     pruned = prune(model, {"stem.0": 0.5}, scores, trace)  # the two norm groups of 4 with the highest sums
     assert (pruned.stem[1].num_groups, pruned.stem[1].num_channels, pruned.n2.num_groups) == (2, 8, 4)
     assert kept_indices(trace.group("stem.0"), scores["stem.0"], 8) == list(range(8, 16))
+    with pytest.raises(ValueError, match="not a multiple of its group norm's 4-channel unit"):
+        kept_indices(trace.group("stem.0"), scores["stem.0"], 6)
     batches = [(torch.randn(4, 3, 8, 8), torch.randint(0, 10, (4,)))] * 2
     taylor = TaylorImportance(2)(model, batches, trace)  # on the group norms' gates, as on BN's
     assert all(bool(torch.isfinite(s).all()) and float(s.sum()) > 0 for s in taylor.values())
