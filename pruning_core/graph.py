@@ -537,8 +537,10 @@ def _channel_groups(dg: tp.DependencyGraph, model: nn.Module, names: dict, layer
             if any(len(ix) != len(index[0]) for ix in index) or len(set(idxs)) != len(idxs):
                 problem = f"{name} maps group channels unevenly"
                 break
+            # whether this layer's channels are the group's channels, one to one and in order
+            alone = full == root_len and all(ix == [j] for j, ix in enumerate(index))
             if info.kind == "conv" and info.groups > 1 and not info.depthwise:  # a grouped conv: blocks stay even
-                if full != root_len or any(ix != [j] for j, ix in enumerate(index)):
+                if not alone:
                     problem = f"grouped conv {name} (groups={info.groups}) has channels of this group among others"
                     break
                 blocks = math.lcm(blocks, info.groups)
@@ -547,14 +549,15 @@ def _channel_groups(dg: tp.DependencyGraph, model: nn.Module, names: dict, layer
                                "group of its own (a depthwise conv with a channel multiplier)")
                     break
             if isinstance(mod, nn.GroupNorm):  # whole norm groups go
-                if full != root_len or any(ix != [j] for j, ix in enumerate(index)):
+                if not alone:
                     problem = f"group norm {name} has channels of this group among others"
                     break
                 unit = math.lcm(unit, full // mod.num_groups)
-                if root_len % unit or unit == root_len:
-                    problem = (f"group norm {name} (num_groups={mod.num_groups}) normalises all these channels "
-                               "together" if unit == root_len else
-                               f"group norms of {root_len} channels in norm groups that do not nest ({name})")
+                if unit == root_len:
+                    problem = f"group norm {name} (num_groups={mod.num_groups}) normalises all these channels together"
+                    break
+                if root_len % unit:
+                    problem = f"group norms of {root_len} channels in norm groups that do not nest ({name})"
                     break
             if blocks > 1 and unit > 1:
                 problem = f"{name}: a grouped conv and a group norm on the same channels are not supported"

@@ -291,20 +291,18 @@ def _slice(mod: nn.Module, dim: str, idx: torch.Tensor, depthwise: bool = False)
     def cut(p: torch.Tensor | None, axis: int) -> torch.Tensor | None:
         return None if p is None else p.index_select(axis, idx).clone()
 
-    if isinstance(mod, nn.modules.batchnorm._NormBase):  # BN and instance norm
+    if isinstance(mod, (nn.modules.batchnorm._NormBase, nn.GroupNorm)):  # BN, instance norm, group norm
+        if isinstance(mod, nn.GroupNorm):  # whole norm groups go (ChannelGroup.unit): the others keep their statistics
+            size = mod.num_channels // mod.num_groups
+            if len(idx) % size:
+                raise ValueError(f"a group norm of {size} channels per group cannot keep {len(idx)} channels")
+            mod.num_groups, mod.num_channels = len(idx) // size, len(idx)
+        else:
+            mod.running_mean, mod.running_var = cut(mod.running_mean, 0), cut(mod.running_var, 0)
+            mod.num_features = len(idx)
         if mod.affine:
             mod.weight = nn.Parameter(cut(mod.weight, 0))
             mod.bias = nn.Parameter(cut(mod.bias, 0))
-        mod.running_mean, mod.running_var = cut(mod.running_mean, 0), cut(mod.running_var, 0)
-        mod.num_features = len(idx)
-    elif isinstance(mod, nn.GroupNorm):  # whole norm groups go (ChannelGroup.unit), so the others keep their statistics
-        size = mod.num_channels // mod.num_groups
-        if len(idx) % size:
-            raise ValueError(f"a group norm of {size} channels per group cannot keep {len(idx)} channels")
-        if mod.affine:
-            mod.weight = nn.Parameter(cut(mod.weight, 0))
-            mod.bias = nn.Parameter(cut(mod.bias, 0))
-        mod.num_groups, mod.num_channels = len(idx) // size, len(idx)
     elif isinstance(mod, nn.PReLU):  # one slope per channel
         mod.weight = nn.Parameter(cut(mod.weight, 0))
         mod.num_parameters = len(idx)
