@@ -265,28 +265,32 @@ README_RESULTS = ("search_substage_r16_drop_loss", "search_substage_r16_drop_los
                   "latency_substage_warmup_240_s2345_xeon", "transfer_drop_loss", "scale", "trunk_probe_xeon")
 
 
-def render_all(names: tuple[str, ...] | None = None) -> str:
-    """Every results file's table, or only those of ``names`` (results file stems)."""
+def render_tables() -> dict[str, str]:
+    """Every results file's table, by results file stem, in report order."""
     renderers = {"search": search_table, "exhaustive": exhaustive_table, "transfer": transfer_table,
                  "scale": scale_table, "latency": latency_table, "ablation": ablation_table, "env": env_table,
                  "reward": reward_signal_table, "trunk": trunk_table, "within": within_table}
-    out = []
     paths = sorted(RESULTS.glob("*.json"), key=lambda p: (ORDER.index(p.stem.split("_")[0])
                                                           if p.stem.split("_")[0] in ORDER else len(ORDER), p.stem))
-    if names is not None:
-        missing = set(names) - {p.stem for p in paths}
-        if missing:
-            raise SystemExit(f"no results file for {', '.join(sorted(missing))} in {RESULTS}")
-        paths = [p for p in paths if p.stem in names]
+    tables = {}
     for path in paths:
         render = renderers.get(path.stem.split("_")[0])
         if render is None:
             continue
         res = json.loads(path.read_text())
         m = res["machine"]
-        out += [f"### {path.stem} ({res['date']}; {m['cpu']}, {m['cores']} cores, torch {m['torch']})", "",
-                *render(res), ""]
-    return "\n".join(out)
+        tables[path.stem] = "\n".join([f"### {path.stem} ({res['date']}; {m['cpu']}, {m['cores']} cores, "
+                                       f"torch {m['torch']})", "", *render(res), ""])
+    return tables
+
+
+def join(tables: dict[str, str], names: tuple[str, ...] | None = None) -> str:
+    """The tables of ``names`` (results file stems; every table if None), in report order."""
+    if names is not None:
+        missing = set(names) - set(tables)
+        if missing:
+            raise SystemExit(f"no results file for {', '.join(sorted(missing))} in {RESULTS}")
+    return "\n".join(t for stem, t in tables.items() if names is None or stem in names)
 
 
 def main() -> None:
@@ -295,7 +299,8 @@ def main() -> None:
                    help="write every table to bench/results/REPORT.md and the headline runs' (README_RESULTS) "
                         "between the README's bench markers")
     args = p.parse_args()
-    text = render_all()
+    tables = render_tables()
+    text = join(tables)
     if not args.write:
         print(text)
         return
@@ -303,7 +308,7 @@ def main() -> None:
     readme = RESULTS.parents[1] / "README.md"
     body = readme.read_text()
     start, end = body.index(README_START) + len(README_START), body.index(README_END)
-    readme.write_text(body[:start] + "\n" + render_all(README_RESULTS) + "\n" + body[end:])
+    readme.write_text(body[:start] + "\n" + join(tables, README_RESULTS) + "\n" + body[end:])
     print(f"wrote {RESULTS / 'REPORT.md'} and {readme}")
 
 
