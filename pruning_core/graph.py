@@ -546,7 +546,10 @@ def _channel_groups(dg: tp.DependencyGraph, model: nn.Module, names: dict, layer
                 blocks = math.lcm(blocks, info.groups)
                 if blocks == root_len:
                     problem = (f"grouped conv {name} (groups={info.groups}) reads each of these channels in a conv "
-                               "group of its own (a depthwise conv with a channel multiplier)")
+                               "group of its own (a depthwise conv with a channel multiplier)"
+                               if info.groups == root_len else
+                               f"grouped convs on these {root_len} channels have group counts whose least common "
+                               f"multiple is {root_len} ({name}: groups={info.groups}), so no cut keeps them all even")
                     break
             if isinstance(mod, nn.GroupNorm):  # whole norm groups go
                 if not alone:
@@ -554,7 +557,10 @@ def _channel_groups(dg: tp.DependencyGraph, model: nn.Module, names: dict, layer
                     break
                 unit = math.lcm(unit, full // mod.num_groups)
                 if unit == root_len:
-                    problem = f"group norm {name} (num_groups={mod.num_groups}) normalises all these channels together"
+                    problem = (f"group norm {name} (num_groups={mod.num_groups}) normalises all these channels together"
+                               if mod.num_groups == 1 else
+                               f"group norms of {root_len} channels in norm groups that do not nest ({name}): "
+                               f"whole norm groups of all of them make one unit of all {root_len} channels")
                     break
                 if root_len % unit:
                     problem = f"group norms of {root_len} channels in norm groups that do not nest ({name})"

@@ -410,6 +410,36 @@ def test_group_norm_loses_whole_norm_groups():
     assert [graph.names[i] for i in graph.group_nodes[0]] == ["stem.0", "stem.1", "c2", "n2"]
 
 
+class UnevenUnits(nn.Module):
+    """Two group norms on one residual stream of 12 channels in norm groups of 4 and of 6, and two grouped convs
+    reading the same 6 channels with 2 and with 3 conv groups: each alone could lose channels, together they
+    cannot (whole units of both make one unit of every channel)."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem, self.n0 = nn.Conv2d(3, 12, 3, padding=1), nn.GroupNorm(3, 12)
+        self.c, self.n1 = nn.Conv2d(12, 12, 3, padding=1), nn.GroupNorm(2, 12)
+        self.p = nn.Conv2d(12, 6, 1)
+        self.g2, self.g3 = nn.Conv2d(6, 6, 3, padding=1, groups=2), nn.Conv2d(6, 6, 3, padding=1, groups=3)
+        self.fc = nn.Linear(6, 10)
+
+    def forward(self, x):
+        x = self.n0(self.stem(x))
+        x = F.relu(x + self.n1(self.c(x)))
+        x = F.relu(self.p(x))
+        return self.fc((self.g2(x) + self.g3(x)).mean((2, 3)))
+
+
+def test_units_that_only_together_cover_a_group_are_named_as_such():
+    trace = trace_model(randomise(UnevenUnits()), (3, 8, 8))
+    assert set(trace.excluded) == {"c", "p", "g2"} and [g.name for g in trace.groups] == []
+    assert "norm groups that do not nest" in trace.excluded["c"], trace.excluded
+    assert "normalises all these channels together" not in trace.excluded["c"]
+    for name in ("p", "g2"):
+        assert "least common multiple is 6" in trace.excluded[name], trace.excluded
+        assert "channel multiplier" not in trace.excluded[name]
+
+
 class ConvClassifier(nn.Module):
     """An all-conv net (NIN, SqueezeNet): the classes are a 1x1 conv's channels, then BN, pooling and log-softmax."""
 
