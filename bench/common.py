@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 
 from pruning_core import LatencyTable, PruningSession, SessionConfig, accuracy, kept_counts, measure_latency
+from pruning_core.latency import compare_latency
 
 ROOT = Path(__file__).resolve().parents[1]
 ASSETS = ROOT.parent / "shared" / "assets"
@@ -83,10 +84,14 @@ def latency_ms(model, input_shape, batch: int, backend: str = "torch") -> float:
     return 1000 * measure_latency(model, input_shape, batch, min_run_time=1.0, backend=backend)
 
 
-def evaluate_method(session: PruningSession, ratios: dict[str, float], finetune_epochs: int, dense_latency: dict,
+def evaluate_method(session: PruningSession, ratios: dict[str, float], finetune_epochs: int, timing: dict,
                     round_to: int | None = None, latency_table: LatencyTable | None = None, **extra) -> dict:
     """Build with adaptive BN (kept channels rounded up to ``round_to``), measure accuracy, latency, then the
-    shared fine-tune recipe. With ``latency_table``, the row also holds its predicted latency ratio."""
+    shared fine-tune recipe. With ``latency_table``, the row also holds its predicted latency ratio.
+
+    Latency is timed on ``timing["backend"]`` at batch 1 and 64, paired with the dense model
+    (:func:`compare_latency`, ``timing["repeats"]`` sweeps): the speed-up is the median of per-sweep ratios, and
+    ``dense_b{b}_ms`` is the dense timing of the sweep that ``latency_b{b}_ms`` comes from."""
     model = session.build(ratios, round_to)
     m = session.measure(ratios, round_to)
     row = {"round_to": round_to, "flops_ratio": m["flops_ratio"], "params_ratio": m["params_ratio"],
@@ -95,8 +100,8 @@ def evaluate_method(session: PruningSession, ratios: dict[str, float], finetune_
         row["latency_pred_ratio"] = latency_table.ratio(session.trace, kept_counts(session.trace, ratios, round_to))
     shape = session.data.input_shape
     for b in (1, 64):
-        row[f"latency_b{b}_ms"] = latency_ms(model, shape, b)
-        row[f"speedup_b{b}"] = dense_latency[b] / row[f"latency_b{b}_ms"]
+        c = compare_latency(session.model, model, shape, b, timing["backend"], timing["repeats"])
+        row.update({f"latency_b{b}_ms": c["pruned_ms"], f"dense_b{b}_ms": c["dense_ms"], f"speedup_b{b}": c["speedup"]})
     row["flops_speedup"] = 1 / m["flops_ratio"]
     if finetune_epochs:
         t = time.perf_counter()

@@ -30,13 +30,19 @@ def evals(r: dict) -> str:
 
 def search_table(res: dict) -> list[str]:
     d = res["dense"]
+    timing = res.get("in_run_latency", {"backend": "torch", "paired": False})
+    timed = ({"torch": "eager PyTorch", "torch-cl": "eager PyTorch (channels-last, Conv+BN folded)",
+              "onnxruntime": "ONNX Runtime"}[timing["backend"]]
+             + (f", each model paired with dense in {timing['repeats']} sweeps (median ratio)" if timing["paired"]
+                else ", each model against one dense timing from the start of the run (they swing by tens of "
+                     "percent)"))
     lines = [f"Dense ResNet-56: test {d['acc_test']:.2f}%, latency {d['latency_b1_ms']:.2f} ms (b1) / "
              f"{d['latency_b64_ms']:.1f} ms (b64). Reward split: {res['config']['reward_images']} training images; "
              f"{res['config']['calib_batches']} x 64 calibration images; evaluation budget "
              f"{budget(res['config'])} per search method; fine-tune: {res['config']['finetune_epochs']} "
              "epoch(s) SGD + KD from the dense model on the 5,085 training images. Rows with seeds: mean ± std; RL "
              f"settings {res.get('rl_config', 'TrainConfig defaults at the time of the run')}. Speed-ups here are "
-             "timed inside the run; bench/latency.py's table times them alone.", ""]
+             f"timed inside the run in {timed}; bench/latency.py's table times them alone.", ""]
     if res["config"].get("round_to"):
         rt = res["config"]["round_to"]
         lines[0] += (f" Every method keeps channel counts rounded up to multiples of {rt} (--round-to; a group no "

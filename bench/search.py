@@ -178,6 +178,11 @@ def main() -> None:
     p.add_argument("--latency-backend", choices=BACKENDS, default="onnxruntime",
                    help="runtime the latency table times (default: onnxruntime)")
     p.add_argument("--latency-batch", type=int, default=64, help="batch size the latency table times (default: 64)")
+    p.add_argument("--time-backend", choices=BACKENDS, default="onnxruntime",
+                   help="runtime that times every kept model (and dense, in pairs) inside the run (default: "
+                        "onnxruntime, the usual CPU deployment; eager torch swings by tens of percent)")
+    p.add_argument("--time-repeats", type=int, default=5,
+                   help="paired sweeps per model and batch size; the speed-up is their median (default: 5)")
     p.add_argument("--name", default="search")
     args = p.parse_args()
 
@@ -190,7 +195,8 @@ def main() -> None:
     l1 = copy.copy(session)
     l1.scores = L1Importance()(session.model, None, session.trace)
     shape = session.data.input_shape
-    dense_latency = {b: latency_ms(session.model, shape, b) for b in (1, 64)}
+    timing = {"backend": args.time_backend, "repeats": args.time_repeats, "paired": True}
+    dense_latency = {b: latency_ms(session.model, shape, b, args.time_backend) for b in (1, 64)}
     table = latency = None
     if args.max_latency is not None:
         t = time.perf_counter()
@@ -199,7 +205,7 @@ def main() -> None:
         print(f"latency table ({args.latency_backend}, batch {args.latency_batch}): {time.perf_counter() - t:.1f}s, "
               f"dense {table.dense_ms:.1f} ms", flush=True)
     defaults = TrainConfig()
-    results = {"config": vars(args), "setup_s": setup_s, "timings": session.timings,
+    results = {"config": vars(args), "setup_s": setup_s, "timings": session.timings, "in_run_latency": timing,
                "rl_config": {**{k: getattr(defaults, k) for k in ("action_center", "sde", "max_ratio",
                                                                        "select_images")}, "init_std": args.init_std,
                              "granularity": args.granularity, "warmup_episodes": args.warmup,
@@ -222,16 +228,16 @@ def main() -> None:
                 continue
             ratios = (global_ratios(session.trace, session.scores, target, mr, rt, latency) if method == "global"
                       else uniform_ratios(session.trace, target, mr, rt, latency))  # L1: uniform ratios, L1 ranking
-            rows[method] = evaluate_method(s, ratios, args.finetune_epochs, dense_latency, rt, table, search_s=0.0)
+            rows[method] = evaluate_method(s, ratios, args.finetune_epochs, timing, rt, table, search_s=0.0)
         if args.drop_blocks and "taylor-drop" not in args.skip:
             rows["taylor-drop"] = evaluate_method(session, taylor_drop_ratios(session, target, mr, rt),
-                                                  args.finetune_epochs, dense_latency, rt, table, search_s=0.0)
+                                                  args.finetune_epochs, timing, rt, table, search_s=0.0)
         if args.drop_blocks and args.granularity != "group" and "centre-drop" not in args.skip:
             # the staged space's own simple allocation: action 0 on every step (what the agent starts from)
             centre = PruneEnv(session=session, flops=target, max_ratio=mr, granularity=args.granularity,
                               round_to=rt, latency_budget=latency, drop=True)
             rows["centre-drop"] = evaluate_method(session, policy_ratios(None, centre)[0], args.finetune_epochs,
-                                                  dense_latency, rt, table, search_s=0.0)
+                                                  timing, rt, table, search_s=0.0)
         # the search methods: random per group (one seed), random in the agent's own action space (every seed:
         # the baseline it must beat) and the agents (the default algorithm with every seed)
         searches = [("random", None, args.seeds[:1]), (f"random-{args.granularity}", None, args.seeds)]
@@ -262,7 +268,7 @@ def main() -> None:
                                                        max_latency=args.max_latency,
                                                        latency_backend=args.latency_backend,
                                                        latency_batch=args.latency_batch), table)
-                runs.append(evaluate_method(session, r.pop("ratios"), args.finetune_epochs, dense_latency, rt, table,
+                runs.append(evaluate_method(session, r.pop("ratios"), args.finetune_epochs, timing, rt, table,
                                             seed=seed, **r))
                 print(f"   reward-split {runs[-1]['acc_reward']:.2f}  test {runs[-1]['acc_test']:.2f} (search best "
                       f"{runs[-1]['search_best_acc_test']:.2f})  {runs[-1]['search_s']:.0f}s  agent share "
