@@ -268,7 +268,8 @@ README_RESULTS = ("search_substage_r16_drop_loss", "search_substage_r16_drop_los
                   "search_substage_240_random_xeon", "search_substage_240_random_s23_xeon",
                   "search_substage_240_random_s45_xeon", "search_group_240_random_s012_xeon",
                   "search_group_240_random_s345_xeon", "search_group_240_ppo_s0_xeon", "search_group_240_ppo_s1_xeon",
-                  "search_group_240_ppo_s2_xeon", "latency_substage_drop_loss_xeon",
+                  "search_group_240_ppo_s2_xeon", "search_group_240_ppo_s3_amd",
+                  "search_group_240_ppo_s4_amd", "search_group_240_ppo_s5_amd", "latency_substage_drop_loss_xeon",
                   "latency_substage_drop_loss_s345_xeon", "latency_substage_warmup_240_xeon",
                   "latency_substage_warmup_240_s2345_xeon", "transfer_drop_loss", "scale", "trunk_probe_xeon")
 
