@@ -30,12 +30,12 @@ def evals(r: dict) -> str:
 
 def search_table(res: dict) -> list[str]:
     d = res["dense"]
-    timing = res.get("in_run_latency", {"backend": "torch", "paired": False})
+    timing = res.get("in_run_latency")  # older runs: eager PyTorch, unpaired
     timed = ({"torch": "eager PyTorch", "torch-cl": "eager PyTorch (channels-last, Conv+BN folded)",
               "onnxruntime": "ONNX Runtime"}[timing["backend"]]
-             + (f", each model paired with dense in {timing['repeats']} sweeps (median ratio)" if timing["paired"]
-                else ", each model against one dense timing from the start of the run (they swing by tens of "
-                     "percent)"))
+             + f", each model paired with dense in {timing['repeats']} sweeps (median ratio)" if timing
+             else "eager PyTorch, each model against one dense timing from the start of the run (they swing by tens "
+                  "of percent)")
     lines = [f"Dense ResNet-56: test {d['acc_test']:.2f}%, latency {d['latency_b1_ms']:.2f} ms (b1) / "
              f"{d['latency_b64_ms']:.1f} ms (b64). Reward split: {res['config']['reward_images']} training images; "
              f"{res['config']['calib_batches']} x 64 calibration images; evaluation budget "

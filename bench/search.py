@@ -195,7 +195,7 @@ def main() -> None:
     l1 = copy.copy(session)
     l1.scores = L1Importance()(session.model, None, session.trace)
     shape = session.data.input_shape
-    timing = {"backend": args.time_backend, "repeats": args.time_repeats, "paired": True}
+    timing = {"backend": args.time_backend, "repeats": args.time_repeats}  # paired with dense (evaluate_method)
     dense_latency = {b: latency_ms(session.model, shape, b, args.time_backend) for b in (1, 64)}
     table = latency = None
     if args.max_latency is not None:
