@@ -262,15 +262,17 @@ def within_table(res: dict) -> list[str]:
 ORDER = ("search", "exhaustive", "latency", "transfer", "ablation", "reward", "scale", "env", "trunk", "within")
 README_START, README_END = "<!-- bench:start -->", "<!-- bench:end -->"
 # The runs behind the README's "where it stands" summary (the latest of each kind); REPORT.md holds every file.
-README_RESULTS = ("search_substage_r16_drop_loss", "search_substage_r16_drop_loss_s345", "search_group_r16_drop",
-                  "search_substage_warmup", "search_substage_warmup_s345", "search_substage_warmup_240_ppo_xeon",
+README_RESULTS = ("search_substage_r8_drop_amd", "search_substage_r8_drop_s345_amd", "search_substage_r16_drop_loss",
+                  "search_substage_r16_drop_loss_s345", "search_group_r16_drop", "search_substage_warmup",
+                  "search_substage_warmup_s345", "search_substage_warmup_240_ppo_xeon",
                   "search_substage_warmup_240_ppo_s23_xeon", "search_substage_warmup_240_ppo_s45_xeon",
                   "search_substage_240_random_xeon", "search_substage_240_random_s23_xeon",
                   "search_substage_240_random_s45_xeon", "search_group_240_random_s012_xeon",
                   "search_group_240_random_s345_xeon", "search_group_240_ppo_s0_xeon", "search_group_240_ppo_s1_xeon",
-                  "search_group_240_ppo_s2_xeon", "search_group_240_ppo_s3_amd",
-                  "search_group_240_ppo_s4_amd", "search_group_240_ppo_s5_amd", "latency_substage_drop_loss_xeon",
-                  "latency_substage_drop_loss_s345_xeon", "latency_substage_warmup_240_xeon",
+                  "search_group_240_ppo_s2_xeon", "search_group_240_ppo_s3_amd", "search_group_240_ppo_s4_amd",
+                  "search_group_240_ppo_s5_amd", "latency_substage_drop_loss_xeon",
+                  "latency_substage_drop_loss_s345_xeon", "latency_substage_r8_drop_amd",
+                  "latency_substage_r8_drop_s345_amd", "latency_substage_warmup_240_xeon",
                   "latency_substage_warmup_240_s2345_xeon", "transfer_drop_loss", "scale", "trunk_probe_xeon")
 
 
