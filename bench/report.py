@@ -95,7 +95,29 @@ def search_table(res: dict) -> list[str]:
                              f"{fmt(r.get('agent_share'), 3)} | {r['speedup_b1']:.2f} | {r['speedup_b64']:.2f} | "
                              f"{r['flops_speedup']:.2f} |"
                              + (f" {fmt(r.get('latency_pred_ratio'), 3)} |" if lat else ""))
+    drifted = timing_drift(res)
+    if drifted:
+        lines += ["", f"In-run timing: dense at batch 64 ran more than {DRIFT:.0%} off its timing at the start of the "
+                  f"run ({d['latency_b64_ms']:.1f} ms) when it was paired with {'; '.join(drifted)}. The machine's "
+                  "speed moved during the run, so those speed-ups are not reliable; bench/latency.py times alone."]
     return lines
+
+
+DRIFT = 0.10  # in-run dense timings further than this from the run's first one mark a busy machine
+
+
+def timing_drift(res: dict) -> list[str]:
+    """The rows of a search file whose paired dense timing at batch 64 is more than ``DRIFT`` off the dense timing
+    taken at the start of the run, as "method seed S (X ms)". Paired runs only; older files have no paired dense."""
+    start, out = res["dense"]["latency_b64_ms"], []
+    for rows in res["targets"].values():
+        for method, r in rows.items():
+            for x in r.get("runs", [r]):
+                ms = x.get("dense_b64_ms")
+                if ms is not None and abs(ms / start - 1) > DRIFT:
+                    seed = f" seed {x['seed']}" if x.get("seed") is not None else ""
+                    out.append(f"{method}{seed} ({ms:.1f} ms)")
+    return out
 
 
 def transfer_table(res: dict) -> list[str]:
