@@ -18,8 +18,10 @@ from pruning_core.prune import (
     kept_channels,
     kept_counts,
     prune,
+    removed_channels,
     uniform_ratios,
 )
+from pruning_core.reconstruct import Reconstruction
 from pruning_core.session import DROP_CRITERIA, PruningSession, SessionConfig
 from pruning_core.zoo import MODELS, build_model, load_weights
 
@@ -27,9 +29,9 @@ __version__ = "0.1.0"
 
 __all__ = [
     "DROP_CRITERIA", "MODELS", "ImageData", "L1Importance", "LatencyBudget", "LatencyTable", "ModelTrace",
-    "PruningSession", "SessionConfig", "Split", "TaylorImportance", "UserError", "__version__", "accuracy",
-    "adapt_bn", "branch_width", "build_model", "check_ratios",
+    "PruningSession", "Reconstruction", "SessionConfig", "Split", "TaylorImportance", "UserError", "__version__",
+    "accuracy", "adapt_bn", "branch_width", "build_model", "check_ratios",
     "compare_latency", "drop_order", "export_model", "finetune", "global_ratios", "kept_channels", "kept_counts",
     "layer_macs", "load_data", "load_exported", "load_weights", "make_splits", "measure_flops", "measure_latency",
-    "prune", "trace_model", "uniform_ratios",
+    "prune", "removed_channels", "trace_model", "uniform_ratios",
 ]

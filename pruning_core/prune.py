@@ -16,7 +16,8 @@ from pruning_core.graph import ChannelGroup, ModelTrace, grouped_step
 from pruning_core.latency import LatencyBudget
 
 __all__ = ["DroppedBranch", "EmptyChannels", "branch_width", "check_ratios", "drop_order", "fits_budget",
-           "global_ratios", "kept_channels", "kept_counts", "kept_indices", "prune", "uniform_ratios"]
+           "global_ratios", "kept_channels", "kept_counts", "kept_indices", "prune", "removed_channels",
+           "uniform_ratios"]
 
 
 def kept_channels(channels: int, ratio: float, round_to: int | None = None, drop: bool = False,
@@ -148,17 +149,7 @@ def prune(model: nn.Module, ratios: dict[str, float], scores: dict[str, torch.Te
     kept = kept_counts(trace, ratios, round_to)
     net = copy.deepcopy(model)
     modules = dict(net.named_modules())
-    # the channels each layer loses, per dimension, gathered over every group first: a layer after a concat
-    # reads several groups, whose indices all refer to its dense input
-    removed: dict[tuple[str, str], set[int]] = {}
-    for g in trace.groups:
-        if kept[g.name] in (0, g.channels):  # dense, or dropped (below)
-            continue
-        keep = set(kept_indices(g, scores[g.name], kept[g.name]))
-        gone = [j for j in range(g.channels) if j not in keep]
-        for m in g.members:
-            removed.setdefault((m.module, m.dim), set()).update(i for j in gone for i in m.index[j])
-    for (name, dim), gone_idx in removed.items():
+    for (name, dim), gone_idx in removed_channels(trace, kept, scores).items():
         info = trace.layers[name]
         full = info.out_channels if dim == "out" else info.in_channels
         _slice(modules[name], dim, torch.tensor([i for i in range(full) if i not in gone_idx], dtype=torch.long),
@@ -183,6 +174,24 @@ def prune(model: nn.Module, ratios: dict[str, float], scores: dict[str, torch.Te
             _replace(net, bn, nn.Identity(), old.training)
     _remove_dead_blocks(net, trace, kept)
     return net
+
+
+def removed_channels(trace: ModelTrace, kept: dict[str, int], scores: dict[str, torch.Tensor]
+                     ) -> dict[tuple[str, str], set[int]]:
+    """The channels each layer loses when every group keeps ``kept[name]`` of its best channels, as dense indices,
+    keyed by ``(layer, "in" | "out")``. Gathered over every group: a layer after a concat reads several groups,
+    whose indices all refer to its dense input. Dropped groups (0 kept) are left out: :func:`prune` removes
+    their layers whole.
+    """
+    removed: dict[tuple[str, str], set[int]] = {}
+    for g in trace.groups:
+        if kept[g.name] in (0, g.channels):
+            continue
+        keep = set(kept_indices(g, scores[g.name], kept[g.name]))
+        gone = [j for j in range(g.channels) if j not in keep]
+        for m in g.members:
+            removed.setdefault((m.module, m.dim), set()).update(i for j in gone for i in m.index[j])
+    return removed
 
 
 def _replace(net: nn.Module, name: str, new: nn.Module, training: bool) -> None:

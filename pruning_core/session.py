@@ -19,7 +19,8 @@ from pruning_core.errors import UserError
 from pruning_core.evaluate import accuracy, adapt_bn, augment_batch, finetune, mean_loss
 from pruning_core.graph import ModelTrace, trace_model
 from pruning_core.importance import L1Importance, TaylorImportance
-from pruning_core.prune import kept_counts, prune
+from pruning_core.prune import kept_counts, prune, removed_channels
+from pruning_core.reconstruct import Reconstruction
 from pruning_core.zoo import build_model, load_weights
 
 __all__ = ["DROP_CRITERIA", "PruningSession", "SessionConfig"]
@@ -56,6 +57,12 @@ class SessionConfig:
     branch, 58-99 s for ResNet-56's 27 on 2 cores), or ``taylor``, the branch's summed channel scores (free, but on
     ResNet-56 it ranks blocks worse: re-choosing the dropped blocks of 7 searched allocations by ``loss`` kept or
     raised every one on held-out training images, by up to 6.8 points)."""
+    reconstruct: bool = False
+    """Refit every conv and linear layer of a pruned model, by least squares, to the dense model's outputs on
+    ``reconstruct_images`` calibration images before adaptive BN (:class:`~pruning_core.reconstruct.Reconstruction`;
+    He et al. 2017). Seconds per model, no labels or gradients."""
+    reconstruct_images: int = 256
+    """Calibration images the reconstruction fits on (all in one forward pass; fewer if the split is smaller)."""
     seed: int = 0
     """Seed for the reward/calibration subsets and the scoring batches."""
 
@@ -95,6 +102,7 @@ class PruningSession:
         self.params_dense = self.trace.params()
         self._dense_acc: dict[str, float] = {}
         self._drop_costs: dict[str, float] | None = None
+        self._reconstruction: Reconstruction | None = None
 
     def _check_model_fits(self) -> None:
         x, _ = next(self.data.test.batches(2))
@@ -151,16 +159,41 @@ class PruningSession:
               timings: dict[str, float] | None = None) -> nn.Module:
         """Prune a copy of the model with the cached scores and, by default, recalibrate its BN.
 
-        :param timings: if given, ``prune_s`` and ``adapt_s`` (seconds) are written into it.
+        With ``config.reconstruct`` the layers are refitted to the dense model's outputs first.
+
+        :param timings: if given, ``prune_s``, ``adapt_s`` and, with reconstruction, ``reconstruct_s`` (seconds)
+            are written into it.
         """
-        t0 = time.perf_counter()
+        times = {}
+        t = time.perf_counter()
         pruned = prune(self.model, ratios, self.scores, self.trace, round_to)
-        t1 = time.perf_counter()
+        times["prune_s"] = time.perf_counter() - t
+        if self.config.reconstruct:
+            t = time.perf_counter()
+            kept = kept_counts(self.trace, ratios, round_to)
+            self.reconstruction(pruned, removed_channels(self.trace, kept, self.scores))
+            times["reconstruct_s"] = time.perf_counter() - t
+        t = time.perf_counter()
         if adapt:
             adapt_bn(pruned, self.splits.calib, self.config.calib_batches, self.config.batch_size)
+        times["adapt_s"] = time.perf_counter() - t
         if timings is not None:
-            timings.update(prune_s=t1 - t0, adapt_s=time.perf_counter() - t1)
+            timings.update(times)
         return pruned.eval()
+
+    @property
+    def reconstruction(self) -> Reconstruction:
+        """The dense model's layer outputs on the first ``config.reconstruct_images`` calibration images (computed
+        on first use).
+        """
+        if self._reconstruction is None:
+            images, n = [], self.config.reconstruct_images
+            for x, _ in self.splits.calib.batches(self.config.batch_size):
+                images.append(x)
+                if sum(len(b) for b in images) >= n:
+                    break
+            self._reconstruction = Reconstruction(self.model, torch.cat(images)[:n], seed=self.config.seed)
+        return self._reconstruction
 
     def finetune(self, model: nn.Module, epochs: int, kd: bool = True, lr: float = 0.01,
                  progress: bool = False) -> nn.Module:
