@@ -48,7 +48,7 @@ def apply_policy(policy: str | Path | PortablePolicy, model: str | nn.Module, we
                  calib_batches: int = 10, round_to: int | None = None, progress: bool = False,
                  session: PruningSession | None = None, fallback: bool = True, rescore_top: int = 5,
                  select_images: int = 1000, latency: str | None = None, latency_batch: int = 1,
-                 max_latency: float | None = None) -> dict:
+                 max_latency: float | None = None, reconstruct: bool | None = None) -> dict:
     """Prune a new model with a learned policy and return the JSON report (``method: "rl-transfer"``).
 
     :param flops: FLOPs budget (default: the one the policy was trained for).
@@ -65,6 +65,8 @@ def apply_policy(policy: str | Path | PortablePolicy, model: str | nn.Module, we
         against dense at ``latency_batch`` into ``report["latency"]``.
     :param max_latency: cap on predicted latency as a fraction of dense (default: the policy's own, with its
         backend and batch size; a latency table for the new model is measured on this machine first; 1: none).
+    :param reconstruct: refit each candidate's layers to the dense model before adaptive BN
+        (``SessionConfig.reconstruct``; default: as the policy was trained). Ignored when ``session`` is given.
     """
     started = time.perf_counter()
     policy = load_policy(policy) if not isinstance(policy, PortablePolicy) else policy
@@ -75,8 +77,10 @@ def apply_policy(policy: str | Path | PortablePolicy, model: str | nn.Module, we
     if max_latency is not None:
         check_max_latency(max_latency)
     if session is None:
+        reconstruct = reconstruct if reconstruct is not None else trained.get("reconstruct", False)
         session = PruningSession(model, weights, data, SessionConfig(
-            reward_images=reward_images, calib_batches=calib_batches, select_images=select_images, seed=seed))
+            reward_images=reward_images, calib_batches=calib_batches, select_images=select_images, seed=seed,
+            reconstruct=reconstruct))
     budget = None
     if max_latency is not None and max_latency < 1.0:
         from agent.train import measure_latency_table

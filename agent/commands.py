@@ -62,6 +62,7 @@ def train_command_parser(subparsers) -> None:
     p.add_argument("--clone-warmup", action=argparse.BooleanOptionalAction, help=_field_help("clone_warmup"))
     p.add_argument("--reexplore", action=argparse.BooleanOptionalAction, help=_field_help("reexplore"))
     p.add_argument("--drop-blocks", action=argparse.BooleanOptionalAction, help=_field_help("drop_blocks"))
+    p.add_argument("--reconstruct", action=argparse.BooleanOptionalAction, help=_field_help("reconstruct"))
     p.add_argument("--out", help="run folder " + _field_help("out"))
     p.add_argument("--json", action="store_true", help="print the final JSON report on stdout")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
@@ -129,6 +130,9 @@ def apply_command_parser(subparsers) -> None:
     p.add_argument("--fallback", action=argparse.BooleanOptionalAction, default=True,
                    help="also score the uniform allocation and keep it if it beats the policy on the reward "
                         "and select splits (default: on; the report's transfer.chosen says which was kept)")
+    p.add_argument("--reconstruct", action=argparse.BooleanOptionalAction, default=None,
+                   help="refit the pruned model's layers to the dense model by least squares before adaptive BN, "
+                        "in every candidate it scores (default: as the policy was trained)")
     p.add_argument("--rescore-top", type=int, default=5, help=_field_help("rescore_top"))
     p.add_argument("--select-images", type=int, default=1000, help=_field_help("select_images"))
     p.add_argument("--max-latency", type=float, default=None,
@@ -148,7 +152,8 @@ def apply_command(args: argparse.Namespace) -> dict:
                           seed=args.seed, reward_images=args.reward_images, calib_batches=args.calib_batches,
                           round_to=args.round_to, progress=sys.stderr.isatty(), fallback=args.fallback,
                           rescore_top=args.rescore_top, select_images=args.select_images,
-                          latency=args.latency, latency_batch=args.latency_batch, max_latency=args.max_latency)
+                          latency=args.latency, latency_batch=args.latency_batch, max_latency=args.max_latency,
+                          reconstruct=args.reconstruct)
     print_report(report, args.json)
     return report
 

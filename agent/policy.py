@@ -109,7 +109,9 @@ def save_policy(algo, config: TrainConfig, best: dict | None, out: str | Path) -
                      "drop_blocks": config.drop_blocks,
                      # the latency budget it searched under (a table is measured again for each new model)
                      "max_latency": config.max_latency, "latency_backend": config.latency_backend,
-                     "latency_batch": config.latency_batch},
+                     "latency_batch": config.latency_batch,
+                     # how its rewards were scored: apply scores its candidates the same way by default
+                     "reconstruct": config.reconstruct},
         "best": best,
     }
     state = {f"extractor.{k}": v for k, v in extractor.state_dict().items()}

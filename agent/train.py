@@ -40,7 +40,7 @@ def build_env(config: TrainConfig, session: PruningSession | None = None,
     if session is None:
         session = PruningSession(config.model, config.weights, config.data, SessionConfig(
             reward_images=config.reward_images, calib_batches=config.calib_batches,
-            select_images=config.select_images, seed=config.seed))
+            select_images=config.select_images, seed=config.seed, reconstruct=config.reconstruct))
     budget = None
     if config.max_latency is not None:
         table = latency_table or measure_latency_table(session, config.latency_backend, config.latency_batch,

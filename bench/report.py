@@ -57,6 +57,10 @@ def search_table(res: dict) -> list[str]:
                            "removed"}[res["config"].get("drop_criterion", "taylor")]
                         + " (centre-drop: action 0 on every step)."
                         if res["rl_config"].get("granularity", "group") != "group" else "."))
+    if res["config"].get("reconstruct"):
+        lines[0] += (" Every pruned model, in every reward and row, has its conv and linear layers refitted by least "
+                     "squares to the dense model's outputs on 256 calibration images before adaptive BN "
+                     "(--reconstruct).")
     lat = res.get("latency_budget")
     if lat:
         lines[0] += (f" Every method also keeps the latency that a latency table ({lat['backend']}, batch "
@@ -281,7 +285,27 @@ def within_table(res: dict) -> list[str]:
     return lines
 
 
-ORDER = ("search", "exhaustive", "latency", "transfer", "ablation", "reward", "scale", "env", "trunk", "within")
+def reconstruct_table(res: dict) -> list[str]:
+    s = res["summary"]
+    lines = [f"Kept models of earlier searches ({', '.join(res['config']['results'])}), rebuilt with the same Taylor "
+             "scores, calibration images and adaptive BN, without and with least-squares reconstruction "
+             f"(bench/reconstruct.py: every conv and linear layer refitted to the dense model's outputs on "
+             f"{res['reconstruction']['images']} calibration images). Dense: {res['dense']['acc_test']:.2f}% on test. "
+             f"The plain rebuild reproduces every file's test accuracy"
+             + (f" except {', '.join(s['plain_differs_from_file'])}" if s["plain_differs_from_file"] else "")
+             + f"; reconstruction's test gain is {s['test_gain_mean']:+.2f} on average ({s['test_gain_min']:+.2f} to "
+             f"{s['test_gain_max']:+.2f}) over {s['rows']} models. Reward and select splits: training images.", "",
+             "| model | test | test, reconstructed | reward split | select split | refit build s | fine-tuned |",
+             "|---|---|---|---|---|---|---|"]
+    for label, r in res["rows"].items():
+        p, f = r["plain"], r["refit"]
+        lines.append(f"| {label} | {p['test']:.2f} | {f['test']:.2f} | {p['reward']:.1f} → {f['reward']:.1f} | "
+                     f"{p['select']:.1f} → {f['select']:.1f} | {f['build_s']:.1f} | {fmt(f.get('test_finetuned'))} |")
+    return lines
+
+
+ORDER = ("search", "reconstruct", "exhaustive", "latency", "transfer", "ablation", "reward", "scale", "env", "trunk",
+         "within")
 README_START, README_END = "<!-- bench:start -->", "<!-- bench:end -->"
 # The runs behind the README's "where it stands" summary (the latest of each kind); REPORT.md holds every file.
 README_RESULTS = ("search_substage_r8_drop_amd", "search_substage_r8_drop_s345_amd", "search_substage_r16_drop_loss",
@@ -302,7 +326,8 @@ def render_tables() -> dict[str, str]:
     """Every results file's table, by results file stem, in report order."""
     renderers = {"search": search_table, "exhaustive": exhaustive_table, "transfer": transfer_table,
                  "scale": scale_table, "latency": latency_table, "ablation": ablation_table, "env": env_table,
-                 "reward": reward_signal_table, "trunk": trunk_table, "within": within_table}
+                 "reward": reward_signal_table, "trunk": trunk_table, "within": within_table,
+                 "reconstruct": reconstruct_table}
     paths = sorted(RESULTS.glob("*.json"), key=lambda p: (ORDER.index(p.stem.split("_")[0])
                                                           if p.stem.split("_")[0] in ORDER else len(ORDER), p.stem))
     tables = {}

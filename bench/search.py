@@ -170,6 +170,9 @@ def main() -> None:
                    help="let the searches remove residual branches whole (with --round-to, best --granularity group)")
     p.add_argument("--drop-criterion", choices=DROP_CRITERIA, default=SessionConfig.drop_criterion,
                    help="what it costs to remove a branch, which orders drop steps (SessionConfig.drop_criterion)")
+    p.add_argument("--reconstruct", action="store_true",
+                   help="refit every pruned model's layers to the dense model by least squares before adaptive BN, "
+                        "in every reward and row (SessionConfig.reconstruct)")
     p.add_argument("--skip", nargs="*", default=[], metavar="METHOD",
                    help="methods not to run, e.g. global l1-uniform random rl-ddpg")
     p.add_argument("--max-latency", type=float, default=None,
@@ -188,7 +191,7 @@ def main() -> None:
 
     t = time.perf_counter()
     session = cifar_session(args.model, reward_images=args.reward_images, calib_batches=args.calib_batches,
-                            drop_criterion=args.drop_criterion)
+                            drop_criterion=args.drop_criterion, reconstruct=args.reconstruct)
     if args.drop_blocks:
         session.drop_costs()  # once, shared by every method (session.timings["drop_costs_s"])
     setup_s = time.perf_counter() - t

@@ -27,6 +27,7 @@ DEFAULT_MAX_NODES = 320  # ResNet-110 has 274 layer-graph nodes, MobileNetV2 116
 REWARDS = ("acc", "acc_flops", "latency")
 GRANULARITIES = ("group", "stage", "substage")
 ACTION_CENTERS = ("uniform", "remaining", "zero")
+EVALUATION_TIMINGS = ("prune_s", "reconstruct_s", "adapt_s", "eval_s")  # what scoring a pruned model costs
 
 
 class PruneEnv(gym.Env):
@@ -104,9 +105,9 @@ class PruneEnv(gym.Env):
 
     Terminates after `num_steps` steps: one per prunable group, stage or substage, plus the drop steps. Never
     truncates.
-    `info` then holds `acc`, `flops_ratio`, `params_ratio`, `ratios`, `eval_s` (plus `prune_s`, `adapt_s`,
-    `cached`, `episode`). Every step's `info` holds `action_applied`: the action after the budget clamp, in the
-    action space (agents should learn from it, not from the action they proposed).
+    `info` then holds `acc`, `flops_ratio`, `params_ratio`, `ratios`, `eval_s` (plus `prune_s`, `reconstruct_s`,
+    `adapt_s`, `cached`, `episode`). Every step's `info` holds `action_applied`: the action after the budget clamp,
+    in the action space (agents should learn from it, not from the action they proposed).
 
     ## Arguments
 
@@ -221,7 +222,7 @@ class PruneEnv(gym.Env):
         self._dyn = {name: len(STATIC_FEATURES) + i for i, name in enumerate(DYNAMIC_FEATURES)}
         self.cache: dict[tuple[int, ...], tuple[float, dict]] = {}
         self.episodes = 0
-        self.timings = {"prune_s": 0.0, "adapt_s": 0.0, "eval_s": 0.0, "step_s": 0.0}
+        self.timings = {"prune_s": 0.0, "reconstruct_s": 0.0, "adapt_s": 0.0, "eval_s": 0.0, "step_s": 0.0}
         self._reset_state()
         if action_center == "zero":
             self.center = [max_ratio / 2] * self.num_steps
@@ -384,8 +385,8 @@ class PruneEnv(gym.Env):
 
     @property
     def evaluation_s(self) -> float:
-        """Seconds spent building, recalibrating and evaluating pruned models so far."""
-        return self.timings["prune_s"] + self.timings["adapt_s"] + self.timings["eval_s"]
+        """Seconds spent building (pruning, reconstructing), recalibrating and evaluating pruned models so far."""
+        return sum(self.timings[k] for k in EVALUATION_TIMINGS)
 
     def action_to_ratio(self, t: int, a: float) -> float:
         """Map an action in [-1, 1] to a pruning ratio in [0, max_ratio] through step ``t``'s centre."""
@@ -461,7 +462,7 @@ class PruneEnv(gym.Env):
             info["latency_ms"] = 1000 * measure_latency(model, s.data.input_shape, self.latency_batch,
                                                         min_run_time=0.2)
         reward = self._reward(acc, info)
-        for k in ("prune_s", "adapt_s", "eval_s"):
+        for k in EVALUATION_TIMINGS:
             self.timings[k] += info[k]
         self.cache[key] = (reward, info)
         return reward, {**info, "cached": False}

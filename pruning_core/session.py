@@ -161,18 +161,18 @@ class PruningSession:
 
         With ``config.reconstruct`` the layers are refitted to the dense model's outputs first.
 
-        :param timings: if given, ``prune_s``, ``adapt_s`` and, with reconstruction, ``reconstruct_s`` (seconds)
-            are written into it.
+        :param timings: if given, ``prune_s``, ``reconstruct_s`` (0 without reconstruction) and ``adapt_s``
+            (seconds) are written into it.
         """
         times = {}
         t = time.perf_counter()
         pruned = prune(self.model, ratios, self.scores, self.trace, round_to)
         times["prune_s"] = time.perf_counter() - t
+        t = time.perf_counter()
         if self.config.reconstruct:
-            t = time.perf_counter()
             kept = kept_counts(self.trace, ratios, round_to)
             self.reconstruction(pruned, removed_channels(self.trace, kept, self.scores))
-            times["reconstruct_s"] = time.perf_counter() - t
+        times["reconstruct_s"] = time.perf_counter() - t
         t = time.perf_counter()
         if adapt:
             adapt_bn(pruned, self.splits.calib, self.config.calib_batches, self.config.batch_size)
@@ -218,6 +218,7 @@ class PruningSession:
             "acc_dense": self.dense_accuracy("test"), "acc": accuracy(model, self.splits.test), "acc_split": "test",
             "acc_reward": accuracy(model, self.splits.reward),
             "ratios": {k: round(float(v), 6) for k, v in ratios.items()}, "round_to": round_to,
-            "method": method, "seed": seed, "excluded": dict(self.trace.excluded),
+            "method": method, "seed": seed, "reconstruct": self.config.reconstruct,
+            "excluded": dict(self.trace.excluded),
             "time_s": round(time_s, 3), **extra,
         }

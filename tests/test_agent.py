@@ -270,6 +270,23 @@ def test_apply_keeps_the_policys_channel_rounding(digits_session, tmp_path):
     assert lat["flops_speedup"] == pytest.approx(1 / plain["flops_ratio"]) and "latency" not in kept
 
 
+def test_apply_scores_candidates_as_the_policy_was_trained(digits_session, digits_weights, tmp_path):
+    """A policy searched with reconstruction records it, and apply rebuilds its candidates the same way unless
+    told otherwise."""
+    cfg = tiny_config(episodes=2, flops=0.6, reconstruct=True)
+    search = Search(cfg, PruneEnv(session=digits_session, flops=0.6))
+    search.run(2)
+    path = save_policy(search.algo, cfg, search.best, tmp_path / "p")
+    assert load_policy(path).train_config["reconstruct"] is True
+    common = dict(weights=str(digits_weights), data="digits", reward_images=64, calib_batches=1, select_images=64,
+                  fallback=False)
+    refit = apply_policy(path, "digits_cnn", **common)
+    plain = apply_policy(path, "digits_cnn", reconstruct=False, **common)
+    assert refit["reconstruct"] is True and plain["reconstruct"] is False
+    assert refit["ratios"] == plain["ratios"]
+    assert (refit["acc_reward"], refit["acc"]) != (plain["acc_reward"], plain["acc"])
+
+
 def test_cli_train_export_apply_to_other_architecture(digits_weights, tmp_path, capsys):
     run = tmp_path / "run"
     common = ["--reward-images", "64", "--calib-batches", "1"]

@@ -67,13 +67,15 @@ def bad_cases(tmp_path):
         "latency budget on a ratios file": ([*r20, "--ratios", str(ratios_one), "--max-latency", "0.6"],
                                             "a --ratios file is used as it is"),
         "latency budget out of range": ([*r20, "--max-latency", "0"], "must be a fraction of dense latency"),
+        "reconstruction without adaptive BN": ([*r20, "--reconstruct", "--no-adapt-bn"], "drop --no-adapt-bn"),
     }
 
 
 @needs_assets
 @pytest.mark.parametrize("case", ["missing weights", "other architecture", "ratio above 1", "negative ratio",
                                   "unknown group", "no batches", "unknown model", "unreachable budget",
-                                  "latency budget on a ratios file", "latency budget out of range"])
+                                  "latency budget on a ratios file", "latency budget out of range",
+                                  "reconstruction without adaptive BN"])
 def test_bad_input_clear_error(case, tmp_path, capsys):
     argv, message = bad_cases(tmp_path)[case]
     out_dir = tmp_path / "out"
