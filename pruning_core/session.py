@@ -128,7 +128,9 @@ class PruningSession:
                 from tqdm.auto import tqdm
                 t = time.perf_counter()
                 bar = tqdm(branches, desc="drop costs", unit="branch", leave=False, disable=None if progress else True)
-                self._drop_costs = {name: mean_loss(self.build({name: 1.0}), self.splits.calib) for name in bar}
+                # never reconstructed: the refit is fitted on calibration images, so their loss would flatter it
+                self._drop_costs = {name: mean_loss(self.build({name: 1.0}, reconstruct=False), self.splits.calib)
+                                    for name in bar}
                 self.timings["drop_costs_s"] = time.perf_counter() - t
         return dict(self._drop_costs)
 
@@ -156,10 +158,11 @@ class PruningSession:
         return self._dense_acc[split]
 
     def build(self, ratios: dict[str, float], round_to: int | None = None, adapt: bool = True,
-              timings: dict[str, float] | None = None) -> nn.Module:
+              timings: dict[str, float] | None = None, reconstruct: bool | None = None) -> nn.Module:
         """Prune a copy of the model with the cached scores and, by default, recalibrate its BN.
 
-        With ``config.reconstruct`` the layers are refitted to the dense model's outputs first.
+        With ``reconstruct`` (default: ``config.reconstruct``) the layers are refitted to the dense model's outputs
+        first.
 
         :param timings: if given, ``prune_s``, ``reconstruct_s`` (0 without reconstruction) and ``adapt_s``
             (seconds) are written into it.
@@ -169,7 +172,7 @@ class PruningSession:
         pruned = prune(self.model, ratios, self.scores, self.trace, round_to)
         times["prune_s"] = time.perf_counter() - t
         t = time.perf_counter()
-        if self.config.reconstruct:
+        if self.config.reconstruct if reconstruct is None else reconstruct:
             kept = kept_counts(self.trace, ratios, round_to)
             self.reconstruction(pruned, removed_channels(self.trace, kept, self.scores))
         times["reconstruct_s"] = time.perf_counter() - t

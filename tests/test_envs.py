@@ -328,3 +328,23 @@ def test_rescore_ranks_the_top_candidates_over_both_splits(digits_session):
     # among: only those allocations compete (e.g. the ones within a tighter budget)
     worst = sorted(env.cache, key=lambda k: env.cache[k][0])[:2]
     assert sorted(c["reward_search"] for c in env.rescore(3, worst)) == sorted(env.cache[k][0] for k in worst)
+
+
+def test_reconstruction_is_charged_as_evaluation_time(digits_session):
+    """With a reconstructing session, the refit is part of what an evaluation costs (the agent's share of the
+    search's wall time is what is left), in the episodes and in the re-scoring."""
+    import copy
+    import dataclasses
+    session = copy.copy(digits_session)
+    session.config = dataclasses.replace(digits_session.config, reconstruct=True)
+    session._reconstruction = None
+    env = PruneEnv(session=session, flops=0.6)
+    env.reset(seed=0)
+    done = False
+    while not done:
+        _, _, done, _, info = env.step(np.array([0.3], np.float32))
+    assert info["reconstruct_s"] > 0 and env.timings["reconstruct_s"] == info["reconstruct_s"]
+    assert env.evaluation_s == pytest.approx(sum(env.timings[k] for k in ("prune_s", "reconstruct_s", "adapt_s",
+                                                                          "eval_s")))
+    env.rescore(1)
+    assert env.timings["reconstruct_s"] > info["reconstruct_s"]

@@ -830,9 +830,12 @@ def test_reconstruction_keeps_an_exact_fit_and_repairs_a_pruned_model():
 def test_reconstruction_lifts_a_pruned_resnet(cifar):
     """ResNet-20 at 50% FLOPs: the refitted model is more accurate on held-out training images, with dropped
     branches (whose layers are gone) too."""
+    import dataclasses
+
     from pruning_core import PruningSession, SessionConfig
     plain = PruningSession("resnet20", str(R20), cifar, SessionConfig(taylor_batches=4))
-    refit = PruningSession("resnet20", str(R20), cifar, SessionConfig(taylor_batches=4, reconstruct=True))
+    refit = copy.copy(plain)  # the same trace, scores and splits
+    refit.config = dataclasses.replace(plain.config, reconstruct=True)
     ratios = uniform_ratios(plain.trace, 0.5)
     timings = {}
     gain = accuracy(refit.build(ratios, timings=timings), refit.splits.select) - accuracy(plain.build(ratios),
@@ -841,3 +844,23 @@ def test_reconstruction_lifts_a_pruned_resnet(cifar):
     assert set(timings) == {"prune_s", "reconstruct_s", "adapt_s"}
     dropped = {**ratios, sorted(plain.trace.droppable)[0]: 1.0}
     assert accuracy(refit.build(dropped), refit.splits.select) > accuracy(plain.build(dropped), plain.splits.select)
+
+
+def test_drop_costs_are_never_reconstructed():
+    """Drop costs are measured on calibration images, which the refit is fitted to (on ResNet-56 their order
+    then ranked a downsampling branch 5th cheapest of 27, against 25th): a reconstructing session measures them
+    on plain rebuilds."""
+    import dataclasses
+
+    from test_graph_encoder import _tiny_cifar
+
+    from pruning_core import PruningSession, SessionConfig
+    plain = PruningSession(build_model("resnet20"), None, _tiny_cifar(), SessionConfig(
+        reward_images=8, calib_batches=1, taylor_batches=1, batch_size=8, select_images=8))
+    refit = copy.copy(plain)
+    refit.config = dataclasses.replace(plain.config, reconstruct=True)
+    calls = []
+    build = refit.build
+    refit.build = lambda *a, **kw: calls.append(kw.get("reconstruct")) or build(*a, **kw)
+    assert refit.drop_costs() == plain.drop_costs()
+    assert calls == [False] * len(plain.trace.droppable)
