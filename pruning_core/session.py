@@ -60,7 +60,8 @@ class SessionConfig:
     reconstruct: bool = False
     """Refit every conv and linear layer of a pruned model, by least squares, to the dense model's outputs on
     ``reconstruct_images`` calibration images before adaptive BN (:class:`~pruning_core.reconstruct.Reconstruction`;
-    He et al. 2017). Seconds per model, no labels or gradients."""
+    He et al. 2017). Seconds per model, no labels or gradients. Drop costs are measured without it (on the images
+    it fits)."""
     reconstruct_images: int = 256
     """Calibration images the reconstruction fits on (all in one forward pass; fewer if the split is smaller)."""
     seed: int = 0
@@ -78,6 +79,8 @@ class PruningSession:
     def __init__(self, model: str | nn.Module, weights: str | None, data: str | ImageData,
                  config: SessionConfig | None = None):
         self.config = config = config or SessionConfig()
+        if config.reconstruct_images < 1:
+            raise UserError(f"reconstruct_images must be at least 1, got {config.reconstruct_images}")
         if config.drop_criterion not in DROP_CRITERIA:
             raise UserError(f"unknown drop criterion {config.drop_criterion!r}; use one of {', '.join(DROP_CRITERIA)}")
         self.model_name = model if isinstance(model, str) else type(model).__name__

@@ -864,3 +864,9 @@ def test_drop_costs_are_never_reconstructed():
     refit.build = lambda *a, **kw: calls.append(kw.get("reconstruct")) or build(*a, **kw)
     assert refit.drop_costs() == plain.drop_costs()
     assert calls == [False] * len(plain.trace.droppable)
+
+
+def test_reconstruction_needs_images():
+    from pruning_core import PruningSession, SessionConfig
+    with pytest.raises(UserError, match="reconstruct_images must be at least 1"):
+        PruningSession("digits_cnn", None, "digits", SessionConfig(reconstruct=True, reconstruct_images=0))
