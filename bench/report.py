@@ -308,7 +308,8 @@ ORDER = ("search", "reconstruct", "exhaustive", "latency", "transfer", "ablation
          "within")
 README_START, README_END = "<!-- bench:start -->", "<!-- bench:end -->"
 # The runs behind the README's "where it stands" summary (the latest of each kind); REPORT.md holds every file.
-README_RESULTS = ("search_substage_r8_drop_recon_amd", "reconstruct_kept_amd", "latency_substage_r8_drop_recon_amd",
+README_RESULTS = ("search_substage_r8_drop_recon_amd", "search_substage_r8_drop_recon_s345_amd", "reconstruct_kept_amd",
+                  "latency_substage_r8_drop_recon_amd", "latency_substage_r8_drop_recon_s345_amd",
                   "search_substage_r8_drop_amd", "search_substage_r8_drop_s345_amd", "search_substage_r16_drop_loss",
                   "search_substage_r16_drop_loss_s345", "search_group_r16_drop", "search_substage_warmup",
                   "search_substage_warmup_s345", "search_substage_warmup_240_ppo_xeon",
