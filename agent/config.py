@@ -89,10 +89,11 @@ class TrainConfig:
     and in the final model: about 1-2 s more per evaluation on ResNet-56, no labels or gradients. Rebuilt with it,
     the ResNet-56 models kept at 50% FLOPs by earlier searches gained 2.7-13.5 points of test accuracy before
     fine-tuning (6.7 on average; uniform 79.15% to 88.20%, more than a 1-epoch fine-tune gives it), and the ranking
-    between methods narrowed (bench/results/reconstruct_kept_amd.json). Searched with it (3 seeds, ``round_to`` 8,
-    ``drop_blocks``): 88.50% against 88.04% for the same seeds' models searched without it and rebuilt with it,
-    in 25% more time; the benchmark's 1-epoch fine-tune (lr 0.01) then lowered them to 87.05%
-    (bench/results/search_substage_r8_drop_recon_amd.json). Off by default."""
+    between methods narrowed (bench/results/reconstruct_kept_amd.json). Searched with it (``round_to`` 8,
+    ``drop_blocks``, 6 seeds): 88.22% against 88.51% for the same seeds' models searched without it and rebuilt
+    with it, in 28% more time; the benchmark's 1-epoch fine-tune (lr 0.01) then lowered them (seeds 0-2: 88.50% to
+    87.05%) (bench/results/search_substage_r8_drop_recon*_amd.json). Off by default: search without it, and rebuild
+    the kept model with it."""
     rescore_top: int = 5
     """After the search, re-score this many of the best distinct allocations on ``select_images`` more training
     images and keep the best over both splits (0: keep the best reward-split episode). The reward split's noise
