@@ -193,12 +193,9 @@ class PruningSession:
         on first use).
         """
         if self._reconstruction is None:
-            images, n = [], self.config.reconstruct_images
-            for x, _ in self.splits.calib.batches(self.config.batch_size):
-                images.append(x)
-                if sum(len(b) for b in images) >= n:
-                    break
-            self._reconstruction = Reconstruction(self.model, torch.cat(images)[:n], seed=self.config.seed)
+            calib = self.splits.calib
+            images = calib.normalise(calib.x[:self.config.reconstruct_images])  # what calib.batches() yields first
+            self._reconstruction = Reconstruction(self.model, images, seed=self.config.seed)
         return self._reconstruction
 
     def finetune(self, model: nn.Module, epochs: int, kd: bool = True, lr: float = 0.01,
