@@ -48,7 +48,8 @@ def apply_policy(policy: str | Path | PortablePolicy, model: str | nn.Module, we
                  calib_batches: int = 10, round_to: int | None = None, progress: bool = False,
                  session: PruningSession | None = None, fallback: bool = True, rescore_top: int = 5,
                  select_images: int = 1000, latency: str | None = None, latency_batch: int = 1,
-                 max_latency: float | None = None, reconstruct: bool | None = None) -> dict:
+                 max_latency: float | None = None, reconstruct: bool | None = None,
+                 reconstruct_final: bool | None = None) -> dict:
     """Prune a new model with a learned policy and return the JSON report (``method: "rl-transfer"``).
 
     :param flops: FLOPs budget (default: the one the policy was trained for).
@@ -67,6 +68,8 @@ def apply_policy(policy: str | Path | PortablePolicy, model: str | nn.Module, we
         backend and batch size; a latency table for the new model is measured on this machine first; 1: none).
     :param reconstruct: refit each candidate's layers to the dense model before adaptive BN
         (``SessionConfig.reconstruct``; default: as the policy was trained). Ignored when ``session`` is given.
+    :param reconstruct_final: refit the kept model that way before it is evaluated and exported (default: unless
+        ``finetune_epochs`` fine-tunes it; :meth:`PruningSession.build_final`).
     """
     started = time.perf_counter()
     policy = load_policy(policy) if not isinstance(policy, PortablePolicy) else policy
@@ -102,7 +105,8 @@ def apply_policy(policy: str | Path | PortablePolicy, model: str | nn.Module, we
     ratios, reward, info = policy_ratios(policy, env)
     zero_shot = ratios
     transfer = {"policy_model": trained["model"], "policy_algo": policy.config["algorithm"],
-                "zero_shot_reward": reward, "zero_shot_acc_reward": info["acc"], "search_episodes": search_episodes}
+                "zero_shot_reward": reward, "zero_shot_acc_reward": info["acc"], "search_episodes": search_episodes,
+                "reconstruct": session.config.reconstruct}
     if search_episodes > 0:
         config = replace(TrainConfig(), algo=policy.config["algorithm"], flops=flops, seed=seed,
                          max_ratio=trained["max_ratio"], reward=trained["reward"], warmup_episodes=0,
@@ -128,14 +132,15 @@ def apply_policy(policy: str | Path | PortablePolicy, model: str | nn.Module, we
     kept, transfer["rescored"] = keep_best(env, {"ratios": ratios, "reward": reward}, rescore_top)
     ratios = kept["ratios"]
     transfer["chosen"] = "policy" if ratios == zero_shot else "uniform" if ratios == uniform else "search"
-    pruned = session.build(ratios, round_to)
+    pruned, built = session.build_final(ratios, round_to, reconstruct_final, finetune_epochs)
     acc_before = accuracy(pruned, session.splits.test)
     if finetune_epochs > 0:
         session.finetune(pruned, finetune_epochs, progress=progress)
     if budget is not None:
         transfer["latency_budget"] = budget.report(session.trace, kept_counts(session.trace, ratios, round_to))
     report = session.report(pruned, ratios, "rl-transfer", seed, time.perf_counter() - started, round_to=round_to,
-                            acc_before_finetune=acc_before, finetune_epochs=finetune_epochs, transfer=transfer)
+                            acc_before_finetune=acc_before, finetune_epochs=finetune_epochs, transfer=transfer,
+                            **built)
     if latency:
         add_latency(report, session, pruned, latency, latency_batch)
     return write_pruned(out, pruned, report, session.data.input_shape) if out is not None else report

@@ -96,7 +96,7 @@ def session_config(args: argparse.Namespace, importance: str = "taylor") -> Sess
     if args.reconstruct and not args.adapt_bn:
         raise UserError("--reconstruct fits each layer to the inputs that adaptive BN gives it; drop --no-adapt-bn")
     return SessionConfig(reward_images=args.reward_images, calib_batches=args.calib_batches, seed=args.seed,
-                         importance=importance, reconstruct=args.reconstruct)
+                         importance=importance)
 
 
 def finish(session: PruningSession, model, ratios: dict[str, float], method: str, args: argparse.Namespace,
@@ -132,10 +132,12 @@ def prune_command_parser(subparsers) -> None:
     p.add_argument("--method", choices=["uniform", "global", "l1-uniform"], default="uniform",
                    help="allocation: uniform Taylor ratios, Taylor global ranking, or uniform with L1 ranking")
     p.add_argument("--ratios", help="JSON file {group: ratio} to use instead of --method")
-    p.add_argument("--reconstruct", action="store_true",
+    p.add_argument("--reconstruct", action=argparse.BooleanOptionalAction, default=None,
                    help="before adaptive BN, refit every conv and linear layer by least squares to the dense "
                         "model's outputs on 256 calibration images (He et al. 2017): a second or two, no labels; "
-                        "ResNet-56 at 50%% FLOPs, uniform: 79.15%% -> 88.20%% test accuracy before fine-tuning")
+                        "ResNet-56 at 50%% FLOPs, uniform: 79.15%% -> 88.20%% test accuracy before fine-tuning "
+                        "(default: on unless --finetune-epochs fine-tunes the model or --no-adapt-bn; the "
+                        "report's acc_before_reconstruct is the same allocation without the refit)")
     p.add_argument("--max-latency", type=float, default=None,
                    help="also keep the latency predicted by a table of this machine's per-layer timings within "
                         "this fraction of dense; the table times the --latency backend (default: onnxruntime) at "
@@ -178,8 +180,9 @@ def prune_command(args: argparse.Namespace) -> dict:
     if budget is not None:
         extra["latency_budget"] = budget.report(session.trace, kept_counts(session.trace, ratios, args.round_to))
     timings = dict(session.timings)
-    model = session.build(ratios, args.round_to, adapt=args.adapt_bn, timings=timings)
-    return finish(session, model, ratios, method, args, started, timings=timings, **extra)
+    model, built = session.build_final(ratios, args.round_to, args.reconstruct, args.finetune_epochs,
+                                       adapt=args.adapt_bn, timings=timings)
+    return finish(session, model, ratios, method, args, started, timings=timings, **built, **extra)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -63,6 +63,8 @@ def train_command_parser(subparsers) -> None:
     p.add_argument("--reexplore", action=argparse.BooleanOptionalAction, help=_field_help("reexplore"))
     p.add_argument("--drop-blocks", action=argparse.BooleanOptionalAction, help=_field_help("drop_blocks"))
     p.add_argument("--reconstruct", action=argparse.BooleanOptionalAction, help=_field_help("reconstruct"))
+    p.add_argument("--reconstruct-final", action=argparse.BooleanOptionalAction,
+                   help=_field_help("reconstruct_final").replace("(default: None)", "(default: on unless fine-tuned)"))
     p.add_argument("--out", help="run folder " + _field_help("out"))
     p.add_argument("--json", action="store_true", help="print the final JSON report on stdout")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
@@ -133,6 +135,10 @@ def apply_command_parser(subparsers) -> None:
     p.add_argument("--reconstruct", action=argparse.BooleanOptionalAction, default=None,
                    help="refit the pruned model's layers to the dense model by least squares before adaptive BN, "
                         "in every candidate it scores (default: as the policy was trained)")
+    p.add_argument("--reconstruct-final", action=argparse.BooleanOptionalAction, default=None,
+                   help="refit the kept model that way before it is evaluated and exported (default: on unless "
+                        "--finetune-epochs fine-tunes it; the report's acc_before_reconstruct is the same "
+                        "allocation without the refit)")
     p.add_argument("--rescore-top", type=int, default=5, help=_field_help("rescore_top"))
     p.add_argument("--select-images", type=int, default=1000, help=_field_help("select_images"))
     p.add_argument("--max-latency", type=float, default=None,
@@ -153,7 +159,7 @@ def apply_command(args: argparse.Namespace) -> dict:
                           round_to=args.round_to, progress=sys.stderr.isatty(), fallback=args.fallback,
                           rescore_top=args.rescore_top, select_images=args.select_images,
                           latency=args.latency, latency_batch=args.latency_batch, max_latency=args.max_latency,
-                          reconstruct=args.reconstruct)
+                          reconstruct=args.reconstruct, reconstruct_final=args.reconstruct_final)
     print_report(report, args.json)
     return report
 

@@ -84,16 +84,20 @@ class TrainConfig:
     calib_batches: int = 10
     """Batches of 64 training images for adaptive BN in every episode."""
     reconstruct: bool = False
-    """Before adaptive BN, refit every conv and linear layer of each pruned model by least squares to the dense
-    model's outputs on 256 calibration images (He et al. 2017; ``pruning_core.Reconstruction``), in every reward
-    and in the final model: about 1-2 s more per evaluation on ResNet-56, no labels or gradients. Rebuilt with it,
-    the ResNet-56 models kept at 50% FLOPs by earlier searches gained 2.7-13.5 points of test accuracy before
-    fine-tuning (6.7 on average; uniform 79.15% to 88.20%, more than a 1-epoch fine-tune gives it), and the ranking
-    between methods narrowed (bench/results/reconstruct_kept_amd.json). Searched with it (``round_to`` 8,
-    ``drop_blocks``, 6 seeds): 88.22% against 88.51% for the same seeds' models searched without it and rebuilt
-    with it, in 28% more time; the benchmark's 1-epoch fine-tune (lr 0.01) then lowered them (seeds 0-2: 88.50% to
-    87.05%) (bench/results/search_substage_r8_drop_recon*_amd.json). Off by default: search without it, and rebuild
-    the kept model with it."""
+    """Before adaptive BN, refit every conv and linear layer of each pruned model by least squares to the dense model's
+    outputs on 256 calibration images (He et al. 2017; ``pruning_core.Reconstruction``), in every reward (the final
+    model follows ``reconstruct_final``): about 1-2 s more per evaluation on ResNet-56, no labels or gradients.
+    Rebuilt with it, the ResNet-56 models kept at 50% FLOPs by earlier searches gained 2.7-13.5 points of test
+    accuracy before fine-tuning (6.7 on average; uniform 79.15% to 88.20%, more than a 1-epoch fine-tune gives it),
+    and the ranking between methods narrowed (bench/results/reconstruct_kept_amd.json). Searched with it
+    (``round_to`` 8, ``drop_blocks``, 6 seeds): 88.22% against 88.51% for the same seeds' models searched without it
+    and rebuilt with it, in 28% more time; the benchmark's 1-epoch fine-tune (lr 0.01) then lowered them (seeds 0-2:
+    88.50% to 87.05%) (bench/results/search_substage_r8_drop_recon*_amd.json). Off by default: search without it,
+    and the kept model is rebuilt with it (``reconstruct_final``)."""
+    reconstruct_final: bool | None = None
+    """Refit the kept model the same way before it is evaluated on the test split and exported. None (the default):
+    yes, unless ``finetune_epochs`` fine-tunes it, which after the refit gave lower accuracy than without it; the
+    report's ``acc_before_reconstruct`` is the same allocation without the refit."""
     rescore_top: int = 5
     """After the search, re-score this many of the best distinct allocations on ``select_images`` more training
     images and keep the best over both splits (0: keep the best reward-split episode). The reward split's noise

@@ -55,21 +55,24 @@ def run_demo(out: str | Path = "runs/demo", episodes: int = 60, flops: float = 0
     rows = []
     for name, report in ((SOURCE, rl), (TARGET, transfer)):
         s = sessions[name]
-        uniform = s.build(uniform_ratios(s.trace, flops, 0.8))
-        u = s.measure(uniform_ratios(s.trace, flops, 0.8))
+        ratios = uniform_ratios(s.trace, flops, 0.8)
+        uniform, built = s.build_final(ratios)  # refitted like the kept models, so the rows compare
         rows += [
             {"model": name, "method": "dense", "flops_ratio": 1.0, "acc": s.dense_accuracy("test")},
-            {"model": name, "method": "uniform", "flops_ratio": u["flops_ratio"],
-             "acc": accuracy(uniform, s.splits.test)},
+            {"model": name, "method": "uniform", "flops_ratio": s.measure(ratios)["flops_ratio"],
+             "acc": accuracy(uniform, s.splits.test), "acc_before_reconstruct": built["acc_before_reconstruct"]},
             {"model": name, "method": report["method"] + (f" ({report['transfer']['chosen']})" if "transfer" in report
                                                           else ""),
-             "flops_ratio": report["flops_ratio"], "acc": report["acc"]},
+             "flops_ratio": report["flops_ratio"], "acc": report["acc"],
+             "acc_before_reconstruct": report["acc_before_reconstruct"]},
         ]
     write_json(out / "summary.json", rows)
-    print(f"\n{'model':<16} {'method':<22} {'FLOPs':>6} {'test acc':>9}")
+    print(f"\n{'model':<16} {'method':<22} {'FLOPs':>6} {'test acc':>9} {'not refitted':>13}")
     for r in rows:
-        print(f"{r['model']:<16} {r['method']:<22} {r['flops_ratio']:>6.3f} {r['acc']:>8.2f}%")
-    print("(rl-transfer keeps the policy's allocation, or uniform when uniform scores better on the training images "
-          "of the reward and select splits)")
+        plain = f"{r['acc_before_reconstruct']:>12.2f}%" if "acc_before_reconstruct" in r else f"{'':>13}"
+        print(f"{r['model']:<16} {r['method']:<22} {r['flops_ratio']:>6.3f} {r['acc']:>8.2f}% {plain}")
+    print("(pruned models are refitted to the dense model by least squares before adaptive BN; 'not refitted' is the "
+          "same model without it. rl-transfer keeps the policy's allocation, or uniform when uniform scores better "
+          "on the training images of the reward and select splits)")
     print(f"\n[demo] everything is under {out}/ (policy: {out / 'policy'}, plots: {out / 'train'}/*.png)")
     return rows

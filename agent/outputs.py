@@ -57,6 +57,9 @@ def print_report(report: dict, as_json: bool) -> None:
         return
     print(f"{report['model']} [{report['method']}]: FLOPs {report['flops_ratio']:.3f} of dense, params "
           f"{report['params_ratio']:.3f}, test acc {report['acc']:.2f}% (dense {report['acc_dense']:.2f}%)")
+    if "acc_before_reconstruct" in report:
+        print(f"layers refitted to the dense model by least squares (test acc without the refit: "
+              f"{report['acc_before_reconstruct']:.2f}%)")
     if report.get("excluded"):  # the reasons in full are in report.json
         reasons = [f"{name} ({why})" for name, why in report["excluded"].items()]
         more = f"; {len(reasons) - 2} more in report.json" if len(reasons) > 2 else ""

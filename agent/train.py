@@ -130,7 +130,8 @@ def _finish(config: TrainConfig, search: Search) -> dict:
     started = time.perf_counter()
     done = finish_search(search, config.rescore_top)
     kept = done["kept"]
-    model = session.build(kept["ratios"], config.round_to)
+    model, built = session.build_final(kept["ratios"], config.round_to, config.reconstruct_final,
+                                       config.finetune_epochs)
     acc_before = accuracy(model, session.splits.test)
     if config.finetune_epochs > 0:
         session.finetune(model, config.finetune_epochs, progress=config.progress)
@@ -142,13 +143,14 @@ def _finish(config: TrainConfig, search: Search) -> dict:
              "env_eval_s": round(eval_s, 2), "agent_share": round(max(0.0, 1 - eval_s / max(search.search_s,
                                                                                           1e-9)), 4),
              "best_episode": best["episode"], "best_reward": best["reward"], "algo": config.algo,
-             "policy_episode": done["policy_episode"], "rescored": done["rescored"]}
+             "policy_episode": done["policy_episode"], "rescored": done["rescored"],
+             "reconstruct": config.reconstruct}
     if env.latency_budget is not None:
         stats["latency_budget"] = env.latency_budget.report(
             session.trace, kept_counts(session.trace, kept["ratios"], config.round_to))
     report = session.report(model, kept["ratios"], "rl", config.seed, search.search_s + time.perf_counter() - started,
                             round_to=config.round_to, acc_before_finetune=acc_before,
-                            finetune_epochs=config.finetune_epochs, search=stats)
+                            finetune_epochs=config.finetune_epochs, search=stats, **built)
     write_pruned(run_dir / "final", model, report, session.data.input_shape)
     write_json(run_dir / "report.json", report)
     _plots(run_dir, search.history, kept["ratios"], uniform)

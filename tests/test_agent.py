@@ -271,8 +271,9 @@ def test_apply_keeps_the_policys_channel_rounding(digits_session, tmp_path):
 
 
 def test_apply_scores_candidates_as_the_policy_was_trained(digits_session, digits_weights, tmp_path):
-    """A policy searched with reconstruction records it, and apply rebuilds its candidates the same way unless
-    told otherwise."""
+    """A policy searched with reconstruction records it, and apply scores its candidates the same way unless
+    told otherwise. The kept model is refitted either way unless it is fine-tuned or told not to be, and the
+    report says what the refit bought."""
     cfg = tiny_config(episodes=2, flops=0.6, reconstruct=True)
     search = Search(cfg, PruneEnv(session=digits_session, flops=0.6))
     search.run(2)
@@ -282,9 +283,16 @@ def test_apply_scores_candidates_as_the_policy_was_trained(digits_session, digit
                   fallback=False)
     refit = apply_policy(path, "digits_cnn", **common)
     plain = apply_policy(path, "digits_cnn", reconstruct=False, **common)
-    assert refit["reconstruct"] is True and plain["reconstruct"] is False
+    assert refit["transfer"]["reconstruct"] is True and plain["transfer"]["reconstruct"] is False
     assert refit["ratios"] == plain["ratios"]
-    assert (refit["acc_reward"], refit["acc"]) != (plain["acc_reward"], plain["acc"])
+    assert refit["transfer"]["zero_shot_acc_reward"] != plain["transfer"]["zero_shot_acc_reward"]
+    assert refit["reconstruct"] is plain["reconstruct"] is True  # the final model: refitted by default
+    assert (refit["acc"], refit["acc_before_reconstruct"]) == (plain["acc"], plain["acc_before_reconstruct"])
+    unrefitted = apply_policy(path, "digits_cnn", reconstruct_final=False, **common)
+    assert unrefitted["reconstruct"] is False and "acc_before_reconstruct" not in unrefitted
+    assert unrefitted["acc"] == refit["acc_before_reconstruct"] != refit["acc"]
+    tuned = apply_policy(path, "digits_cnn", finetune_epochs=1, **common)
+    assert tuned["reconstruct"] is False and tuned["acc_before_finetune"] == unrefitted["acc"]
 
 
 def test_cli_train_export_apply_to_other_architecture(digits_weights, tmp_path, capsys):
@@ -295,8 +303,15 @@ def test_cli_train_export_apply_to_other_architecture(digits_weights, tmp_path, 
                  "--out", str(run), "--json", "--no-progress", *common]) == 0
     report = json.loads(capsys.readouterr().out)
     assert report["method"] == "rl" and report["flops_ratio"] <= 0.5 and report["search"]["episodes"] == 6
-    rescored = report["search"]["rescored"]  # the kept model is the best of the top candidates over both splits
-    assert 1 <= len(rescored) <= 5 and report["acc_reward"] == pytest.approx(rescored[0]["acc_reward"])
+    assert report["reconstruct"] is True and report["search"]["reconstruct"] is False  # searched plain, kept refitted
+    assert "acc_before_reconstruct" in report
+    # the kept model is the best of the top candidates over both splits, which score without the refit
+    from pruning_core import PruningSession, SessionConfig, accuracy
+    session = PruningSession("digits_cnn", str(digits_weights), "digits", SessionConfig(reward_images=64,
+                                                                                        calib_batches=1))
+    rescored = report["search"]["rescored"]
+    assert 1 <= len(rescored) <= 5
+    assert accuracy(session.build(report["ratios"]), session.splits.reward) == pytest.approx(rescored[0]["acc_reward"])
     for f in ("config.json", "best.json", "history.json", "report.json", "reward.png", "ratios.png",
               "final/model.pt2", "ckpt/agent.zip"):
         assert (run / f).is_file(), f
@@ -305,9 +320,6 @@ def test_cli_train_export_apply_to_other_architecture(digits_weights, tmp_path, 
     capsys.readouterr()
     # on the model it was trained on, the exported policy replays train's own deterministic episode: same action
     # space (granularity, action centre), same ratios
-    from pruning_core import PruningSession, SessionConfig
-    session = PruningSession("digits_cnn", str(digits_weights), "digits", SessionConfig(reward_images=64,
-                                                                                        calib_batches=1))
     replay = apply_policy(tmp_path / "policy", "digits_cnn", session=session, fallback=False)
     assert load_policy(tmp_path / "policy").train_config["granularity"] == "substage"
     assert replay["ratios"] == pytest.approx(report["search"]["policy_episode"]["ratios"])
@@ -315,7 +327,7 @@ def test_cli_train_export_apply_to_other_architecture(digits_weights, tmp_path, 
                  "--flops", "0.4", "--out", str(tmp_path / "applied"), "--json", *common]) == 0
     applied = json.loads(capsys.readouterr().out)
     assert applied["method"] == "rl-transfer" and applied["model"] == "digits_cnn_wide"
-    assert applied["flops_ratio"] <= 0.4
+    assert applied["flops_ratio"] <= 0.4 and applied["reconstruct"] is True
     assert (tmp_path / "applied" / "model.pt2").is_file()
     assert main(["train", "--model", "digits_cnn", "--data", "digits", "--out", str(run)]) == 2  # run exists
     assert "--resume" in capsys.readouterr().err
@@ -332,7 +344,8 @@ def test_apply_to_other_models_meets_budget(digits_session, tmp_path):
     for name, flops in (("resnet20", 0.5), ("mobilenetv2", 0.45)):
         session = PruningSession(build_model(name), None, _tiny_cifar(), SessionConfig(
             reward_images=8, calib_batches=1, taylor_batches=1, batch_size=8))
-        report = apply_policy(path, name, flops=flops, session=session, search_episodes=2 if name == "resnet20" else 0)
+        report = apply_policy(path, name, flops=flops, session=session, search_episodes=2 if name == "resnet20" else 0,
+                              reconstruct_final=False)  # the candidates score unrefitted, and so is the kept one here
         assert report["flops_ratio"] <= flops
         assert set(report["ratios"]) == {g.name for g in session.trace.groups}
         t = report["transfer"]

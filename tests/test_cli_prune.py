@@ -27,6 +27,7 @@ def test_prune_cli_report_meets_budget(tmp_path, capsys):
         assert key in report
     assert 0.48 <= report["flops_ratio"] <= 0.5
     assert report["acc_split"] == "test" and report["method"] == "global"
+    assert report["reconstruct"] is True and report["acc"] > report["acc_before_reconstruct"]  # refitted by default
     (reason,) = report["excluded"].values()  # the residual streams, coupled by the zero-padding shortcut
     assert "ConstantPadNd" in reason
     assert report["acc"] > 30.0  # adaptive BN keeps a global-ranked 50% ResNet-56 far above chance
@@ -109,6 +110,29 @@ def test_prune_with_a_latency_budget(tmp_path, capsys):
     # 0.95: reachable whatever the timings (the table's probe must run >= 1.1x faster to give it an offset)
     assert budget["backend"] == "torch" and budget["max_latency"] == 0.95 and budget["predicted_ratio"] <= 0.95
     assert report["flops_ratio"] <= 0.6 and report["latency"]["backend"] == "torch"
+
+
+def test_prune_refits_unless_fine_tuned(tmp_path, capsys):
+    """The kept model is refitted to the dense model by default, and the report gives the same allocation's
+    accuracy without it; --no-reconstruct, fine-tuning and --no-adapt-bn each leave it unrefitted."""
+    import torch
+
+    from pruning_core import build_model
+    weights = tmp_path / "digits_cnn.pt"  # one model for every run (without weights each would draw its own)
+    torch.save(build_model("digits_cnn").state_dict(), weights)
+    base = ["prune", "--model", "digits_cnn", "--weights", str(weights), "--data", "digits", "--flops", "0.5",
+            "--reward-images", "64", "--calib-batches", "1", "--json"]
+    reports = {}
+    for name, flags in {"default": [], "off": ["--no-reconstruct"], "fine-tuned": ["--finetune-epochs", "1"],
+                        "no adaptive BN": ["--no-adapt-bn"]}.items():
+        code, out, err = run(capsys, [*base, *flags])
+        assert code == 0, err
+        reports[name] = json.loads(out)
+    assert reports["default"]["reconstruct"] is True and reports["default"]["timings"]["reconstruct_s"] > 0
+    assert reports["default"]["acc_before_reconstruct"] == reports["off"]["acc"]
+    for name in ("off", "fine-tuned", "no adaptive BN"):
+        assert reports[name]["reconstruct"] is False and "acc_before_reconstruct" not in reports[name], name
+        assert reports[name]["timings"]["reconstruct_s"] == 0, name
 
 
 @pytest.mark.parametrize("command", ["prune", "train", "apply"])
