@@ -130,7 +130,8 @@ def transfer_table(res: dict) -> list[str]:
     space = (f"; {cfg.get('granularity', 'substage')} steps"
              + (f", widths in multiples of {cfg['round_to']}" if cfg.get("round_to") else "")
              + (", residual branches may be dropped (centre: action 0 on every step, the space's simple "
-                "allocation)" if drop else ""))
+                "allocation)" if drop else "")
+             + ("; every reported model refitted to its dense model by least squares" if cfg.get("refit") else ""))
     lines = [f"Policy trained on ResNet-20 ({cfg['train_episodes']} episodes, {cfg['algo']}{space}); "
              f"source test acc {res['source']['acc_test']:.2f}% vs uniform {res['source']['acc_test_uniform']:.2f}%.",
              "", "| target | FLOPs | blocks dropped | test acc | uniform test acc | reward acc | uniform reward acc |"
@@ -307,21 +308,12 @@ def reconstruct_table(res: dict) -> list[str]:
 ORDER = ("search", "reconstruct", "exhaustive", "latency", "transfer", "ablation", "reward", "scale", "env", "trunk",
          "within")
 README_START, README_END = "<!-- bench:start -->", "<!-- bench:end -->"
-# The runs behind the README's "where it stands" summary (the latest of each kind); REPORT.md holds every file.
-README_RESULTS = ("search_substage_r8_drop_recon_amd", "search_substage_r8_drop_recon_s345_amd", "reconstruct_kept_amd",
-                  "latency_substage_r8_drop_recon_amd", "latency_substage_r8_drop_recon_s345_amd",
-                  "search_substage_r8_drop_amd", "search_substage_r8_drop_s345_amd", "search_substage_r16_drop_loss",
-                  "search_substage_r16_drop_loss_s345", "search_group_r16_drop", "search_substage_warmup",
-                  "search_substage_warmup_s345", "search_substage_warmup_240_ppo_xeon",
-                  "search_substage_warmup_240_ppo_s23_xeon", "search_substage_warmup_240_ppo_s45_xeon",
-                  "search_substage_240_random_xeon", "search_substage_240_random_s23_xeon",
-                  "search_substage_240_random_s45_xeon", "search_group_240_random_s012_xeon",
-                  "search_group_240_random_s345_xeon", "search_group_240_ppo_s0_xeon", "search_group_240_ppo_s1_xeon",
-                  "search_group_240_ppo_s2_xeon", "search_group_240_ppo_s3_amd", "search_group_240_ppo_s4_amd",
-                  "search_group_240_ppo_s5_amd", "latency_substage_drop_loss_xeon",
-                  "latency_substage_drop_loss_s345_xeon", "latency_substage_r8_drop_amd",
-                  "latency_substage_r8_drop_s345_amd", "latency_substage_warmup_240_xeon",
-                  "latency_substage_warmup_240_s2345_xeon", "transfer_drop_loss", "scale", "trunk_probe_xeon")
+# The README's headline runs, in the order it shows them (the default path, then searching with the refit in the
+# reward, transfer and scale); REPORT.md holds every file, and bench/FINDINGS.md what each one found.
+README_RESULTS = ("search_substage_r8_drop_amd", "search_substage_r8_drop_s345_amd", "reconstruct_kept_amd",
+                  "latency_substage_r8_drop_amd", "latency_substage_r8_drop_s345_amd",
+                  "search_substage_r8_drop_recon_amd", "search_substage_r8_drop_recon_s345_amd",
+                  "search_substage_r8_drop_recon_random_s345_amd", "transfer_r8_drop_refit_amd", "scale")
 
 
 def render_tables() -> dict[str, str]:
@@ -345,12 +337,13 @@ def render_tables() -> dict[str, str]:
 
 
 def join(tables: dict[str, str], names: tuple[str, ...] | None = None) -> str:
-    """The tables of ``names`` (results file stems; every table if None), in report order."""
-    if names is not None:
-        missing = set(names) - set(tables)
-        if missing:
-            raise SystemExit(f"no results file for {', '.join(sorted(missing))} in {RESULTS}")
-    return "\n".join(t for stem, t in tables.items() if names is None or stem in names)
+    """The tables of ``names`` (results file stems), in that order; every table, in report order, if None."""
+    if names is None:
+        return "\n".join(tables.values())
+    missing = set(names) - set(tables)
+    if missing:
+        raise SystemExit(f"no results file for {', '.join(sorted(missing))} in {RESULTS}")
+    return "\n".join(tables[name] for name in names)
 
 
 def main() -> None:

@@ -5,6 +5,10 @@ same budget.
     python bench/transfer.py --train-episodes 100 --k 20
     python bench/transfer.py --train-episodes 100 --k 20 --round-to 16 --drop-blocks --repeat-penalty 0.02 \
         --name transfer_drop   # blocks may be dropped; also compared with the space's centre (action 0)
+    python bench/transfer.py --round-to 8 --drop-blocks --repeat-penalty 0.02 --refit   # every kept model refitted
+
+Searches score their candidates without the least-squares refit; ``--refit`` refits every model a row reports
+(policy, uniform, centre, the K-episode searches' kept models), as the CLI does by default.
 """
 
 from __future__ import annotations
@@ -40,6 +44,8 @@ def main() -> None:
     p.add_argument("--round-to", type=int, default=None, help="round kept channels up to multiples of this")
     p.add_argument("--drop-blocks", action="store_true", help="let the agents remove residual branches whole")
     p.add_argument("--repeat-penalty", type=float, default=TrainConfig.repeat_penalty)
+    p.add_argument("--refit", action="store_true",
+                   help="refit every reported model to its dense model by least squares before adaptive BN")
     p.add_argument("--name", default="transfer", help="results file to write")
     args = p.parse_args()
     rt = args.round_to
@@ -47,6 +53,10 @@ def main() -> None:
              "repeat_penalty": args.repeat_penalty}
     splits = {"reward_images": args.reward_images, "calib_batches": args.calib_batches, "seed": args.seed}
     result: dict = {"config": vars(args), "targets": {}}
+
+    def build(session: PruningSession, ratios: dict[str, float]):
+        """A row's model: built as the CLI keeps it (refitted with ``--refit``)."""
+        return session.build(ratios, rt, reconstruct=args.refit)
 
     source = cifar_session("resnet20", **splits)
     train_cfg = TrainConfig(algo=args.algo, flops=args.flops, episodes=args.train_episodes, seed=args.seed,
@@ -56,9 +66,9 @@ def main() -> None:
     best = search.run(args.train_episodes)
     kept = finish_search(search, train_cfg.rescore_top)["kept"]
     result["source"] = {"model": "resnet20", "search_s": time.perf_counter() - t, "best_reward": best["reward"],
-                        "acc_test": accuracy(source.build(kept["ratios"], rt), source.splits.test),
-                        "acc_test_uniform": accuracy(source.build(uniform_ratios(source.trace, args.flops, 0.8, rt),
-                                                                  rt), source.splits.test)}
+                        "acc_test": accuracy(build(source, kept["ratios"]), source.splits.test),
+                        "acc_test_uniform": accuracy(build(source, uniform_ratios(source.trace, args.flops, 0.8, rt)),
+                                                     source.splits.test)}
     policy_dir = Path(tempfile.mkdtemp()) / "policy"
     save_policy(search.algo, train_cfg, best, policy_dir)
 
@@ -69,18 +79,19 @@ def main() -> None:
             reward_images=64, calib_batches=1, seed=args.seed))
     for name, session in targets.items():
         t = time.perf_counter()
-        rep = apply_policy(policy_dir, name, session=session, flops=args.flops, fallback=False)  # the raw policy
+        rep = apply_policy(policy_dir, name, session=session, flops=args.flops, fallback=False,  # the raw policy
+                           reconstruct_final=args.refit and name == "resnet56")  # built as the uniform row is
         row = {"flops_ratio": rep["flops_ratio"], "params_ratio": rep["params_ratio"],
                "apply_s": time.perf_counter() - t, "ratios": rep["ratios"],
                "blocks_dropped": sum(r == 1.0 for r in rep["ratios"].values())}
         if name == "resnet56":
-            uni = session.build(uniform_ratios(session.trace, args.flops, 0.8, rt), rt)
+            uni = build(session, uniform_ratios(session.trace, args.flops, 0.8, rt))
             row.update(acc_test=rep["acc"], acc_reward=rep["acc_reward"],
                        acc_test_uniform=accuracy(uni, session.splits.test),
                        acc_reward_uniform=accuracy(uni, session.splits.reward))
             if args.drop_blocks:  # the drop space's own simple allocation: action 0 on every step
                 env = build_env(replace(train_cfg, model="resnet56"), session)
-                centre = session.build(policy_ratios(None, env)[0], rt)
+                centre = build(session, policy_ratios(None, env)[0])
                 row.update(acc_test_centre=accuracy(centre, session.splits.test),
                            acc_reward_centre=accuracy(centre, session.splits.reward))
         result["targets"][name] = row
@@ -95,7 +106,7 @@ def main() -> None:
             t = time.perf_counter()
             if label == "warm":
                 ratios = apply_policy(policy_dir, "resnet56", session=r56, flops=args.flops, search_episodes=args.k,
-                                      seed=seed, fallback=False)["ratios"]
+                                      seed=seed, fallback=False, reconstruct_final=False)["ratios"]
             elif label == "cold":
                 cold_cfg = TrainConfig(algo=args.algo, flops=args.flops, episodes=args.k, seed=seed,
                                        warmup_episodes=min(args.warmup, args.k // 2), progress=False, **space)
@@ -105,7 +116,7 @@ def main() -> None:
             else:
                 ratios = random_search(r56, args.flops, args.k + 1, seed, train_cfg.max_ratio, args.granularity,
                                        round_to=rt, drop=args.drop_blocks)["ratios"]
-            model = r56.build(ratios, rt)
+            model = build(r56, ratios)
             runs.append({"seed": seed, "acc_test": accuracy(model, r56.splits.test),
                          "blocks_dropped": sum(r == 1.0 for r in ratios.values()),
                          "acc_reward": accuracy(model, r56.splits.reward), "wall_s": time.perf_counter() - t})
