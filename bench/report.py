@@ -59,8 +59,8 @@ def search_table(res: dict) -> list[str]:
                         if res["rl_config"].get("granularity", "group") != "group" else "."))
     if res["config"].get("reconstruct"):
         lines[0] += (" Every pruned model, in every reward and row, has its conv and linear layers refitted by least "
-                     "squares to the dense model's outputs on 256 calibration images before adaptive BN "
-                     "(--reconstruct).")
+                     f"squares to the dense model's outputs on {res.get('reconstruct_images', 256)} calibration "
+                     "images before adaptive BN (--reconstruct).")  # files before it was recorded: the default
     lat = res.get("latency_budget")
     if lat:
         lines[0] += (f" Every method also keeps the latency that a latency table ({lat['backend']}, batch "

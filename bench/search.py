@@ -218,6 +218,8 @@ def main() -> None:
                          "latency_b1_ms": dense_latency[1], "latency_b64_ms": dense_latency[64],
                          "flops": session.flops_dense, "params": session.params_dense},
                "targets": {}}
+    if args.reconstruct:
+        results["reconstruct_images"] = session.config.reconstruct_images
     if table is not None:
         results["latency_budget"] = {"max_latency": args.max_latency, "backend": table.backend,
                                      "batch_size": table.batch_size, "dense_ms": table.dense_ms,
