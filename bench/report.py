@@ -313,7 +313,8 @@ README_START, README_END = "<!-- bench:start -->", "<!-- bench:end -->"
 README_RESULTS = ("search_substage_r8_drop_amd", "search_substage_r8_drop_s345_amd", "reconstruct_kept_amd",
                   "latency_substage_r8_drop_amd", "latency_substage_r8_drop_s345_amd",
                   "search_substage_r8_drop_recon_amd", "search_substage_r8_drop_recon_s345_amd",
-                  "search_substage_r8_drop_recon_random_s345_amd", "transfer_r8_drop_refit_amd", "scale")
+                  "search_substage_r8_drop_recon_random_s345_amd", "search_substage_r8_drop_0.3_amd",
+                  "reconstruct_0.3_amd", "latency_substage_r8_drop_0.3_amd", "transfer_r8_drop_refit_amd", "scale")
 
 
 def render_tables() -> dict[str, str]:
