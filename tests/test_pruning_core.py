@@ -870,3 +870,16 @@ def test_reconstruction_needs_images():
     from pruning_core import PruningSession, SessionConfig
     with pytest.raises(UserError, match="reconstruct_images must be at least 1"):
         PruningSession("digits_cnn", None, "digits", SessionConfig(reconstruct=True, reconstruct_images=0))
+
+
+def test_build_final_refits_only_with_adaptive_bn():
+    """The kept model's refit fits layers to the inputs adaptive BN gives them: asked for without it, it is refused;
+    by default it is simply off there."""
+    from pruning_core import PruningSession, SessionConfig, uniform_ratios
+    session = PruningSession("digits_cnn", None, "digits", SessionConfig(reward_images=64, calib_batches=1,
+                                                                         select_images=0))
+    ratios = uniform_ratios(session.trace, 0.5, 0.8)
+    with pytest.raises(UserError, match="needs adaptive BN"):
+        session.build_final(ratios, reconstruct=True, adapt=False)
+    _, fields = session.build_final(ratios, adapt=False)
+    assert fields == {"reconstruct": False}
