@@ -14,8 +14,6 @@ shared fine-tune recipe (1 epoch of SGD with KD from the dense model on the trai
 from __future__ import annotations
 
 import argparse
-import copy
-import dataclasses
 import json
 import re
 import statistics
@@ -38,21 +36,19 @@ def main() -> None:
     missing = [str(path) for path in paths if not path.is_file()]
     if missing:
         p.error(f"no such results file: {', '.join(missing)}")
-    plain = cifar_session(args.model)
-    refit = copy.copy(plain)
-    refit.config = dataclasses.replace(plain.config, reconstruct=True)
+    session = cifar_session(args.model)
     rows = {}
     for label, run, _ in labelled_runs(paths):
         row = {"source_acc_test": run["acc_test"], "round_to": run.get("round_to"), "ratios": run["ratios"]}
-        for key, session in (("plain", plain), ("refit", refit)):
+        for key in ("plain", "refit"):
             timings = {}
-            model = session.build(run["ratios"], run.get("round_to"), timings=timings)
+            model = session.build(run["ratios"], run.get("round_to"), timings=timings, reconstruct=key == "refit")
             row[key] = {split: accuracy(model, session.split(split)) for split in ("reward", "select", "test")}
             row[key]["build_s"] = sum(timings.values())
         if args.finetune_epochs and re.search(args.finetune, label):
             t = time.perf_counter()
-            refit.finetune(model, args.finetune_epochs)
-            row["refit"]["test_finetuned"] = accuracy(model, refit.splits.test)
+            session.finetune(model, args.finetune_epochs)
+            row["refit"]["test_finetuned"] = accuracy(model, session.splits.test)
             row["refit"]["finetune_s"] = time.perf_counter() - t
         rows[label] = row
         print(f"{label}: test {row['plain']['test']:.2f} -> {row['refit']['test']:.2f} (file {run['acc_test']:.2f}), "
@@ -66,8 +62,8 @@ def main() -> None:
     summary = {"rows": len(rows), "test_gain_mean": statistics.mean(gains), "test_gain_min": min(gains),
                "test_gain_max": max(gains), "plain_differs_from_file": mismatched}
     print(json.dumps(summary, indent=1))
-    write_result(args.name, {"config": vars(args), "dense": {"acc_test": plain.dense_accuracy("test")},
-                             "reconstruction": {"images": refit.config.reconstruct_images}, "summary": summary,
+    write_result(args.name, {"config": vars(args), "dense": {"acc_test": session.dense_accuracy("test")},
+                             "reconstruction": {"images": session.config.reconstruct_images}, "summary": summary,
                              "rows": rows})
 
 

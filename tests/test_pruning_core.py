@@ -830,20 +830,17 @@ def test_reconstruction_keeps_an_exact_fit_and_repairs_a_pruned_model():
 def test_reconstruction_lifts_a_pruned_resnet(cifar):
     """ResNet-20 at 50% FLOPs: the refitted model is more accurate on held-out training images, with dropped
     branches (whose layers are gone) too."""
-    import dataclasses
-
     from pruning_core import PruningSession, SessionConfig
-    plain = PruningSession("resnet20", str(R20), cifar, SessionConfig(taylor_batches=4))
-    refit = copy.copy(plain)  # the same trace, scores and splits
-    refit.config = dataclasses.replace(plain.config, reconstruct=True)
-    ratios = uniform_ratios(plain.trace, 0.5)
+    session = PruningSession("resnet20", str(R20), cifar, SessionConfig(taylor_batches=4))
+    select = session.splits.select
+    ratios = uniform_ratios(session.trace, 0.5)
     timings = {}
-    gain = accuracy(refit.build(ratios, timings=timings), refit.splits.select) - accuracy(plain.build(ratios),
-                                                                                         plain.splits.select)
+    gain = (accuracy(session.build(ratios, timings=timings, reconstruct=True), select)
+            - accuracy(session.build(ratios), select))
     assert gain >= 3.0, gain
     assert set(timings) == {"prune_s", "reconstruct_s", "adapt_s"}
-    dropped = {**ratios, sorted(plain.trace.droppable)[0]: 1.0}
-    assert accuracy(refit.build(dropped), refit.splits.select) > accuracy(plain.build(dropped), plain.splits.select)
+    dropped = {**ratios, sorted(session.trace.droppable)[0]: 1.0}
+    assert accuracy(session.build(dropped, reconstruct=True), select) > accuracy(session.build(dropped), select)
 
 
 def test_drop_costs_are_never_reconstructed():
