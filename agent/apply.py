@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 
@@ -14,23 +13,14 @@ from torch import nn
 from agent.config import TrainConfig
 from agent.outputs import add_latency, write_pruned
 from agent.policy import PortablePolicy, load_policy
-from agent.search import Search, keep_best
-from envs import PruneEnv
+from agent.search import Search
+from envs import FLOOR_METHODS, PruneEnv, floor_allocations, run_episode, select_best
 from pruning_core import ImageData, LatencyBudget, PruningSession, SessionConfig, accuracy, kept_counts
 from pruning_core.latency import check_max_latency
 
-__all__ = ["apply_policy", "policy_ratios", "run_episode"]
+__all__ = ["apply_policy", "policy_ratios", "run_episode"]  # run_episode: from envs
 
 log = logging.getLogger(__name__)
-
-
-def run_episode(env: PruneEnv, act: Callable[[dict], np.ndarray]) -> tuple[float, dict]:
-    """Run one episode of ``env`` with ``act(observation) -> action``; return (final reward, final info)."""
-    obs, _ = env.reset()
-    done = False
-    while not done:
-        obs, reward, done, _, info = env.step(act(obs))
-    return float(reward), info
 
 
 def policy_ratios(policy: PortablePolicy | None, env: PruneEnv) -> tuple[dict[str, float], float, dict]:
@@ -46,10 +36,11 @@ def apply_policy(policy: str | Path | PortablePolicy, model: str | nn.Module, we
                  data: str | ImageData = "digits", flops: float | None = None, out: str | Path | None = None,
                  search_episodes: int = 0, finetune_epochs: int = 0, seed: int = 0, reward_images: int = 1000,
                  calib_batches: int = 10, round_to: int | None = None, progress: bool = False,
-                 session: PruningSession | None = None, fallback: bool = True, rescore_top: int = 5,
+                 session: PruningSession | None = None, floor: tuple[str, ...] = FLOOR_METHODS,
+                 sensitivity_points: int = 10, rescore_top: int = 5,
                  select_images: int = 1000, latency: str | None = None, latency_batch: int = 1,
                  max_latency: float | None = None, reconstruct: bool | None = None,
-                 reconstruct_final: bool | None = None) -> dict:
+                 reconstruct_final: bool | None = None, val_data: str | None = None) -> dict:
     """Prune a new model with a learned policy and return the JSON report (``method: "rl-transfer"``).
 
     :param flops: FLOPs budget (default: the one the policy was trained for).
@@ -58,9 +49,10 @@ def apply_policy(policy: str | Path | PortablePolicy, model: str | nn.Module, we
     :param out: folder for the exported model and ``report.json``.
     :param round_to: round kept channels up to a multiple of this (default: the policy's own, as it was
         trained; 1 for no rounding).
-    :param fallback: also score the uniform allocation (one more evaluation) and keep it if it beats the
-        policy; ``report["transfer"]`` says which was kept.
-    :param rescore_top: re-score this many of the best candidates (policy, search episodes, uniform) on
+    :param floor: cheap allocations scored beside the policy's (``envs.floor_allocations``); the best of all,
+        built as the kept model is, is kept, and ``report["transfer"]["chosen"]`` names it.
+    :param sensitivity_points: ratios per decision unit for the ``sensitivity`` floor method.
+    :param rescore_top: re-score this many of the best candidates (policy, search episodes) with the floor on
         ``select_images`` more training images and keep the best over both splits, as ``train`` does.
     :param latency: a latency backend (:data:`pruning_core.latency.BACKENDS`): also time the pruned model
         against dense at ``latency_batch`` into ``report["latency"]``.
@@ -68,6 +60,8 @@ def apply_policy(policy: str | Path | PortablePolicy, model: str | nn.Module, we
         backend and batch size; a latency table for the new model is measured on this machine first; 1: none).
     :param reconstruct: refit each candidate's layers to the dense model before adaptive BN
         (``SessionConfig.reconstruct``; default: as the policy was trained). Ignored when ``session`` is given.
+    :param val_data: images the model was not trained on for the reward and select splits (a folder of class
+        folders; default: the data's ``val/``, else training images). Ignored when ``session`` is given.
     :param reconstruct_final: refit the kept model that way before it is evaluated and exported (default: unless
         ``finetune_epochs`` fine-tunes it; :meth:`PruningSession.build_final`).
     """
@@ -83,7 +77,7 @@ def apply_policy(policy: str | Path | PortablePolicy, model: str | nn.Module, we
         reconstruct = reconstruct if reconstruct is not None else trained.get("reconstruct", False)
         session = PruningSession(model, weights, data, SessionConfig(
             reward_images=reward_images, calib_batches=calib_batches, select_images=select_images, seed=seed,
-            reconstruct=reconstruct))
+            reconstruct=reconstruct), val_data)
     budget = None
     if max_latency is not None and max_latency < 1.0:
         from agent.train import measure_latency_table
@@ -102,8 +96,7 @@ def apply_policy(policy: str | Path | PortablePolicy, model: str | nn.Module, we
                    granularity=trained.get("granularity", "group"),
                    action_center=trained.get("action_center", "uniform"), latency_budget=budget,
                    drop=trained.get("drop_blocks", False))
-    ratios, reward, info = policy_ratios(policy, env)
-    zero_shot = ratios
+    zero_shot, reward, info = policy_ratios(policy, env)
     transfer = {"policy_model": trained["model"], "policy_algo": policy.config["algorithm"],
                 "zero_shot_reward": reward, "zero_shot_acc_reward": info["acc"], "search_episodes": search_episodes,
                 "reconstruct": session.config.reconstruct}
@@ -120,19 +113,13 @@ def apply_policy(policy: str | Path | PortablePolicy, model: str | nn.Module, we
         best = search.run(search_episodes)
         transfer["search_best_reward"] = best["reward"]
         transfer["search_s"] = round(search.search_s, 2)
-        if best["reward"] > reward:
-            ratios, reward = best["ratios"], best["reward"]
-    uniform = None
-    if fallback:
-        uniform, uniform_reward, _ = policy_ratios(None, env)
-        transfer["uniform_reward"] = uniform_reward
-        if uniform_reward > reward:
-            ratios, reward = uniform, uniform_reward
-    # every candidate is in the env's cache: re-score the best of them on the select split, as train does
-    kept, transfer["rescored"] = keep_best(env, {"ratios": ratios, "reward": reward}, rescore_top)
+    floor_kept = floor_allocations(env, floor, sensitivity_points, progress)
+    refit = reconstruct_final if reconstruct_final is not None else finetune_epochs == 0
+    kept, transfer["rescored"] = select_best(env, rescore_top, floor_kept, reconstruct=refit)
+    transfer["floor"] = sorted(floor_kept)
     ratios = kept["ratios"]
-    transfer["chosen"] = "policy" if ratios == zero_shot else "uniform" if ratios == uniform else "search"
-    pruned, built = session.build_final(ratios, round_to, reconstruct_final, finetune_epochs)
+    transfer["chosen"] = kept["source"] if kept["source"] != "search" else "policy" if ratios == zero_shot else "search"
+    pruned, built = session.build_final(ratios, round_to, refit, finetune_epochs)
     acc_before = accuracy(pruned, session.splits.test)
     if finetune_epochs > 0:
         session.finetune(pruned, finetune_epochs, progress=progress)

@@ -29,6 +29,9 @@ from pruning_core.prune import check_ratios
 
 log = logging.getLogger("prunepilot")
 
+SEARCH_METHODS = ("centre", "sensitivity", "random")  # found in the agent's action space
+PRUNE_METHODS = ("uniform", "global", "l1-uniform", *SEARCH_METHODS)
+
 ROUND_TO_HELP = ("round kept channels up to a multiple of this; auto: this CPU's conv channel block (16 with "
                  "AVX-512, else 8), the widths its kernels run without padding")
 
@@ -53,6 +56,9 @@ def add_model_args(p: argparse.ArgumentParser, data_default: str | None = None) 
     default_note = f" (default: {data_default})" if data_default else ""
     p.add_argument("--data", required=data_default is None, default=data_default,
                    help="cifar10:DIR, imagefolder:DIR or digits" + default_note)
+    p.add_argument("--val-data", metavar="DIR",
+                   help="folder of class folders the model was not trained on: the reward and select images that "
+                        "searches score on (default: the data's val/ folder if it has one, else training images)")
     p.add_argument("--flops", type=float, default=0.5, help="FLOPs budget as a fraction of dense (default: 0.5)")
     p.add_argument("--max-ratio", type=float, default=0.8,
                    help="largest pruning ratio of any one group (default: 0.8)")
@@ -129,8 +135,14 @@ def prune_command_parser(subparsers) -> None:
                                           "global ranking, L1-uniform, or a ratios JSON file; recalibrate BN; "
                                           "evaluate on the test split; optionally fine-tune and export.")
     add_model_args(p)
-    p.add_argument("--method", choices=["uniform", "global", "l1-uniform"], default="uniform",
-                   help="allocation: uniform Taylor ratios, Taylor global ranking, or uniform with L1 ranking")
+    p.add_argument("--method", choices=PRUNE_METHODS, default="uniform",
+                   help="allocation: uniform Taylor ratios, Taylor global ranking, uniform with L1 ranking, the "
+                        "per-stage centre, AIMET-style greedy sensitivity selection, or random search "
+                        "(default: uniform)")
+    p.add_argument("--sensitivity-points", type=positive_int, default=10,
+                   help="--method sensitivity: ratios measured per stage (one evaluation each; default: 10)")
+    p.add_argument("--evaluations", type=positive_int, default=120,
+                   help="--method random: distinct allocations to evaluate (default: 120)")
     p.add_argument("--ratios", help="JSON file {group: ratio} to use instead of --method")
     p.add_argument("--reconstruct", action=argparse.BooleanOptionalAction, default=None,
                    help="before adaptive BN, refit every conv and linear layer by least squares to the dense "
@@ -153,7 +165,7 @@ def prune_command(args: argparse.Namespace) -> dict:
             raise UserError("--max-latency shapes a --method allocation; a --ratios file is used as it is")
         check_max_latency(args.max_latency)
     session = PruningSession(args.model, args.weights, args.data,
-                             session_config(args, "l1" if args.method == "l1-uniform" else "taylor"))
+                             session_config(args, "l1" if args.method == "l1-uniform" else "taylor"), args.val_data)
     budget, extra = None, {}
     if args.max_latency is not None:
         from agent.train import measure_latency_table
@@ -171,6 +183,8 @@ def prune_command(args: argparse.Namespace) -> dict:
         ratios = ratios.get("ratios", ratios)
         check_ratios(session.trace, ratios)
         method = "ratios-file"
+    elif args.method in SEARCH_METHODS:
+        ratios, method, extra["search"] = search_allocation(session, args, budget)
     elif args.method == "global":
         ratios, method = global_ratios(session.trace, session.scores, args.flops, args.max_ratio,
                                        args.round_to, budget), "global"
@@ -183,6 +197,32 @@ def prune_command(args: argparse.Namespace) -> dict:
     model, built = session.build_final(ratios, args.round_to, args.reconstruct, args.finetune_epochs,
                                        adapt=args.adapt_bn, timings=timings)
     return finish(session, model, ratios, method, args, started, timings=timings, **built, **extra)
+
+
+def search_allocation(session: PruningSession, args: argparse.Namespace,
+                      budget: LatencyBudget | None) -> tuple[dict[str, float], str, dict]:
+    """The allocation of ``--method`` centre, sensitivity or random, found in the agent's action space (one step per
+    stage, its downsampling group apart) with the same reward split; returns (ratios, method, search report).
+    """
+    from envs import PruneEnv, centre_allocation, random_search, select_best, sensitivity_search
+    env = PruneEnv(session=session, flops=args.flops, max_ratio=args.max_ratio, round_to=args.round_to,
+                   latency_budget=budget, max_nodes=len(session.trace.nodes))
+    progress = sys.stderr.isatty()
+    t = time.perf_counter()
+    report: dict[str, object] = {}
+    if args.method == "centre":
+        ratios = env.evaluate(centre_allocation(env))[1]["ratios"]
+    elif args.method == "sensitivity":
+        found = sensitivity_search(env, args.sensitivity_points, progress)
+        ratios = found["ratios"]
+        report.update(threshold=found["threshold"], table=found["table"])
+    else:  # the best of its top 5 re-scored as the kept model is built, as train keeps its own
+        random_search(env, 100 * args.evaluations, args.seed, args.evaluations, progress)
+        refit = args.reconstruct if args.reconstruct is not None else args.adapt_bn and args.finetune_epochs == 0
+        best, report["rescored"] = select_best(env, 5, reconstruct=refit)
+        ratios = best["ratios"]
+    report.update(evaluations=len(env.cache), search_s=round(time.perf_counter() - t, 2))
+    return dict(ratios), args.method, report
 
 
 def build_parser() -> argparse.ArgumentParser:

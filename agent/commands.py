@@ -7,10 +7,10 @@ import sys
 from dataclasses import fields
 from pathlib import Path
 
-from agent.cli import ROUND_TO_HELP, round_to_arg
-from agent.config import ALGOS, TrainConfig
+from agent.cli import ROUND_TO_HELP, positive_int, round_to_arg
+from agent.config import ALGOS, WARM_STARTS, TrainConfig
 from agent.outputs import print_report
-from envs import ACTION_CENTERS, GRANULARITIES, REWARDS
+from envs import ACTION_CENTERS, FLOOR_METHODS, GRANULARITIES, REWARDS
 from pruning_core import UserError
 from pruning_core.latency import BACKENDS
 
@@ -29,6 +29,17 @@ def _field_help(name: str) -> str:
     return f"(default: {getattr(_DEFAULTS, name)})".replace("%", "%%")
 
 
+def floor_arg(value: str) -> tuple[str, ...]:
+    """``--floor``: comma-separated floor methods, or ``none``."""
+    if value == "none":
+        return ()
+    methods = tuple(m.strip() for m in value.split(",") if m.strip())
+    bad = [m for m in methods if m not in FLOOR_METHODS]
+    if bad or not methods:
+        raise argparse.ArgumentTypeError(f"use any of {', '.join(FLOOR_METHODS)}, comma-separated, or none")
+    return methods
+
+
 def train_command_parser(subparsers) -> None:
     p = subparsers.add_parser(
         "train", help="search a sparsity policy with RL on one model",
@@ -41,14 +52,18 @@ def train_command_parser(subparsers) -> None:
     p.add_argument("--model", help="zoo name or package.module:factory " + _field_help("model"))
     p.add_argument("--weights", help=_field_help("weights"))
     p.add_argument("--data", help=_field_help("data"))
+    p.add_argument("--val-data", metavar="DIR", help=_field_help("val_data"))
     p.add_argument("--algo", choices=ALGOS, help=_field_help("algo"))
     p.add_argument("--reward", choices=REWARDS, help=_field_help("reward"))
     p.add_argument("--granularity", choices=GRANULARITIES, help=_field_help("granularity"))
     p.add_argument("--action-center", choices=ACTION_CENTERS, help=_field_help("action_center"))
     p.add_argument("--latency-backend", choices=BACKENDS, help=_field_help("latency_backend"))
+    p.add_argument("--floor", type=floor_arg, metavar="METHODS",
+                   help="comma-separated, or none: " + _field_help("floor").replace("(default: (", "(default: ("))
+    p.add_argument("--warm-start", choices=WARM_STARTS, help=_field_help("warm_start"))
     for name, typ in (("flops", float), ("episodes", int), ("evaluations", int), ("seed", int), ("max_ratio", float),
                       ("round_to", round_to_arg),
-                      ("max_latency", float), ("latency_batch", int),
+                      ("max_latency", float), ("latency_batch", int), ("sensitivity_points", int),
                       ("reward_images", int), ("calib_batches", int), ("rescore_top", int), ("select_images", int),
                       ("warmup_episodes", int),
                       ("noise_sigma", float), ("noise_decay", float), ("init_std", float), ("repeat_penalty", float),
@@ -121,6 +136,8 @@ def apply_command_parser(subparsers) -> None:
     p.add_argument("--model", required=True, help="zoo name or package.module:factory")
     p.add_argument("--weights", help="checkpoint of the new model")
     p.add_argument("--data", required=True, help="cifar10:DIR, imagefolder:DIR or digits")
+    p.add_argument("--val-data", metavar="DIR", help="folder of class folders the model was not trained on, for the "
+                   "reward and select images (default: the data's val/, else training images)")
     p.add_argument("--flops", type=float, help="FLOPs budget (default: the policy's own)")
     p.add_argument("--search-episodes", type=int, default=0,
                    help="episodes of RL fine-tuning on the new model before applying (default: 0, zero-shot)")
@@ -129,9 +146,11 @@ def apply_command_parser(subparsers) -> None:
     p.add_argument("--reward-images", type=int, default=1000, help="training images in the reward split")
     p.add_argument("--calib-batches", type=int, default=10, help="batches of 64 images for adaptive BN")
     p.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
-    p.add_argument("--fallback", action=argparse.BooleanOptionalAction, default=True,
-                   help="also score the uniform allocation and keep it if it beats the policy on the reward "
-                        "and select splits (default: on; the report's transfer.chosen says which was kept)")
+    p.add_argument("--floor", type=floor_arg, default=FLOOR_METHODS, metavar="METHODS",
+                   help="cheap allocations scored beside the policy's, comma-separated or none; the best is kept "
+                        f"and the report's transfer.chosen names it (default: {','.join(FLOOR_METHODS)})")
+    p.add_argument("--sensitivity-points", type=positive_int, default=10,
+                   help="ratios per decision unit for the sensitivity floor method (default: 10)")
     p.add_argument("--reconstruct", action=argparse.BooleanOptionalAction, default=None,
                    help="refit the pruned model's layers to the dense model by least squares before adaptive BN, "
                         "in every candidate it scores (default: as the policy was trained)")
@@ -154,9 +173,11 @@ def apply_command(args: argparse.Namespace) -> dict:
     if not args.adapt_bn:
         raise UserError("apply always recalibrates BN (the policy was trained with adaptive BN in its reward)")
     report = apply_policy(args.policy, args.model, args.weights, args.data, flops=args.flops, out=args.out,
+                          val_data=args.val_data,
                           search_episodes=args.search_episodes, finetune_epochs=args.finetune_epochs,
                           seed=args.seed, reward_images=args.reward_images, calib_batches=args.calib_batches,
-                          round_to=args.round_to, progress=sys.stderr.isatty(), fallback=args.fallback,
+                          round_to=args.round_to, progress=sys.stderr.isatty(), floor=args.floor,
+                          sensitivity_points=args.sensitivity_points,
                           rescore_top=args.rescore_top, select_images=args.select_images,
                           latency=args.latency, latency_batch=args.latency_batch, max_latency=args.max_latency,
                           reconstruct=args.reconstruct, reconstruct_final=args.reconstruct_final)

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, fields
 
-from envs.prune_env import ACTION_CENTERS, GRANULARITIES
+from envs import ACTION_CENTERS, FLOOR_METHODS, GRANULARITIES
 from pruning_core.errors import UserError
 from pruning_core.latency import BACKENDS, check_max_latency
 
 ALGOS = ("ddpg", "td3", "sac", "ppo")
+WARM_STARTS = ("sensitivity", "none")
 
 
 @dataclass
@@ -21,6 +22,9 @@ class TrainConfig:
     """Checkpoint of the trained model (state_dict, loaded with ``weights_only=True``)."""
     data: str = "digits"
     """``cifar10:DIR``, ``imagefolder:DIR`` or ``digits``."""
+    val_data: str | None = None
+    """Folder of class folders the model was not trained on, for the reward and select images (default: the data's
+    ``val/`` if it has one, else training images)."""
     flops: float = 0.5
     """FLOPs budget as a fraction of dense; every episode meets it."""
     episodes: int = 120
@@ -104,6 +108,15 @@ class TrainConfig:
     otherwise favours a lucky candidate among near-ties."""
     select_images: int = 1000
     """Training images, disjoint from the reward and calibration images, for that re-scoring."""
+    floor: tuple[str, ...] = FLOOR_METHODS
+    """Cheap allocations scored beside the search's best candidates (``envs.floor_allocations``): uniform, the
+    action space's centre, Taylor global ranking and greedy per-unit sensitivity. Whichever scores best on the
+    reward and select images, built as the kept model is, is kept."""
+    sensitivity_points: int = 10
+    """Ratios per decision unit in the sensitivity table (one evaluation each)."""
+    warm_start: str = "sensitivity"
+    """PPO only: fit the policy to this allocation before the search, which then explores around it
+    (``sensitivity``: the greedy sensitivity selection; ``none``: the action space's centre)."""
     warmup_episodes: int = 20
     """Episodes of uniformly random actions before learning starts (AMC: 100 of 400), which fill the replay buffer
     of DDPG, TD3 and SAC. PPO runs them only with ``clone_warmup``."""
@@ -200,12 +213,20 @@ class TrainConfig:
             raise UserError(f"--latency-batch must be >= 1, got {self.latency_batch}")
         if not self.repeat_penalty >= 0:  # NaN fails too
             raise UserError(f"--repeat-penalty must be >= 0, got {self.repeat_penalty}")
+        unknown = [m for m in self.floor if m not in FLOOR_METHODS]
+        if unknown:
+            raise UserError(f"unknown --floor method {unknown[0]!r}; use any of {', '.join(FLOOR_METHODS)} or none")
+        if self.warm_start not in WARM_STARTS:
+            raise UserError(f"unknown --warm-start {self.warm_start!r}; use one of {', '.join(WARM_STARTS)}")
+        if self.sensitivity_points < 1:
+            raise UserError(f"--sensitivity-points must be at least 1, got {self.sensitivity_points}")
         if self.warmup_episodes < 0 or self.checkpoint_every < 1:
             raise UserError("--warmup-episodes must be >= 0 and --checkpoint-every >= 1")
 
     def to_dict(self) -> dict:
         d = asdict(self)
         d["net_arch"] = list(self.net_arch)
+        d["floor"] = list(self.floor)
         return d
 
     @classmethod
@@ -213,4 +234,5 @@ class TrainConfig:
         known = {f.name for f in fields(cls)}
         cfg = cls(**{k: v for k, v in d.items() if k in known})
         cfg.net_arch = tuple(cfg.net_arch)
+        cfg.floor = tuple(cfg.floor)
         return cfg

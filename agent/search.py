@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import shutil
 import time
-from collections.abc import Iterable
 from pathlib import Path
 
 import gymnasium as gym
@@ -26,7 +25,7 @@ from agent.outputs import write_json
 from envs import PruneEnv
 from graph_encoder import GraphFeaturesExtractor
 
-__all__ = ["DecayingNormalNoise", "MovingAverageBaseline", "Search", "keep_best", "policy_modules"]
+__all__ = ["DecayingNormalNoise", "MovingAverageBaseline", "Search", "policy_modules"]
 
 ALGO_CLASSES: dict[str, type[BaseAlgorithm]] = {"ddpg": DDPG, "td3": TD3, "sac": SAC, "ppo": PPO}
 REEXPLORE_MAX_STD = 1.0  # SB3's initial std: wider mostly samples the clipped ends of the [-1, 1] action
@@ -169,7 +168,8 @@ class Search:
         self.target_episodes = 0
         self.target_evaluations: int | None = None
         self.search_s = 0.0
-        self.cloned = False  # PPO's warm-up: whether the policy was fitted to its best random episode
+        self.cloned = False  # PPO: whether the policy was fitted to its best warm-up episode or to start_actions
+        self.start_actions: list[float] | None = None  # PPO: applied actions of an allocation to start from
         self.reexplorations = 0  # PPO: times its policy was widened after a rollout of repeats only
         self._rollout_first = 0  # index in history of the current rollout's first episode
         self._stalls = 0  # PPO: rollouts in a row that only repeated evaluated allocations
@@ -268,6 +268,9 @@ class Search:
         try:
             if isinstance(self.algo, PPO) and self.config.clone_warmup and self.config.warmup_episodes > 0:
                 self._ppo_warmup()
+            elif isinstance(self.algo, PPO) and self.start_actions and not self.cloned:
+                self._clone(self.start_actions)  # search around a given allocation (the sensitivity method's)
+                self.cloned = True
             remaining = episodes - self.episodes_done
             if not self.budget_spent():
                 self.algo.learn(remaining * self.steps_per_episode, callback=_EpisodeCallback(self),
@@ -461,17 +464,3 @@ class Search:
         env.episodes, env.timings = state["env_episodes"], state["env_timings"]
         env.cache = {tuple(k): (r, info) for k, r, info in state["cache"]}
         return search
-
-
-def keep_best(env: PruneEnv, best: dict, top: int,
-              among: Iterable[tuple[int, ...]] | None = None) -> tuple[dict, list[dict]]:
-    """The allocation a search keeps: the best of its ``top`` candidates (of ``among``, keys of the env's cache,
-    if given) re-scored on the select split (:meth:`PruneEnv.rescore`), or ``best`` (the best reward-split
-    episode) when there is nothing to re-score.
-
-    Returns (kept, the re-scored candidates without their ratios, best first).
-    """
-    ranked = env.rescore(top, among)
-    if not ranked:
-        return best, []
-    return ranked[0], [{k: v for k, v in c.items() if k != "ratios"} for c in ranked]

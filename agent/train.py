@@ -8,11 +8,10 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-from agent.apply import run_episode
 from agent.config import TrainConfig
 from agent.outputs import write_json, write_pruned
-from agent.search import Search, keep_best
-from envs import PruneEnv
+from agent.search import Search
+from envs import PruneEnv, applied_actions, floor_allocations, run_episode, select_best, sensitivity_search
 from pruning_core import (
     LatencyBudget,
     LatencyTable,
@@ -24,7 +23,7 @@ from pruning_core import (
     uniform_ratios,
 )
 
-__all__ = ["build_env", "finish_search", "measure_latency_table", "resume", "train"]
+__all__ = ["build_env", "final_refit", "finish_search", "measure_latency_table", "resume", "train"]
 
 log = logging.getLogger(__name__)
 
@@ -40,7 +39,7 @@ def build_env(config: TrainConfig, session: PruningSession | None = None,
     if session is None:
         session = PruningSession(config.model, config.weights, config.data, SessionConfig(
             reward_images=config.reward_images, calib_batches=config.calib_batches,
-            select_images=config.select_images, seed=config.seed, reconstruct=config.reconstruct))
+            select_images=config.select_images, seed=config.seed, reconstruct=config.reconstruct), config.val_data)
     budget = None
     if config.max_latency is not None:
         table = latency_table or measure_latency_table(session, config.latency_backend, config.latency_batch,
@@ -121,16 +120,24 @@ def resume(run_dir: str | Path, episodes: int | None = None, progress: bool | No
     return _finish(config, search)
 
 
+def final_refit(config: TrainConfig) -> bool:
+    """Whether the kept model is refitted by least squares (:meth:`PruningSession.build_final`'s rule)."""
+    return config.reconstruct_final if config.reconstruct_final is not None else config.finetune_epochs == 0
+
+
 def _finish(config: TrainConfig, search: Search) -> dict:
     run_dir, env = Path(config.out), search.env
+    floor = floor_allocations(env, config.floor, config.sensitivity_points, config.progress)
+    if config.warm_start == "sensitivity" and "sensitivity" in floor:
+        search.start_actions = applied_actions(env, sensitivity_search(env, config.sensitivity_points)["step_ratios"])
     best = search.run(config.episodes, config.evaluations)
     eval_s = env.evaluation_s  # the search's own share, before the policy episode and the re-scoring
     write_json(run_dir / "history.json", search.history)
     session = env.session
     started = time.perf_counter()
-    done = finish_search(search, config.rescore_top)
+    done = finish_search(search, config.rescore_top, floor, final_refit(config))
     kept = done["kept"]
-    model, built = session.build_final(kept["ratios"], config.round_to, config.reconstruct_final,
+    model, built = session.build_final(kept["ratios"], config.round_to, final_refit(config),
                                        config.finetune_epochs)
     acc_before = accuracy(model, session.splits.test)
     if config.finetune_epochs > 0:
@@ -144,7 +151,8 @@ def _finish(config: TrainConfig, search: Search) -> dict:
                                                                                           1e-9)), 4),
              "best_episode": best["episode"], "best_reward": best["reward"], "algo": config.algo,
              "policy_episode": done["policy_episode"], "rescored": done["rescored"],
-             "reconstruct": config.reconstruct}
+             "chosen": kept["source"], "floor": sorted(floor), "reconstruct": config.reconstruct,
+             "rescore_refit": final_refit(config)}
     if env.latency_budget is not None:
         stats["latency_budget"] = env.latency_budget.report(
             session.trace, kept_counts(session.trace, kept["ratios"], config.round_to))
@@ -157,18 +165,19 @@ def _finish(config: TrainConfig, search: Search) -> dict:
     return report
 
 
-def finish_search(search: Search, top: int) -> dict:
+def finish_search(search: Search, top: int, floor: dict | None = None, reconstruct: bool = False) -> dict:
     """After the search episodes: the learned policy's deterministic episode (one more evaluation, cached if
-    seen, and a candidate like the others), then :func:`keep_best`.
+    seen, and a candidate like the others), then :func:`~envs.select_best` over the ``top`` best candidates and the
+    ``floor`` allocations, scored as the kept model is built (refitted when ``reconstruct``).
 
-    Returns ``kept``, ``rescored``, ``policy_episode`` and ``best``: the best reward-split episode, the policy's
-    included, which is what would be kept without re-scoring.
+    Returns ``kept`` (with its ``source``), ``rescored``, ``policy_episode`` and ``best``: the best reward-split
+    episode, the policy's included.
     """
     policy = run_policy_episode(search)
     best = search.best
     if policy["reward"] > best["reward"]:
         best = {**policy, "episode": search.episodes_done + 1}
-    kept, rescored = keep_best(search.env, best, top)
+    kept, rescored = select_best(search.env, top, floor, reconstruct=reconstruct)
     return {"kept": kept, "rescored": rescored, "policy_episode": policy, "best": best}
 
 

@@ -11,8 +11,7 @@ import time
 import numpy as np
 from common import cifar_session, write_result
 
-from agent.apply import run_episode
-from envs import PruneEnv
+from envs import PruneEnv, run_episode
 
 
 def main() -> None:

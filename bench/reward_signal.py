@@ -20,8 +20,7 @@ import torch.nn.functional as F
 from common import cifar_session, write_result
 from scipy.stats import spearmanr
 
-from agent.apply import run_episode
-from envs import PruneEnv
+from envs import PruneEnv, run_episode
 
 
 @torch.no_grad()

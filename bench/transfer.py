@@ -79,7 +79,7 @@ def main() -> None:
             reward_images=64, calib_batches=1, seed=args.seed))
     for name, session in targets.items():
         t = time.perf_counter()
-        rep = apply_policy(policy_dir, name, session=session, flops=args.flops, fallback=False,  # the raw policy
+        rep = apply_policy(policy_dir, name, session=session, flops=args.flops, floor=(),  # the raw policy
                            reconstruct_final=args.refit and name == "resnet56")  # built as the uniform row is
         row = {"flops_ratio": rep["flops_ratio"], "params_ratio": rep["params_ratio"],
                "apply_s": time.perf_counter() - t, "ratios": rep["ratios"],
@@ -106,7 +106,7 @@ def main() -> None:
             t = time.perf_counter()
             if label == "warm":
                 ratios = apply_policy(policy_dir, "resnet56", session=r56, flops=args.flops, search_episodes=args.k,
-                                      seed=seed, fallback=False, reconstruct_final=False)["ratios"]
+                                      seed=seed, floor=(), reconstruct_final=False)["ratios"]
             elif label == "cold":
                 cold_cfg = TrainConfig(algo=args.algo, flops=args.flops, episodes=args.k, seed=seed,
                                        warmup_episodes=min(args.warmup, args.k // 2), progress=False, **space)

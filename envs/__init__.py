@@ -2,10 +2,23 @@
 
 from gymnasium.envs.registration import register, registry
 
+from envs.methods import (
+    FLOOR_METHODS,
+    applied_actions,
+    centre_allocation,
+    floor_allocations,
+    random_search,
+    run_episode,
+    select_best,
+    sensitivity_search,
+    sensitivity_table,
+)
 from envs.prune_env import ACTION_CENTERS, DEFAULT_MAX_NODES, GRANULARITIES, REWARDS, PruneEnv
 
 ENV_ID = "prunepilot/ChannelPrune-v0"
 if ENV_ID not in registry:
     register(id=ENV_ID, entry_point="envs.prune_env:PruneEnv")
 
-__all__ = ["ACTION_CENTERS", "DEFAULT_MAX_NODES", "ENV_ID", "GRANULARITIES", "REWARDS", "PruneEnv"]
+__all__ = ["ACTION_CENTERS", "DEFAULT_MAX_NODES", "ENV_ID", "FLOOR_METHODS", "GRANULARITIES", "REWARDS", "PruneEnv",
+           "applied_actions", "centre_allocation", "floor_allocations", "random_search", "run_episode", "select_best",
+           "sensitivity_search", "sensitivity_table"]

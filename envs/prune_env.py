@@ -461,7 +461,7 @@ class PruneEnv(gym.Env):
         if self.reward_kind == "latency":
             info["latency_ms"] = 1000 * measure_latency(model, s.data.input_shape, self.latency_batch,
                                                         min_run_time=0.2)
-        reward = self._reward(acc, info)
+        reward = self.reward_of(acc, info)
         for k in EVALUATION_TIMINGS:
             self.timings[k] += info[k]
         self.cache[key] = (reward, info)
@@ -477,16 +477,27 @@ class PruneEnv(gym.Env):
         if size > limit:
             raise UserError(f"the action space holds {size} allocations, more than {limit}; use a coarser "
                             "granularity or round_to")
-        out = []
-        for combo in itertools.product(*self.ratio_grid):
-            kept = {g.name: g.channels for g in self.groups}
-            for t, r in enumerate(combo):
-                kept.update(self._apply(kept, t, r))
-            if self._fits(kept):
-                out.append(kept)
-        return out
+        return [kept for kept in map(self.allocation, itertools.product(*self.ratio_grid)) if self.fits(kept)]
 
-    def _reward(self, acc: float, info: dict) -> float:
+    def allocation(self, step_ratios: Iterable[float]) -> dict[str, int]:
+        """Channels kept per group with decision ``t`` at ``step_ratios[t]``, as the steps apply them, without the
+        budget clamp (check it with :meth:`fits`).
+        """
+        kept = {g.name: g.channels for g in self.groups}
+        for t, r in enumerate(step_ratios):
+            kept.update(self._apply(kept, t, r))
+        return kept
+
+    def fits(self, kept: dict[str, int]) -> bool:
+        """Whether the allocation ``kept`` meets the FLOPs budget (and the predicted-latency budget, if any)."""
+        return self._fits(kept)
+
+    def add_timings(self, timings: dict[str, float]) -> None:
+        """Count evaluation seconds spent outside :meth:`evaluate` (re-scoring) in :attr:`evaluation_s`."""
+        for k in EVALUATION_TIMINGS:
+            self.timings[k] += timings.get(k, 0.0)
+
+    def reward_of(self, acc: float, info: dict) -> float:
         """The final reward for accuracy ``acc`` (%) of the pruned model that ``info`` describes."""
         err = 1.0 - acc / 100.0
         if self.reward_kind == "acc":
@@ -494,36 +505,3 @@ class PruneEnv(gym.Env):
         if self.reward_kind == "acc_flops":
             return -err * math.log(info["flops_ratio"] * self.dense_flops)
         return -err * math.log(max(1000 * info["latency_ms"], 1.0))  # microseconds, so the log stays positive
-
-    def rescore(self, top: int, among: Iterable[tuple[int, ...]] | None = None) -> list[dict]:
-        """Re-score the ``top`` best distinct allocations evaluated so far (or of ``among``, keys of
-        :attr:`cache`, e.g. those within a tighter budget) on the session's select split; return them best first
-        by their reward over the reward and select images together.
-
-        Keeping the allocation with the best reward-split accuracy partly keeps the one that the split's
-        sampling noise favoured (the winner's curse): on the shared ResNet-56 the top candidates of a search tie
-        within about a point on 1,000 reward images. A second, disjoint set of training images halves that
-        noise for the ``top`` more evaluations this costs. Each entry holds ``ratios``, ``reward`` (combined),
-        ``reward_search``, ``acc`` (combined), ``acc_reward`` and ``acc_select``. Empty when the session has no
-        select split or ``top`` is 0.
-        """
-        s = self.session
-        select = s.splits.select
-        if select is None or top < 1:
-            return []
-        n_reward, n_select = len(s.splits.reward), len(select)
-        out = []
-        entries = self.cache.values() if among is None else [self.cache[k] for k in among]
-        for reward, info in sorted(entries, key=lambda entry: entry[0], reverse=True)[:top]:
-            timings: dict[str, float] = {}
-            model = s.build(info["ratios"], self.round_to, timings=timings)
-            t = time.perf_counter()
-            acc_select = accuracy(model, select)
-            timings["eval_s"] = time.perf_counter() - t
-            for k, v in timings.items():
-                self.timings[k] += v
-            acc = (info["acc"] * n_reward + acc_select * n_select) / (n_reward + n_select)
-            out.append({"ratios": dict(info["ratios"]), "reward": self._reward(acc, info), "reward_search": reward,
-                        "acc": acc, "acc_reward": info["acc"], "acc_select": acc_select,
-                        "flops_ratio": info["flops_ratio"], "params_ratio": info["params_ratio"]})
-        return sorted(out, key=lambda c: c["reward"], reverse=True)

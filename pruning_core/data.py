@@ -7,7 +7,7 @@ JPEG set stays near 200 MB.
 from __future__ import annotations
 
 import pickle
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,7 +16,7 @@ import torch
 
 from pruning_core.errors import UserError
 
-__all__ = ["ImageData", "Split", "load_data", "make_splits"]
+__all__ = ["ImageData", "Split", "class_names", "load_data", "load_val", "make_splits", "read_folder"]
 
 CIFAR_MEAN, CIFAR_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)  # what the shared ResNets were trained with
 DIGITS_MEAN, DIGITS_STD = (0.305,), (0.376,)
@@ -54,12 +54,15 @@ class Split:
 
 @dataclass
 class ImageData:
-    """A training and a test split of one data set."""
+    """A training and a test split of one data set, and validation images if it has them (an ImageFolder's
+    ``val/``), which searches then score on instead of training images.
+    """
 
     name: str
     train: Split
     test: Split
     num_classes: int
+    val: Split | None = None
 
     @property
     def input_shape(self) -> tuple[int, int, int]:
@@ -81,12 +84,14 @@ class Splits:
 
 
 def make_splits(data: ImageData, reward_images: int = 1000, calib_images: int = 640, seed: int = 0,
-                select_images: int = 0) -> Splits:
+                select_images: int = 0, val: Split | None = None) -> Splits:
     """Draw a fixed, seeded reward subset, a disjoint calibration subset and, from the training images left
     after both, up to ``select_images`` for the select split.
 
     When the training set is too small for both, the calibration images wrap around into the reward images
     (and no select split is drawn). The reward and calibration subsets do not depend on ``select_images``.
+    With ``val`` (images the model was not trained on), the reward and select images are drawn from it instead,
+    so that searches score generalisation rather than memory; calibration stays on training images.
     """
     n = len(data.train)
     if reward_images < 1 or calib_images < 1:
@@ -99,7 +104,12 @@ def make_splits(data: ImageData, reward_images: int = 1000, calib_images: int = 
     calib_idx = rest[:calib_images] if len(rest) >= calib_images else perm[-calib_images:]
     left = rest[calib_images:calib_images + select_images]  # empty when calibration took the rest or wrapped
     select = data.train.subset(left) if len(left) else None
-    return Splits(data.train.subset(reward_idx), data.train.subset(calib_idx), data.train, data.test, select)
+    reward = data.train.subset(reward_idx)
+    if val is not None:  # the same calibration images; reward and select from the validation images
+        vperm = torch.randperm(len(val), generator=torch.Generator().manual_seed(seed))
+        left = vperm[reward_images:reward_images + select_images]
+        reward, select = val.subset(vperm[:reward_images]), val.subset(left) if len(left) else None
+    return Splits(reward, data.train.subset(calib_idx), data.train, data.test, select)
 
 
 def load_data(spec: str) -> ImageData:
@@ -143,34 +153,73 @@ def _cifar10(root: Path) -> ImageData:
 
 
 def _imagefolder(root: Path) -> ImageData:
-    try:
-        from PIL import Image
-    except ImportError as e:  # pragma: no cover - Pillow ships with matplotlib
-        raise UserError("imagefolder data needs Pillow: pip install pillow") from e
     if not (root / "train").is_dir() or not (root / "test").is_dir():
-        raise UserError(f"{root} must hold train/<class>/*.jpg and test/<class>/*.jpg")
-    classes = sorted(p.name for p in (root / "train").iterdir() if p.is_dir())
-    if not classes:
-        raise UserError(f"no class folders in {root / 'train'}")
-
-    def read(split: str) -> tuple[torch.Tensor, torch.Tensor]:
-        xs, ys = [], []
-        for label, cls in enumerate(classes):
-            for f in sorted((root / split / cls).glob("*")):
-                if f.suffix.lower() in (".jpg", ".jpeg", ".png"):
-                    with Image.open(f) as im:
-                        xs.append(np.asarray(im.convert("RGB"), dtype=np.uint8).transpose(2, 0, 1))
-                    ys.append(label)
-        if not xs:
-            raise UserError(f"no images in {root / split}")
-        shapes = {x.shape for x in xs}
-        if len(shapes) > 1:
-            raise UserError(f"images in {root / split} differ in size ({sorted(shapes)[:3]}); resize them first")
-        return torch.from_numpy(np.stack(xs)), torch.tensor(ys)
-
-    (trx, try_), (tex, tey) = read("train"), read("test")
+        raise UserError(f"{root} must hold train/<class>/*.jpg and test/<class>/*.jpg (and optionally val/)")
+    classes = class_names(root / "train")
+    (trx, try_), (tex, tey) = read_folder(root / "train", classes), read_folder(root / "test", classes)
+    val = None
+    if (root / "val").is_dir():
+        vx, vy = read_folder(root / "val", classes)
+        val = Split(vx, vy, CIFAR_MEAN, CIFAR_STD)
     return ImageData(f"imagefolder:{root.name}", Split(trx, try_, CIFAR_MEAN, CIFAR_STD),
-                     Split(tex, tey, CIFAR_MEAN, CIFAR_STD), len(classes))
+                     Split(tex, tey, CIFAR_MEAN, CIFAR_STD), len(classes), val)
+
+
+def class_names(folder: Path) -> list[str]:
+    """The sorted class sub-folders of ``folder`` (an ImageFolder's labels, in order)."""
+    classes = sorted(p.name for p in folder.iterdir() if p.is_dir())
+    if not classes:
+        raise UserError(f"no class folders in {folder}")
+    return classes
+
+
+def read_folder(folder: Path, classes: list[str],
+                keep: Callable[[str, int], bool] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Decode ``folder/<class>/*.jpg|png`` for ``classes`` (label = index) into uint8 (N, C, H, W) and labels;
+    ``keep(class, k)`` may leave out a class's ``k``-th file in name order.
+    """
+    from PIL import Image, UnidentifiedImageError
+
+    xs, ys = [], []
+    for label, cls in enumerate(classes):
+        if not (folder / cls).is_dir():
+            raise UserError(f"{folder} has no folder for class {cls!r}")
+        files = [f for f in sorted((folder / cls).glob("*")) if f.suffix.lower() in (".jpg", ".jpeg", ".png")]
+        for k, f in enumerate(files):
+            if keep is not None and not keep(cls, k):
+                continue
+            try:
+                with Image.open(f) as im:
+                    xs.append(np.asarray(im.convert("RGB"), dtype=np.uint8).transpose(2, 0, 1))
+            except (OSError, UnidentifiedImageError) as e:
+                raise UserError(f"cannot read image {f}: {e}") from e
+            ys.append(label)
+    if not xs:
+        raise UserError(f"no images in {folder}")
+    shapes = {x.shape for x in xs}
+    if len(shapes) > 1:
+        raise UserError(f"images in {folder} differ in size ({sorted(shapes)[:3]}); resize them first")
+    return torch.from_numpy(np.stack(xs)), torch.tensor(ys)
+
+
+def load_val(spec: str | Split, data: ImageData) -> Split:
+    """Validation images for the reward and select splits: a :class:`Split`, or a folder ``DIR/<class>/*.jpg``
+    whose class folders match the data's (ImageFolder, or CIFAR-10's ten names), normalised like the training
+    images.
+    """
+    if isinstance(spec, Split):
+        return spec
+    root = Path(spec.removeprefix("imagefolder:")).expanduser()
+    if not root.is_dir():
+        raise UserError(f"validation folder not found: {root}")
+    classes = class_names(root)
+    if len(classes) != data.num_classes:
+        raise UserError(f"{root} has {len(classes)} class folders but {data.name} has {data.num_classes} classes")
+    x, y = read_folder(root, classes)
+    t = data.train
+    if tuple(x.shape[1:]) != tuple(t.x.shape[1:]):
+        raise UserError(f"images in {root} are {tuple(x.shape[1:])}, the training images {tuple(t.x.shape[1:])}")
+    return Split(x, y, t.mean, t.std, t.scale)
 
 
 def _digits() -> ImageData:

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from pruning_core.data import ImageData, Split, load_data, make_splits
+from pruning_core.data import ImageData, Split, load_data, load_val, make_splits
 from pruning_core.errors import UserError
 from pruning_core.evaluate import accuracy, adapt_bn, augment_batch, finetune, mean_loss
 from pruning_core.graph import ModelTrace, trace_model
@@ -74,10 +74,12 @@ class PruningSession:
     :param model: a zoo name, ``package.module:factory``, or an ``nn.Module`` (used as is, never modified).
     :param weights: checkpoint path, or None to use the model's current weights.
     :param data: a data spec (``cifar10:DIR``, ``imagefolder:DIR``, ``digits``) or an :class:`ImageData`.
+    :param val_data: images the model was not trained on, for the reward and select splits: a folder of class
+        folders or a :class:`Split` (default: the data's own ``val/``, else training images).
     """
 
     def __init__(self, model: str | nn.Module, weights: str | None, data: str | ImageData,
-                 config: SessionConfig | None = None):
+                 config: SessionConfig | None = None, val_data: str | Split | None = None):
         self.config = config = config or SessionConfig()
         if config.reconstruct_images < 1:
             raise UserError(f"reconstruct_images must be at least 1, got {config.reconstruct_images}")
@@ -89,8 +91,10 @@ class PruningSession:
             load_weights(self.model, weights)
         self.model.eval()
         self.data = load_data(data) if isinstance(data, str) else data
+        val = load_val(val_data, self.data) if val_data is not None else self.data.val
+        self.val_source = "val" if val is not None else "train"
         self.splits = make_splits(self.data, config.reward_images, config.calib_batches * config.batch_size,
-                                  config.seed, config.select_images)
+                                  config.seed, config.select_images, val)
         self._check_model_fits()
         t = time.perf_counter()
         self.trace: ModelTrace = trace_model(self.model, self.data.input_shape)
@@ -250,7 +254,7 @@ class PruningSession:
             "acc_dense": self.dense_accuracy("test"), "acc": accuracy(model, self.splits.test), "acc_split": "test",
             "acc_reward": accuracy(model, self.splits.reward),
             "ratios": {k: round(float(v), 6) for k, v in ratios.items()}, "round_to": round_to,
-            "method": method, "seed": seed, "reconstruct": self.config.reconstruct,
+            "method": method, "seed": seed, "reconstruct": self.config.reconstruct, "reward_source": self.val_source,
             "excluded": dict(self.trace.excluded),
             "time_s": round(time_s, 3), **extra,
         }

@@ -6,7 +6,7 @@ import pytest
 from gymnasium.utils.env_checker import check_env as gym_check_env
 from stable_baselines3.common.env_checker import check_env as sb3_check_env
 
-from envs import ENV_ID, PruneEnv
+from envs import ENV_ID, PruneEnv, select_best
 from pruning_core import UserError, kept_channels
 
 
@@ -304,32 +304,6 @@ def test_other_rewards(digits_session, reward):
     assert (reward == "latency") == ("latency_ms" in info)
 
 
-def test_rescore_ranks_the_top_candidates_over_both_splits(digits_session):
-    """rescore() re-evaluates the best distinct allocations on the select split, and ranks them by the
-    accuracy over reward and select images together."""
-    from agent.apply import run_episode
-    from pruning_core import accuracy
-    env = PruneEnv(session=digits_session, flops=0.6, granularity="group")
-    rng = np.random.default_rng(0)
-    for _ in range(8):
-        run_episode(env, lambda _: rng.uniform(-1, 1, 1).astype(np.float32))
-    top = sorted(env.cache.values(), key=lambda entry: entry[0], reverse=True)[:3]
-    spent = env.evaluation_s
-    ranked = env.rescore(3)
-    assert len(ranked) == 3 and env.evaluation_s > spent  # re-scoring is charged as evaluation time
-    assert [c["reward"] for c in ranked] == sorted((c["reward"] for c in ranked), reverse=True)
-    assert sorted(c["reward_search"] for c in ranked) == sorted(r for r, _ in top)
-    reward, select = digits_session.splits.reward, digits_session.splits.select
-    for c in ranked:
-        assert c["acc_select"] == pytest.approx(accuracy(digits_session.build(c["ratios"]), select))
-        both = (c["acc_reward"] * len(reward) + c["acc_select"] * len(select)) / (len(reward) + len(select))
-        assert c["acc"] == pytest.approx(both) and c["reward"] == pytest.approx(both / 100)
-    assert env.rescore(0) == []
-    # among: only those allocations compete (e.g. the ones within a tighter budget)
-    worst = sorted(env.cache, key=lambda k: env.cache[k][0])[:2]
-    assert sorted(c["reward_search"] for c in env.rescore(3, worst)) == sorted(env.cache[k][0] for k in worst)
-
-
 def test_reconstruction_is_charged_as_evaluation_time(digits_session):
     """With a reconstructing session, the refit is part of what an evaluation costs (the agent's share of the
     search's wall time is what is left), in the episodes and in the re-scoring."""
@@ -346,5 +320,5 @@ def test_reconstruction_is_charged_as_evaluation_time(digits_session):
     assert info["reconstruct_s"] > 0 and env.timings["reconstruct_s"] == info["reconstruct_s"]
     assert env.evaluation_s == pytest.approx(sum(env.timings[k] for k in ("prune_s", "reconstruct_s", "adapt_s",
                                                                           "eval_s")))
-    env.rescore(1)
+    select_best(env, 1)
     assert env.timings["reconstruct_s"] > info["reconstruct_s"]

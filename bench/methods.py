@@ -1,0 +1,124 @@
+"""Every allocation method on several models and budgets, through the code paths the CLI runs.
+
+Rows per (model, FLOPs target), each kept model refitted as the commands keep it, tested on the 1,017 exact test
+images before fine-tuning, and timed against dense in ONNX Runtime at batch 1:
+
+- ``uniform``: ``prunepilot prune --method uniform``;
+- ``centre``, ``global``, ``sensitivity``: the floor allocations in the agent's default action space
+  (``prune --method centre|global|sensitivity``); sensitivity's evaluation count sets random search's budget;
+- ``random-N``: ``prune --method random --evaluations N`` (per seed), N = sensitivity's count and ``--evaluations``;
+- ``train``: ``prunepilot train`` with default flags (per seed: the seed also draws the splits, as on the CLI);
+- ``agent-alone``: ``train --floor none --warm-start none`` (per seed), what the agent finds by itself.
+
+Example (from bench/, PYTHONPATH=..):
+    python methods.py --models resnet20 resnet56 --targets 0.3 0.4 0.5 --seeds 0 1 --name methods_amd
+"""
+
+from __future__ import annotations
+
+import argparse
+import subprocess
+import tempfile
+import time
+
+from common import CIFAR, ROOT, WEIGHTS, cifar_session, write_result
+
+from agent.train import train
+from envs import PruneEnv, floor_allocations, random_search, select_best, sensitivity_search
+from pruning_core import accuracy, uniform_ratios
+from pruning_core.latency import compare_latency
+
+METHODS = ("uniform", "centre", "global", "sensitivity", "random", "train", "agent-alone")
+
+
+def commit() -> str:
+    sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT, capture_output=True,
+                           text=True).stdout.strip()
+    return sha + ("-dirty" if dirty else "")
+
+
+def row(session, ratios: dict[str, float], latency: bool, **extra) -> dict:
+    """The kept model of ``ratios`` as the commands build it (refitted), measured."""
+    model, built = session.build_final(ratios)
+    out = {"acc_test": accuracy(model, session.splits.test), "acc_reward": accuracy(model, session.splits.reward),
+           **session.measure(ratios), **built, **extra}
+    if latency:
+        c = compare_latency(session.model, model, session.data.input_shape, 1, "onnxruntime", repeats=3)
+        out["ort_speedup_b1"] = c["speedup"]
+    out["ratios"] = ratios
+    return out
+
+
+def run_target(model: str, target: float, args: argparse.Namespace) -> dict:
+    rows: dict[str, object] = {}
+    session = cifar_session(model, select_images=1000)
+    env = PruneEnv(session=session, flops=target)  # train's default action space
+    if "uniform" not in args.skip:
+        rows["uniform"] = row(session, uniform_ratios(session.trace, target, 0.8), args.latency)
+    t = time.perf_counter()
+    floor = floor_allocations(env, points=args.sensitivity_points)
+    sens_evals = len(env.cache) - 3  # the sensitivity table and its allocation (the other three cost one each)
+    floor_s = time.perf_counter() - t
+    for name, kept in floor.items():
+        if name in args.skip:
+            continue
+        ratios = env.cache[tuple(kept[g.name] for g in env.groups)][1]["ratios"]
+        rows[name] = row(session, ratios, args.latency, **({"evaluations": sens_evals, "floor_s": floor_s}
+                                                           if name == "sensitivity" else {}))
+    print(f"== {model} {target}: " + "  ".join(f"{k} {v['acc_test']:.2f}" for k, v in rows.items()), flush=True)
+    if "random" not in args.skip:
+        for budget in sorted({sens_evals, args.evaluations}):
+            runs = []
+            for seed in args.seeds:
+                renv = PruneEnv(session=session, flops=target)
+                t = time.perf_counter()
+                random_search(renv, 100 * budget, seed, budget)
+                kept, _ = select_best(renv, 5, reconstruct=True)
+                runs.append(row(session, kept["ratios"], args.latency, seed=seed, evaluations=len(renv.cache),
+                                search_s=time.perf_counter() - t))
+                print(f"   random-{budget} seed {seed}: {runs[-1]['acc_test']:.2f}", flush=True)
+            rows[f"random-{budget}"] = {"runs": runs}
+    for method, flags in (("train", {}), ("agent-alone", {"floor": (), "warm_start": "none"})):
+        if method in args.skip:
+            continue
+        runs = []
+        for seed in args.seeds:
+            s = session if seed == 0 else cifar_session(model, select_images=1000, seed=seed)
+            with tempfile.TemporaryDirectory() as out:
+                report = train(session=s, model=model, weights=WEIGHTS[model], data=CIFAR, flops=target,
+                               seed=seed, out=out, progress=False, **flags)
+            search = report["search"]
+            r = row(s, report["ratios"], args.latency, seed=seed, chosen=search["chosen"],
+                    evaluations=search["evaluations"], search_s=search["search_s"], time_s=report["time_s"],
+                    rescored=search["rescored"])
+            assert abs(r["acc_test"] - report["acc"]) < 1e-9, (r["acc_test"], report["acc"])  # the CLI's own model
+            runs.append(r)
+            print(f"   {method} seed {seed}: {r['acc_test']:.2f} (chosen {r['chosen']}, {r['evaluations']} evaluations, "
+                  f"{report['time_s']:.0f} s)", flush=True)
+        rows[method] = {"runs": runs}
+    return rows
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--models", nargs="+", default=["resnet20", "resnet56"])
+    p.add_argument("--targets", nargs="+", type=float, default=[0.3, 0.4, 0.5])
+    p.add_argument("--seeds", nargs="+", type=int, default=[0, 1])
+    p.add_argument("--evaluations", type=int, default=120, help="random search's other evaluation budget")
+    p.add_argument("--sensitivity-points", type=int, default=10)
+    p.add_argument("--skip", nargs="*", default=[], choices=METHODS)
+    p.add_argument("--no-latency", dest="latency", action="store_false")
+    p.add_argument("--name", required=True)
+    args = p.parse_args()
+    config = {k: v for k, v in vars(args).items() if k != "name"}
+    results = {"commit": commit(), "config": config, "models": {}}
+    for model in args.models:
+        results["models"][model] = {}
+        for target in args.targets:
+            results["models"][model][str(target)] = run_target(model, target, args)
+            write_result(args.name, results)  # after every target, so a long run leaves partial results
+
+
+if __name__ == "__main__":
+    main()

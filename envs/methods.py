@@ -1,0 +1,204 @@
+"""Search methods over a :class:`PruneEnv`'s action space besides the agent, and the selection every search ends with.
+
+Each method evaluates allocations through the env's cached evaluator (:meth:`PruneEnv.evaluate`), so they share its
+reward split, its cache and its evaluation count with the agent:
+
+- :func:`centre_allocation`: action 0 on every step (the allocation an untrained agent starts from);
+- :func:`random_search`: EagleEye-style best of N random episodes;
+- :func:`sensitivity_search`: AIMET/ModelOpt greedy selection over the env's decision units;
+- :func:`floor_allocations`: the cheap allocations a search must beat (uniform, centre, global, sensitivity);
+- :func:`select_best`: re-score candidates as the kept model is built and keep the best.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Iterable
+
+import numpy as np
+
+from envs.prune_env import PruneEnv
+from pruning_core.allocate import threshold_allocation
+from pruning_core.errors import UserError
+from pruning_core.evaluate import accuracy
+from pruning_core.prune import global_ratios, kept_counts, uniform_ratios
+
+__all__ = ["FLOOR_METHODS", "applied_actions", "centre_allocation", "floor_allocations", "random_search", "run_episode",
+           "select_best", "sensitivity_search", "sensitivity_table"]
+
+FLOOR_METHODS = ("uniform", "centre", "global", "sensitivity")
+
+log = logging.getLogger(__name__)
+
+Kept = dict[str, int]
+
+
+def run_episode(env: PruneEnv, act: Callable[[dict], np.ndarray]) -> tuple[float, dict]:
+    """Run one episode of ``env`` with ``act(observation) -> action``; return (final reward, final info)."""
+    obs, _ = env.reset()
+    done = False
+    while not done:
+        obs, reward, done, _, info = env.step(act(obs))
+    return float(reward), info
+
+
+def centre_allocation(env: PruneEnv) -> Kept:
+    """The allocation of action 0 on every step: uniform pruning in the env's action space (evaluated)."""
+    run_episode(env, lambda _: np.zeros(1, np.float32))
+    return dict(env.kept)
+
+
+def random_search(env: PruneEnv, episodes: int, seed: int, evaluations: int | None = None,
+                  progress: bool = False) -> dict:
+    """EagleEye-style random search: episodes of actions uniform in [-1, 1] (clamped into the budget by the env)
+    until ``episodes`` are done or ``evaluations`` distinct allocations have been evaluated. Returns the best:
+    ``reward``, ``kept``, ``ratios``, and ``episodes`` run.
+    """
+    from tqdm.auto import tqdm
+
+    rng = np.random.default_rng(seed)
+    best, done = None, 0
+    bar = tqdm(total=episodes, desc="random search", unit="ep", leave=False, disable=None if progress else True)
+    while done < episodes and (evaluations is None or len(env.cache) < evaluations):
+        reward, info = run_episode(env, lambda _: rng.uniform(-1, 1, 1).astype(np.float32))
+        done += 1
+        bar.update(1)
+        if best is None or reward > best["reward"]:
+            best = {"reward": reward, "kept": dict(env.kept), "ratios": dict(info["ratios"])}
+    bar.close()
+    return {**best, "episodes": done}
+
+
+def _spread(values: list[float], points: int) -> list[float]:
+    """Up to ``points`` of ``values`` (sorted), evenly spaced by index, the largest always included."""
+    if len(values) <= points:
+        return list(values)
+    idx = np.linspace(0, len(values) - 1, points).round().astype(int)
+    return [values[i] for i in sorted(set(idx.tolist()))]
+
+
+def sensitivity_table(env: PruneEnv, points: int = 10, progress: bool = False) -> list[list[tuple[float, float]]]:
+    """Per decision unit of ``env`` (a width or drop step), ``(ratio, reward-split accuracy)`` with that unit alone
+    pruned at each of up to ``points`` ratios of its grid (one cached evaluation each).
+    """
+    from tqdm.auto import tqdm
+
+    if points < 1:
+        raise UserError(f"sensitivity points must be at least 1, got {points}")
+    jobs = [(t, r) for t, grid in enumerate(env.ratio_grid) for r in _spread([g for g in grid if g > 0], points)]
+    tables: list[list[tuple[float, float]]] = [[] for _ in env.ratio_grid]
+    for t, r in tqdm(jobs, desc="sensitivity", unit="eval", leave=False, disable=None if progress else True):
+        ratios = [0.0] * env.num_steps
+        ratios[t] = r
+        _, info = env.evaluate(env.allocation(ratios))
+        tables[t].append((r, info["acc"]))
+    return tables
+
+
+def sensitivity_search(env: PruneEnv, points: int = 10, progress: bool = False) -> dict:
+    """AIMET's greedy compression-ratio selection (and ModelOpt's ``fastnas``) over the env's decision units: measure
+    :func:`sensitivity_table`, then find the highest accuracy threshold at which every unit takes its largest ratio
+    whose accuracy stays above it and the allocation meets the env's budgets. Deterministic.
+
+    Returns ``reward``, ``kept``, ``ratios`` (per group), ``step_ratios``, ``threshold`` and ``table``.
+    """
+    tables = sensitivity_table(env, points, progress)
+    step_ratios, threshold = threshold_allocation(tables, lambda rs: env.fits(env.allocation(rs)))
+    kept = env.allocation(step_ratios)
+    reward, info = env.evaluate(kept)
+    return {"reward": reward, "kept": kept, "ratios": dict(info["ratios"]), "step_ratios": step_ratios,
+            "threshold": threshold, "table": tables}
+
+
+def floor_allocations(env: PruneEnv, methods: Iterable[str] = FLOOR_METHODS, points: int = 10,
+                      progress: bool = False) -> dict[str, Kept]:
+    """The cheap allocations a search must beat, evaluated in ``env`` (its cache), by name:
+
+    - ``uniform``: one ratio for every group, rounded as the env rounds (:func:`uniform_ratios`);
+    - ``centre``: action 0 on every step (:func:`centre_allocation`);
+    - ``global``: Taylor global ranking (:func:`global_ratios`);
+    - ``sensitivity``: :func:`sensitivity_search` with ``points`` ratios per unit.
+
+    One that cannot meet the budget in this space (uniform at a low budget in whole channel blocks) is left out.
+    """
+    s, out = env.session, {}
+    for name in methods:
+        if name not in FLOOR_METHODS:
+            raise UserError(f"unknown floor method {name!r}; use any of {', '.join(FLOOR_METHODS)}")
+        try:
+            if name == "centre":
+                kept = centre_allocation(env)
+            elif name == "sensitivity":
+                kept = sensitivity_search(env, points, progress)["kept"]
+            else:
+                fn = uniform_ratios if name == "uniform" else lambda *a: global_ratios(a[0], s.scores, *a[1:])
+                ratios = fn(s.trace, env.target, env.max_ratio, env.round_to, env.latency_budget)
+                kept = kept_counts(s.trace, ratios, env.round_to)
+        except (UserError, ValueError) as e:
+            log.info("floor: %s left out: %s", name, e)
+            continue
+        if env.fits(kept):
+            env.evaluate(kept)
+            out[name] = kept
+    return out
+
+
+def select_best(env: PruneEnv, top: int, floor: dict[str, Kept] | None = None,
+                among: Iterable[tuple[int, ...]] | None = None,
+                reconstruct: bool | None = None) -> tuple[dict, list[dict]]:
+    """Keep one allocation: the ``top`` best distinct allocations evaluated so far (of ``among``, keys of the env's
+    cache, if given) and every ``floor`` allocation, re-scored as the kept model is built (refitted by least squares
+    when ``reconstruct``; default: as the search scored) on the reward and select splits together; the best score is
+    kept, whatever produced it.
+
+    The reward split alone favours a lucky candidate among near-ties (the winner's curse), and the refit reorders
+    candidates, so the re-scoring uses more images and the kept model's own build. Built as the search built them,
+    the reward-split accuracy is taken from the cache and only the select split is evaluated.
+
+    Returns (kept, the scored candidates without their ratios, best first). Each entry holds ``source`` (``search``
+    or the floor method), ``ratios``, ``reward``, ``acc`` (both splits), ``acc_reward``, ``acc_select`` (None
+    without a select split), ``reward_search`` (the reward the search saw), ``flops_ratio`` and ``params_ratio``.
+    """
+    s = env.session
+    select = s.splits.select
+    order = [g.name for g in env.groups]
+    reconstruct = s.config.reconstruct if reconstruct is None else reconstruct
+    if among is None:  # the cache also holds allocations off the budget (a sensitivity table's single units)
+        among = [key for key in env.cache if env.fits(dict(zip(order, key)))]
+    ranked = sorted(among, key=lambda key: env.cache[key][0], reverse=True)[:max(top, 1)]
+    sources = dict.fromkeys(ranked, "search")
+    for name, kept in (floor or {}).items():
+        env.evaluate(kept)  # cached when the floor was evaluated already
+        sources[tuple(kept[n] for n in order)] = name
+    out = []
+    for key, source in sources.items():
+        reward_search, info = env.cache[key]
+        timings: dict[str, float] = {}
+        model = s.build(info["ratios"], env.round_to, timings=timings, reconstruct=reconstruct)
+        t = time.perf_counter()
+        acc_reward = accuracy(model, s.splits.reward) if reconstruct != s.config.reconstruct else info["acc"]
+        acc_select = accuracy(model, select) if select is not None else None
+        timings["eval_s"] = time.perf_counter() - t
+        env.add_timings(timings)
+        n_r, n_s = len(s.splits.reward), len(select) if select is not None else 0
+        acc = (acc_reward * n_r + (acc_select or 0.0) * n_s) / (n_r + n_s)
+        out.append({"source": source, "ratios": dict(info["ratios"]), "reward": env.reward_of(acc, info),
+                    "reward_search": reward_search, "acc": acc, "acc_reward": acc_reward, "acc_select": acc_select,
+                    "flops_ratio": info["flops_ratio"], "params_ratio": info["params_ratio"]})
+    out.sort(key=lambda c: c["reward"], reverse=True)
+    return out[0], [{k: v for k, v in c.items() if k != "ratios"} for c in out]
+
+
+def applied_actions(env: PruneEnv, step_ratios: list[float]) -> list[float]:
+    """The actions, after the env's clamp, of the episode that reproduces ``step_ratios`` (its final evaluation is
+    cached if seen; the env's episode count is left as it was). An agent fitted to them starts from that allocation.
+    """
+    episodes, actions = env.episodes, []
+    env.reset()
+    for t, r in enumerate(step_ratios):
+        *_, info = env.step(np.array([env.ratio_to_action(t, r)], np.float32))
+        actions.append(float(info["action_applied"][0]))
+    env.episodes = episodes
+    env.reset()
+    return actions
