@@ -24,7 +24,7 @@ import time
 from common import CIFAR, ROOT, WEIGHTS, cifar_session, write_result
 
 from agent.train import train
-from envs import PruneEnv, floor_allocations, random_search, select_best, sensitivity_search
+from envs import PruneEnv, floor_allocations, random_search, select_best
 from pruning_core import accuracy, uniform_ratios
 from pruning_core.latency import compare_latency
 
