@@ -94,8 +94,8 @@ def run_target(model: str, target: float, args: argparse.Namespace) -> dict:
                     rescored=search["rescored"])
             assert abs(r["acc_test"] - report["acc"]) < 1e-9, (r["acc_test"], report["acc"])  # the CLI's own model
             runs.append(r)
-            print(f"   {method} seed {seed}: {r['acc_test']:.2f} (chosen {r['chosen']}, {r['evaluations']} evaluations, "
-                  f"{report['time_s']:.0f} s)", flush=True)
+            print(f"   {method} seed {seed}: {r['acc_test']:.2f} (chosen {r['chosen']}, {r['evaluations']} "
+                  f"evaluations, {report['time_s']:.0f} s)", flush=True)
         rows[method] = {"runs": runs}
     return rows
 
