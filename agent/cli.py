@@ -164,8 +164,11 @@ def prune_command(args: argparse.Namespace) -> dict:
         if args.ratios:
             raise UserError("--max-latency shapes a --method allocation; a --ratios file is used as it is")
         check_max_latency(args.max_latency)
-    session = PruningSession(args.model, args.weights, args.data,
-                             session_config(args, "l1" if args.method == "l1-uniform" else "taylor"), args.val_data)
+    config = session_config(args, "l1" if args.method == "l1-uniform" else "taylor")
+    # a search scores its candidates as the kept model is built: refitted unless it will be fine-tuned
+    config.reconstruct = args.method in SEARCH_METHODS and args.reconstruct is not False and args.adapt_bn and \
+        args.finetune_epochs == 0
+    session = PruningSession(args.model, args.weights, args.data, config, args.val_data)
     budget, extra = None, {}
     if args.max_latency is not None:
         from agent.train import measure_latency_table
@@ -218,8 +221,7 @@ def search_allocation(session: PruningSession, args: argparse.Namespace,
         report.update(threshold=found["threshold"], table=found["table"])
     else:  # the best of its top 5 re-scored as the kept model is built, as train keeps its own
         random_search(env, 100 * args.evaluations, args.seed, args.evaluations, progress)
-        refit = args.reconstruct if args.reconstruct is not None else args.adapt_bn and args.finetune_epochs == 0
-        best, report["rescored"] = select_best(env, 5, reconstruct=refit)
+        best, report["rescored"] = select_best(env, 5)  # scored as the session builds: as the kept model is
         ratios = best["ratios"]
     report.update(evaluations=len(env.cache), search_s=round(time.perf_counter() - t, 2))
     return dict(ratios), args.method, report

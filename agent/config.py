@@ -87,17 +87,12 @@ class TrainConfig:
     """Training images in the reward split."""
     calib_batches: int = 10
     """Batches of 64 training images for adaptive BN in every episode."""
-    reconstruct: bool = False
-    """Before adaptive BN, refit every conv and linear layer of each pruned model by least squares to the dense model's
-    outputs on 256 calibration images (He et al. 2017; ``pruning_core.Reconstruction``), in every reward (the final
-    model follows ``reconstruct_final``): about 1-2 s more per evaluation on ResNet-56, no labels or gradients.
-    Rebuilt with it, the ResNet-56 models kept at 50% FLOPs by earlier searches gained 2.7-13.5 points of test
-    accuracy before fine-tuning (6.7 on average; uniform 79.15% to 88.20%, more than a 1-epoch fine-tune gives it),
-    and the ranking between methods narrowed (bench/results/reconstruct_kept_amd.json). Searched with it
-    (``round_to`` 8, ``drop_blocks``, 6 seeds): 88.22% against 88.51% for the same seeds' models searched without it
-    and rebuilt with it, in 28% more time; the benchmark's 1-epoch fine-tune (lr 0.01) then lowered them (seeds 0-2:
-    88.50% to 87.05%) (bench/results/search_substage_r8_drop_recon*_amd.json). Off by default: search without it,
-    and the kept model is rebuilt with it (``reconstruct_final``)."""
+    reconstruct: bool = True
+    """Score every candidate as the kept model is built: before adaptive BN, refit its conv and linear layers by least
+    squares to the dense model's outputs on 256 calibration images (He et al. 2017; ``pruning_core.Reconstruction``).
+    The refit reorders candidates, so a search without it ranks them by a proxy; it costs about a second per
+    evaluation on a CIFAR ResNet, no labels or gradients. Off when ``finetune_epochs`` fine-tunes the kept model
+    instead of refitting it."""
     reconstruct_final: bool | None = None
     """Refit the kept model the same way before it is evaluated on the test split and exported. None (the default):
     yes, unless ``finetune_epochs`` fine-tunes it, which after the refit gave lower accuracy than without it; the
@@ -115,8 +110,9 @@ class TrainConfig:
     sensitivity_points: int = 10
     """Ratios per decision unit in the sensitivity table (one evaluation each)."""
     warm_start: str = "sensitivity"
-    """PPO only: fit the policy to this allocation before the search, which then explores around it
-    (``sensitivity``: the greedy sensitivity selection; ``none``: the action space's centre)."""
+    """PPO only: after ``warmup_episodes`` random episodes, fit the policy to the better of their best and the
+    greedy sensitivity allocation (``sensitivity``), and search around it; ``none``: search around the action
+    space's centre (random warm-up episodes only with ``clone_warmup``)."""
     warmup_episodes: int = 20
     """Episodes of uniformly random actions before learning starts (AMC: 100 of 400), which fill the replay buffer
     of DDPG, TD3 and SAC. PPO runs them only with ``clone_warmup``."""

@@ -168,8 +168,8 @@ class Search:
         self.target_episodes = 0
         self.target_evaluations: int | None = None
         self.search_s = 0.0
-        self.cloned = False  # PPO: whether the policy was fitted to its best warm-up episode or to start_actions
-        self.start_actions: list[float] | None = None  # PPO: applied actions of an allocation to start from
+        self.cloned = False  # PPO: whether the policy was fitted to its best warm-up episode (or to ``start``)
+        self.start: tuple[list[float], float] | None = None  # PPO: (applied actions, reward) of a start candidate
         self.reexplorations = 0  # PPO: times its policy was widened after a rollout of repeats only
         self._rollout_first = 0  # index in history of the current rollout's first episode
         self._stalls = 0  # PPO: rollouts in a row that only repeated evaluated allocations
@@ -266,11 +266,9 @@ class Search:
         self._run_started = time.perf_counter()
         self.algo._last_obs = None  # start from a fresh episode even if the env was used in between
         try:
-            if isinstance(self.algo, PPO) and self.config.clone_warmup and self.config.warmup_episodes > 0:
+            if isinstance(self.algo, PPO) and (self.start or (self.config.clone_warmup and
+                                                              self.config.warmup_episodes > 0)):
                 self._ppo_warmup()
-            elif isinstance(self.algo, PPO) and self.start_actions and not self.cloned:
-                self._clone(self.start_actions)  # search around a given allocation (the sensitivity method's)
-                self.cloned = True
             remaining = episodes - self.episodes_done
             if not self.budget_spent():
                 self.algo.learn(remaining * self.steps_per_episode, callback=_EpisodeCallback(self),
@@ -287,9 +285,10 @@ class Search:
         return self.best
 
     def _ppo_warmup(self) -> None:
-        """PPO's warm-up (``clone_warmup``): ``warmup_episodes`` episodes of uniformly random actions (as DDPG's
-        ``learning_starts`` and AMC's), then the actor is fitted to the best of them (behaviour cloning), so that
-        PPO refines the best random allocation instead of starting its search from the uniform one.
+        """PPO's warm-up: ``warmup_episodes`` episodes of uniformly random actions (as DDPG's ``learning_starts``
+        and AMC's), then the actor is fitted to the best of them, or to :attr:`start` (an allocation found another
+        way, such as the sensitivity method's) if that scored higher (behaviour cloning), so that PPO refines the
+        best allocation known instead of starting its search from the centre one.
 
         The actions of episode ``i`` come from ``seed`` and ``i`` alone, so a resumed warm-up draws what an
         uninterrupted one would have.
@@ -304,9 +303,14 @@ class Search:
                 done = terminated or truncated
             self.on_episode_end(info)
             self.maybe_checkpoint()
-        # the best episode so far is the best warm-up episode (no actions in a checkpoint from before they were kept)
-        if self.episodes_done >= self.config.warmup_episodes and not self.cloned and (self.best or {}).get("actions"):
-            self._clone(self.best["actions"])
+        if self.episodes_done < self.config.warmup_episodes or self.cloned:
+            return
+        # the best warm-up episode (no actions in a checkpoint from before they were kept), or the start candidate
+        target = (self.best or {}).get("actions")
+        if self.start is not None and (not target or self.start[1] > self.best["reward"]):
+            target = self.start[0]
+        if target:
+            self._clone(target)
             self.cloned = True
             if self.run_dir:
                 self.checkpoint()

@@ -39,7 +39,8 @@ def build_env(config: TrainConfig, session: PruningSession | None = None,
     if session is None:
         session = PruningSession(config.model, config.weights, config.data, SessionConfig(
             reward_images=config.reward_images, calib_batches=config.calib_batches,
-            select_images=config.select_images, seed=config.seed, reconstruct=config.reconstruct), config.val_data)
+            select_images=config.select_images, seed=config.seed,
+            reconstruct=config.reconstruct and config.finetune_epochs == 0), config.val_data)
     budget = None
     if config.max_latency is not None:
         table = latency_table or measure_latency_table(session, config.latency_backend, config.latency_batch,
@@ -129,7 +130,8 @@ def _finish(config: TrainConfig, search: Search) -> dict:
     run_dir, env = Path(config.out), search.env
     floor = floor_allocations(env, config.floor, config.sensitivity_points, config.progress)
     if config.warm_start == "sensitivity" and "sensitivity" in floor:
-        search.start_actions = applied_actions(env, sensitivity_search(env, config.sensitivity_points)["step_ratios"])
+        found = sensitivity_search(env, config.sensitivity_points)  # cached: the floor measured it
+        search.start = applied_actions(env, found["step_ratios"]), found["reward"]
     best = search.run(config.episodes, config.evaluations)
     eval_s = env.evaluation_s  # the search's own share, before the policy episode and the re-scoring
     write_json(run_dir / "history.json", search.history)
@@ -151,7 +153,7 @@ def _finish(config: TrainConfig, search: Search) -> dict:
                                                                                           1e-9)), 4),
              "best_episode": best["episode"], "best_reward": best["reward"], "algo": config.algo,
              "policy_episode": done["policy_episode"], "rescored": done["rescored"],
-             "chosen": kept["source"], "floor": sorted(floor), "reconstruct": config.reconstruct,
+             "chosen": kept["source"], "floor": sorted(floor), "reconstruct": session.config.reconstruct,
              "rescore_refit": final_refit(config)}
     if env.latency_budget is not None:
         stats["latency_budget"] = env.latency_budget.report(
@@ -162,6 +164,7 @@ def _finish(config: TrainConfig, search: Search) -> dict:
     write_pruned(run_dir / "final", model, report, session.data.input_shape)
     write_json(run_dir / "report.json", report)
     _plots(run_dir, search.history, kept["ratios"], uniform)
+    pareto_plot(run_dir / "pareto.png", done["rescored"], search.history)
     return report
 
 
@@ -220,3 +223,32 @@ def _plots(run_dir: Path, history: list[dict], best: dict[str, float], uniform: 
     plt.close(fig)
 
 
+
+
+def pareto_plot(path: Path, candidates: list[dict], history: list[dict]) -> None:
+    """Accuracy against FLOPs speed-up: every search episode (reward split, as searched) and the re-scored
+    candidates by source (reward and select splits, built as kept), with the candidates' Pareto front.
+    """
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    ax.plot([1 / h["flops_ratio"] for h in history], [h["acc"] for h in history], ".", color="0.7",
+            label="search episodes (as searched)")
+    for source in dict.fromkeys(c["source"] for c in candidates):
+        mine = [c for c in candidates if c["source"] == source]
+        ax.plot([1 / c["flops_ratio"] for c in mine], [c["acc"] for c in mine], "o", label=f"{source} (as kept)")
+    front, best = [], -1.0
+    for c in sorted(candidates, key=lambda c: -1 / c["flops_ratio"]):  # fastest first
+        if c["acc"] > best:
+            front.append(c)
+            best = c["acc"]
+    ax.step([1 / c["flops_ratio"] for c in front], [c["acc"] for c in front], "k--", where="post", lw=1,
+            label="Pareto front")
+    ax.set_xlabel("FLOPs speed-up (dense / pruned)")
+    ax.set_ylabel("accuracy (%)")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

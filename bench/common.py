@@ -120,3 +120,27 @@ def evaluate_method(session: PruningSession, ratios: dict[str, float], finetune_
                         acc_test=accuracy(model, session.splits.test))
         row["search_best_acc_test"] = best["acc_test"]
     return {**row, **extra}
+
+
+def unseen_split(session: PruningSession, limit: int | None = None, seed: int = 0):
+    """CIFAR-10 JPEG test images the shared ResNets never saw: ``test/<class>/`` of ``cifar10-jpeg.tar.gz`` minus
+    the JPEG twins of the 1,017 exact test images (per class the numbering follows the official order, so the
+    first n_c files of class c are the twins), normalised like the session's images; ``limit`` of them at random.
+    Extracted once into ``bench/.cache/``.
+    """
+    import tarfile
+
+    from pruning_core.data import class_names, read_folder
+    root = ROOT / "bench" / ".cache" / "cifar10-jpeg"
+    if not (root / "test").is_dir():
+        root.mkdir(parents=True, exist_ok=True)
+        with tarfile.open(ASSETS / "cifar10-jpeg.tar.gz") as tar:
+            tar.extractall(root, members=[m for m in tar.getmembers() if m.name.startswith("test")], filter="data")
+    classes = class_names(root / "test")
+    twins = torch.bincount(session.splits.test.y, minlength=len(classes)).tolist()
+    x, y = read_folder(root / "test", classes, keep=lambda cls, k: k >= twins[classes.index(cls)])
+    if limit is not None:
+        idx = torch.randperm(len(y), generator=torch.Generator().manual_seed(seed))[:limit]
+        x, y = x[idx], y[idx]
+    train = session.splits.train
+    return type(train)(x, y, train.mean, train.std, train.scale)

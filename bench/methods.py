@@ -52,7 +52,7 @@ def row(session, ratios: dict[str, float], latency: bool, **extra) -> dict:
 
 def run_target(model: str, target: float, args: argparse.Namespace) -> dict:
     rows: dict[str, object] = {}
-    session = cifar_session(model, select_images=1000)
+    session = cifar_session(model, select_images=1000, reconstruct=True)  # as train scores candidates
     env = PruneEnv(session=session, flops=target)  # train's default action space
     if "uniform" not in args.skip:
         rows["uniform"] = row(session, uniform_ratios(session.trace, target, 0.8), args.latency)
@@ -70,11 +70,11 @@ def run_target(model: str, target: float, args: argparse.Namespace) -> dict:
     if "random" not in args.skip:
         for budget in sorted({sens_evals, args.evaluations}):
             runs = []
-            for seed in args.seeds:
+            for seed in args.random_seeds:
                 renv = PruneEnv(session=session, flops=target)
                 t = time.perf_counter()
                 random_search(renv, 100 * budget, seed, budget)
-                kept, _ = select_best(renv, 5, reconstruct=True)
+                kept, _ = select_best(renv, 5)
                 runs.append(row(session, kept["ratios"], args.latency, seed=seed, evaluations=len(renv.cache),
                                 search_s=time.perf_counter() - t))
                 print(f"   random-{budget} seed {seed}: {runs[-1]['acc_test']:.2f}", flush=True)
@@ -84,7 +84,7 @@ def run_target(model: str, target: float, args: argparse.Namespace) -> dict:
             continue
         runs = []
         for seed in args.seeds:
-            s = session if seed == 0 else cifar_session(model, select_images=1000, seed=seed)
+            s = session if seed == 0 else cifar_session(model, select_images=1000, seed=seed, reconstruct=True)
             with tempfile.TemporaryDirectory() as out:
                 report = train(session=s, model=model, weights=WEIGHTS[model], data=CIFAR, flops=target,
                                seed=seed, out=out, progress=False, **flags)
@@ -105,6 +105,7 @@ def main() -> None:
     p.add_argument("--models", nargs="+", default=["resnet20", "resnet56"])
     p.add_argument("--targets", nargs="+", type=float, default=[0.3, 0.4, 0.5])
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1])
+    p.add_argument("--random-seeds", nargs="+", type=int, default=[0])
     p.add_argument("--evaluations", type=int, default=120, help="random search's other evaluation budget")
     p.add_argument("--sensitivity-points", type=int, default=10)
     p.add_argument("--skip", nargs="*", default=[], choices=METHODS)

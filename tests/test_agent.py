@@ -200,6 +200,26 @@ def test_ppo_warmup_is_random_then_the_actor_starts_from_its_best_episode(digits
     assert not plain.cloned and plain.algo.num_timesteps == 4 * env.num_steps
 
 
+@pytest.mark.parametrize("start_wins", [True, False])
+def test_ppo_starts_from_the_better_of_its_warmup_and_a_given_allocation(digits_session, start_wins):
+    """With ``start`` (the sensitivity allocation in train), PPO runs its random warm-up episodes, then fits the
+    actor to whichever scored higher: the start allocation or the best warm-up episode."""
+    from envs import applied_actions, sensitivity_search
+    env = PruneEnv(session=digits_session, flops=0.6)
+    found = sensitivity_search(env, points=2)
+    actions = applied_actions(env, found["step_ratios"])
+    search = Search(tiny_config(algo="ppo", episodes=3, warmup_episodes=3, flops=0.6), env)
+    search.start = actions, (2.0 if start_wins else -1.0)  # a reward above (below) any warm-up episode's
+    search.run(3)
+    assert search.cloned and search.episodes_done == 3 and not search.algo.num_timesteps
+    target = actions if start_wins else search.best["actions"]
+    obs, _ = env.reset()
+    for a in target:
+        action, _ = search.algo.predict(obs, deterministic=True)
+        assert abs(float(action[0]) - a) < 0.05
+        obs, *_ = env.step(np.array([a], dtype=np.float32))
+
+
 def test_policy_file_errors(digits_session, tmp_path):
     cfg = tiny_config(episodes=3)
     search = Search(cfg, PruneEnv(session=digits_session, flops=0.6))
@@ -316,7 +336,7 @@ def test_cli_train_export_apply_to_other_architecture(digits_weights, tmp_path, 
     refitted = session.build(report["ratios"], reconstruct=True)
     assert accuracy(refitted, session.splits.reward) == pytest.approx(rescored[0]["acc_reward"])
     assert report["acc_reward"] == pytest.approx(rescored[0]["acc_reward"])
-    for f in ("config.json", "best.json", "history.json", "report.json", "reward.png", "ratios.png",
+    for f in ("config.json", "best.json", "history.json", "report.json", "reward.png", "ratios.png", "pareto.png",
               "final/model.pt2", "ckpt/agent.zip"):
         assert (run / f).is_file(), f
     assert list((run / "tb").rglob("events.out.tfevents.*"))

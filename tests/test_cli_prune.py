@@ -135,6 +135,30 @@ def test_prune_refits_unless_fine_tuned(tmp_path, capsys):
         assert reports[name]["timings"]["reconstruct_s"] == 0, name
 
 
+def test_prune_methods_in_the_agents_action_space(tmp_path, capsys):
+    """--method centre, sensitivity and random search the agent's action space with its reward split: each meets
+    the budget, sensitivity reports its table and evaluation count, and random stops at --evaluations."""
+    import torch
+
+    from pruning_core import build_model
+    weights = tmp_path / "digits_cnn.pt"
+    torch.save(build_model("digits_cnn").state_dict(), weights)
+    base = ["prune", "--model", "digits_cnn", "--weights", str(weights), "--data", "digits", "--flops", "0.5",
+            "--reward-images", "64", "--calib-batches", "1", "--json"]
+    reports = {}
+    for method in ("centre", "sensitivity", "random"):
+        code, out, err = run(capsys, [*base, "--method", method, "--sensitivity-points", "3", "--evaluations", "5"])
+        assert code == 0, err
+        reports[method] = json.loads(out)
+        assert reports[method]["method"] == method and reports[method]["flops_ratio"] <= 0.5
+    sens = reports["sensitivity"]["search"]
+    # the table, then its allocation (unless that is one of the table's single-unit allocations)
+    assert sens["evaluations"] - sum(len(t) for t in sens["table"]) in (0, 1)
+    assert all(len(t) <= 3 for t in sens["table"])
+    assert reports["random"]["search"]["evaluations"] == 5
+    assert reports["random"]["acc_reward"] == pytest.approx(reports["random"]["search"]["rescored"][0]["acc_reward"])
+
+
 @pytest.mark.parametrize("command", ["prune", "train", "apply"])
 def test_round_to_auto_is_this_cpus_channel_block(command):
     """``--round-to auto`` resolves to :func:`cpu_channel_block` as the flags are parsed, so every report and saved
