@@ -141,15 +141,32 @@ def _cifar10(root: Path) -> ImageData:
         for f in files:
             try:
                 with open(f, "rb") as fh:
-                    d = pickle.load(fh, encoding="latin1")  # noqa: S301 - CIFAR's own format is a pickle
+                    d = _CifarUnpickler(fh, encoding="latin1").load()
+                if not isinstance(d, dict):
+                    raise ValueError(f"it holds a {type(d).__name__}, not a dict")
                 xs.append(np.asarray(d["data"], dtype=np.uint8).reshape(-1, 3, 32, 32))
                 ys.append(np.asarray(d["labels"], dtype=np.int64))
-            except (pickle.UnpicklingError, KeyError, EOFError, ValueError) as e:
+            except (pickle.UnpicklingError, KeyError, EOFError, ValueError, TypeError) as e:
                 raise UserError(f"{f} is not a CIFAR-10 python batch: {e}") from e
         return torch.from_numpy(np.concatenate(xs)), torch.from_numpy(np.concatenate(ys))
 
     (trx, try_), (tex, tey) = read(train_files), read([test_file])
     return ImageData("cifar10", Split(trx, try_, CIFAR_MEAN, CIFAR_STD), Split(tex, tey, CIFAR_MEAN, CIFAR_STD), 10)
+
+
+class _CifarUnpickler(pickle.Unpickler):
+    """Reads CIFAR-10's python batches without running code: builtin containers and numbers need no globals, and
+    the only globals admitted are those numpy arrays are pickled with. Anything else is refused.
+    """
+
+    ALLOWED = {("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+               ("numpy", "ndarray"), ("numpy", "dtype"), ("numpy.core.multiarray", "scalar"),
+               ("numpy._core.multiarray", "scalar"), ("_codecs", "encode")}
+
+    def find_class(self, module: str, name: str):
+        if (module, name) not in self.ALLOWED:
+            raise pickle.UnpicklingError(f"it references {module}.{name}, which a CIFAR-10 batch never holds")
+        return super().find_class(module, name)
 
 
 def _imagefolder(root: Path) -> ImageData:

@@ -880,3 +880,32 @@ def test_build_final_refits_only_with_adaptive_bn():
         session.build_final(ratios, reconstruct=True, adapt=False)
     _, fields = session.build_final(ratios, adapt=False)
     assert fields == {"reconstruct": False}
+
+
+def test_cifar_batches_are_read_without_running_code(tmp_path):
+    """A data_batch whose pickle carries a __reduce__ payload runs nothing: one clear error, no marker file; a
+    batch that pickles a list is refused in one line too."""
+    import pickle
+
+    import numpy as np
+
+    from pruning_core import UserError, load_data
+    marker = tmp_path / "pwned"
+
+    class Payload:
+        def __reduce__(self):
+            return (open, (str(marker), "w"))
+
+    folder = tmp_path / "cifar-10-batches-py"
+    folder.mkdir()
+    good = {"data": np.zeros((2, 3072), np.uint8), "labels": [0, 1], "batch_label": "b", "filenames": ["a", "b"]}
+    (folder / "test_batch").write_bytes(pickle.dumps(good))
+    (folder / "data_batch_1").write_bytes(pickle.dumps({**good, "labels": Payload()}))
+    with pytest.raises(UserError, match="data_batch_1 is not a CIFAR-10 python batch: it references io.open"):
+        load_data(f"cifar10:{tmp_path}")
+    assert not marker.exists()
+    (folder / "data_batch_1").write_bytes(pickle.dumps([1, 2, 3]))
+    with pytest.raises(UserError, match="holds a list"):
+        load_data(f"cifar10:{tmp_path}")
+    (folder / "data_batch_1").write_bytes(pickle.dumps(good))
+    assert len(load_data(f"cifar10:{tmp_path}").train) == 2  # numpy arrays as the format stores them still load
