@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -19,8 +18,6 @@ from pruning_core import ImageData, LatencyBudget, PruningSession, SessionConfig
 from pruning_core.latency import check_max_latency
 
 __all__ = ["apply_policy", "policy_ratios", "run_episode"]  # run_episode: from envs
-
-log = logging.getLogger(__name__)
 
 
 def policy_ratios(policy: PortablePolicy | None, env: PruneEnv) -> tuple[dict[str, float], float, dict]:
@@ -84,17 +81,12 @@ def apply_policy(policy: str | Path | PortablePolicy, model: str | nn.Module, we
         table = measure_latency_table(session, trained.get("latency_backend", "onnxruntime"),
                                       trained.get("latency_batch", 1), progress)
         budget = LatencyBudget(table, max_latency)
-    if "granularity" not in trained:
-        log.warning("the policy file does not say which action space it learned in (exported before prunepilot "
-                    "recorded it); assuming one step per channel group with the uniform centre. Re-export its "
-                    "training run to record it.")
     if trained.get("drop_blocks", False):
         session.drop_costs(progress=progress)
     env = PruneEnv(session=session, flops=flops, reward=trained["reward"], max_ratio=trained["max_ratio"],
                    round_to=round_to, max_nodes=max(policy.config["observation"]["max_nodes"],
                                                     len(session.trace.nodes)),
-                   granularity=trained.get("granularity", "group"),
-                   action_center=trained.get("action_center", "uniform"), latency_budget=budget,
+                   granularity=trained["granularity"], action_center=trained["action_center"], latency_budget=budget,
                    drop=trained.get("drop_blocks", False))
     zero_shot, reward, info = policy_ratios(policy, env)
     transfer = {"policy_model": trained["model"], "policy_algo": policy.config["algorithm"],

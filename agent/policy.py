@@ -119,6 +119,7 @@ def save_policy(algo, config: TrainConfig, best: dict | None, out: str | Path) -
     state.update({f"head.{k}": v for k, v in head.state_dict().items()})
     blob = save_safetensors({k: v.detach().contiguous().cpu() for k, v in state.items()})
     meta["weights_sha256"] = hashlib.sha256(blob).hexdigest()
+    meta["sha256"] = _checksum(meta, blob)
     text = json.dumps(meta, indent=2) + "\n"
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -133,6 +134,14 @@ def save_policy(algo, config: TrainConfig, best: dict | None, out: str | Path) -
             (tmp / "policy.json").write_text(text)
             (tmp / "policy.safetensors").write_bytes(blob)
     return out
+
+
+def _checksum(meta: dict, blob: bytes) -> str:
+    """sha256 over the canonical JSON of the config (all but this checksum) and the weights, so that an edited
+    setting fails to load as an edited weight does.
+    """
+    config = {k: v for k, v in meta.items() if k != "sha256"}
+    return hashlib.sha256(json.dumps(config, sort_keys=True, separators=(",", ":")).encode() + blob).hexdigest()
 
 
 def load_policy(path: str | Path) -> PortablePolicy:
@@ -165,6 +174,9 @@ def load_policy(path: str | Path) -> PortablePolicy:
     if hashlib.sha256(blob).hexdigest() != meta.get("weights_sha256"):
         raise UserError(f"{path}: policy.safetensors does not match the checksum in policy.json "
                         "(the file is truncated, corrupted or was edited)")
+    if meta.get("sha256") != _checksum(meta, blob):
+        raise UserError(f"{path}: policy.json does not match its checksum (it was edited, or exported before "
+                        "prunepilot checksummed the config: re-export the run)")
     try:
         state = load_safetensors(blob)
     except Exception as e:  # noqa: BLE001 - safetensors raises its own error type for a bad header

@@ -245,27 +245,17 @@ def test_policy_file_errors(digits_session, tmp_path):
         z.writestr("other.txt", "x")
     with pytest.raises(UserError, match="policy.json"):
         load_policy(tmp_path / "bad.zip")
-    # a pickle disguised as a policy is never unpickled: its bytes fail the checksum first
-    (good / "policy.json").write_text(json.dumps(meta))
-    weights.write_bytes(b"\x80\x04\x95" + blob[3:])
-    with pytest.raises(UserError):
+    # an edited setting fails like an edited weight: the checksum covers the config too
+    edited = {**meta, "training": {**meta["training"], "max_ratio": 0.95}}
+    (good / "policy.json").write_text(json.dumps(edited))
+    with pytest.raises(UserError, match="policy.json does not match its checksum"):
         load_policy(good)
-
-
-def test_old_policy_file_without_action_space_warns(digits_session, tmp_path, caplog):
-    cfg = tiny_config(episodes=2, granularity="group", action_center="uniform")
-    search = Search(cfg, PruneEnv(session=digits_session, flops=0.6, granularity="group", action_center="uniform"))
-    search.run(2)
-    path = save_policy(search.algo, cfg, search.best, tmp_path / "p")
-    meta = json.loads((path / "policy.json").read_text())
-    assert meta["training"]["granularity"] == "group" and meta["training"]["action_center"] == "uniform"
-    for key in ("granularity", "action_center"):  # as files exported before they were recorded
-        del meta["training"][key]
-    (path / "policy.json").write_text(json.dumps(meta))
-    with caplog.at_level("WARNING", logger="agent.apply"):
-        report = apply_policy(path, "digits_cnn", session=digits_session, flops=0.6, floor=())
-    assert "does not say which action space" in caplog.text
-    assert report["flops_ratio"] <= 0.6
+    (good / "policy.json").write_text(json.dumps(meta))  # the same config, reformatted, still loads
+    assert load_policy(good).train_config["max_ratio"] == meta["training"]["max_ratio"]
+    # a pickle disguised as a policy is never unpickled: its bytes fail the checksum first
+    weights.write_bytes(b"\x80\x04\x95" + blob[3:])
+    with pytest.raises(UserError, match="truncated, corrupted or was edited"):
+        load_policy(good)
 
 
 def test_apply_keeps_the_policys_channel_rounding(digits_session, tmp_path):
