@@ -14,6 +14,7 @@ from agent.train import train
 from pruning_core import (
     PruningSession,
     SessionConfig,
+    UserError,
     accuracy,
     build_model,
     finetune,
@@ -24,18 +25,39 @@ from pruning_core import (
 __all__ = ["run_demo"]
 
 SOURCE, TARGET = "digits_cnn", "digits_cnn_wide"
+MARKER = ".prunepilot-demo"
+WRITTEN = (MARKER, f"{SOURCE}.pt", f"{TARGET}.pt", "train", "policy", "apply", "summary.json")  # all the demo writes
+
+
+def _clear_earlier_demo(out: Path) -> None:
+    """Remove what an earlier demo wrote in ``out``, and nothing else; refuse a folder that holds other files."""
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out} exists and is not a folder")
+    if not out.is_dir() or not any(out.iterdir()):
+        return
+    others = sorted(p.name for p in out.iterdir() if p.name not in WRITTEN)
+    if not (out / MARKER).is_file() or others:
+        found = ", ".join(others[:3]) or f"no {MARKER}"
+        raise UserError(f"--out {out} is not empty and holds files no demo wrote ({found}); pick an empty or new "
+                        "folder")
+    for name in WRITTEN:
+        p = out / name
+        if p.is_dir():
+            shutil.rmtree(p)
+        elif p.exists():
+            p.unlink()
 
 
 def run_demo(out: str | Path = "runs/demo", episodes: int = 60, flops: float = 0.5, seed: int = 0) -> list[dict]:
     """Run the whole job on scikit-learn's digits and print dense, uniform and RL side by side.
 
-    Everything goes under ``out`` (replaced if it holds an earlier demo): the two trained CNNs, the training
-    run, the exported policy, the pruned models and ``summary.json``.
+    Everything goes under ``out``: the two trained CNNs, the training run, the exported policy, the pruned models
+    and ``summary.json``. An earlier demo's files there are replaced; a folder holding anything else is refused.
     """
     out = Path(out)
-    if out.exists():
-        shutil.rmtree(out)
-    out.mkdir(parents=True)
+    _clear_earlier_demo(out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / MARKER).write_text("written by prunepilot demo\n")
     data = load_data("digits")
     cfg = SessionConfig(reward_images=500, calib_batches=4, seed=seed)
     sessions = {}
@@ -61,8 +83,7 @@ def run_demo(out: str | Path = "runs/demo", episodes: int = 60, flops: float = 0
             {"model": name, "method": "dense", "flops_ratio": 1.0, "acc": s.dense_accuracy("test")},
             {"model": name, "method": "uniform", "flops_ratio": s.measure(ratios)["flops_ratio"],
              "acc": accuracy(uniform, s.splits.test), "acc_before_reconstruct": built["acc_before_reconstruct"]},
-            {"model": name, "method": report["method"] + (f" ({report['transfer']['chosen']})" if "transfer" in report
-                                                          else ""),
+            {"model": name, "method": f"{report['method']} ({(report.get('transfer') or report['search'])['chosen']})",
              "flops_ratio": report["flops_ratio"], "acc": report["acc"],
              "acc_before_reconstruct": report["acc_before_reconstruct"]},
         ]
@@ -72,7 +93,7 @@ def run_demo(out: str | Path = "runs/demo", episodes: int = 60, flops: float = 0
         plain = f"{r['acc_before_reconstruct']:>12.2f}%" if "acc_before_reconstruct" in r else f"{'':>13}"
         print(f"{r['model']:<16} {r['method']:<22} {r['flops_ratio']:>6.3f} {r['acc']:>8.2f}% {plain}")
     print("(pruned models are refitted to the dense model by least squares before adaptive BN; 'not refitted' is the "
-          "same model without it. rl-transfer keeps the policy's allocation, or uniform when uniform scores better "
-          "on the training images of the reward and select splits)")
+          "same model without it. rl and rl-transfer keep the best of their own candidates and the floor allocations "
+          "(uniform, centre, global, sensitivity) on the reward and select images; the brackets name the winner)")
     print(f"\n[demo] everything is under {out}/ (policy: {out / 'policy'}, plots: {out / 'train'}/*.png)")
     return rows

@@ -4,6 +4,7 @@ import pytest
 from conftest import CIFAR, R20, R56, needs_assets
 
 from agent.cli import main
+from pruning_core import UserError
 
 R56_ARGS = ["--model", "resnet56", "--weights", str(R56), "--data", f"cifar10:{CIFAR}"]
 
@@ -210,3 +211,26 @@ def test_summary_names_the_groups_left_unpruned(capsys):
     assert last == "left unpruned: g0 (reason 0); g1 (reason 1); 2 more in report.json"
     print_report({**report, "excluded": {}}, as_json=False)
     assert "unpruned" not in capsys.readouterr().out
+
+
+def test_demo_never_deletes_what_it_did_not_write(tmp_path, capsys):
+    """demo --out refuses a folder holding files it did not write (one line, exit 2, nothing touched), and
+    replaces only an earlier demo's own files."""
+    from agent.demo import MARKER, _clear_earlier_demo
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "thesis.tex").write_text("years of work")
+    code, _, err = run(capsys, ["demo", "--out", str(mine)])
+    assert code == 2 and "holds files no demo wrote (thesis.tex)" in err and len(err.strip().splitlines()) == 1
+    assert (mine / "thesis.tex").read_text() == "years of work"
+    earlier = tmp_path / "earlier"
+    (earlier / "train").mkdir(parents=True)
+    (earlier / MARKER).write_text("")
+    (earlier / "summary.json").write_text("[]")
+    _clear_earlier_demo(earlier)
+    assert earlier.is_dir() and not any(earlier.iterdir())
+    (earlier / MARKER).write_text("")
+    (earlier / "notes.txt").write_text("mine")
+    with pytest.raises(UserError, match="notes.txt"):
+        _clear_earlier_demo(earlier)
+    assert (earlier / "notes.txt").is_file()
