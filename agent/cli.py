@@ -13,7 +13,7 @@ import sys
 import time
 from pathlib import Path
 
-from agent.outputs import add_latency, print_report, write_pruned
+from agent.outputs import add_latency, check_out, print_report, write_pruned
 from pruning_core import (
     LatencyBudget,
     PruningSession,
@@ -44,7 +44,11 @@ def round_to_arg(value: str) -> int:
         return cpu_channel_block()
     if not value.isdigit() or int(value) < 1:
         raise argparse.ArgumentTypeError(f"must be a whole number >= 1 or 'auto', got {value!r}")
-    return int(value)
+    n = int(value)
+    if n & (n - 1):
+        log.warning("--round-to %d is not a power of two: CPU conv kernels run channels in blocks of 8 or 16 "
+                    "(--round-to auto picks this CPU's), so widths in multiples of %d save no time there", n, n)
+    return n
 
 
 def add_model_args(p: argparse.ArgumentParser, data_default: str | None = None) -> None:
@@ -97,6 +101,11 @@ def positive_int(text: str) -> int:
 
 
 def session_config(args: argparse.Namespace, importance: str = "taylor") -> SessionConfig:
+    """The session settings of a command's flags, checked (with ``--flops`` and ``--out``) before anything loads."""
+    if args.flops is not None and not 0.0 < args.flops <= 1.0:
+        raise UserError(f"--flops {args.flops} must be in (0, 1]")
+    if args.out:
+        check_out(args.out)
     if not 0.0 <= args.max_ratio < 1.0:
         raise UserError(f"--max-ratio {args.max_ratio} must be in [0, 1)")
     if args.reconstruct and not args.adapt_bn:

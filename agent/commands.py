@@ -118,7 +118,9 @@ def export_command_parser(subparsers) -> None:
 
 
 def export_command(args: argparse.Namespace) -> Path:
+    from agent.outputs import check_out
     from agent.policy import export_policy, load_policy
+    check_out(Path(args.out).parent if args.out.endswith(".zip") else args.out)
     path = export_policy(args.run_dir, args.out)
     load_policy(path)  # prove it loads before saying so
     print(f"wrote policy {path}")
@@ -170,6 +172,10 @@ def apply_command_parser(subparsers) -> None:
 
 def apply_command(args: argparse.Namespace) -> dict:
     from agent.apply import apply_policy
+    from agent.outputs import check_out
+    if args.flops is not None and not 0.0 < args.flops <= 1.0:
+        raise UserError(f"--flops {args.flops} must be in (0, 1]")
+    check_out(args.out)
     if not args.adapt_bn:
         raise UserError("apply always recalibrates BN (the policy was trained with adaptive BN in its reward)")
     report = apply_policy(args.policy, args.model, args.weights, args.data, flops=args.flops, out=args.out,

@@ -14,7 +14,7 @@ from pruning_core.errors import UserError
 from pruning_core.export import export_model
 from pruning_core.latency import compare_latency
 
-__all__ = ["add_latency", "print_report", "staged_dir", "write_json", "write_pruned"]
+__all__ = ["add_latency", "check_out", "print_report", "staged_dir", "write_json", "write_pruned"]
 
 log = logging.getLogger("prunepilot")
 
@@ -40,6 +40,25 @@ def staged_dir(out: str | Path) -> Iterator[Path]:
             f.replace(target)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def check_out(out: str | Path) -> None:
+    """Fail at once, before any work, when ``out`` cannot become a folder this process writes in.
+
+    :raises UserError: ``out`` is a file, lies under a file, or its nearest existing folder is not writable.
+    """
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out} exists and is not a folder")
+    base = out
+    while not base.exists():
+        base = base.parent
+    if not base.is_dir():
+        raise UserError(f"--out {out} lies under {base}, which is a file")
+    try:
+        tempfile.TemporaryDirectory(dir=base).cleanup()
+    except OSError as e:
+        raise UserError(f"--out {out} is not writable ({base}: {e.strerror or e})") from e
 
 
 def write_json(path: str | Path, obj: object) -> None:

@@ -9,7 +9,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from agent.config import TrainConfig
-from agent.outputs import write_json, write_pruned
+from agent.outputs import check_out, write_json, write_pruned
 from agent.search import Search
 from envs import PruneEnv, applied_actions, floor_allocations, run_episode, select_best, sensitivity_search
 from pruning_core import (
@@ -82,6 +82,7 @@ def train(config: TrainConfig | None = None, session: PruningSession | None = No
         raise UserError(f"the session's model is {session.model_name}, not config.model {config.model}: build the "
                         "session from the same model spec, which the run records for --resume")
     run_dir = Path(config.out)
+    check_out(run_dir)
     if (run_dir / "config.json").exists():
         raise UserError(f"{run_dir} already holds a run; continue it with --resume {run_dir} or pick another --out")
     env = build_env(config, session)

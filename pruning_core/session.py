@@ -87,8 +87,12 @@ class PruningSession:
             raise UserError(f"unknown drop criterion {config.drop_criterion!r}; use one of {', '.join(DROP_CRITERIA)}")
         self.model_name = model if isinstance(model, str) else type(model).__name__
         self.model = build_model(model)
+        self.random_weights = not weights and isinstance(model, str)
         if weights:
             load_weights(self.model, weights)
+        elif self.random_weights:
+            log.warning("no weights given: %s keeps its random initial weights, so its accuracies mean nothing "
+                        "(pass --weights)", self.model_name)
         self.model.eval()
         self.data = load_data(data) if isinstance(data, str) else data
         val = load_val(val_data, self.data) if val_data is not None else self.data.val
@@ -255,6 +259,7 @@ class PruningSession:
             "acc_reward": accuracy(model, self.splits.reward),
             "ratios": {k: round(float(v), 6) for k, v in ratios.items()}, "round_to": round_to,
             "method": method, "seed": seed, "reconstruct": self.config.reconstruct, "reward_source": self.val_source,
+            "random_weights": self.random_weights,
             "excluded": dict(self.trace.excluded),
             "time_s": round(time_s, 3), **extra,
         }

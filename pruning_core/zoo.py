@@ -214,7 +214,10 @@ def load_weights(model: nn.Module, path: str | Path) -> nn.Module:
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - any unpickling failure is a bad file for the user
-        raise UserError(f"cannot read weights file {path}: {e}") from e
+        # torch's message advises weights_only=False, which must never be taken from an untrusted file: keep the cause
+        cause = next((line.strip() for line in str(e).splitlines()[1:] if line.strip() and "WeightsUnpickler" not in
+                      line and "Please file" not in line and "Check the documentation" not in line), str(e).strip())
+        raise UserError(f"cannot read weights file {path}: not a torch checkpoint of tensors ({cause[:200]})") from e
     state = ckpt.get("state_dict", ckpt) if isinstance(ckpt, dict) else None
     if not isinstance(state, dict):
         raise UserError(f"{path} holds no state_dict")

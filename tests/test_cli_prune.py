@@ -234,3 +234,41 @@ def test_demo_never_deletes_what_it_did_not_write(tmp_path, capsys):
     with pytest.raises(UserError, match="notes.txt"):
         _clear_earlier_demo(earlier)
     assert (earlier / "notes.txt").is_file()
+
+
+@pytest.mark.parametrize("command", ["prune", "train", "apply", "export"])
+@pytest.mark.parametrize("where,message", [("under a file", "lies under"), ("a file", "exists and is not a folder"),
+                                           ("unwritable", "not writable")])
+def test_out_is_checked_before_any_work(command, where, message, tmp_path, capsys):
+    """A bad --out fails in one line, exit 2, before a model is loaded (a --data that does not exist would
+    fail later), and leaves nothing behind."""
+    afile = tmp_path / "afile"
+    afile.write_text("mine")
+    out = {"under a file": afile / "sub", "a file": afile, "unwritable": "/proc/prunepilot-test/x"}[where]
+    if command == "export" and where == "a file":
+        pytest.skip("export --out may name a .zip file")
+    argv = {"prune": ["prune", "--model", "resnet20", "--data", "cifar10:/nonexistent"],
+            "train": ["train", "--model", "resnet20", "--data", "cifar10:/nonexistent"],
+            "apply": ["apply", str(tmp_path / "policy"), "--model", "resnet20", "--data", "cifar10:/nonexistent"],
+            "export": ["export", str(tmp_path / "run")]}[command]
+    code, _, err = run(capsys, [*argv, "--out", str(out)])
+    assert code == 2 and message in err and err.count("\n") == 1, err
+    assert afile.read_text() == "mine" and sorted(p.name for p in tmp_path.iterdir()) == ["afile"]
+
+
+@pytest.mark.parametrize("command", ["prune", "apply"])
+@pytest.mark.parametrize("flops", ["0", "-1", "1.5"])
+def test_bad_flops_fail_before_loading(command, flops, tmp_path, capsys):
+    argv = {"prune": ["prune"], "apply": ["apply", str(tmp_path / "policy")]}[command]
+    code, _, err = run(capsys, [*argv, "--model", "resnet20", "--data", "cifar10:/nonexistent", "--flops", flops,
+                                "--out", str(tmp_path / "out")])
+    assert code == 2 and "must be in (0, 1]" in err and not (tmp_path / "out").exists()
+
+
+def test_odd_round_to_warns_and_omitted_weights_are_reported(capsys, caplog):
+    with caplog.at_level("WARNING"):
+        code, out, err = run(capsys, ["prune", "--model", "digits_cnn", "--data", "digits", "--flops", "0.5",
+                                      "--round-to", "7", "--reward-images", "64", "--calib-batches", "1", "--json"])
+    assert code == 0, err
+    assert "--round-to 7 is not a power of two" in caplog.text and "random initial weights" in caplog.text
+    assert json.loads(out)["random_weights"] is True

@@ -1,0 +1,49 @@
+"""Render bench/methods.py results as one markdown table: test accuracy (refitted, before fine-tuning) and ONNX
+Runtime speed-up at batch 1 per method, model and FLOPs target; seeded methods as mean (min-max).
+
+Example (from bench/): python render_methods.py methods_r20_amd methods_r56_amd methods_04_amd
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+
+from common import RESULTS
+
+ORDER = ("uniform", "centre", "global", "sensitivity", "random", "train", "agent-alone")
+
+
+def cell(entry: dict) -> tuple[str, str]:
+    runs = entry.get("runs", [entry])
+    accs = [r["acc_test"] for r in runs]
+    speed = [r["ort_speedup_b1"] for r in runs if "ort_speedup_b1" in r]
+    acc = f"{accs[0]:.2f}" if len(accs) == 1 else f"{statistics.mean(accs):.2f} ({min(accs):.2f}-{max(accs):.2f})"
+    extra = ""
+    if "chosen" in runs[0]:
+        extra = " [" + ", ".join(r["chosen"] for r in runs) + "]"
+    return acc + extra, f"{statistics.mean(speed):.2f}x" if speed else "-"
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("names", nargs="+", help="results files in bench/results/, without .json")
+    args = p.parse_args()
+    print("| model | FLOPs | method | evaluations | test acc % | ORT speed-up b1 | commit |")
+    print("|---|---|---|---|---|---|---|")
+    for name in args.names:
+        res = json.loads((RESULTS / f"{name}.json").read_text())
+        for model, targets in res["models"].items():
+            for target, rows in targets.items():
+                for method in sorted(rows, key=lambda m: (ORDER.index(m.split("-")[0]) if m.split("-")[0] in ORDER
+                                                          else 99, m)):
+                    entry = rows[method]
+                    runs = entry.get("runs", [entry])
+                    evals = runs[0].get("evaluations", "")
+                    acc, speed = cell(entry)
+                    print(f"| {model} | {target} | {method} | {evals} | {acc} | {speed} | {res['commit'][:7]} |")
+
+
+if __name__ == "__main__":
+    main()
