@@ -129,7 +129,9 @@ def final_refit(config: TrainConfig) -> bool:
 
 def _finish(config: TrainConfig, search: Search) -> dict:
     run_dir, env = Path(config.out), search.env
+    floor_started = time.perf_counter()
     floor = floor_allocations(env, config.floor, config.sensitivity_points, config.progress)
+    floor_s = time.perf_counter() - floor_started  # cached on --resume
     if config.warm_start == "sensitivity" and "sensitivity" in floor:
         found = sensitivity_search(env, config.sensitivity_points)  # cached: the floor measured it
         search.start = applied_actions(env, found["step_ratios"]), found["reward"]
@@ -154,12 +156,14 @@ def _finish(config: TrainConfig, search: Search) -> dict:
                                                                                           1e-9)), 4),
              "best_episode": best["episode"], "best_reward": best["reward"], "algo": config.algo,
              "policy_episode": done["policy_episode"], "rescored": done["rescored"],
-             "chosen": kept["source"], "floor": sorted(floor), "reconstruct": session.config.reconstruct,
+             "chosen": kept["source"], "floor": sorted(floor), "floor_s": round(floor_s, 2),
+             "reconstruct": session.config.reconstruct,
              "rescore_refit": final_refit(config)}
     if env.latency_budget is not None:
         stats["latency_budget"] = env.latency_budget.report(
             session.trace, kept_counts(session.trace, kept["ratios"], config.round_to))
-    report = session.report(model, kept["ratios"], "rl", config.seed, search.search_s + time.perf_counter() - started,
+    report = session.report(model, kept["ratios"], "rl", config.seed,
+                            floor_s + search.search_s + time.perf_counter() - started,
                             round_to=config.round_to, acc_before_finetune=acc_before,
                             finetune_epochs=config.finetune_epochs, search=stats, **built)
     write_pruned(run_dir / "final", model, report, session.data.input_shape)
