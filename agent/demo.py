@@ -88,10 +88,10 @@ def run_demo(out: str | Path = "runs/demo", episodes: int = 60, flops: float = 0
              "acc_before_reconstruct": report["acc_before_reconstruct"]},
         ]
     write_json(out / "summary.json", rows)
-    print(f"\n{'model':<16} {'method':<22} {'FLOPs':>6} {'test acc':>9} {'not refitted':>13}")
+    print(f"\n{'model':<16} {'method':<26} {'FLOPs':>6} {'test acc':>9} {'not refitted':>13}")
     for r in rows:
         plain = f"{r['acc_before_reconstruct']:>12.2f}%" if "acc_before_reconstruct" in r else f"{'':>13}"
-        print(f"{r['model']:<16} {r['method']:<22} {r['flops_ratio']:>6.3f} {r['acc']:>8.2f}% {plain}")
+        print(f"{r['model']:<16} {r['method']:<26} {r['flops_ratio']:>6.3f} {r['acc']:>8.2f}% {plain}")
     print("(pruned models are refitted to the dense model by least squares before adaptive BN; 'not refitted' is the "
           "same model without it. rl and rl-transfer keep the best of their own candidates and the floor allocations "
           "(uniform, centre, global, sensitivity) on the reward and select images; the brackets name the winner)")
