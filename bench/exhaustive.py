@@ -29,9 +29,8 @@ import time
 from common import RESULTS, cifar_session, write_result
 from tqdm.auto import tqdm
 
-from agent.search import keep_best
 from agent.train import measure_latency_table
-from envs import PruneEnv
+from envs import PruneEnv, select_best
 from pruning_core import LatencyBudget, LatencyTable, accuracy, kept_counts
 
 
@@ -95,8 +94,7 @@ def main() -> None:
         among = [k for k in env.cache if max_latency is None or predicted[k] <= max_latency]
         if not among:
             return {"feasible": 0}
-        first = max((env.cache[k] for k in among), key=lambda entry: entry[0])
-        kept, rescored = keep_best(env, {"reward": first[0], "ratios": first[1]["ratios"]}, top, among)
+        kept, rescored = select_best(env, top, among=among)
         feasible_here = len(among)
         model = session.build(kept["ratios"], round_to)
         m = session.measure(kept["ratios"], round_to)

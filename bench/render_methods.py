@@ -36,8 +36,11 @@ def main() -> None:
         res = json.loads((RESULTS / f"{name}.json").read_text())
         for model, targets in res["models"].items():
             for target, rows in targets.items():
-                for method in sorted(rows, key=lambda m: (ORDER.index(m.split("-")[0]) if m.split("-")[0] in ORDER
-                                                          else 99, m)):
+                def key(m: str) -> tuple:
+                    base, _, n = m.partition("-")
+                    return ORDER.index(base) if base in ORDER else len(ORDER), int(n) if n.isdigit() else 0, m
+
+                for method in sorted(rows, key=key):
                     entry = rows[method]
                     runs = entry.get("runs", [entry])
                     evals = runs[0].get("evaluations", "")

@@ -23,9 +23,8 @@ from common import cifar_session, evaluate_method, latency_ms, write_result
 
 from agent import Search, TrainConfig
 from agent.apply import policy_ratios, run_episode
-from agent.search import keep_best
 from agent.train import build_env, finish_search, measure_latency_table
-from envs import GRANULARITIES, PruneEnv
+from envs import GRANULARITIES, PruneEnv, select_best
 from pruning_core import (
     DROP_CRITERIA,
     L1Importance,
@@ -49,7 +48,7 @@ def random_search(session: PruningSession, target: float, episodes: int, seed: i
                   evaluations: int | None = None, drop: bool = False) -> dict:
     """EagleEye-style: ``episodes`` random ratio vectors (one ratio per group, or per stage) pushed into the budget
     by the env's clamp, or as many as it takes to evaluate ``evaluations`` distinct allocations (at most
-    ``episodes``); the best by reward, re-scored like the agent's (``agent.train.keep_best``)."""
+    ``episodes``); the best by reward, re-scored like the agent's (``envs.select_best``)."""
     # actions uniform in [-1, 1] around the fixed uniform allocation
     env = PruneEnv(session=session, flops=target, max_ratio=max_ratio, granularity=granularity,
                    action_center="uniform", round_to=round_to, latency_budget=latency, drop=drop)
@@ -62,7 +61,7 @@ def random_search(session: PruningSession, target: float, episodes: int, seed: i
             best = {"reward": reward, "ratios": info["ratios"]}
     wall, eval_s = time.perf_counter() - started, env.evaluation_s
     t = time.perf_counter()
-    kept, rescored = keep_best(env, best, rescore_top)
+    kept, rescored = select_best(env, rescore_top)
     return {**kept_after_rescoring(kept, rescored, best, t), "search_s": wall, "episodes": done,
             "episodes_per_min": 60 * done / wall, "agent_share": max(0.0, 1 - eval_s / wall),
             "unique_evaluations": len(env.cache)}
