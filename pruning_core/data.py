@@ -221,8 +221,8 @@ def read_folder(folder: Path, classes: list[str],
 
 def load_val(spec: str | Split, data: ImageData) -> Split:
     """Validation images for the reward and select splits: a :class:`Split`, or a folder ``DIR/<class>/*.jpg``
-    whose class folders match the data's (ImageFolder, or CIFAR-10's ten names), normalised like the training
-    images.
+    with one class folder per class of the data, labelled in sorted name order as ImageFolder does (CIFAR-10's
+    names sort in its label order), normalised like the training images.
     """
     if isinstance(spec, Split):
         return spec
