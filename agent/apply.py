@@ -16,6 +16,7 @@ from agent.search import Search
 from envs import FLOOR_METHODS, PruneEnv, floor_allocations, run_episode, select_best
 from pruning_core import ImageData, LatencyBudget, PruningSession, SessionConfig, accuracy, kept_counts
 from pruning_core.latency import check_max_latency
+from pruning_core.session import refits_by_default
 
 __all__ = ["apply_policy", "policy_ratios", "run_episode"]  # run_episode: from envs
 
@@ -106,7 +107,7 @@ def apply_policy(policy: str | Path | PortablePolicy, model: str | nn.Module, we
         transfer["search_best_reward"] = best["reward"]
         transfer["search_s"] = round(search.search_s, 2)
     floor_kept = floor_allocations(env, floor, sensitivity_points, progress)
-    refit = reconstruct_final if reconstruct_final is not None else finetune_epochs == 0
+    refit = reconstruct_final if reconstruct_final is not None else refits_by_default(finetune_epochs)
     kept, transfer["rescored"] = select_best(env, rescore_top, floor_kept, reconstruct=refit)
     transfer["floor"] = sorted(floor_kept)
     ratios = kept["ratios"]

@@ -26,6 +26,7 @@ from pruning_core import (
 )
 from pruning_core.latency import BACKENDS, check_max_latency, cpu_channel_block
 from pruning_core.prune import check_ratios
+from pruning_core.session import refits_by_default
 
 log = logging.getLogger("prunepilot")
 
@@ -100,10 +101,15 @@ def positive_int(text: str) -> int:
     return value
 
 
+def check_flops(flops: float | None) -> None:
+    """``--flops``, when given, must be a fraction of dense in (0, 1]."""
+    if flops is not None and not 0.0 < flops <= 1.0:
+        raise UserError(f"--flops {flops} must be in (0, 1]")
+
+
 def session_config(args: argparse.Namespace, importance: str = "taylor") -> SessionConfig:
     """The session settings of a command's flags, checked (with ``--flops`` and ``--out``) before anything loads."""
-    if args.flops is not None and not 0.0 < args.flops <= 1.0:
-        raise UserError(f"--flops {args.flops} must be in (0, 1]")
+    check_flops(args.flops)
     if args.out:
         check_out(args.out)
     if not 0.0 <= args.max_ratio < 1.0:
@@ -175,8 +181,8 @@ def prune_command(args: argparse.Namespace) -> dict:
         check_max_latency(args.max_latency)
     config = session_config(args, "l1" if args.method == "l1-uniform" else "taylor")
     # a search scores its candidates as the kept model is built: refitted unless it will be fine-tuned
-    config.reconstruct = args.method in SEARCH_METHODS and args.reconstruct is not False and args.adapt_bn and \
-        args.finetune_epochs == 0
+    config.reconstruct = args.method in SEARCH_METHODS and args.reconstruct is not False and \
+        refits_by_default(args.finetune_epochs, args.adapt_bn)
     session = PruningSession(args.model, args.weights, args.data, config, args.val_data)
     budget, extra = None, {}
     if args.max_latency is not None:

@@ -7,7 +7,7 @@ import sys
 from dataclasses import fields
 from pathlib import Path
 
-from agent.cli import ROUND_TO_HELP, positive_int, round_to_arg
+from agent.cli import ROUND_TO_HELP, check_flops, positive_int, round_to_arg
 from agent.config import ALGOS, WARM_STARTS, TrainConfig
 from agent.outputs import print_report
 from envs import ACTION_CENTERS, FLOOR_METHODS, GRANULARITIES, REWARDS
@@ -59,7 +59,7 @@ def train_command_parser(subparsers) -> None:
     p.add_argument("--action-center", choices=ACTION_CENTERS, help=_field_help("action_center"))
     p.add_argument("--latency-backend", choices=BACKENDS, help=_field_help("latency_backend"))
     p.add_argument("--floor", type=floor_arg, metavar="METHODS",
-                   help="comma-separated, or none: " + _field_help("floor").replace("(default: (", "(default: ("))
+                   help="comma-separated, or none: " + _field_help("floor"))
     p.add_argument("--warm-start", choices=WARM_STARTS, help=_field_help("warm_start"))
     for name, typ in (("flops", float), ("episodes", int), ("evaluations", int), ("seed", int), ("max_ratio", float),
                       ("round_to", round_to_arg),
@@ -173,8 +173,7 @@ def apply_command_parser(subparsers) -> None:
 def apply_command(args: argparse.Namespace) -> dict:
     from agent.apply import apply_policy
     from agent.outputs import check_out
-    if args.flops is not None and not 0.0 < args.flops <= 1.0:
-        raise UserError(f"--flops {args.flops} must be in (0, 1]")
+    check_flops(args.flops)
     check_out(args.out)
     if not args.adapt_bn:
         raise UserError("apply always recalibrates BN (the policy was trained with adaptive BN in its reward)")

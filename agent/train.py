@@ -22,6 +22,7 @@ from pruning_core import (
     kept_counts,
     uniform_ratios,
 )
+from pruning_core.session import refits_by_default
 
 __all__ = ["build_env", "final_refit", "finish_search", "measure_latency_table", "resume", "train"]
 
@@ -40,7 +41,7 @@ def build_env(config: TrainConfig, session: PruningSession | None = None,
         session = PruningSession(config.model, config.weights, config.data, SessionConfig(
             reward_images=config.reward_images, calib_batches=config.calib_batches,
             select_images=config.select_images, seed=config.seed,
-            reconstruct=config.reconstruct and config.finetune_epochs == 0), config.val_data)
+            reconstruct=config.reconstruct and refits_by_default(config.finetune_epochs)), config.val_data)
     budget = None
     if config.max_latency is not None:
         table = latency_table or measure_latency_table(session, config.latency_backend, config.latency_batch,
@@ -124,7 +125,9 @@ def resume(run_dir: str | Path, episodes: int | None = None, progress: bool | No
 
 def final_refit(config: TrainConfig) -> bool:
     """Whether the kept model is refitted by least squares (:meth:`PruningSession.build_final`'s rule)."""
-    return config.reconstruct_final if config.reconstruct_final is not None else config.finetune_epochs == 0
+    if config.reconstruct_final is not None:
+        return config.reconstruct_final
+    return refits_by_default(config.finetune_epochs)
 
 
 def _finish(config: TrainConfig, search: Search) -> dict:

@@ -23,7 +23,7 @@ from pruning_core.prune import kept_counts, prune, removed_channels
 from pruning_core.reconstruct import Reconstruction
 from pruning_core.zoo import build_model, load_weights
 
-__all__ = ["DROP_CRITERIA", "PruningSession", "SessionConfig"]
+__all__ = ["DROP_CRITERIA", "PruningSession", "SessionConfig", "refits_by_default"]
 
 DROP_CRITERIA = ("loss", "taylor")
 
@@ -66,6 +66,13 @@ class SessionConfig:
     """Calibration images the reconstruction fits on (all in one forward pass; fewer if the split is smaller)."""
     seed: int = 0
     """Seed for the reward/calibration subsets and the scoring batches."""
+
+
+def refits_by_default(finetune_epochs: int = 0, adapt: bool = True) -> bool:
+    """Whether a kept model is refitted when nobody says: yes, unless it will be fine-tuned (the fine-tune replaces
+    the refit) or BN is not recalibrated (the refit fits the inputs adaptive BN gives each layer).
+    """
+    return adapt and finetune_epochs == 0
 
 
 class PruningSession:
@@ -209,7 +216,7 @@ class PruningSession:
         without it (one more build and evaluation), so a report shows what the refit bought.
         """
         if reconstruct is None:
-            reconstruct = adapt and finetune_epochs == 0
+            reconstruct = refits_by_default(finetune_epochs, adapt)
         if reconstruct and not adapt:
             raise UserError("reconstruction fits each layer to the inputs that adaptive BN gives it; "
                             "it needs adaptive BN")
