@@ -24,6 +24,7 @@ from pruning_core import (
     kept_counts,
     uniform_ratios,
 )
+from pruning_core.errors import Interrupted
 from pruning_core.latency import BACKENDS, check_max_latency, cpu_channel_block
 from pruning_core.prune import check_ratios
 from pruning_core.session import refits_by_default
@@ -64,6 +65,7 @@ def add_model_args(p: argparse.ArgumentParser, data_default: str | None = None) 
     p.add_argument("--val-data", metavar="DIR",
                    help="folder of class folders the model was not trained on: the reward and select images that "
                         "searches score on (default: the data's val/ folder if it has one, else training images)")
+    add_normalisation_args(p)
     p.add_argument("--flops", type=float, default=0.5, help="FLOPs budget as a fraction of dense (default: 0.5)")
     p.add_argument("--max-ratio", type=float, default=0.8,
                    help="largest pruning ratio of any one group (default: 0.8)")
@@ -75,19 +77,38 @@ def add_model_args(p: argparse.ArgumentParser, data_default: str | None = None) 
     p.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
 
 
-def add_output_args(p: argparse.ArgumentParser, out_required: bool = False) -> None:
-    p.add_argument("--adapt-bn", action=argparse.BooleanOptionalAction, default=True,
-                   help="recalibrate BN statistics on training images after pruning (default: on)")
+def add_output_args(p: argparse.ArgumentParser, out_required: bool = False, adapt_bn: bool = True) -> None:
+    if adapt_bn:
+        p.add_argument("--adapt-bn", action=argparse.BooleanOptionalAction, default=True,
+                       help="recalibrate BN statistics on training images after pruning (default: on)")
     p.add_argument("--finetune-epochs", type=int, default=0,
                    help="epochs of fine-tuning with KD from the dense model after pruning (default: 0)")
     p.add_argument("--out", required=out_required,
                    help="folder for report.json and the exported model (model.pt2, model.onnx)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="write into a non-empty --out, replacing only the files this command writes")
     p.add_argument("--json", action="store_true", help="print the JSON report on stdout")
     p.add_argument("--latency", choices=BACKENDS, metavar="BACKEND",
                    help="also time the pruned model against dense on this CPU, in pairs (median of 5), and add "
                         "report['latency']: torch (eager), torch-cl (eager with Conv+BN folded, channels-last: "
                         f"usually the fastest PyTorch form) or onnxruntime. One of: {', '.join(BACKENDS)}")
     p.add_argument("--latency-batch", type=positive_int, default=1, help="batch size for --latency (default: 1)")
+
+
+def floats_arg(text: str) -> tuple[float, ...]:
+    """Argparse type: comma-separated numbers."""
+    try:
+        return tuple(float(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not comma-separated numbers") from None
+
+
+def add_normalisation_args(p: argparse.ArgumentParser, defaults: bool = True) -> None:
+    """--mean, --std, --scale: how pixels (0-255) become the model's input, as (pixel * scale - mean) / std."""
+    note = " (default: the data set's; ImageNet's for cifar10 and image folders)" if defaults else ""
+    p.add_argument("--mean", type=floats_arg, metavar="M[,M,M]", help="per-channel mean" + note)
+    p.add_argument("--std", type=floats_arg, metavar="S[,S,S]", help="per-channel std" + note)
+    p.add_argument("--scale", type=float, help="factor from 0-255 pixels to the model's range (default: 1/255)")
 
 
 def positive_int(text: str) -> int:
@@ -111,13 +132,13 @@ def session_config(args: argparse.Namespace, importance: str = "taylor") -> Sess
     """The session settings of a command's flags, checked (with ``--flops`` and ``--out``) before anything loads."""
     check_flops(args.flops)
     if args.out:
-        check_out(args.out)
+        check_out(args.out, args.overwrite)
     if not 0.0 <= args.max_ratio < 1.0:
         raise UserError(f"--max-ratio {args.max_ratio} must be in [0, 1)")
     if args.reconstruct and not args.adapt_bn:
         raise UserError("--reconstruct fits each layer to the inputs that adaptive BN gives it; drop --no-adapt-bn")
     return SessionConfig(reward_images=args.reward_images, calib_batches=args.calib_batches, seed=args.seed,
-                         importance=importance)
+                         importance=importance, mean=args.mean, std=args.std, scale=args.scale)
 
 
 def finish(session: PruningSession, model, ratios: dict[str, float], method: str, args: argparse.Namespace,
@@ -268,8 +289,14 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as e:
         print(f"prunepilot {args.command}: error: {e}", file=sys.stderr)
         return 2
+    except Interrupted as e:
+        print(f"prunepilot {args.command}: {e}", file=sys.stderr)
+        return 130
     except KeyboardInterrupt:
-        print("prunepilot: interrupted", file=sys.stderr)
+        out = getattr(args, "resume", None) or getattr(args, "out", None)
+        hint = (f"; continue from its last checkpoint with: prunepilot train --resume {out}"
+                if args.command == "train" and out and (Path(out) / "config.json").is_file() else "")
+        print(f"prunepilot {args.command}: interrupted{hint}", file=sys.stderr)
         return 130
     return 0
 

@@ -7,11 +7,12 @@ import sys
 from dataclasses import fields
 from pathlib import Path
 
-from agent.cli import ROUND_TO_HELP, check_flops, positive_int, round_to_arg
+from agent.cli import ROUND_TO_HELP, add_normalisation_args, check_flops, positive_int, round_to_arg
 from agent.config import ALGOS, WARM_STARTS, TrainConfig
 from agent.outputs import print_report
 from envs import ACTION_CENTERS, FLOOR_METHODS, GRANULARITIES, REWARDS
 from pruning_core import UserError
+from pruning_core.data import load_data
 from pruning_core.latency import BACKENDS
 
 _DEFAULTS = TrainConfig()
@@ -44,15 +45,19 @@ def train_command_parser(subparsers) -> None:
     p = subparsers.add_parser(
         "train", help="search a sparsity policy with RL on one model",
         description="Train the GNN-embedded RL agent to pick pruning ratios (per stage, or per channel group) "
-                    "under a FLOPs budget. The best episode is saved as it is found; agent, replay buffer and "
-                    "counters are checkpointed every --checkpoint-every episodes, and --resume RUN_DIR continues "
-                    "after a kill. At the end the best candidates are re-scored on --select-images more training "
-                    "images, and the one kept is evaluated on the test split and exported.")
+                    "under a FLOPs budget. The best episode is saved as it is found; agent, replay buffer, "
+                    "counters and random states are checkpointed every --checkpoint-every episodes (and on "
+                    "Ctrl-C), and --resume RUN_DIR continues exactly as the run would have. At the end the best "
+                    "candidates are re-scored on --select-images more training images, and the one kept is "
+                    "evaluated on the test split and exported.")
     p.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its last checkpoint")
+    p.add_argument("--redo-finish", action="store_true",
+                   help="with --resume on a finished run: re-score and rebuild its kept model")
     p.add_argument("--model", help="zoo name or package.module:factory " + _field_help("model"))
     p.add_argument("--weights", help=_field_help("weights"))
     p.add_argument("--data", help=_field_help("data"))
     p.add_argument("--val-data", metavar="DIR", help=_field_help("val_data"))
+    add_normalisation_args(p)
     p.add_argument("--algo", choices=ALGOS, help=_field_help("algo"))
     p.add_argument("--reward", choices=REWARDS, help=_field_help("reward"))
     p.add_argument("--granularity", choices=GRANULARITIES, help=_field_help("granularity"))
@@ -95,8 +100,10 @@ def train_command(args: argparse.Namespace) -> dict:
             raise UserError(f"--resume continues a run with its own settings; drop {', '.join('--' + g for g in given)}"
                             " (only --episodes and --evaluations may change)")
         report = resume(args.resume, episodes=args.episodes, progress=not args.no_progress and None,
-                        evaluations=args.evaluations)
+                        evaluations=args.evaluations, redo_finish=args.redo_finish)
     else:
+        if args.redo_finish:
+            raise UserError("--redo-finish goes with --resume RUN_DIR")
         if not args.model:
             raise UserError("--model is required (or --resume RUN_DIR)")
         overrides = {f.name: getattr(args, f.name) for f in fields(TrainConfig)
@@ -114,13 +121,14 @@ def export_command_parser(subparsers) -> None:
                                           "never unpickles; a corrupted or foreign file fails with a clear message.")
     p.add_argument("run_dir", metavar="RUN_DIR", help="folder written by prunepilot train")
     p.add_argument("--out", required=True, metavar="POLICY", help="policy folder or .zip to write")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing policy at --out")
     p.set_defaults(func=export_command)
 
 
 def export_command(args: argparse.Namespace) -> Path:
     from agent.outputs import check_out
     from agent.policy import export_policy, load_policy
-    check_out(Path(args.out).parent if args.out.endswith(".zip") else args.out)
+    check_out(args.out, args.overwrite, file=args.out.endswith(".zip"))
     path = export_policy(args.run_dir, args.out)
     load_policy(path)  # prove it loads before saying so
     print(f"wrote policy {path}")
@@ -140,6 +148,7 @@ def apply_command_parser(subparsers) -> None:
     p.add_argument("--data", required=True, help="cifar10:DIR, imagefolder:DIR or digits")
     p.add_argument("--val-data", metavar="DIR", help="folder of class folders the model was not trained on, for the "
                    "reward and select images (default: the data's val/, else training images)")
+    add_normalisation_args(p)
     p.add_argument("--flops", type=float, help="FLOPs budget (default: the policy's own)")
     p.add_argument("--search-episodes", type=int, default=0,
                    help="episodes of RL fine-tuning on the new model before applying (default: 0, zero-shot)")
@@ -166,7 +175,7 @@ def apply_command_parser(subparsers) -> None:
                    help="cap on predicted latency as a fraction of dense, from a latency table measured for the new "
                         "model on this machine with the policy's backend and batch size (default: the policy's "
                         "own --max-latency, if it was trained with one; 1: none)")
-    add_output_args(p, out_required=True)
+    add_output_args(p, out_required=True, adapt_bn=False)  # the policy's reward always recalibrated BN
     p.set_defaults(func=apply_command)
 
 
@@ -174,10 +183,11 @@ def apply_command(args: argparse.Namespace) -> dict:
     from agent.apply import apply_policy
     from agent.outputs import check_out
     check_flops(args.flops)
-    check_out(args.out)
-    if not args.adapt_bn:
-        raise UserError("apply always recalibrates BN (the policy was trained with adaptive BN in its reward)")
-    report = apply_policy(args.policy, args.model, args.weights, args.data, flops=args.flops, out=args.out,
+    check_out(args.out, args.overwrite)
+    data = args.data
+    if (args.mean, args.std, args.scale) != (None, None, None):
+        data = load_data(data).normalised(args.mean, args.std, args.scale)
+    report = apply_policy(args.policy, args.model, args.weights, data, flops=args.flops, out=args.out,
                           val_data=args.val_data,
                           search_episodes=args.search_episodes, finetune_epochs=args.finetune_epochs,
                           seed=args.seed, reward_images=args.reward_images, calib_batches=args.calib_batches,

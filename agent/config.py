@@ -25,6 +25,12 @@ class TrainConfig:
     val_data: str | None = None
     """Folder of class folders the model was not trained on, for the reward and select images (default: the data's
     ``val/`` if it has one, else training images)."""
+    mean: tuple[float, ...] | None = None
+    """Per-channel mean subtracted from pixel * scale (default: the data set's)."""
+    std: tuple[float, ...] | None = None
+    """Per-channel std the centred pixels are divided by (default: the data set's)."""
+    scale: float | None = None
+    """Factor from 0-255 pixels to the model's input range (default: 1/255)."""
     flops: float = 0.5
     """FLOPs budget as a fraction of dense; every episode meets it."""
     episodes: int = 120
@@ -223,6 +229,7 @@ class TrainConfig:
         d = asdict(self)
         d["net_arch"] = list(self.net_arch)
         d["floor"] = list(self.floor)
+        d["mean"], d["std"] = (list(v) if v is not None else None for v in (self.mean, self.std))
         return d
 
     @classmethod
@@ -231,4 +238,5 @@ class TrainConfig:
         cfg = cls(**{k: v for k, v in d.items() if k in known})
         cfg.net_arch = tuple(cfg.net_arch)
         cfg.floor = tuple(cfg.floor)
+        cfg.mean, cfg.std = (tuple(v) if v is not None else None for v in (cfg.mean, cfg.std))
         return cfg

@@ -21,7 +21,8 @@ log = logging.getLogger("prunepilot")
 
 @contextlib.contextmanager
 def staged_dir(out: str | Path) -> Iterator[Path]:
-    """Yield a temporary folder beside ``out``; on success its files move into ``out``, on failure it is removed.
+    """Yield a temporary folder beside ``out``; on success its files move into ``out`` (replacing same-named files,
+    never folders), on failure it is removed.
 
     :raises UserError: ``out`` exists and is not a folder.
     """
@@ -34,22 +35,33 @@ def staged_dir(out: str | Path) -> Iterator[Path]:
         yield tmp
         out.mkdir(exist_ok=True)
         for f in tmp.iterdir():
-            target = out / f.name
-            if target.is_dir():
-                shutil.rmtree(target)
-            f.replace(target)
+            if (out / f.name).is_dir():
+                raise UserError(f"--out {out} holds a folder {f.name}, where a file goes; move it away")
+        for f in tmp.iterdir():
+            f.replace(out / f.name)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def check_out(out: str | Path) -> None:
-    """Fail at once, before any work, when ``out`` cannot become a folder this process writes in.
+def check_out(out: str | Path, overwrite: bool = False, file: bool = False) -> None:
+    """Fail at once, before any work, when ``out`` cannot become a folder (or with ``file``, a file) this process
+    writes, or when writing would replace what is there and ``overwrite`` is off.
 
-    :raises UserError: ``out`` is a file, lies under a file, or its nearest existing folder is not writable.
+    :raises UserError: ``out`` is a file (a folder with ``file``), a non-empty folder (an existing file with
+        ``file``) without ``overwrite``, lies under a file, or its nearest existing folder is not writable.
     """
     out = Path(out)
-    if out.exists() and not out.is_dir():
+    if file:
+        if out.is_dir():
+            raise UserError(f"--out {out} is a folder")
+        if out.exists() and not overwrite:
+            raise UserError(f"--out {out} exists; pick another name or pass --overwrite")
+        out = out.parent
+    elif out.exists() and not out.is_dir():
         raise UserError(f"--out {out} exists and is not a folder")
+    elif out.is_dir() and any(out.iterdir()) and not overwrite:
+        raise UserError(f"--out {out} is not empty; pick another folder or pass --overwrite (which replaces only "
+                        "the files this command writes)")
     base = out
     while not base.exists():
         base = base.parent
@@ -106,6 +118,8 @@ def write_pruned(out: str | Path, model, report: dict, input_shape: tuple[int, .
     """
     out = Path(out)
     with staged_dir(out) as tmp:
-        report["files"] = {k: str(out / Path(v).name) for k, v in export_model(model, tmp, input_shape).items()}
+        meta = {"normalisation": report["normalisation"]} if "normalisation" in report else None
+        files = export_model(model, tmp, input_shape, metadata=meta)
+        report["files"] = {k: str(out / Path(v).name) for k, v in files.items()}
         write_json(tmp / "report.json", report)
     return report

@@ -19,9 +19,10 @@ from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 from torch import nn
 
+from agent.algos import policy_modules
+from agent.checkpoint import load_actor
 from agent.config import TrainConfig
 from agent.outputs import staged_dir
-from agent.search import ALGO_CLASSES, policy_modules
 from graph_encoder import DYNAMIC_FEATURES, STATIC_FEATURES, GraphFeaturesExtractor, observation_space
 from pruning_core import UserError, __version__
 
@@ -74,12 +75,11 @@ def export_policy(run_dir: str | Path, out: str | Path) -> Path:
     :raises UserError: ``run_dir`` holds no run or no checkpoint.
     """
     run_dir = Path(run_dir)
-    cfg_path, ckpt = run_dir / "config.json", run_dir / "ckpt" / "agent.zip"
-    if not cfg_path.is_file() or not ckpt.is_file():
-        raise UserError(f"{run_dir} is not a training run with a checkpoint (expected config.json and "
-                        "ckpt/agent.zip); run prunepilot train --out first")
+    cfg_path = run_dir / "config.json"
+    if not cfg_path.is_file():
+        raise UserError(f"{run_dir} is not a training run (no config.json); run prunepilot train --out first")
     config = TrainConfig.from_dict(json.loads(cfg_path.read_text()))
-    algo = ALGO_CLASSES[config.algo].load(ckpt, device="cpu")
+    algo = load_actor(run_dir, config)
     best = json.loads((run_dir / "best.json").read_text()) if (run_dir / "best.json").is_file() else None
     return save_policy(algo, config, best, out)
 

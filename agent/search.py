@@ -4,8 +4,9 @@ exploration schedule, TensorBoard charts and checkpoints. ``train`` and ``apply 
 
 from __future__ import annotations
 
-import json
-import shutil
+import logging
+import signal
+import threading
 import time
 from pathlib import Path
 
@@ -13,45 +14,23 @@ import gymnasium as gym
 import numpy as np
 import torch
 import torch.nn.functional as F
-from stable_baselines3 import DDPG, PPO, SAC, TD3
-from stable_baselines3.common.base_class import BaseAlgorithm
-from stable_baselines3.common.buffers import DictReplayBuffer
+from stable_baselines3 import PPO
 from stable_baselines3.common.callbacks import BaseCallback
-from stable_baselines3.common.noise import NormalActionNoise
-from torch import nn
 
+from agent.algos import DecayingNormalNoise, build_algo, policy_modules
+from agent.checkpoint import find_checkpoint, restore
+from agent.checkpoint import save as save_checkpoint
 from agent.config import TrainConfig
 from agent.outputs import write_json
 from envs import PruneEnv
-from graph_encoder import GraphFeaturesExtractor
+from pruning_core.errors import Interrupted
 
-__all__ = ["DecayingNormalNoise", "MovingAverageBaseline", "Search", "policy_modules"]
+__all__ = ["MovingAverageBaseline", "Search"]
 
-ALGO_CLASSES: dict[str, type[BaseAlgorithm]] = {"ddpg": DDPG, "td3": TD3, "sac": SAC, "ppo": PPO}
+log = logging.getLogger("prunepilot")
+
 REEXPLORE_MAX_STD = 1.0  # SB3's initial std: wider mostly samples the clipped ends of the [-1, 1] action
 CLONE_TOLERANCE = 0.02  # a fit whose deterministic actions are all this close to the target's stops
-
-
-class DecayingNormalNoise(NormalActionNoise):
-    """Gaussian exploration noise whose std shrinks by ``decay`` after every episode (AMC's schedule).
-
-    SB3 calls ``reset()`` at the end of each episode. Actions plus noise are clipped to the action box.
-    """
-
-    def __init__(self, sigma: float, decay: float, dims: int = 1):
-        super().__init__(np.zeros(dims), np.full(dims, sigma))
-        self.decay = decay
-
-    def reset(self) -> None:
-        self._sigma = self._sigma * self.decay
-
-    @property
-    def sigma(self) -> float:
-        return float(self._sigma[0])
-
-    @sigma.setter
-    def sigma(self, value: float) -> None:
-        self._sigma = np.full_like(self._sigma, value)
 
 
 class MovingAverageBaseline(gym.Wrapper):
@@ -84,46 +63,6 @@ class MovingAverageBaseline(gym.Wrapper):
         return obs, reward, terminated, truncated, info
 
 
-class FinalRewardReplayBuffer(DictReplayBuffer):
-    """Store what the env did, credited with the episode's outcome (AMC's credit assignment).
-
-    - The stored action is the env's ``info["action_applied"]`` (after the budget clamp), not the proposed one.
-      Otherwise the clamp, which overrides low early actions, teaches the critic that larger actions always
-      pay, and DDPG's actor saturates at the maximum ratio within a few episodes.
-    - Every transition of an episode gets the episode's final reward as a terminal, so the critic's target
-      for ``Q(s_t, a_t)`` is that reward rather than a bootstrapped estimate through many zero-reward steps.
-    """
-
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.open_episode: list[int] = []
-
-    def add(self, obs, next_obs, action, reward, done, infos) -> None:
-        self.open_episode.append(self.pos)
-        if "action_applied" in infos[0]:
-            action = np.stack([info["action_applied"] for info in infos])
-        super().add(obs, next_obs, action, reward, done, infos)
-        if done[0]:
-            idx = np.array(self.open_episode)
-            self.rewards[idx, 0] = reward[0]
-            self.dones[idx, 0] = 1.0
-            self.open_episode = []
-
-
-def policy_modules(algo: BaseAlgorithm, name: str) -> tuple[nn.Module, nn.Sequential, nn.Linear, str]:
-    """The deterministic actor of an SB3 model as (features extractor, hidden MLP, output layer, squash).
-
-    The modules are the model's own (not copies), so loading weights into them loads the model.
-    """
-    if name in ("ddpg", "td3"):
-        layers = list(algo.actor.mu)
-        return algo.actor.features_extractor, nn.Sequential(*layers[:-2]), layers[-2], "tanh"
-    if name == "sac":
-        return algo.actor.features_extractor, algo.actor.latent_pi, algo.actor.mu, "tanh"
-    policy = algo.policy
-    return policy.pi_features_extractor, policy.mlp_extractor.policy_net, policy.action_net, "clip"
-
-
 class _EpisodeCallback(BaseCallback):
     def __init__(self, search: Search):
         super().__init__()
@@ -141,9 +80,7 @@ class _EpisodeCallback(BaseCallback):
         self.search.on_rollout_start()
 
     def _on_rollout_end(self) -> None:
-        # after the rollout's transitions are stored: the replay buffer holds whole episodes only
         self.search.on_rollout_end()
-        self.search.maybe_checkpoint()
 
 
 class Search:
@@ -177,38 +114,17 @@ class Search:
         self._bar = None
         self._writer = None
         self._checkpoint_due = False
+        self._stop_requested = False  # Ctrl-C: stop at the next checkpoint boundary
         self._run_started: float | None = None
 
     # ---- set-up --------------------------------------------------------------------------------------
-    def _build_algo(self) -> BaseAlgorithm:
-        c = self.config
-        kwargs = dict(
-            policy_kwargs=dict(features_extractor_class=GraphFeaturesExtractor, net_arch=list(c.net_arch),
-                               features_extractor_kwargs=dict(hidden_channels=c.hidden, num_layers=c.gnn_layers)),
-            learning_rate=c.learning_rate, seed=c.seed, verbose=0, device="cpu",
-            tensorboard_log=str(self.run_dir / "tb") if self.run_dir else None,
-        )
-        n = self.steps_per_episode
-        if c.algo in ("ppo", "sac"):
-            kwargs["policy_kwargs"]["log_std_init"] = float(np.log(c.init_std))
-        if c.algo == "ppo":
-            kwargs["policy_kwargs"]["net_arch"] = dict(pi=list(c.net_arch), vf=list(c.net_arch))
-            # gamma = lambda = 1: every step's advantage is the final reward minus the value (AMC's assignment)
-            sde = dict(use_sde=True, sde_sample_freq=n) if c.sde else {}  # a fresh noise matrix every episode
-            # rollouts of 4 episodes; minibatches of one episode, or the whole rollout when episodes are short
-            ppo = PPO("MultiInputPolicy", self.wrapped, n_steps=4 * n, batch_size=4 * n if 4 * n <= 64 else n,
-                      n_epochs=4, gamma=1.0, gae_lambda=1.0, **sde, **kwargs)
-            if c.sde:
-                self._calibrate_sde(ppo, c.init_std)
-            return ppo
-        off = dict(buffer_size=c.buffer_size, learning_starts=c.warmup_episodes * n, batch_size=c.batch_size,
-                   gamma=1.0, train_freq=(1, "episode"), gradient_steps=c.gradient_steps,
-                   replay_buffer_class=FinalRewardReplayBuffer, **kwargs)
-        if c.algo == "sac":
-            return SAC("MultiInputPolicy", self.wrapped, **off)
-        off["policy_kwargs"]["share_features_extractor"] = True  # the critic trains the GNN; cheaper updates
-        noise = DecayingNormalNoise(c.noise_sigma, c.noise_decay)
-        return ALGO_CLASSES[c.algo]("MultiInputPolicy", self.wrapped, action_noise=noise, **off)
+    def _build_algo(self):
+        algo = build_algo(self.config, self.wrapped, self.steps_per_episode,
+                          str(self.run_dir / "tb") if self.run_dir else None)
+        algo.boundary = self._boundary
+        if self.config.algo == "ppo" and self.config.sde:
+            self._calibrate_sde(algo, self.config.init_std)
+        return algo
 
     def _calibrate_sde(self, ppo: PPO, std: float) -> None:
         """Scale gSDE's noise so that the initial action std is ``std``.
@@ -262,18 +178,24 @@ class Search:
                              dynamic_ncols=True, disable=None)
         if self.run_dir:
             from torch.utils.tensorboard import SummaryWriter
-            self._writer = SummaryWriter(str(self.run_dir / "tb" / "episodes"))
+            # a resumed run redoes the episodes after its checkpoint: drop their charts instead of drawing them twice
+            self._writer = SummaryWriter(str(self.run_dir / "tb" / "episodes"), purge_step=self.episodes_done + 1)
         self._run_started = time.perf_counter()
         self.algo._last_obs = None  # start from a fresh episode even if the env was used in between
+        handler = self._catch_ctrl_c()
         try:
             if isinstance(self.algo, PPO) and (self.start or (self.config.clone_warmup and
                                                               self.config.warmup_episodes > 0)):
                 self._ppo_warmup()
             remaining = episodes - self.episodes_done
             if not self.budget_spent():
+                if self.noise is not None and self.algo.num_timesteps > 0:
+                    self.noise.hold()  # learn() resets the noise as it starts; it decayed at the episode's end
                 self.algo.learn(remaining * self.steps_per_episode, callback=_EpisodeCallback(self),
                                 reset_num_timesteps=False, tb_log_name="sb3")
         finally:
+            if handler is not None:
+                signal.signal(signal.SIGINT, handler)
             self.search_s = self.elapsed()
             self._run_started = None
             if self._bar is not None:
@@ -283,6 +205,21 @@ class Search:
         if self.run_dir:
             self.checkpoint()
         return self.best
+
+    def _catch_ctrl_c(self):
+        """With a run folder, in the main thread: the first Ctrl-C stops the search at the next checkpoint boundary
+        (:class:`~pruning_core.errors.Interrupted`), a second one at once. Returns the handler it replaced, or None.
+        """
+        if self.run_dir is None or threading.current_thread() is not threading.main_thread():
+            return None
+
+        def on_sigint(signum, frame):
+            if self._stop_requested:
+                raise KeyboardInterrupt
+            self._stop_requested = True
+            log.warning("Ctrl-C: stopping after this rollout with a checkpoint (Ctrl-C again to stop now)")
+
+        return signal.signal(signal.SIGINT, on_sigint)
 
     def _ppo_warmup(self) -> None:
         """PPO's warm-up: ``warmup_episodes`` episodes of uniformly random actions (as DDPG's ``learning_starts``
@@ -302,7 +239,7 @@ class Search:
                 self.on_step(info)
                 done = terminated or truncated
             self.on_episode_end(info)
-            self.maybe_checkpoint()
+            self._boundary()
         if self.episodes_done < self.config.warmup_episodes or self.cloned:
             return
         # the best warm-up episode (no actions in a checkpoint from before they were kept), or the start candidate
@@ -414,57 +351,45 @@ class Search:
         if self.episodes_done % self.config.checkpoint_every == 0:
             self._checkpoint_due = True
 
-    def maybe_checkpoint(self) -> None:
-        if self.run_dir and self._checkpoint_due:
+    def _boundary(self) -> None:
+        """Where every random draw to come depends only on saved state (before a rollout, between warm-up
+        episodes): checkpoint when one is due, and stop there after a Ctrl-C.
+        """
+        if self.run_dir and (self._checkpoint_due or self._stop_requested):
             self.checkpoint()
         self._checkpoint_due = False
+        if self._stop_requested:
+            raise Interrupted(f"interrupted after episode {self.episodes_done}, at a checkpoint; continue with: "
+                              f"prunepilot train --resume {self.run_dir}")
 
     # ---- checkpoints ---------------------------------------------------------------------------------
     def checkpoint(self) -> None:
-        """Write agent, replay buffer and counters to ``ckpt/`` through a fresh folder and a rename."""
-        ckpt, tmp, old = (self.run_dir / n for n in ("ckpt", "ckpt.tmp", "ckpt.old"))
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-        self.algo.save(tmp / "agent.zip")
-        if hasattr(self.algo, "replay_buffer"):
-            self.algo.save_replay_buffer(tmp / "replay.pkl")
-        baseline = self.wrapped.average
-        state = {"episodes_done": self.episodes_done, "num_timesteps": self.algo.num_timesteps,
-                 "best": self.best, "history": self.history, "search_s": self.elapsed(),
-                 "noise_sigma": self.noise.sigma if self.noise else None, "baseline": baseline,
-                 "cloned": self.cloned, "reexplorations": self.reexplorations,
-                 "stalls": self._stalls,
-                 "env_episodes": self.env.episodes, "env_timings": self.env.timings,
-                 "cache": [[list(k), r, info] for k, (r, info) in self.env.cache.items()]}
-        (tmp / "state.json").write_text(json.dumps(state))
-        if ckpt.exists():
-            shutil.rmtree(old, ignore_errors=True)
-            ckpt.rename(old)
-        tmp.rename(ckpt)
-        shutil.rmtree(old, ignore_errors=True)
+        """Write the search to ``run_dir/ckpt`` (:func:`agent.checkpoint.save`), through a fresh folder and a rename."""
+        save_checkpoint(self, self.run_dir)
+
+    def state(self) -> dict:
+        """The search's own counters, as a checkpoint's state.json holds them."""
+        return {"episodes_done": self.episodes_done, "best": self.best, "history": self.history,
+                "search_s": self.elapsed(), "noise_sigma": self.noise.sigma if self.noise else None,
+                "baseline": self.wrapped.average, "cloned": self.cloned, "reexplorations": self.reexplorations,
+                "stalls": self._stalls}
+
+    def load_state(self, state: dict) -> None:
+        """Set the counters :meth:`state` wrote."""
+        if self.noise is not None and state["noise_sigma"] is not None:
+            self.noise.sigma = state["noise_sigma"]
+        self.wrapped.average = state["baseline"]
+        self.episodes_done, self.best, self.history = state["episodes_done"], state["best"], state["history"]
+        self.search_s, self.cloned = state["search_s"], state["cloned"]
+        self.reexplorations, self._stalls = state["reexplorations"], state["stalls"]
 
     @classmethod
     def resume(cls, config: TrainConfig, env: PruneEnv, run_dir: str | Path) -> Search:
-        """Rebuild a search from the last checkpoint in ``run_dir`` (``ckpt/``, or ``ckpt.old/`` after a
-        kill mid-swap).
+        """Rebuild a search from the last checkpoint in ``run_dir``; one killed before its first checkpoint starts
+        over. Continuing from a checkpoint repeats what the uninterrupted run did after it.
         """
-        run_dir = Path(run_dir)
-        ckpt = next((run_dir / n for n in ("ckpt", "ckpt.old") if (run_dir / n / "state.json").is_file()), None)
         search = cls(config, env, run_dir)
-        if ckpt is None:
-            return search  # killed before the first checkpoint: start over
-        state = json.loads((ckpt / "state.json").read_text())
-        search.algo = ALGO_CLASSES[config.algo].load(ckpt / "agent.zip", env=search.wrapped, device="cpu")
-        if (ckpt / "replay.pkl").is_file():
-            search.algo.load_replay_buffer(ckpt / "replay.pkl")
-        search.noise = getattr(search.algo, "action_noise", None)
-        if search.noise is not None and state["noise_sigma"] is not None:
-            search.noise.sigma = state["noise_sigma"]
-        search.wrapped.average = state["baseline"]
-        search.episodes_done, search.best, search.history = state["episodes_done"], state["best"], state["history"]
-        search.search_s = state["search_s"]
-        search.cloned = state.get("cloned", False)
-        search.reexplorations, search._stalls = state.get("reexplorations", 0), state.get("stalls", 0)
-        env.episodes, env.timings = state["env_episodes"], state["env_timings"]
-        env.cache = {tuple(k): (r, info) for k, r, info in state["cache"]}
+        folder = find_checkpoint(run_dir)
+        if folder is not None:
+            restore(search, folder)
         return search

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import shutil
+import sys
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -22,6 +25,7 @@ from pruning_core import (
     kept_counts,
     uniform_ratios,
 )
+from pruning_core.data import absolute_spec
 from pruning_core.session import refits_by_default
 
 __all__ = ["build_env", "final_refit", "finish_search", "measure_latency_table", "resume", "train"]
@@ -40,8 +44,9 @@ def build_env(config: TrainConfig, session: PruningSession | None = None,
     if session is None:
         session = PruningSession(config.model, config.weights, config.data, SessionConfig(
             reward_images=config.reward_images, calib_batches=config.calib_batches,
-            select_images=config.select_images, seed=config.seed,
-            reconstruct=config.reconstruct and refits_by_default(config.finetune_epochs)), config.val_data)
+            select_images=config.select_images, seed=config.seed, mean=config.mean, std=config.std,
+            scale=config.scale, reconstruct=config.reconstruct and refits_by_default(config.finetune_epochs)),
+            config.val_data)
     budget = None
     if config.max_latency is not None:
         table = latency_table or measure_latency_table(session, config.latency_backend, config.latency_batch,
@@ -75,7 +80,9 @@ def measure_latency_table(session: PruningSession, backend: str, batch_size: int
 def train(config: TrainConfig | None = None, session: PruningSession | None = None, **overrides) -> dict:
     """Train the agent, keep the best candidate after re-scoring, and write the run folder; return the report.
 
-    ``overrides`` replace fields of ``config`` (``train(model="resnet20", episodes=50, ...)``).
+    ``overrides`` replace fields of ``config`` (``train(model="resnet20", episodes=50, ...)``). The run folder
+    records the config with absolute paths at once, so ``--resume`` can continue it from any folder, even after a
+    kill before the first checkpoint.
     """
     config = replace(config or TrainConfig(), **overrides)
     config.validate()
@@ -86,32 +93,60 @@ def train(config: TrainConfig | None = None, session: PruningSession | None = No
     check_out(run_dir)
     if (run_dir / "config.json").exists():
         raise UserError(f"{run_dir} already holds a run; continue it with --resume {run_dir} or pick another --out")
-    env = build_env(config, session)
+    if run_dir.is_dir() and any(run_dir.iterdir()):
+        raise UserError(f"--out {run_dir} is not empty; train writes a run into a new or empty folder")
+    config = replace(config, weights=config.weights and absolute_spec(config.weights), data=absolute_spec(config.data),
+                     val_data=absolute_spec(config.val_data), out=str(run_dir.resolve()))
+    created = not run_dir.exists()
     run_dir.mkdir(parents=True, exist_ok=True)
+    write_json(run_dir / "config.json", {**config.to_dict(), "cwd": os.getcwd()})
+    try:
+        env = build_env(config, session)
+    except BaseException:  # nothing to resume: leave the folder as it was
+        (run_dir / "config.json").unlink()
+        if created:
+            shutil.rmtree(run_dir, ignore_errors=True)
+        raise
     if env.latency_budget is not None:
         env.latency_budget.table.save(run_dir / LATENCY_TABLE)
-    write_json(run_dir / "config.json", config.to_dict())
     search = Search(config, env, run_dir)
     return _finish(config, search)
 
 
 def resume(run_dir: str | Path, episodes: int | None = None, progress: bool | None = None,
-           evaluations: int | None = None) -> dict:
-    """Continue a killed or finished run from its last checkpoint (losing at most ``checkpoint_every`` episodes).
+           evaluations: int | None = None, redo_finish: bool = False) -> dict:
+    """Continue a killed run from its last checkpoint; from a checkpoint, it repeats what the uninterrupted run
+    would have done. A finished run is only extended by a larger ``episodes`` or ``evaluations`` budget.
 
     :param episodes: a new total episode budget (default: the run's own).
     :param evaluations: a new budget of distinct evaluations (default: the run's own).
+    :param redo_finish: re-score and rebuild the kept model of a finished run (else a finished run is returned as
+        it is, with a warning).
+    :raises UserError: no run, or a path the run was started with is gone.
     """
     run_dir = Path(run_dir)
     cfg_path = run_dir / "config.json"
     if not cfg_path.is_file():
         raise UserError(f"{run_dir} holds no run to resume (no config.json)")
-    config = TrainConfig.from_dict(json.loads(cfg_path.read_text()))
+    recorded = json.loads(cfg_path.read_text())
+    config = TrainConfig.from_dict(recorded)
+    more = (episodes is not None and episodes > config.episodes) or (
+        evaluations is not None and (config.evaluations is None or evaluations > config.evaluations))
+    if (run_dir / "report.json").is_file() and not more and not redo_finish:
+        log.warning("%s is finished: nothing to do (raise --episodes or --evaluations to search on, or pass "
+                    "--redo-finish to re-score and rebuild its kept model)", run_dir)
+        return json.loads((run_dir / "report.json").read_text())
     if episodes is not None:
         config.episodes = episodes
     if evaluations is not None:
         config.evaluations = evaluations
     config.validate()
+    for what, spec in (("--weights", config.weights), ("--data", config.data), ("--val-data", config.val_data)):
+        path = spec.partition(":")[2] if spec and spec.startswith(("cifar10:", "imagefolder:")) else spec
+        if path and path != "digits" and not Path(path).exists():
+            raise UserError(f"the run's {what} {path} no longer exists; put it back to resume {run_dir}")
+    if ":" in config.model and recorded.get("cwd") and recorded["cwd"] not in sys.path:
+        sys.path.append(recorded["cwd"])  # the folder the run imported its model factory from
     if progress is not None:
         config.progress = progress
     config.out = str(run_dir)

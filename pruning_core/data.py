@@ -68,6 +68,33 @@ class ImageData:
     def input_shape(self) -> tuple[int, int, int]:
         return tuple(self.train.x.shape[1:])
 
+    def normalised(self, mean: tuple[float, ...] | None = None, std: tuple[float, ...] | None = None,
+                   scale: float | None = None) -> ImageData:
+        """The same images normalised as ``(x * scale - mean) / std`` (pixels 0-255); None keeps the current one.
+
+        :raises UserError: ``mean`` or ``std`` has neither one value nor one per channel, or a ``std`` or ``scale``
+            is not positive.
+        """
+        t = self.train
+        channels = t.x.shape[1]
+        mean, std = (tuple(v) * (channels if len(v) == 1 else 1) if v is not None else None for v in (mean, std))
+        for name, v in (("--mean", mean), ("--std", std)):
+            if v is not None and len(v) != channels:
+                raise UserError(f"{name} has {len(v)} values; give 1 or {channels} (one per channel)")
+        if (std is not None and min(std) <= 0) or (scale is not None and scale <= 0):
+            raise UserError("--std and --scale must be positive")
+        mean, std, scale = mean or t.mean, std or t.std, t.scale if scale is None else scale
+
+        def renorm(split: Split | None) -> Split | None:
+            return split if split is None else Split(split.x, split.y, mean, std, scale)
+
+        return ImageData(self.name, renorm(self.train), renorm(self.test), self.num_classes, renorm(self.val))
+
+    @property
+    def normalisation(self) -> dict:
+        """The normalisation every split applies, as reports and ONNX metadata record it."""
+        return {"mean": list(self.train.mean), "std": list(self.train.std), "scale": self.train.scale}
+
 
 @dataclass
 class Splits:
@@ -110,6 +137,16 @@ def make_splits(data: ImageData, reward_images: int = 1000, calib_images: int = 
         left = vperm[reward_images:reward_images + select_images]
         reward, select = val.subset(vperm[:reward_images]), val.subset(left) if len(left) else None
     return Splits(reward, data.train.subset(calib_idx), data.train, data.test, select)
+
+
+def absolute_spec(spec: str | None) -> str | None:
+    """``spec`` (a data spec or a path) with its path made absolute, so that it means the same from any folder."""
+    if spec is None or spec == "digits":
+        return spec
+    kind, sep, path = spec.partition(":")
+    if sep and kind in ("cifar10", "imagefolder"):
+        return f"{kind}:{Path(path).expanduser().resolve()}"
+    return str(Path(spec).expanduser().resolve())
 
 
 def load_data(spec: str) -> ImageData:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import warnings
 from pathlib import Path
@@ -15,8 +16,9 @@ log = logging.getLogger(__name__)
 
 
 def export_model(model: nn.Module, out_dir: str | Path, input_shape: tuple[int, ...], onnx: bool = True,
-                 atol: float = 1e-4) -> dict[str, str]:
-    """Write ``model.pt2`` (``torch.export``, dynamic batch) and, if onnx/onnxruntime are installed, ``model.onnx``.
+                 atol: float = 1e-4, metadata: dict[str, object] | None = None) -> dict[str, str]:
+    """Write ``model.pt2`` (``torch.export``, dynamic batch) and, if onnx/onnxruntime are installed, ``model.onnx``
+    with ``metadata`` (such as the input normalisation) as JSON strings in its ``metadata_props``.
 
     Each file is reloaded and checked to give the same logits as ``model`` within ``atol``.
     Files are written to a temporary name first, so a failure leaves nothing half-written.
@@ -51,6 +53,12 @@ def export_model(model: nn.Module, out_dir: str | Path, input_shape: tuple[int, 
             warnings.simplefilter("ignore")
             torch.onnx.export(model, (x,), str(tmp), input_names=["input"], output_names=["logits"],
                               dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}}, dynamo=False)
+        if metadata:
+            import onnx as onnx_lib
+            proto = onnx_lib.load(str(tmp))
+            for key, value in metadata.items():
+                proto.metadata_props.add(key=key, value=json.dumps(value))
+            onnx_lib.save(proto, str(tmp))
         sess = ort.InferenceSession(str(tmp), providers=["CPUExecutionProvider"])
         _check(torch.from_numpy(sess.run(None, {"input": x.numpy()})[0]), ref, atol, "ONNX")
         tmp.replace(path)

@@ -21,7 +21,7 @@ from pruning_core.graph import ModelTrace, trace_model
 from pruning_core.importance import L1Importance, TaylorImportance
 from pruning_core.prune import kept_counts, prune, removed_channels
 from pruning_core.reconstruct import Reconstruction
-from pruning_core.zoo import build_model, load_weights
+from pruning_core.zoo import build_model, load_weights, recorded_accuracy
 
 __all__ = ["DROP_CRITERIA", "PruningSession", "SessionConfig", "refits_by_default"]
 
@@ -57,6 +57,13 @@ class SessionConfig:
     branch, 58-99 s for ResNet-56's 27 on 2 cores), or ``taylor``, the branch's summed channel scores (free, but on
     ResNet-56 it ranks blocks worse: re-choosing the dropped blocks of 7 searched allocations by ``loss`` kept or
     raised every one on held-out training images, by up to 6.8 points)."""
+    mean: tuple[float, ...] | None = None
+    """Per-channel mean subtracted from ``pixel * scale`` (one value for all channels); None: the data set's
+    default (ImageNet's for cifar10 and image folders)."""
+    std: tuple[float, ...] | None = None
+    """Per-channel std the centred pixels are divided by; None: the data set's default."""
+    scale: float | None = None
+    """Factor from 0-255 pixel values to the model's range before ``mean`` and ``std``; None: 1/255."""
     reconstruct: bool = False
     """Refit every conv and linear layer of a pruned model, by least squares, to the dense model's outputs on
     ``reconstruct_images`` calibration images before adaptive BN (:class:`~pruning_core.reconstruct.Reconstruction`;
@@ -93,15 +100,21 @@ class PruningSession:
         if config.drop_criterion not in DROP_CRITERIA:
             raise UserError(f"unknown drop criterion {config.drop_criterion!r}; use one of {', '.join(DROP_CRITERIA)}")
         self.model_name = model if isinstance(model, str) else type(model).__name__
-        self.model = build_model(model)
+        with torch.random.fork_rng(devices=[]):  # a model without weights starts the same in every run of a seed
+            torch.manual_seed(config.seed)
+            self.model = build_model(model)
         self.random_weights = not weights and isinstance(model, str)
+        self.recorded_acc: float | None = None  # the accuracy the weights file says the model has, if it says
         if weights:
             load_weights(self.model, weights)
+            self.recorded_acc = recorded_accuracy(weights)
         elif self.random_weights:
             log.warning("no weights given: %s keeps its random initial weights, so its accuracies mean nothing "
                         "(pass --weights)", self.model_name)
         self.model.eval()
         self.data = load_data(data) if isinstance(data, str) else data
+        if (config.mean, config.std, config.scale) != (None, None, None):
+            self.data = self.data.normalised(config.mean, config.std, config.scale)
         val = load_val(val_data, self.data) if val_data is not None else self.data.val
         self.val_source = "val" if val is not None else "train"
         self.splits = make_splits(self.data, config.reward_images, config.calib_batches * config.batch_size,
@@ -173,6 +186,10 @@ class PruningSession:
     def dense_accuracy(self, split: str = "test") -> float:
         if split not in self._dense_acc:
             self._dense_acc[split] = accuracy(self.model, self.split(split))
+            if split == "test" and self.recorded_acc is not None and self._dense_acc[split] < self.recorded_acc - 5:
+                log.warning("dense test accuracy %.2f%% is far below the %.2f%% the weights file records: check "
+                            "--data and the normalisation (--mean, --std, --scale; now %s)", self._dense_acc[split],
+                            self.recorded_acc, self.data.normalisation)
         return self._dense_acc[split]
 
     def build(self, ratios: dict[str, float], round_to: int | None = None, adapt: bool = True,
@@ -208,12 +225,11 @@ class PruningSession:
                     timings: dict[str, float] | None = None) -> tuple[nn.Module, dict]:
         """Build the model a command keeps; return it with the report fields that say how it was built.
 
-        ``reconstruct`` None (the default) refits it unless it will be fine-tuned or BN is not recalibrated: on
-        ResNet-56 at 50% FLOPs the refit lifted 40 kept models by 6.7 points of test accuracy on average (+2.7 to
-        +13.5; bench/results/reconstruct_kept_amd.json), and after it the benchmark's 1-epoch KD fine-tune lowered
-        them, to below what the same fine-tune gives the unrefitted model (87.05% against 87.91% for PPO's). A
-        refitted model's fields carry ``acc_before_reconstruct``, the test accuracy of the same allocation built
-        without it (one more build and evaluation), so a report shows what the refit bought.
+        ``reconstruct`` None (the default) refits it unless it will be fine-tuned or BN is not recalibrated. A refit
+        that scores lower than the plain model on the selection images (the reward images without a select split)
+        is not kept: the plain model is, with ``refit_rejected`` in the fields. A refitted model's fields carry
+        ``acc_before_reconstruct``, the test accuracy of the same allocation built without it, so a report shows
+        what the refit bought.
         """
         if reconstruct is None:
             reconstruct = refits_by_default(finetune_epochs, adapt)
@@ -223,8 +239,13 @@ class PruningSession:
         model = self.build(ratios, round_to, adapt=adapt, timings=timings, reconstruct=reconstruct)
         fields: dict[str, object] = {"reconstruct": reconstruct}
         if reconstruct:
-            fields["acc_before_reconstruct"] = accuracy(self.build(ratios, round_to, reconstruct=False),
-                                                        self.splits.test)
+            plain = self.build(ratios, round_to, reconstruct=False)
+            judge = self.splits.select if self.splits.select is not None else self.splits.reward
+            if accuracy(model, judge) < accuracy(plain, judge):
+                log.warning("the least-squares refit scored lower than the plain pruned model on the selection "
+                            "images; keeping the plain one")
+                return plain, {"reconstruct": False, "refit_rejected": True}
+            fields["acc_before_reconstruct"] = accuracy(plain, self.splits.test)
         return model, fields
 
     @property
@@ -266,7 +287,7 @@ class PruningSession:
             "acc_reward": accuracy(model, self.splits.reward),
             "ratios": {k: round(float(v), 6) for k, v in ratios.items()}, "round_to": round_to,
             "method": method, "seed": seed, "reconstruct": self.config.reconstruct, "reward_source": self.val_source,
-            "random_weights": self.random_weights,
+            "random_weights": self.random_weights, "normalisation": self.data.normalisation,
             "excluded": dict(self.trace.excluded),
             "time_s": round(time_s, 3), **extra,
         }

@@ -8,6 +8,8 @@ VGG and MobileNetV2 are 32x32 variants used for structure tests; they have no we
 from __future__ import annotations
 
 import importlib
+import os
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -180,6 +182,9 @@ MODELS: dict[str, Callable[[], nn.Module]] = {
 }
 
 
+RECORDED_ACC = ("best_prec1", "best_acc", "acc")  # keys beside a state_dict that hold its accuracy (%)
+
+
 def build_model(spec: str | nn.Module) -> nn.Module:
     """Build a model from a zoo name, a ``package.module:factory`` spec, or pass an ``nn.Module`` through.
 
@@ -192,10 +197,13 @@ def build_model(spec: str | nn.Module) -> nn.Module:
     if ":" not in spec:
         raise UserError(f"unknown model {spec!r}; use one of {', '.join(MODELS)} or 'package.module:factory'")
     mod_name, _, attr = spec.partition(":")
+    here = os.getcwd()
+    if here not in sys.path and "" not in sys.path:
+        sys.path.append(here)  # the current folder is importable, as with python -m
     try:
         factory = getattr(importlib.import_module(mod_name), attr)
     except (ImportError, AttributeError) as e:
-        raise UserError(f"cannot import model factory {spec!r}: {e}") from e
+        raise UserError(f"cannot import model factory {spec!r} (from {here} or the installed packages): {e}") from e
     model = factory()
     if not isinstance(model, nn.Module):
         raise UserError(f"model factory {spec!r} returned {type(model).__name__}, not an nn.Module")
@@ -208,16 +216,7 @@ def load_weights(model: nn.Module, path: str | Path) -> nn.Module:
     Accepts a bare state_dict or ``{'state_dict': ...}`` and strips a ``module.`` prefix.
     Missing ``num_batches_tracked`` buffers are allowed; every other key must match in name and shape.
     """
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"weights file not found: {path}")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001 - any unpickling failure is a bad file for the user
-        # torch's message advises weights_only=False, which must never be taken from an untrusted file: keep the cause
-        cause = next((line.strip() for line in str(e).splitlines()[1:] if line.strip() and "WeightsUnpickler" not in
-                      line and "Please file" not in line and "Check the documentation" not in line), str(e).strip())
-        raise UserError(f"cannot read weights file {path}: not a torch checkpoint of tensors ({cause[:200]})") from e
+    ckpt = _read_checkpoint(path)
     state = ckpt.get("state_dict", ckpt) if isinstance(ckpt, dict) else None
     if not isinstance(state, dict):
         raise UserError(f"{path} holds no state_dict")
@@ -236,3 +235,33 @@ def load_weights(model: nn.Module, path: str | Path) -> nn.Module:
                         "is --model the architecture these weights were trained for?")
     model.load_state_dict(state, strict=False)
     return model
+
+
+def recorded_accuracy(path: str | Path) -> float | None:
+    """The accuracy (%) a weights file records beside its state_dict (``best_prec1``, ``best_acc`` or ``acc``, as
+    training scripts such as akamaster's save it), or None.
+    """
+    ckpt = _read_checkpoint(path)
+    if not isinstance(ckpt, dict) or "state_dict" not in ckpt:
+        return None
+    found = next((ckpt[k] for k in RECORDED_ACC if k in ckpt), None)
+    if torch.is_tensor(found) and found.numel() == 1:
+        found = found.item()
+    return float(found) if isinstance(found, (int, float)) else None
+
+
+def _read_checkpoint(path: str | Path) -> object:
+    """A torch checkpoint read with ``weights_only=True``.
+
+    :raises UserError: no such file, or one that holds anything but tensors and plain containers.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"weights file not found: {path}")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - any unpickling failure is a bad file for the user
+        # torch's message advises weights_only=False, which must never be taken from an untrusted file: keep the cause
+        cause = next((line.strip() for line in str(e).splitlines()[1:] if line.strip() and "WeightsUnpickler" not in
+                      line and "Please file" not in line and "Check the documentation" not in line), str(e).strip())
+        raise UserError(f"cannot read weights file {path}: not a torch checkpoint of tensors ({cause[:200]})") from e

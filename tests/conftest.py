@@ -49,3 +49,14 @@ def digits_session(digits):
     torch.manual_seed(0)
     return PruningSession("digits_cnn", None, digits, SessionConfig(reward_images=64, calib_batches=1,
                                                                      taylor_batches=2))
+
+
+@pytest.fixture(scope="session")
+def digits_weights(tmp_path_factory, digits):
+    """A digits CNN fine-tuned for 3 epochs (about 97% test accuracy), saved as a state_dict."""
+    from pruning_core import build_model, finetune
+    torch.manual_seed(0)
+    model = finetune(build_model("digits_cnn"), digits.train, epochs=3, lr=0.05, augment=False)
+    path = tmp_path_factory.mktemp("w") / "digits_cnn.pt"
+    torch.save(model.state_dict(), path)
+    return path
