@@ -1,7 +1,7 @@
 """Render bench/methods.py results as one markdown table: test accuracy (refitted, before fine-tuning) and ONNX
 Runtime speed-up at batch 1 per method, model and FLOPs target; seeded methods as mean (min-max).
 
-Example (from bench/): python render_methods.py methods_r20_amd methods_r56_amd methods_04_amd
+Example (from bench/): python render_methods.py methods_r20_amd methods_r56_amd --write ../README.md ../docs/results.md
 """
 
 from __future__ import annotations
@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+from pathlib import Path
 
 from common import RESULTS
 
@@ -26,13 +27,28 @@ def cell(entry: dict) -> tuple[str, str]:
     return acc + extra, f"{statistics.mean(speed):.2f}x" if speed else "-"
 
 
+START, END = "<!-- methods:start -->", "<!-- methods:end -->"
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("names", nargs="+", help="results files in bench/results/, without .json")
+    p.add_argument("--write", nargs="*", default=[], metavar="FILE",
+                   help="replace the table between the methods markers of these markdown files")
     args = p.parse_args()
-    print("| model | FLOPs | method | evaluations | test acc % | ORT speed-up b1 | commit |")
-    print("|---|---|---|---|---|---|---|")
-    for name in args.names:
+    table = "\n".join(rows(args.names))
+    print(table)
+    for path in map(Path, args.write):
+        body = path.read_text()
+        start, end = body.index(START) + len(START), body.index(END)
+        path.write_text(body[:start] + "\n" + table + "\n" + body[end:])
+
+
+def rows(names: list[str]) -> list[str]:
+    """The table's markdown lines, header first."""
+    lines = ["| model | FLOPs | method | evaluations | test acc % | ORT speed-up b1 | commit |",
+             "|---|---|---|---|---|---|---|"]
+    for name in names:
         res = json.loads((RESULTS / f"{name}.json").read_text())
         for model, targets in res["models"].items():
             for target, rows in targets.items():
@@ -45,7 +61,8 @@ def main() -> None:
                     runs = entry.get("runs", [entry])
                     evals = runs[0].get("evaluations", "")
                     acc, speed = cell(entry)
-                    print(f"| {model} | {target} | {method} | {evals} | {acc} | {speed} | {res['commit'][:7]} |")
+                    lines.append(f"| {model} | {target} | {method} | {evals} | {acc} | {speed} | {res['commit'][:7]} |")
+    return lines
 
 
 if __name__ == "__main__":

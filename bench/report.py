@@ -1,7 +1,7 @@
-"""Render bench/results/*.json as one markdown document, and the latest headline runs for the README.
+"""Render bench/results/*.json as one markdown document, and the headline runs for docs/benchmarks.md.
 
     python bench/report.py            # print every results file's table
-    python bench/report.py --write    # all of them to bench/results/REPORT.md, the README_RESULTS ones to the README
+    python bench/report.py --write    # all to bench/results/REPORT.md, HEADLINE_RESULTS to docs/benchmarks.md
 """
 
 from __future__ import annotations
@@ -307,10 +307,10 @@ def reconstruct_table(res: dict) -> list[str]:
 
 ORDER = ("search", "reconstruct", "exhaustive", "latency", "transfer", "ablation", "reward", "scale", "env", "trunk",
          "within")
-README_START, README_END = "<!-- bench:start -->", "<!-- bench:end -->"
-# The README's headline runs, in the order it shows them (the default path, then searching with the refit in the
+HEADLINE_START, HEADLINE_END = "<!-- bench:start -->", "<!-- bench:end -->"
+# The headline runs of docs/benchmarks.md, in its order (the default path, then searching with the refit in the
 # reward, transfer and scale); REPORT.md holds every file, and bench/FINDINGS.md what each one found.
-README_RESULTS = ("search_substage_r8_drop_amd", "search_substage_r8_drop_s345_amd", "reconstruct_kept_amd",
+HEADLINE_RESULTS = ("search_substage_r8_drop_amd", "search_substage_r8_drop_s345_amd", "reconstruct_kept_amd",
                   "latency_substage_r8_drop_amd", "latency_substage_r8_drop_s345_amd",
                   "search_substage_r8_drop_recon_amd", "search_substage_r8_drop_recon_s345_amd",
                   "search_substage_r8_drop_recon_random_s345_amd", "search_substage_r8_drop_0.3_amd",
@@ -350,8 +350,8 @@ def join(tables: dict[str, str], names: tuple[str, ...] | None = None) -> str:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--write", action="store_true",
-                   help="write every table to bench/results/REPORT.md and the headline runs' (README_RESULTS) "
-                        "between the README's bench markers")
+                   help="write every table to bench/results/REPORT.md and the headline runs' (HEADLINE_RESULTS) "
+                        "between the bench markers of docs/benchmarks.md")
     args = p.parse_args()
     tables = render_tables()
     text = join(tables)
@@ -359,11 +359,11 @@ def main() -> None:
         print(text)
         return
     (RESULTS / "REPORT.md").write_text(text + "\n")
-    readme = RESULTS.parents[1] / "README.md"
-    body = readme.read_text()
-    start, end = body.index(README_START) + len(README_START), body.index(README_END)
-    readme.write_text(body[:start] + "\n" + join(tables, README_RESULTS) + "\n" + body[end:])
-    print(f"wrote {RESULTS / 'REPORT.md'} and {readme}")
+    doc = RESULTS.parents[1] / "docs" / "benchmarks.md"
+    body = doc.read_text()
+    start, end = body.index(HEADLINE_START) + len(HEADLINE_START), body.index(HEADLINE_END)
+    doc.write_text(body[:start] + "\n" + join(tables, HEADLINE_RESULTS) + "\n" + body[end:])
+    print(f"wrote {RESULTS / 'REPORT.md'} and {doc}")
 
 
 if __name__ == "__main__":
