@@ -18,18 +18,6 @@ from pruning_core.latency import BACKENDS
 _DEFAULTS = TrainConfig()
 
 
-def _field_help(name: str) -> str:
-    """The TrainConfig field docstring, so --help and the dataclass never disagree (``%`` escaped for argparse)."""
-    import ast
-    import inspect
-    src = inspect.getsource(TrainConfig)
-    body = ast.parse(src).body[0].body
-    for node, nxt in zip(body, body[1:]):
-        if isinstance(node, ast.AnnAssign) and node.target.id == name and isinstance(nxt, ast.Expr):
-            return f"{nxt.value.value} (default: {getattr(_DEFAULTS, name)})".replace("%", "%%")
-    return f"(default: {getattr(_DEFAULTS, name)})".replace("%", "%%")
-
-
 def floor_arg(value: str) -> tuple[str, ...]:
     """``--floor``: comma-separated floor methods, or ``none``."""
     if value == "none":
@@ -41,53 +29,108 @@ def floor_arg(value: str) -> tuple[str, ...]:
     return methods
 
 
+# train's flags beyond the main ones: (field, type or choices, one-line help); shown by --help-all
+EXPERT_FLAGS = (
+    ("algo", ALGOS, "SB3 algorithm"),
+    ("granularity", GRANULARITIES, "one decision per stage, per stage and downsampling block, or per channel group"),
+    ("action_center", ACTION_CENTERS, "the ratio action 0 means"),
+    ("reward", REWARDS, "what an episode's reward measures"),
+    ("max_ratio", float, "largest pruning ratio of any one group"),
+    ("floor", "methods", "cheap allocations re-scored beside the search's best: comma-separated, or none"),
+    ("warm_start", WARM_STARTS, "where PPO starts its search"),
+    ("sensitivity_points", int, "ratios per decision unit in the sensitivity table"),
+    ("latency_backend", BACKENDS, "backend the latency table (--max-latency) is measured in"),
+    ("latency_batch", int, "batch size of that latency table"),
+    ("reward_images", int, "images in the reward split"),
+    ("select_images", int, "more images on which the best candidates are re-scored"),
+    ("rescore_top", int, "best distinct candidates re-scored at the end"),
+    ("calib_batches", int, "batches of 64 training images for adaptive BN"),
+    ("reconstruct", bool, "score every candidate with the least-squares refit"),
+    ("reconstruct_final", bool, "refit the kept model (default: unless fine-tuned)"),
+    ("warmup_episodes", int, "random episodes before learning"),
+    ("init_std", float, "PPO's initial action std"),
+    ("sde", bool, "PPO explores with state-dependent noise"),
+    ("reexplore", bool, "PPO widens again after rollouts that only repeat evaluated allocations"),
+    ("clone_warmup", bool, "PPO starts from its best warm-up episode even without a warm start"),
+    ("repeat_penalty", float, "taken off the reward of an episode that repeats an evaluated allocation"),
+    ("baseline", bool, "subtract a moving average from final rewards"),
+    ("noise_sigma", float, "DDPG/TD3 exploration noise std"),
+    ("noise_decay", float, "its decay per episode"),
+    ("hidden", int, "GNN hidden channels"),
+    ("gnn_layers", int, "GNN layers"),
+    ("learning_rate", float, "learning rate"),
+    ("batch_size", int, "DDPG/TD3/SAC minibatch size"),
+    ("gradient_steps", int, "DDPG/TD3/SAC updates per episode"),
+    ("checkpoint_every", int, "episodes between checkpoints"),
+    ("max_nodes", int, "observation padding (grown to fit the model)"),
+)
+
+
+class _HelpAll(argparse.Action):
+    """``--help-all``: show the expert flags too, then exit."""
+
+    def __init__(self, option_strings, dest, hidden: dict | None = None, **kwargs):
+        super().__init__(option_strings, dest, nargs=0, default=argparse.SUPPRESS, **kwargs)
+        self.hidden = hidden if hidden is not None else {}
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        for action, text in self.hidden.items():
+            action.help = text
+        parser.print_help()
+        parser.exit()
+
+
+def _default(name: str) -> str:
+    value = getattr(_DEFAULTS, name)
+    value = ",".join(value) if isinstance(value, tuple) else value
+    return "" if value is None else f" (default: {value})".replace("%", "%%")
+
+
 def train_command_parser(subparsers) -> None:
     p = subparsers.add_parser(
-        "train", help="search a sparsity policy with RL on one model",
-        description="Train the GNN-embedded RL agent to pick pruning ratios (per stage, or per channel group) "
-                    "under a FLOPs budget. The best episode is saved as it is found; agent, replay buffer, "
-                    "counters and random states are checkpointed every --checkpoint-every episodes (and on "
-                    "Ctrl-C), and --resume RUN_DIR continues exactly as the run would have. At the end the best "
-                    "candidates are re-scored on --select-images more training images, and the one kept is "
-                    "evaluated on the test split and exported.")
-    p.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its last checkpoint")
-    p.add_argument("--redo-finish", action="store_true",
-                   help="with --resume on a finished run: re-score and rebuild its kept model")
-    p.add_argument("--model", help="zoo name or package.module:factory " + _field_help("model"))
-    p.add_argument("--weights", help=_field_help("weights"))
-    p.add_argument("--data", help=_field_help("data"))
-    p.add_argument("--val-data", metavar="DIR", help=_field_help("val_data"))
-    add_normalisation_args(p)
-    p.add_argument("--algo", choices=ALGOS, help=_field_help("algo"))
-    p.add_argument("--reward", choices=REWARDS, help=_field_help("reward"))
-    p.add_argument("--granularity", choices=GRANULARITIES, help=_field_help("granularity"))
-    p.add_argument("--action-center", choices=ACTION_CENTERS, help=_field_help("action_center"))
-    p.add_argument("--latency-backend", choices=BACKENDS, help=_field_help("latency_backend"))
-    p.add_argument("--floor", type=floor_arg, metavar="METHODS",
-                   help="comma-separated, or none: " + _field_help("floor"))
-    p.add_argument("--warm-start", choices=WARM_STARTS, help=_field_help("warm_start"))
-    for name, typ in (("flops", float), ("episodes", int), ("evaluations", int), ("seed", int), ("max_ratio", float),
-                      ("round_to", round_to_arg),
-                      ("max_latency", float), ("latency_batch", int), ("sensitivity_points", int),
-                      ("reward_images", int), ("calib_batches", int), ("rescore_top", int), ("select_images", int),
-                      ("warmup_episodes", int),
-                      ("noise_sigma", float), ("noise_decay", float), ("init_std", float), ("repeat_penalty", float),
-                      ("hidden", int),
-                      ("gnn_layers", int),
-                      ("learning_rate", float), ("batch_size", int), ("gradient_steps", int),
-                      ("checkpoint_every", int), ("max_nodes", int), ("finetune_epochs", int)):
-        p.add_argument("--" + name.replace("_", "-"), type=typ, help=_field_help(name))
-    p.add_argument("--baseline", action=argparse.BooleanOptionalAction, help=_field_help("baseline"))
-    p.add_argument("--sde", action=argparse.BooleanOptionalAction, help=_field_help("sde"))
-    p.add_argument("--clone-warmup", action=argparse.BooleanOptionalAction, help=_field_help("clone_warmup"))
-    p.add_argument("--reexplore", action=argparse.BooleanOptionalAction, help=_field_help("reexplore"))
-    p.add_argument("--drop-blocks", action=argparse.BooleanOptionalAction, help=_field_help("drop_blocks"))
-    p.add_argument("--reconstruct", action=argparse.BooleanOptionalAction, help=_field_help("reconstruct"))
-    p.add_argument("--reconstruct-final", action=argparse.BooleanOptionalAction,
-                   help=_field_help("reconstruct_final").replace("(default: None)", "(default: on unless fine-tuned)"))
-    p.add_argument("--out", help="run folder " + _field_help("out"))
-    p.add_argument("--json", action="store_true", help="print the final JSON report on stdout")
-    p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+        "train", help="search a sparsity policy with RL on one model", usage="prunepilot train [options]",
+        description="Search per-stage pruning ratios with the GNN agent under a FLOPs (and latency) budget, keep the "
+                    "best candidate beside uniform, global and sensitivity allocations, and export it. The run is "
+                    "checkpointed as it goes; --resume continues it exactly.")
+    run = p.add_argument_group("run")
+    run.add_argument("--out", metavar="RUN_DIR", help="new or empty folder for the run" + _default("out"))
+    run.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its last checkpoint")
+    run.add_argument("--redo-finish", action="store_true", help="with --resume: rebuild a finished run's kept model")
+    run.add_argument("--json", action="store_true", help="print the final JSON report on stdout")
+    run.add_argument("--no-progress", action="store_true", help="hide the progress bars")
+    problem = p.add_argument_group("model, data and budget")
+    problem.add_argument("--model", help="zoo name or module:factory (required unless --resume)")
+    problem.add_argument("--weights", help="state_dict file of the trained model (read with weights_only)")
+    problem.add_argument("--data", help="cifar10:DIR, imagefolder:DIR or digits" + _default("data"))
+    problem.add_argument("--val-data", metavar="DIR",
+                         help="class folders the model was not trained on, to score candidates (default: the "
+                              "data's val/, else training images)")
+    add_normalisation_args(problem)
+    problem.add_argument("--flops", type=float, help="FLOPs budget as a fraction of dense" + _default("flops"))
+    problem.add_argument("--max-latency", type=float, metavar="F",
+                         help="also keep latency within F of dense, as a table measured on this machine predicts")
+    search = p.add_argument_group("search")
+    search.add_argument("--episodes", type=int, help="episodes to run" + _default("episodes"))
+    search.add_argument("--evaluations", type=int, help="stop after this many distinct pruned models")
+    search.add_argument("--seed", type=int, help="random seed (also draws the image splits)" + _default("seed"))
+    search.add_argument("--round-to", type=round_to_arg, metavar="N|auto", help=ROUND_TO_HELP)
+    search.add_argument("--drop-blocks", action=argparse.BooleanOptionalAction,
+                        help="let the agent remove whole residual blocks, cheapest first")
+    search.add_argument("--finetune-epochs", type=int, help="fine-tune the kept model with KD from dense (default: 0)")
+    expert = p.add_argument_group("expert (shown by --help-all)")
+    hidden = {}
+    for name, kind, text in EXPERT_FLAGS:
+        flag = "--" + name.replace("_", "-")
+        if kind is bool:
+            action = expert.add_argument(flag, action=argparse.BooleanOptionalAction, help=argparse.SUPPRESS)
+        elif kind == "methods":
+            action = expert.add_argument(flag, type=floor_arg, metavar="METHODS", help=argparse.SUPPRESS)
+        elif isinstance(kind, tuple):
+            action = expert.add_argument(flag, choices=kind, help=argparse.SUPPRESS)
+        else:
+            action = expert.add_argument(flag, type=kind, help=argparse.SUPPRESS)
+        hidden[action] = text + _default(name)
+    p.add_argument("--help-all", action=_HelpAll, hidden=hidden, help="show the expert flags too")
     p.set_defaults(func=train_command)
 
 
@@ -169,8 +212,10 @@ def apply_command_parser(subparsers) -> None:
                    help="refit the kept model that way before it is evaluated and exported (default: on unless "
                         "--finetune-epochs fine-tunes it; the report's acc_before_reconstruct is the same "
                         "allocation without the refit)")
-    p.add_argument("--rescore-top", type=int, default=5, help=_field_help("rescore_top"))
-    p.add_argument("--select-images", type=int, default=1000, help=_field_help("select_images"))
+    p.add_argument("--rescore-top", type=int, default=5,
+                   help="best distinct candidates re-scored beside the floor (default: 5)")
+    p.add_argument("--select-images", type=int, default=1000,
+                   help="more images on which the candidates are re-scored (default: 1000)")
     p.add_argument("--max-latency", type=float, default=None,
                    help="cap on predicted latency as a fraction of dense, from a latency table measured for the new "
                         "model on this machine with the policy's backend and batch size (default: the policy's "

@@ -121,7 +121,8 @@ class TrainConfig:
     space's centre (random warm-up episodes only with ``clone_warmup``)."""
     warmup_episodes: int = 20
     """Episodes of uniformly random actions before learning starts (AMC: 100 of 400), which fill the replay buffer
-    of DDPG, TD3 and SAC. PPO runs them only with ``clone_warmup``."""
+    of DDPG, TD3 and SAC. PPO runs them when it has a warm start (``warm_start``) or ``clone_warmup``, then starts
+    from the best of them and the warm start."""
     noise_sigma: float = 1.0
     """Std of the Gaussian exploration noise on the [-1, 1] action (AMC's 0.5 on [0, 1])."""
     noise_decay: float = 0.95
@@ -173,7 +174,7 @@ class TrainConfig:
     learning_rate: float = 1e-3
     """Adam learning rate (for DDPG/TD3 actor and critic; SAC and PPO too)."""
     batch_size: int = 64
-    """Replay (or PPO minibatch) size."""
+    """DDPG/TD3/SAC minibatch size (PPO's minibatch is one episode)."""
     gradient_steps: int = 8
     """Off-policy updates after each episode (bounded so that the agent's share of wall time stays small)."""
     buffer_size: int = 4000
@@ -183,7 +184,7 @@ class TrainConfig:
     completes them (every episode off-policy, every 4 episodes for PPO); a kill loses at most this many plus
     one rollout."""
     max_nodes: int = 320
-    """Observation padding: layer-graph nodes (fits ResNet-110 and MobileNetV2)."""
+    """Observation padding: layer-graph nodes, grown to fit the model (changes only the padding)."""
     finetune_epochs: int = 0
     """Fine-tune epochs (KD from the dense model) for the final pruned model."""
     progress: bool = True

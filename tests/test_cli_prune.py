@@ -188,18 +188,30 @@ def test_help_explains(capsys):
     assert "--flops" in text and "--adapt-bn" in text and "--finetune-epochs" in text
 
 
-@pytest.mark.parametrize("command,flags", [("train", ["--granularity", "--action-center", "--sde", "--init-std",
-                                                      "--clone-warmup", "--max-latency", "--latency-backend"]),
-                                           ("export", ["--out"]),
-                                           ("apply", ["--search-episodes", "--latency", "--max-latency"]),
+@pytest.mark.parametrize("command,flags", [("train", ["--flops", "--max-latency", "--round-to", "--drop-blocks",
+                                                      "--resume", "--help-all"]),
+                                           ("export", ["--out", "--overwrite"]),
+                                           ("apply", ["--search-episodes", "--latency", "--max-latency", "--mean"]),
                                            ("demo", ["--out"])])
 def test_every_subcommand_help_renders(command, flags, capsys):
-    """Field docstrings carry '%' (e.g. '50% FLOPs'); argparse must still render them."""
     with pytest.raises(SystemExit) as e:
         main([command, "--help"])
     assert e.value.code == 0
     text = capsys.readouterr().out
     assert all(f in text for f in flags), text
+
+
+def test_train_help_is_short_and_help_all_shows_every_flag(capsys):
+    from agent.commands import EXPERT_FLAGS
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    short = capsys.readouterr().out
+    assert len(short.splitlines()) <= 80 and "--init-std" not in short
+    with pytest.raises(SystemExit):
+        main(["train", "--help-all"])
+    full = capsys.readouterr().out
+    assert all("--" + name.replace("_", "-") in full for name, _, _ in EXPERT_FLAGS)
+    assert "(default: 0.3)" in full.split("--init-std")[1].split("\n  --")[0]  # TrainConfig's own default
 
 
 def test_summary_names_the_groups_left_unpruned(capsys):
