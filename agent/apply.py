@@ -78,8 +78,7 @@ def apply_policy(policy: str | Path | PortablePolicy, model: str | nn.Module, we
             reconstruct=reconstruct), val_data)
     budget = None
     if max_latency is not None and max_latency < 1.0:
-        from agent.train import measure_latency_table
-        table = measure_latency_table(session, trained.get("latency_backend", "onnxruntime"),
+        table = session.latency_table(trained.get("latency_backend", "onnxruntime"),
                                       trained.get("latency_batch", 1), progress)
         budget = LatencyBudget(table, max_latency)
     if trained.get("drop_blocks", False):

@@ -7,7 +7,7 @@ import sys
 from dataclasses import fields
 from pathlib import Path
 
-from agent.cli import ROUND_TO_HELP, add_normalisation_args, check_flops, positive_int, round_to_arg
+from agent.args import ROUND_TO_HELP, add_normalisation_args, add_output_args, check_flops, positive_int, round_to_arg
 from agent.config import ALGOS, WARM_STARTS, TrainConfig
 from agent.outputs import print_report
 from envs import ACTION_CENTERS, FLOOR_METHODS, GRANULARITIES, REWARDS
@@ -179,7 +179,6 @@ def export_command(args: argparse.Namespace) -> Path:
 
 
 def apply_command_parser(subparsers) -> None:
-    from agent.cli import add_output_args
     p = subparsers.add_parser("apply", help="prune a new model with a learned policy",
                               description="Run a policy deterministically on a new model's layer graph with "
                                           "the FLOPs budget enforced, prune with Taylor scores, recalibrate BN, "

@@ -28,7 +28,7 @@ from pruning_core import (
 from pruning_core.data import absolute_spec
 from pruning_core.session import refits_by_default
 
-__all__ = ["build_env", "final_refit", "finish_search", "measure_latency_table", "resume", "train"]
+__all__ = ["build_env", "final_refit", "finish_search", "resume", "train"]
 
 log = logging.getLogger(__name__)
 
@@ -49,8 +49,7 @@ def build_env(config: TrainConfig, session: PruningSession | None = None,
             config.val_data)
     budget = None
     if config.max_latency is not None:
-        table = latency_table or measure_latency_table(session, config.latency_backend, config.latency_batch,
-                                                       config.progress)
+        table = latency_table or session.latency_table(config.latency_backend, config.latency_batch, config.progress)
         budget = LatencyBudget(table, config.max_latency)
     if config.drop_blocks:
         session.drop_costs(progress=config.progress)  # one evaluation per residual branch, with a progress bar
@@ -58,23 +57,6 @@ def build_env(config: TrainConfig, session: PruningSession | None = None,
                     round_to=config.round_to, max_nodes=max(config.max_nodes, len(session.trace.nodes)),
                     granularity=config.granularity, action_center=config.action_center,
                     latency_batch=config.latency_batch, latency_budget=budget, drop=config.drop_blocks)
-
-
-def measure_latency_table(session: PruningSession, backend: str, batch_size: int,
-                          progress: bool = True) -> LatencyTable:
-    """Time ``session``'s model layer by layer on this machine (:meth:`LatencyTable.measure`), with a progress bar."""
-    from tqdm.auto import tqdm
-
-    log.info("measuring a %s latency table for %s at batch %d", backend, session.model_name, batch_size)
-    with tqdm(desc=f"latency table ({backend}, batch {batch_size})", unit="layer", leave=False,
-              disable=None if progress else True) as bar:
-        def tick(done: int, total: int) -> None:
-            bar.total = total
-            bar.update(done - bar.n)
-
-        table = LatencyTable.measure(session.model, session.trace, backend, batch_size, progress=tick)
-    log.info("latency table: dense %.2f ms, %d layer shapes", table.dense_ms, len(table.layers))
-    return table
 
 
 def train(config: TrainConfig | None = None, session: PruningSession | None = None, **overrides) -> dict:

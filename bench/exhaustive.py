@@ -29,7 +29,6 @@ import time
 from common import RESULTS, cifar_session, write_result
 from tqdm.auto import tqdm
 
-from agent.train import measure_latency_table
 from envs import PruneEnv, select_best
 from pruning_core import LatencyBudget, LatencyTable, accuracy, kept_counts
 
@@ -60,7 +59,7 @@ def main() -> None:
         table = LatencyTable.from_dict(json.loads((RESULTS / f"{args.latency_table}.json").read_text())
                                        ["latency_budget"]["table"])
     elif args.max_latency:  # a fresh table, as --max-latency measures one
-        table = measure_latency_table(session, "onnxruntime", 64)
+        table = session.latency_table("onnxruntime", 64)
         print(f"latency table (onnxruntime, batch 64): dense {table.dense_ms:.1f} ms, offset {table.offset_ms:.2f} ms",
               flush=True)
     env = PruneEnv(session=session, flops=target, max_ratio=cfg["max_ratio"], round_to=round_to,

@@ -23,7 +23,7 @@ from common import cifar_session, evaluate_method, latency_ms, write_result
 
 from agent import Search, TrainConfig
 from agent.apply import policy_ratios, run_episode
-from agent.train import build_env, finish_search, measure_latency_table
+from agent.train import build_env, finish_search
 from envs import GRANULARITIES, PruneEnv, select_best
 from pruning_core import (
     DROP_CRITERIA,
@@ -202,7 +202,7 @@ def main() -> None:
     table = latency = None
     if args.max_latency is not None:
         t = time.perf_counter()
-        table = measure_latency_table(session, args.latency_backend, args.latency_batch, progress=False)
+        table = session.latency_table(args.latency_backend, args.latency_batch, progress=False)
         latency = LatencyBudget(table, args.max_latency)
         print(f"latency table ({args.latency_backend}, batch {args.latency_batch}): {time.perf_counter() - t:.1f}s, "
               f"dense {table.dense_ms:.1f} ms", flush=True)

@@ -20,6 +20,7 @@ from torch import nn
 
 from pruning_core.errors import UserError
 from pruning_core.graph import grouped_step
+from pruning_core.prune import kept_counts, prune
 
 if TYPE_CHECKING:
     from pruning_core.graph import ModelTrace
@@ -306,8 +307,6 @@ class LatencyTable:
         faster than dense: a model whose latency is mostly fixed overhead, or a timing a busy machine spoilt,
         which would otherwise make every prediction that of dense (logged).
         """
-        from pruning_core.prune import kept_counts, prune
-
         half = {g.name: 0.5 for g in trace.groups}
         kept = kept_counts(trace, half, block)
         scores = {g.name: torch.arange(g.channels, 0, -1).float() for g in trace.groups}  # any ranking will do

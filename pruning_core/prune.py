@@ -7,13 +7,16 @@ from __future__ import annotations
 import copy
 import math
 from collections import Counter
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
 from pruning_core.errors import UserError
 from pruning_core.graph import ChannelGroup, ModelTrace, grouped_step
-from pruning_core.latency import LatencyBudget
+
+if TYPE_CHECKING:
+    from pruning_core.latency import LatencyBudget
 
 __all__ = ["DroppedBranch", "EmptyChannels", "branch_width", "check_ratios", "drop_order", "fits_budget",
            "global_ratios", "kept_channels", "kept_counts", "kept_indices", "prune", "removed_channels",

@@ -19,6 +19,7 @@ from pruning_core.errors import UserError
 from pruning_core.evaluate import accuracy, adapt_bn, augment_batch, finetune, mean_loss
 from pruning_core.graph import ModelTrace, trace_model
 from pruning_core.importance import L1Importance, TaylorImportance
+from pruning_core.latency import LatencyTable
 from pruning_core.prune import kept_counts, prune, removed_channels
 from pruning_core.reconstruct import Reconstruction
 from pruning_core.zoo import build_model, load_weights, recorded_accuracy
@@ -182,6 +183,21 @@ class PruningSession:
         if split is None:
             raise UserError(f"{self.model_name} on {self.data.name} has no {name} split (too few training images)")
         return split
+
+    def latency_table(self, backend: str, batch_size: int, progress: bool = True) -> LatencyTable:
+        """Time the model layer by layer on this machine (:meth:`LatencyTable.measure`), with a progress bar."""
+        from tqdm.auto import tqdm
+
+        log.info("measuring a %s latency table for %s at batch %d", backend, self.model_name, batch_size)
+        with tqdm(desc=f"latency table ({backend}, batch {batch_size})", unit="layer", leave=False,
+                  disable=None if progress else True) as bar:
+            def tick(done: int, total: int) -> None:
+                bar.total = total
+                bar.update(done - bar.n)
+
+            table = LatencyTable.measure(self.model, self.trace, backend, batch_size, progress=tick)
+        log.info("latency table: dense %.2f ms, %d layer shapes", table.dense_ms, len(table.layers))
+        return table
 
     def dense_accuracy(self, split: str = "test") -> float:
         if split not in self._dense_acc:
