@@ -203,6 +203,13 @@ def main(argv: list[str] | None = None) -> int:
                 if args.command == "train" and out and (Path(out) / "config.json").is_file() else "")
         print(f"prunepilot {args.command}: interrupted{hint}", file=sys.stderr)
         return 130
+    except Exception as e:  # noqa: BLE001 - a bug or an unsupported model: one line, the traceback with -v
+        if args.verbose:
+            raise
+        first = "".join(str(e).splitlines()[:1])[:300]
+        print(f"prunepilot {args.command}: error: {type(e).__name__}: {first} (prunepilot -v {args.command} ... "
+              "shows the traceback)", file=sys.stderr)
+        return 2
     return 0
 
 

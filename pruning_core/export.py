@@ -10,6 +10,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from pruning_core.errors import UserError
+
 __all__ = ["export_model", "load_exported"]
 
 log = logging.getLogger(__name__)
@@ -20,7 +22,7 @@ def export_model(model: nn.Module, out_dir: str | Path, input_shape: tuple[int, 
     """Write ``model.pt2`` (``torch.export``, dynamic batch) and, if onnx/onnxruntime are installed, ``model.onnx``
     with ``metadata`` (such as the input normalisation) as JSON strings in its ``metadata_props``.
 
-    Each file is reloaded and checked to give the same logits as ``model`` within ``atol``.
+    Each file is reloaded and checked to give the same logits as ``model`` within ``atol`` relative to their scale.
     Files are written to a temporary name first, so a failure leaves nothing half-written.
 
     :returns: format name -> path of each file written.
@@ -72,6 +74,11 @@ def load_exported(path: str | Path) -> nn.Module:
 
 
 def _check(out: torch.Tensor, ref: torch.Tensor, atol: float, what: str) -> None:
-    err = float((out - ref).abs().max())
-    if err > atol:
-        raise RuntimeError(f"{what} export changed the logits (max abs diff {err:.2e} > {atol})")
+    """The exported logits match within ``atol`` times the logits' scale (at least 1), as float32 rounding does.
+
+    :raises UserError: they do not.
+    """
+    err, scale = float((out - ref).abs().max()), max(1.0, float(ref.abs().max()))
+    if err > atol * scale:
+        raise UserError(f"{what} export changed the logits (max abs diff {err:.2e}, more than {atol} x their scale "
+                        f"{scale:.3g}); the model may hold an op the exporter does not support")

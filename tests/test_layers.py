@@ -31,8 +31,9 @@ def _imports(path: Path, name: str, modules: dict[str, Path]) -> set[str]:
             out.update(a.name for a in node.names if a.name in modules)
         elif isinstance(node, ast.ImportFrom):
             base = node.module or ""
-            if node.level:
-                base = ".".join(package.split(".")[:len(package.split(".")) - node.level + 1] + ([base] if base else []))
+            if node.level:  # relative: up node.level - 1 packages from this one
+                parts = package.split(".")
+                base = ".".join(parts[:len(parts) - node.level + 1] + ([base] if base else []))
             for alias in node.names:  # "from agent import checkpoint" imports the submodule
                 target = f"{base}.{alias.name}"
                 out.add(target if target in modules else base)

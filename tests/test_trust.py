@@ -89,3 +89,27 @@ def test_a_refit_that_scores_lower_is_not_kept(digits_weights, monkeypatch):
     model, fields = session.build_final(ratios, reconstruct=True)
     assert fields == {"reconstruct": False, "refit_rejected": True}
     assert any(float(p.detach().abs().sum()) > 0 for p in model.parameters())
+
+
+def test_export_check_is_relative_to_the_logits_scale():
+    from pruning_core import UserError
+    from pruning_core.export import _check
+    ref = torch.full((2, 10), 1000.0)
+    _check(ref + 0.05, ref, 1e-4, "ONNX")  # 5e-5 of the logits' scale: float32 rounding, not a broken export
+    with pytest.raises(UserError, match=r"ONNX export changed the logits \(max abs diff 1.00e\+00"):
+        _check(ref + 1.0, ref, 1e-4, "ONNX")
+
+
+def test_an_unexpected_failure_is_one_line_and_v_shows_the_traceback(monkeypatch, capsys):
+    import agent.cli
+
+    def boom(args):
+        raise RuntimeError("integer division or modulo by zero\nsecond line")
+
+    monkeypatch.setattr(agent.cli, "prune_command", boom)
+    assert main(["prune", *DIGITS]) == 2
+    err = capsys.readouterr().err
+    assert err == ("prunepilot prune: error: RuntimeError: integer division or modulo by zero "
+                   "(prunepilot -v prune ... shows the traceback)\n")
+    with pytest.raises(RuntimeError, match="integer division"):
+        main(["-v", "prune", *DIGITS])
