@@ -27,6 +27,7 @@ from pruning_core import (
     uniform_ratios,
 )
 from pruning_core.errors import Interrupted
+from pruning_core.importance import IMPORTANCES
 from pruning_core.latency import check_max_latency
 from pruning_core.prune import check_ratios
 from pruning_core.session import refits_by_default
@@ -83,6 +84,9 @@ def prune_command_parser(subparsers) -> None:
                    help="allocation: uniform Taylor ratios, Taylor global ranking, uniform with L1 ranking, the "
                         "per-stage centre, AIMET-style greedy sensitivity selection, or random search "
                         "(default: uniform)")
+    p.add_argument("--importance", choices=IMPORTANCES, default="taylor",
+                   help="channel ranking: first-order Taylor, second-order Taylor (several times slower) or L1 "
+                        "(default: taylor; --method l1-uniform implies l1)")
     p.add_argument("--sensitivity-points", type=positive_int, default=10,
                    help="--method sensitivity: ratios measured per stage (one evaluation each; default: 10)")
     p.add_argument("--evaluations", type=positive_int, default=120,
@@ -108,7 +112,7 @@ def prune_command(args: argparse.Namespace) -> dict:
         if args.ratios:
             raise UserError("--max-latency shapes a --method allocation; a --ratios file is used as it is")
         check_max_latency(args.max_latency)
-    config = session_config(args, "l1" if args.method == "l1-uniform" else "taylor")
+    config = session_config(args, "l1" if args.method == "l1-uniform" else args.importance)
     # a search scores its candidates as the kept model is built: refitted unless it will be fine-tuned
     config.reconstruct = args.method in SEARCH_METHODS and args.reconstruct is not False and \
         refits_by_default(args.finetune_epochs, args.adapt_bn)

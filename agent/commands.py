@@ -13,6 +13,7 @@ from agent.outputs import print_report
 from envs import ACTION_CENTERS, FLOOR_METHODS, GRANULARITIES, REWARDS
 from pruning_core import UserError
 from pruning_core.data import load_data
+from pruning_core.importance import IMPORTANCES
 from pruning_core.latency import BACKENDS
 
 _DEFAULTS = TrainConfig()
@@ -41,6 +42,7 @@ EXPERT_FLAGS = (
     ("sensitivity_points", int, "ratios per decision unit in the sensitivity table"),
     ("latency_backend", BACKENDS, "backend the latency table (--max-latency) is measured in"),
     ("latency_batch", int, "batch size of that latency table"),
+    ("importance", IMPORTANCES, "channel ranking: first- or second-order Taylor, or L1"),
     ("reward_images", int, "images in the reward split"),
     ("select_images", int, "more images on which the best candidates are re-scored"),
     ("rescore_top", int, "best distinct candidates re-scored at the end"),

@@ -93,6 +93,8 @@ class TrainConfig:
     """Training images in the reward split."""
     calib_batches: int = 10
     """Batches of 64 training images for adaptive BN in every episode."""
+    importance: str = "taylor"
+    """Channel ranking: ``taylor``, ``taylor2`` (second-order) or ``l1``."""
     reconstruct: bool = True
     """Score every candidate as the kept model is built: before adaptive BN, refit its conv and linear layers by least
     squares to the dense model's outputs on 256 calibration images (He et al. 2017; ``pruning_core.Reconstruction``).

@@ -45,6 +45,7 @@ def build_env(config: TrainConfig, session: PruningSession | None = None,
         session = PruningSession(config.model, config.weights, config.data, SessionConfig(
             reward_images=config.reward_images, calib_batches=config.calib_batches,
             select_images=config.select_images, seed=config.seed, mean=config.mean, std=config.std,
+            importance=config.importance,
             scale=config.scale, reconstruct=config.reconstruct and refits_by_default(config.finetune_epochs)),
             config.val_data)
     budget = None

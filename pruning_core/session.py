@@ -18,7 +18,7 @@ from pruning_core.data import ImageData, Split, load_data, load_val, make_splits
 from pruning_core.errors import UserError
 from pruning_core.evaluate import accuracy, adapt_bn, augment_batch, finetune, mean_loss
 from pruning_core.graph import ModelTrace, trace_model
-from pruning_core.importance import L1Importance, TaylorImportance
+from pruning_core.importance import IMPORTANCES, L1Importance, Taylor2Importance, TaylorImportance
 from pruning_core.latency import LatencyTable
 from pruning_core.prune import kept_counts, prune, removed_channels
 from pruning_core.reconstruct import Reconstruction
@@ -51,7 +51,7 @@ class SessionConfig:
     """Score on flipped/shifted training images: a model that fits its training set has near-zero loss
     there, and augmented images give the gradients more signal (not for digits, where flips change labels)."""
     importance: str = "taylor"
-    """Channel criterion: ``taylor`` (Molchanov 2019) or ``l1``."""
+    """Channel criterion: ``taylor`` (first-order, Molchanov 2019), ``taylor2`` (second-order) or ``l1``."""
     drop_criterion: str = "loss"
     """What it costs to remove a residual branch whole (:meth:`PruningSession.drop_costs`): ``loss``, the
     calibration images' cross-entropy with that branch alone removed and BN recalibrated (one evaluation per
@@ -169,12 +169,14 @@ class PruningSession:
     def _score(self) -> dict[str, torch.Tensor]:
         if self.config.importance == "l1":
             return L1Importance()(self.model, None, self.trace)
-        if self.config.importance != "taylor":
-            raise UserError(f"unknown importance {self.config.importance!r}; use taylor or l1")
+        if self.config.importance not in IMPORTANCES:
+            raise UserError(f"unknown importance {self.config.importance!r}; use {', '.join(IMPORTANCES)}")
         gen = torch.Generator().manual_seed(self.config.seed)
         batches = self.splits.train.batches(self.config.batch_size, shuffle=True, generator=gen)
         if self.config.taylor_augment and self.data.name != "digits":
             batches = ((augment_batch(x, gen), y) for x, y in batches)
+        if self.config.importance == "taylor2":
+            return Taylor2Importance(self.config.taylor_batches, seed=self.config.seed)(self.model, batches, self.trace)
         return TaylorImportance(self.config.taylor_batches)(self.model, batches, self.trace)
 
     def split(self, name: str) -> Split:
