@@ -80,8 +80,8 @@ def run_model(name: str, args: argparse.Namespace) -> dict:
         per_group = {g: spearman(scores[g], truth[g]) for g in truth}
         rows["criteria"][label] = {"spearman_pooled": pooled, "spearman_per_group": per_group,
                                    "spearman_group_mean": sum(per_group.values()) / len(per_group), "time_s": seconds}
-        print(f"{name} {label}: pooled {pooled:.3f}, per-group mean {rows['criteria'][label]['spearman_group_mean']:.3f}"
-              f" ({seconds:.1f} s)", flush=True)
+        mean = rows["criteria"][label]["spearman_group_mean"]
+        print(f"{name} {label}: pooled {pooled:.3f}, per-group mean {mean:.3f} ({seconds:.1f} s)", flush=True)
     return rows
 
 
