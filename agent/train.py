@@ -44,10 +44,9 @@ def build_env(config: TrainConfig, session: PruningSession | None = None,
     if session is None:
         session = PruningSession(config.model, config.weights, config.data, SessionConfig(
             reward_images=config.reward_images, calib_batches=config.calib_batches,
-            select_images=config.select_images, seed=config.seed, mean=config.mean, std=config.std,
-            importance=config.importance,
-            scale=config.scale, reconstruct=config.reconstruct and refits_by_default(config.finetune_epochs)),
-            config.val_data)
+            select_images=config.select_images, seed=config.seed, importance=config.importance,
+            mean=config.mean, std=config.std, scale=config.scale,
+            reconstruct=config.reconstruct and refits_by_default(config.finetune_epochs)), config.val_data)
     budget = None
     if config.max_latency is not None:
         table = latency_table or session.latency_table(config.latency_backend, config.latency_batch, config.progress)
