@@ -94,10 +94,8 @@ def prune_command_parser(subparsers) -> None:
     p.add_argument("--ratios", help="JSON file {group: ratio} to use instead of --method")
     p.add_argument("--reconstruct", action=argparse.BooleanOptionalAction, default=None,
                    help="before adaptive BN, refit every conv and linear layer by least squares to the dense "
-                        "model's outputs on 256 calibration images (He et al. 2017): a second or two, no labels; "
-                        "ResNet-56 at 50%% FLOPs, uniform: 79.15%% -> 88.20%% test accuracy before fine-tuning "
-                        "(default: on unless --finetune-epochs fine-tunes the model or --no-adapt-bn; the "
-                        "report's acc_before_reconstruct is the same allocation without the refit)")
+                        "model's outputs on 256 calibration images (He et al. 2017; default: on unless "
+                        "--finetune-epochs fine-tunes the model or --no-adapt-bn)")
     p.add_argument("--max-latency", type=float, default=None,
                    help="also keep the latency predicted by a table of this machine's per-layer timings within "
                         "this fraction of dense; the table times the --latency backend (default: onnxruntime) at "

@@ -36,12 +36,10 @@ class TrainConfig:
     episodes: int = 120
     """Episodes (one pruned-model evaluation each, cached repeats included); with ``evaluations``, their cap."""
     evaluations: int | None = None
-    """Stop once this many distinct pruned models have been evaluated (``episodes`` still caps the episodes). An
-    episode that repeats an evaluated allocation reuses its cached reward and costs only the agent's step, so the
-    evaluations, not the episodes, are what a search costs; on a coarse grid (``round_to`` 8) a converging PPO
-    otherwise spends most of its episodes on repeats (10-20 distinct allocations in 120 episodes on ResNet-56)."""
+    """Stop once this many distinct pruned models have been evaluated (``episodes`` still caps the episodes).
+    An episode that repeats an evaluated allocation reuses its cached reward, so evaluations are what a search costs."""
     algo: str = "ppo"
-    """SB3 algorithm: ppo (measured best here), ddpg (AMC's choice), td3 or sac."""
+    """SB3 algorithm: ppo, ddpg (AMC's choice), td3 or sac."""
     reward: str = "acc"
     """acc (accuracy under the enforced budget), acc_flops, or latency."""
     seed: int = 0
@@ -51,40 +49,22 @@ class TrainConfig:
     max_ratio: float = 0.8
     """Largest pruning ratio of any one group."""
     granularity: str = "substage"
-    """One step per stage (``stage``: consecutive groups of equal width and resolution, e.g. the blocks of a
-    ResNet stage, share one ratio), per stage with each downsampling (strided) group a step of its own
-    (``substage``), or per channel group (``group``). Measured on ResNet-56 at 50% FLOPs: 48
-    random per-group deviations from uniform all scored at or below it (bench/results/reward_signal.json);
-    PPO at stage level reached 83.55 +- 1.10% test accuracy against 79.15% for uniform
-    (bench/results/ablation_action_center.json). ``substage``, the default (3 seeds each,
-    bench/results/search_substage.json): PPO 60.34 +- 1.73% at 30% FLOPs against 51.13 +- 1.19% per stage (on
-    training images 61.8 against 53.4), and level at 50% (83.71 +- 1.17% against 83.91 +- 0.49%; 89.22
-    against 89.47 on training images). Per group, PPO beats random search in the same space at 50% (82.45 +-
-    1.77% against 80.63 +- 1.05% over 6 seeds; 87.8 against 85.6 on the reward split; bench/results/
-    search_group*.json)."""
+    """One step per stage (``stage``: consecutive groups of equal width and resolution share one ratio), per stage
+    with each downsampling group a step of its own (``substage``), or per channel group (``group``)."""
     action_center: str = "remaining"
-    """What action 0 means: at every step, the ratio that spends the budget left evenly over this and the later
-    steps (``remaining``), so every episode uses its budget; or the fixed uniform allocation (``uniform``); or
-    half of max_ratio (``zero``). On ResNet-56 at 50% FLOPs (3 seeds, stage level) ``remaining`` gave
-    83.55 +- 1.10% test accuracy against 81.81 +- 2.94% for ``uniform`` (bench/results/ablation_action_center.json)."""
+    """What action 0 means: the ratio that spends the budget left evenly over this and the later steps
+    (``remaining``), the fixed uniform allocation (``uniform``), or half of max_ratio (``zero``)."""
     round_to: int | None = None
-    """Round kept channels up to a multiple of this: the CPU conv kernels' channel block, 8 with AVX2 and 16 with
-    AVX-512 (``pruning_core.latency.cpu_channel_block()``; ``--round-to auto`` on the command line). Groups no
-    wider than it are not rounded. On this coarse grid pair PPO with ``repeat_penalty`` 0.02 or ``clone_warmup``."""
+    """Round kept channels up to a multiple of this, such as the CPU conv kernels' channel block
+    (``pruning_core.latency.cpu_channel_block()``; ``--round-to auto``). Groups no wider than it are not rounded."""
     drop_blocks: bool = False
-    """Let the agent remove residual branches whole (``ModelTrace.droppable``: a ResNet block's inner convs, a
-    MobileNetV2 block with a skip): such a group keeps a whole number of ``round_to`` blocks, or none. With
-    ``granularity`` ``substage`` or ``stage`` each run of groups gets a drop step after its width step: the share
-    of its branches to remove, cheapest first (``PruningSession.drop_costs``; 9 steps on ResNet-56); with
-    ``group`` a width under half a block drops the branch. Narrowing ResNet-56's 16-wide first stage saves no
-    time on an AVX-512 CPU, since ONNX Runtime pads it to 16 channels; dropping its blocks saves it all. Needs
-    ``round_to``: the CPU's channel block."""
+    """Let the agent remove residual branches whole (``ModelTrace.droppable``). With ``stage`` or ``substage``
+    granularity each run of groups gets a drop step after its width step, the share of its branches to remove,
+    cheapest first (``PruningSession.drop_costs``); with ``group`` a width under half a block drops the branch."""
     max_latency: float | None = None
-    """Also cap the pruned model's latency at this fraction of dense, as predicted by a latency table (every conv
-    layer timed alone at widths in multiples of the CPU's channel block, 8 or 16 with AVX-512, on
-    ``latency_backend``, at ``latency_batch``; measured once at the start, seconds for ResNet-56, and saved as
-    ``latency_table.json``). Every episode meets both budgets. The table predicts ONNX Runtime well for widths in
-    whole blocks, so pair it with ``round_to`` at that block (``pruning_core.latency.cpu_channel_block()``)."""
+    """Also cap the pruned model's latency at this fraction of dense, as a latency table measured at the start
+    on ``latency_backend`` at ``latency_batch`` predicts (saved as ``latency_table.json``). Every episode meets both
+    budgets; pair it with ``round_to`` at the CPU's channel block."""
     latency_backend: str = "onnxruntime"
     """Runtime the latency table times: onnxruntime, torch-cl (eager, Conv+BN folded, channels-last) or torch."""
     latency_batch: int = 1
@@ -130,41 +110,19 @@ class TrainConfig:
     noise_decay: float = 0.95
     """Noise std multiplier per episode after warm-up (AMC: 0.95)."""
     init_std: float = 0.3
-    """Initial std of PPO's and SAC's Gaussian policy on the [-1, 1] action. SB3's default of 1 mostly
-    samples clipped, extreme allocations; 0.3 explores around the uniform centre (measured on ResNet-56 at 50%
-    FLOPs: bench/results/ablation_init_std.json)."""
+    """Initial std of PPO's and SAC's Gaussian policy on the [-1, 1] action."""
     sde: bool = True
-    """PPO only: generalized state-dependent exploration (gSDE, Raffin et al. 2022), its noise matrix drawn
-    once per episode. Groups with similar embeddings (e.g. one stage of a ResNet) then move together, so an
-    episode explores a few structured directions instead of one independent perturbation per group, which
-    mostly just degrades the uniform allocation. ``init_std`` is the initial action std either way."""
+    """PPO only: generalized state-dependent exploration (gSDE), its noise matrix drawn once per episode, so that
+    groups with similar embeddings move together."""
     clone_warmup: bool = False
-    """PPO only: run the ``warmup_episodes`` random episodes first, fit the actor to the best of them (behaviour
-    cloning) and let PPO search around that allocation instead of the uniform one. On ResNet-56 (substage) it
-    helps at 50% FLOPs (test 84.15% over 6 seeds against 83.71% over 3; training-image score 90.0 against
-    89.2) and hurts at 30% (55.69 against 60.34%, 3 seeds each; 58.4 against 62.4), where the best of 20 random
-    episodes is a poor anchor that std 0.3 does not escape; so it is off by default
-    (bench/results/search_substage_warmup*.json). Turn it on with ``round_to`` 8: on that coarse grid plain PPO
-    explores only 10-20 distinct allocations in 120 episodes. At 50% FLOPs it kept 78.47% models, with
-    ``reexplore`` 80.20%, with cloning 82.10% (random search 82.79%); under a 0.6 latency budget (before
-    ``reexplore``) 75.81% and 79.09% (random 79.25%) (bench/results/search_substage_r8*.json,
-    search_latency*.json)."""
+    """PPO only: run the ``warmup_episodes`` random episodes first and fit the actor to the best of them, even
+    without a ``warm_start``."""
     reexplore: bool = True
-    """PPO only: after ``k`` rollouts (4 episodes each) in a row in which every episode repeated an allocation
-    already evaluated, re-centre the policy on the best episode so far and widen it to ``init_std * 2**k`` (at
-    most 1). On a coarse grid (``round_to`` 8) a Gaussian policy otherwise settles on a few allocations, or its
-    mean leaves the action box, and it spends its episodes on cache hits. On ResNet-56 (substage, ``round_to`` 8,
-    50% FLOPs, 3 seeds) it lifted PPO from 78.17% to 80.20% in 120 episodes and from 80.07% to 83.68% (a first run:
-    82.11%) with 120 distinct evaluations, covering 2-4x more allocations; random search keeps 82.79% and
-    83.42%. It never fired in 3 unrounded runs (bench/results/search_substage_*reexplore*.json)."""
+    """PPO only: after ``k`` rollouts in a row in which every episode repeated an evaluated allocation, re-centre
+    the policy on the best episode so far and widen it to ``init_std * 2**k`` (at most 1)."""
     repeat_penalty: float = 0.0
-    """Subtracted from the reward of an episode that repeats an allocation already evaluated (reward units:
-    accuracy as a fraction, so 0.02 is 2 points). The search keeps the best evaluated allocation whatever the
-    policy does, so a repeat adds nothing to it; the penalty steers the agent towards allocations it has not
-    tried. It only acts where allocations repeat (``round_to``, or a converged policy). On ResNet-56 (substage,
-    ``round_to`` 8, 50% FLOPs, 120 episodes, 6 seeds) 0.02 lifted PPO from 80.76% to 82.43% (4 of 6 seeds kept
-    the best of all 186 allocations; random search 81.74%); 0.05 did not help (80.43%, 3 seeds). Unmeasured
-    without ``round_to``, so off by default (bench/results/search_substage_r8_penalty*.json)."""
+    """Subtracted from the reward of an episode that repeats an evaluated allocation (accuracy as a fraction),
+    steering the agent towards allocations it has not tried."""
     baseline: bool = True
     """Subtract a moving average of past episode rewards from the reward (AMC's baseline)."""
     hidden: int = 64
@@ -182,9 +140,8 @@ class TrainConfig:
     buffer_size: int = 4000
     """Replay buffer transitions (AMC: 2000)."""
     checkpoint_every: int = 10
-    """Episodes between checkpoints of agent, replay buffer and counters, taken at the end of the rollout that
-    completes them (every episode off-policy, every 4 episodes for PPO); a kill loses at most this many plus
-    one rollout."""
+    """Episodes between checkpoints, each taken where the next rollout starts (every episode off-policy,
+    every 4 for PPO), so a resumed run repeats the uninterrupted one."""
     max_nodes: int = 320
     """Observation padding: layer-graph nodes, grown to fit the model (changes only the padding)."""
     finetune_epochs: int = 0

@@ -52,9 +52,8 @@ def deploy_form(model: nn.Module) -> nn.Module:
     one conv (``torch.fx``), weights in channels-last memory format. Feed it channels-last inputs.
 
     oneDNN's CPU convolutions prefer channels-last (NHWC) data, and a folded BN is one pass over the activations
-    less per conv: dense ResNet-56 runs 2.2x faster this way than as is at batch 1 on a 2-core AVX2 CPU, 1.3x
-    at batch 64 (bench/results/latency.json). A model that ``torch.fx`` cannot trace keeps its BN layers
-    (logged) and is only converted to channels-last.
+    less per conv. A model that ``torch.fx`` cannot trace keeps its BN layers (logged) and is only converted to
+    channels-last.
     """
     from torch.fx.experimental.optimization import fuse
 
@@ -180,11 +179,9 @@ class LatencyTable:
     bisected.
 
     This is NetAdapt's and AMC's latency lookup table. It predicts runtimes that fuse the non-conv work into the
-    convs well: in ONNX Runtime at batch 64 on a 2-core AVX2 CPU, a fresh table predicted 23 benchmark ResNet-56
-    models (widths in multiples of 8, 0.59-0.66 of dense latency) within 0.014 of their measured latency ratio,
-    mean error -0.003; the same entries scaled proportionally were 0.017 optimistic on average (bench/results/
-    table_accuracy.json). Widths that are not multiples of ``block`` predict as the next multiple, while ORT runs
-    them on slower kernels, so search with ``round_to=block`` when budgeting latency.
+    convs well, such as ONNX Runtime (its accuracy is measured in ``docs/benchmarks.md``). Widths that are not
+    multiples of ``block`` predict as the next multiple, while ORT runs them on slower kernels, so search with
+    ``round_to=block`` when budgeting latency.
 
     Build one with :meth:`measure`; :meth:`save` / :meth:`load` keep it as JSON.
     """
@@ -238,12 +235,9 @@ class LatencyTable:
         :param trace: ``model``'s :class:`~pruning_core.graph.ModelTrace`.
         :param block: the grid step and the half-width probe's rounding; by default this CPU's channel block
             (:func:`cpu_channel_block`). A block of 8 on an AVX-512 CPU puts the probe's stage-1 convs off the
-            16-channel kernels, and the fit reads their slowness as fixed time: for ResNet-56 in ORT at batch 64,
-            three such tables had offsets of 24-40 ms (of 67-95) and predicted 23 models in 16-channel blocks
-            0.08-0.24 of dense latency too slow on average; two tables with block 16 were off by -0.03 and +0.10
-            (bench/results/table_accuracy_drop*_xeon*.json; this VM's timings drift between runs).
+            16-channel kernels, and the fit reads their slowness as fixed time, predicting too slow.
         :param max_timings: the grid of wide layers coarsens (at most 16, 8, 4 or 2 points per dimension) until
-            the table needs at most this many timings: 42 for ResNet-56, each about 0.1 s in ORT.
+            the table needs at most this many timings.
         :param progress: called as ``progress(done, total)`` after each timed layer variant.
         """
         if backend not in BACKENDS:

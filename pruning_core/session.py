@@ -45,8 +45,7 @@ class SessionConfig:
     batch_size: int = 64
     """Batch size for calibration, scoring and fine-tuning."""
     taylor_batches: int = 32
-    """Minibatches of training images that Taylor scores are averaged over (8 gave noticeably noisier
-    rankings on the shared ResNet-56: 75.7% against 83.6% reward-split accuracy for uniform 50% FLOPs)."""
+    """Minibatches of training images that Taylor scores are averaged over (fewer give noisier rankings)."""
     taylor_augment: bool = True
     """Score on flipped/shifted training images: a model that fits its training set has near-zero loss
     there, and augmented images give the gradients more signal (not for digits, where flips change labels)."""
@@ -55,9 +54,8 @@ class SessionConfig:
     drop_criterion: str = "loss"
     """What it costs to remove a residual branch whole (:meth:`PruningSession.drop_costs`): ``loss``, the
     calibration images' cross-entropy with that branch alone removed and BN recalibrated (one evaluation per
-    branch, 58-99 s for ResNet-56's 27 on 2 cores), or ``taylor``, the branch's summed channel scores (free, but on
-    ResNet-56 it ranks blocks worse: re-choosing the dropped blocks of 7 searched allocations by ``loss`` kept or
-    raised every one on held-out training images, by up to 6.8 points)."""
+    branch), or ``taylor``, the branch's summed channel scores (free, but it ranked blocks worse in
+    ``bench/FINDINGS.md``)."""
     mean: tuple[float, ...] | None = None
     """Per-channel mean subtracted from ``pixel * scale`` (one value for all channels); None: the data set's
     default (ImageNet's for cifar10 and image folders)."""
