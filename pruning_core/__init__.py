@@ -7,7 +7,7 @@ from pruning_core.data import ImageData, Split, load_data, make_splits
 from pruning_core.errors import UserError
 from pruning_core.evaluate import accuracy, adapt_bn, finetune
 from pruning_core.export import export_model, load_exported
-from pruning_core.graph import ModelTrace, layer_macs, measure_flops, trace_model
+from pruning_core.graph import ModelTrace, layer_macs, measure_flops
 from pruning_core.importance import L1Importance, TaylorImportance
 from pruning_core.latency import LatencyBudget, LatencyTable, compare_latency, measure_latency
 from pruning_core.prune import (
@@ -23,6 +23,7 @@ from pruning_core.prune import (
 )
 from pruning_core.reconstruct import Reconstruction
 from pruning_core.session import DROP_CRITERIA, PruningSession, SessionConfig
+from pruning_core.tracer import trace_model
 from pruning_core.zoo import MODELS, build_model, load_weights
 
 __version__ = "0.1.0"

@@ -17,11 +17,12 @@ from torch import nn
 from pruning_core.data import ImageData, Split, load_data, load_val, make_splits
 from pruning_core.errors import UserError
 from pruning_core.evaluate import accuracy, adapt_bn, augment_batch, finetune, mean_loss
-from pruning_core.graph import ModelTrace, trace_model
+from pruning_core.graph import ModelTrace
 from pruning_core.importance import IMPORTANCES, L1Importance, Taylor2Importance, TaylorImportance
 from pruning_core.latency import LatencyTable
 from pruning_core.prune import kept_counts, prune, removed_channels
 from pruning_core.reconstruct import Reconstruction
+from pruning_core.tracer import trace_model
 from pruning_core.zoo import build_model, load_weights, recorded_accuracy
 
 __all__ = ["DROP_CRITERIA", "PruningSession", "SessionConfig", "refits_by_default"]
