@@ -59,6 +59,11 @@ def test_a_run_killed_after_a_checkpoint_resumes_to_the_same_result(algo, kill_a
     resumed = resume(tmp_path / "killed")
     assert _episodes(tmp_path / "killed") == _episodes(tmp_path / "whole")
     assert resumed["ratios"] == whole["ratios"] and resumed["acc"] == whole["acc"]
+    # TensorBoard drops the charts of the episodes the resumed run redid: each episode is drawn once
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    charts = EventAccumulator(str(tmp_path / "killed" / "tb" / "episodes"))
+    charts.Reload()
+    assert [e.step for e in charts.Scalars("charts/episode_reward")] == list(range(1, TINY["episodes"] + 1))
 
 
 @pytest.mark.slow
