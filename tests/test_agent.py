@@ -351,7 +351,7 @@ def test_apply_to_other_models_meets_budget(digits_session, tmp_path):
         # the kept allocation is the best of the policy's candidates and the floor, whatever produced it
         assert report["acc_reward"] == pytest.approx(t["rescored"][0]["acc_reward"])
         assert max(c["reward"] for c in t["rescored"]) == t["rescored"][0]["reward"]
-        assert t["chosen"] == t["rescored"][0]["source"] or t["rescored"][0]["source"] == "search"
+        assert t["chosen"] == t["rescored"][0]["source"]
 
 
 def test_drop_policy_transfers_from_resnet20_to_resnet56(tmp_path):

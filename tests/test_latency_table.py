@@ -99,7 +99,7 @@ def test_measured_table_predicts_dense_and_round_trips(tmp_path):
     dense = trace.dense_kept()
     assert table.predict_ms(trace, dense) == pytest.approx(table.dense_ms)
     # fitted to the half-width probe timed whole too (the fit itself: test_offset_fits_the_probe)
-    assert 0.0 <= table.offset_ms < table.dense_ms and table.probe["speedup"] > 0
+    assert 0.0 <= table.offset_ms < table.dense_ms
     half = kept_counts(trace, uniform_ratios(trace, 0.5, round_to=8), 8)
     assert 0 < table.ratio(trace, half) <= 1.0
     path = tmp_path / "table.json"
