@@ -72,7 +72,7 @@ def train(config: TrainConfig | None = None, session: PruningSession | None = No
         raise UserError(f"the session's model is {session.model_name}, not config.model {config.model}: build the "
                         "session from the same model spec, which the run records for --resume")
     run_dir = Path(config.out)
-    check_out(run_dir)
+    check_out(run_dir, overwrite=True)  # writable; a run folder is never written over, which the checks below say
     if (run_dir / "config.json").exists():
         raise UserError(f"{run_dir} already holds a run; continue it with --resume {run_dir} or pick another --out")
     if run_dir.is_dir() and any(run_dir.iterdir()):
