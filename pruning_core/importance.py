@@ -57,7 +57,42 @@ def taylor_term(module: nn.Module, gate: bool) -> torch.Tensor:
     return s.double()
 
 
-class TaylorImportance:
+class _PerBatchCriterion:
+    """The loop both Taylor criteria share: on a copy in eval mode, :meth:`_terms` gives one squared term per
+    channel of every scored layer per minibatch; these are averaged over ``num_batches`` minibatches and summed over
+    the layers of a coupled group.
+    """
+
+    num_batches: int
+
+    def __call__(self, model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
+                 trace: ModelTrace) -> dict[str, torch.Tensor]:
+        net = copy.deepcopy(model).eval()
+        modules = dict(net.named_modules())
+        use = _score_layers(trace)
+        layers = sorted({n for names in use.values() for n in names})
+        acc = {n: torch.zeros(trace.layers[n].out_channels, dtype=torch.float64) for n in layers}
+        self._start()
+        seen = 0
+        for x, y in batches:
+            if seen >= self.num_batches:
+                break
+            for n, term in self._terms(net, modules, trace, layers, x, y).items():
+                acc[n] += term
+            seen += 1
+        if seen == 0:
+            raise ValueError(f"{type(self).__name__} needs at least one minibatch")
+        return _to_group_scores(trace, {n: a / seen for n, a in acc.items()}, use)
+
+    def _start(self) -> None:
+        """Called once per scoring, before the first minibatch."""
+
+    def _terms(self, net: nn.Module, modules: dict[str, nn.Module], trace: ModelTrace, layers: list[str],
+               x: torch.Tensor, y: torch.Tensor) -> dict[str, torch.Tensor]:
+        raise NotImplementedError
+
+
+class TaylorImportance(_PerBatchCriterion):
     """First-order Taylor importance of Molchanov et al., CVPR 2019 (https://arxiv.org/abs/1906.10771).
 
     Per minibatch and channel, on the BN gate: ``(sum_c gamma*dL/dgamma + beta*dL/dbeta)^2``; on the
@@ -71,29 +106,14 @@ class TaylorImportance:
     def __init__(self, num_batches: int = 32):
         self.num_batches = num_batches
 
-    def __call__(self, model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
-                 trace: ModelTrace) -> dict[str, torch.Tensor]:
-        net = copy.deepcopy(model).eval()
-        modules = dict(net.named_modules())
-        use = _score_layers(trace)
-        layers = sorted({n for names in use.values() for n in names})
-        acc = {n: torch.zeros(trace.layers[n].out_channels, dtype=torch.float64) for n in layers}
-        seen = 0
-        for x, y in batches:
-            if seen >= self.num_batches:
-                break
-            net.zero_grad(set_to_none=True)
-            F.cross_entropy(net(x), y).backward()
-            with torch.no_grad():
-                for n in layers:
-                    acc[n] += taylor_term(modules[n], trace.layers[n].kind == "bn") ** 2
-            seen += 1
-        if seen == 0:
-            raise ValueError("TaylorImportance needs at least one minibatch")
-        return _to_group_scores(trace, {n: a / seen for n, a in acc.items()}, use)
+    def _terms(self, net, modules, trace, layers, x, y):
+        net.zero_grad(set_to_none=True)
+        F.cross_entropy(net(x), y).backward()
+        with torch.no_grad():
+            return {n: taylor_term(modules[n], trace.layers[n].kind == "bn") ** 2 for n in layers}
 
 
-class Taylor2Importance:
+class Taylor2Importance(_PerBatchCriterion):
     """Second-order Taylor importance of Molchanov et al., CVPR 2019: per minibatch and channel, the squared
     second-order estimate of the loss change when the channel is removed, ``(-g + h/2)^2``.
 
@@ -110,40 +130,26 @@ class Taylor2Importance:
     def __init__(self, num_batches: int = 32, probes: int = 4, seed: int = 0):
         self.num_batches, self.probes, self.seed = num_batches, probes, seed
 
-    def __call__(self, model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
-                 trace: ModelTrace) -> dict[str, torch.Tensor]:
-        net = copy.deepcopy(model).eval()
-        modules = dict(net.named_modules())
-        use = _score_layers(trace)
-        layers = sorted({n for names in use.values() for n in names})
+    def _start(self) -> None:
+        self._gen = torch.Generator().manual_seed(self.seed)  # the same signs in every scoring
+
+    def _terms(self, net, modules, trace, layers, x, y):
         params = {n: [p for p in (modules[n].weight, modules[n].bias) if p is not None] for n in layers}
         flat = [p for n in layers for p in params[n]]
-        acc = {n: torch.zeros(trace.layers[n].out_channels, dtype=torch.float64) for n in layers}
-        gen = torch.Generator().manual_seed(self.seed)
-        seen = 0
-        for x, y in batches:
-            if seen >= self.num_batches:
-                break
-            grads = torch.autograd.grad(F.cross_entropy(net(x), y), flat, create_graph=True)
-            grad = dict(zip(map(id, flat), grads))
-            first = {n: sum(_per_channel(p.detach() * grad[id(p)].detach()) for p in params[n]) for n in layers}
-            curvature = {n: torch.zeros_like(first[n]) for n in layers}
-            for _ in range(self.probes):
-                signs = {n: torch.randint(0, 2, (trace.layers[n].out_channels,), generator=gen).float() * 2 - 1
-                         for n in layers}
-                directions = [_along(p.detach(), signs[n]) for n in layers for p in params[n]]
-                hv = torch.autograd.grad(grads, flat, grad_outputs=directions, retain_graph=True)
-                hv = dict(zip(map(id, flat), hv))
-                for n in layers:  # z_c v_c . (H u)_c, whose mean over the signs is v_c^T H v_c
-                    curvature[n] += signs[n] * sum(_per_channel(p.detach() * hv[id(p)]) for p in params[n])
-            curvature = {n: c / self.probes for n, c in curvature.items()}
-            with torch.no_grad():
-                for n in layers:
-                    acc[n] += (-first[n] + curvature[n] / 2).double() ** 2
-            seen += 1
-        if seen == 0:
-            raise ValueError("Taylor2Importance needs at least one minibatch")
-        return _to_group_scores(trace, {n: a / seen for n, a in acc.items()}, use)
+        grads = torch.autograd.grad(F.cross_entropy(net(x), y), flat, create_graph=True)
+        grad = dict(zip(map(id, flat), grads))
+        first = {n: sum(_per_channel(p.detach() * grad[id(p)].detach()) for p in params[n]) for n in layers}
+        curvature = {n: torch.zeros_like(first[n]) for n in layers}
+        for _ in range(self.probes):
+            signs = {n: torch.randint(0, 2, (trace.layers[n].out_channels,), generator=self._gen).float() * 2 - 1
+                     for n in layers}
+            directions = [_along(p.detach(), signs[n]) for n in layers for p in params[n]]
+            hv = torch.autograd.grad(grads, flat, grad_outputs=directions, retain_graph=True)
+            hv = dict(zip(map(id, flat), hv))
+            for n in layers:  # z_c v_c . (H u)_c, whose mean over the signs is v_c^T H v_c
+                curvature[n] += signs[n] * sum(_per_channel(p.detach() * hv[id(p)]) for p in params[n])
+        with torch.no_grad():
+            return {n: (-first[n] + curvature[n] / self.probes / 2).double() ** 2 for n in layers}
 
 
 def _per_channel(t: torch.Tensor) -> torch.Tensor:
