@@ -38,7 +38,8 @@ def apply_policy(policy: str | Path | PortablePolicy, model: str | nn.Module, we
                  sensitivity_points: int = 10, rescore_top: int = 5,
                  select_images: int = 1000, latency: str | None = None, latency_batch: int = 1,
                  max_latency: float | None = None, reconstruct: bool | None = None,
-                 reconstruct_final: bool | None = None, val_data: str | None = None) -> dict:
+                 reconstruct_final: bool | None = None, val_data: str | None = None,
+                 inputs: dict | None = None) -> dict:
     """Prune a new model with a learned policy and return the JSON report (``method: "rl-transfer"``).
 
     :param flops: FLOPs budget (default: the one the policy was trained for).
@@ -60,6 +61,8 @@ def apply_policy(policy: str | Path | PortablePolicy, model: str | nn.Module, we
         (``SessionConfig.reconstruct``; default: as the policy was trained). Ignored when ``session`` is given.
     :param val_data: images the model was not trained on for the reward and select splits (a folder of class
         folders; default: the data's ``val/``, else training images). Ignored when ``session`` is given.
+    :param inputs: more :class:`SessionConfig` fields for loading the model and data (device, image size,
+        normalisation, head; ``agent.args.INPUT_SETTINGS``). Ignored when ``session`` is given.
     :param reconstruct_final: refit the kept model that way before it is evaluated and exported (default: unless
         ``finetune_epochs`` fine-tunes it; :meth:`PruningSession.build_final`).
     """
@@ -75,7 +78,7 @@ def apply_policy(policy: str | Path | PortablePolicy, model: str | nn.Module, we
         reconstruct = reconstruct if reconstruct is not None else trained.get("reconstruct", False)
         session = PruningSession(model, weights, data, SessionConfig(
             reward_images=reward_images, calib_batches=calib_batches, select_images=select_images, seed=seed,
-            reconstruct=reconstruct), val_data)
+            reconstruct=reconstruct, **(inputs or {})), val_data)
     budget = None
     if max_latency is not None and max_latency < 1.0:
         table = session.latency_table(trained.get("latency_backend", "onnxruntime"),

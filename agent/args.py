@@ -10,8 +10,15 @@ from pruning_core.latency import BACKENDS, cpu_channel_block
 
 log = logging.getLogger("prunepilot")
 
-__all__ = ["ROUND_TO_HELP", "add_model_args", "add_normalisation_args", "add_output_args", "check_flops",
-           "floats_arg", "positive_int", "round_to_arg"]
+__all__ = ["DATA_HELP", "INPUT_SETTINGS", "MODEL_HELP", "ROUND_TO_HELP", "add_input_args", "add_model_args",
+           "add_normalisation_args", "add_output_args", "check_flops", "floats_arg", "input_settings", "positive_int",
+           "round_to_arg"]
+
+MODEL_HELP = ("zoo name (resnet20/32/44/56/110, vgg11_bn, vgg16_bn, mobilenetv2, digits_cnn, digits_cnn_wide), "
+              "torchvision:NAME, timm:NAME or package.module:factory")
+DATA_HELP = "cifar10:DIR, imagefolder:DIR (train/ and test/ or val/, streamed) or digits"
+# SessionConfig fields these flags set, shared by every command that loads a model
+INPUT_SETTINGS = ("mean", "std", "scale", "image_size", "workers", "num_classes", "trust_pickle", "device")
 
 ROUND_TO_HELP = ("round kept channels up to a multiple of this; auto: this CPU's conv channel block (16 with "
                  "AVX-512, else 8), the widths its kernels run without padding")
@@ -34,17 +41,14 @@ def round_to_arg(value: str) -> int:
 
 def add_model_args(p: argparse.ArgumentParser, data_default: str | None = None) -> None:
     """Flags every command that loads a model shares."""
-    p.add_argument("--model", required=True,
-                   help="zoo name (resnet20/32/44/56/110, vgg11_bn, vgg16_bn, mobilenetv2, digits_cnn, "
-                        "digits_cnn_wide) or package.module:factory")
+    p.add_argument("--model", required=True, help=MODEL_HELP)
     p.add_argument("--weights", help="checkpoint: a state_dict or {'state_dict': ...}, loaded with weights_only=True")
     default_note = f" (default: {data_default})" if data_default else ""
-    p.add_argument("--data", required=data_default is None, default=data_default,
-                   help="cifar10:DIR, imagefolder:DIR or digits" + default_note)
+    p.add_argument("--data", required=data_default is None, default=data_default, help=DATA_HELP + default_note)
     p.add_argument("--val-data", metavar="DIR",
                    help="folder of class folders the model was not trained on: the reward and select images that "
                         "searches score on (default: the data's val/ folder if it has one, else training images)")
-    add_normalisation_args(p)
+    add_input_args(p)
     p.add_argument("--flops", type=float, default=0.5, help="FLOPs budget as a fraction of dense (default: 0.5)")
     p.add_argument("--max-ratio", type=float, default=0.8,
                    help="largest pruning ratio of any one group (default: 0.8)")
@@ -88,6 +92,27 @@ def add_normalisation_args(p: argparse.ArgumentParser, defaults: bool = True) ->
     p.add_argument("--mean", type=floats_arg, metavar="M[,M,M]", help="per-channel mean" + note)
     p.add_argument("--std", type=floats_arg, metavar="S[,S,S]", help="per-channel std" + note)
     p.add_argument("--scale", type=float, help="factor from 0-255 pixels to the model's range (default: 1/255)")
+
+
+def add_input_args(p: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
+    """The flags of :data:`INPUT_SETTINGS`: normalisation, image size, decoding workers, head, pickles and device.
+    Each defaults to None, which leaves the :class:`~pruning_core.SessionConfig` default.
+    """
+    add_normalisation_args(p)
+    p.add_argument("--image-size", type=positive_int, metavar="PX",
+                   help="resize and centre-crop images to PX x PX (default: their own size)")
+    p.add_argument("--workers", type=int, metavar="N", help="processes decoding an image folder (default: 0)")
+    p.add_argument("--num-classes", type=positive_int, metavar="N",
+                   help="build the model with an N-class head (default: the data's, for torchvision/timm models)")
+    p.add_argument("--trust-pickle", action="store_const", const=True,
+                   help="let --weights be a whole pickled model; this runs code from the file, so only for your own")
+    p.add_argument("--device", metavar="auto|cpu|cuda|cuda:N",
+                   help="where the model is scored, pruned and evaluated (default: auto, a CUDA GPU if there is one)")
+
+
+def input_settings(args: argparse.Namespace) -> dict:
+    """The :data:`INPUT_SETTINGS` the flags gave, for :class:`~pruning_core.SessionConfig`."""
+    return {k: getattr(args, k) for k in INPUT_SETTINGS if getattr(args, k, None) is not None}
 
 
 def positive_int(text: str) -> int:

@@ -13,7 +13,7 @@ import sys
 import time
 from pathlib import Path
 
-from agent.args import add_model_args, add_output_args, check_flops, positive_int
+from agent.args import add_model_args, add_output_args, check_flops, input_settings, positive_int
 from agent.commands import apply_command_parser, demo_command_parser, export_command_parser, train_command_parser
 from agent.outputs import add_latency, check_out, print_report, write_pruned
 from pruning_core import (
@@ -47,7 +47,7 @@ def session_config(args: argparse.Namespace, importance: str = "taylor") -> Sess
     if args.reconstruct and not args.adapt_bn:
         raise UserError("--reconstruct fits each layer to the inputs that adaptive BN gives it; drop --no-adapt-bn")
     return SessionConfig(reward_images=args.reward_images, calib_batches=args.calib_batches, seed=args.seed,
-                         importance=importance, mean=args.mean, std=args.std, scale=args.scale)
+                         importance=importance, **input_settings(args))
 
 
 def finish(session: PruningSession, model, ratios: dict[str, float], method: str, args: argparse.Namespace,

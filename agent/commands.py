@@ -7,12 +7,21 @@ import sys
 from dataclasses import fields
 from pathlib import Path
 
-from agent.args import ROUND_TO_HELP, add_normalisation_args, add_output_args, check_flops, positive_int, round_to_arg
+from agent.args import (
+    DATA_HELP,
+    MODEL_HELP,
+    ROUND_TO_HELP,
+    add_input_args,
+    add_output_args,
+    check_flops,
+    input_settings,
+    positive_int,
+    round_to_arg,
+)
 from agent.config import ALGOS, WARM_STARTS, TrainConfig
 from agent.outputs import print_report
 from envs import ACTION_CENTERS, FLOOR_METHODS, GRANULARITIES, REWARDS
 from pruning_core import UserError
-from pruning_core.data import load_data
 from pruning_core.importance import IMPORTANCES
 from pruning_core.latency import BACKENDS
 
@@ -101,13 +110,13 @@ def train_command_parser(subparsers) -> None:
     run.add_argument("--json", action="store_true", help="print the final JSON report on stdout")
     run.add_argument("--no-progress", action="store_true", help="hide the progress bars")
     problem = p.add_argument_group("model, data and budget")
-    problem.add_argument("--model", help="zoo name or module:factory (required unless --resume)")
+    problem.add_argument("--model", help=MODEL_HELP + " (required unless --resume)")
     problem.add_argument("--weights", help="state_dict file of the trained model (read with weights_only)")
-    problem.add_argument("--data", help="cifar10:DIR, imagefolder:DIR or digits" + _default("data"))
+    problem.add_argument("--data", help=DATA_HELP + _default("data"))
     problem.add_argument("--val-data", metavar="DIR",
                          help="class folders the model was not trained on, to score candidates (default: the "
                               "data's val/, else training images)")
-    add_normalisation_args(problem)
+    add_input_args(problem)
     problem.add_argument("--flops", type=float, help="FLOPs budget as a fraction of dense" + _default("flops"))
     problem.add_argument("--max-latency", type=float, metavar="F",
                          help="also keep latency within F of dense, as a table measured on this machine predicts")
@@ -136,16 +145,21 @@ def train_command_parser(subparsers) -> None:
     p.set_defaults(func=train_command)
 
 
+RESUME_MAY_CHANGE = ("episodes", "evaluations", "device", "workers")
+
+
 def train_command(args: argparse.Namespace) -> dict:
     from agent.train import resume, train
     if args.resume:
-        given = [f.name for f in fields(TrainConfig) if f.name not in ("episodes", "evaluations")
+        given = [f.name for f in fields(TrainConfig) if f.name not in RESUME_MAY_CHANGE
                  and getattr(args, f.name, None) is not None]
         if given:
-            raise UserError(f"--resume continues a run with its own settings; drop {', '.join('--' + g for g in given)}"
-                            " (only --episodes and --evaluations may change)")
+            raise UserError(f"--resume continues a run with its own settings; drop "
+                            f"{', '.join('--' + g.replace('_', '-') for g in given)} (only "
+                            f"{', '.join('--' + g for g in RESUME_MAY_CHANGE)} may change)")
         report = resume(args.resume, episodes=args.episodes, progress=not args.no_progress and None,
-                        evaluations=args.evaluations, redo_finish=args.redo_finish)
+                        evaluations=args.evaluations, redo_finish=args.redo_finish, device=args.device,
+                        workers=args.workers)
     else:
         if args.redo_finish:
             raise UserError("--redo-finish goes with --resume RUN_DIR")
@@ -187,12 +201,12 @@ def apply_command_parser(subparsers) -> None:
                                           "optionally fine-tune, and export the model with a JSON report. "
                                           "--search-episodes K first fine-tunes the policy on the new model.")
     p.add_argument("policy", metavar="POLICY", help="policy folder or .zip from prunepilot export")
-    p.add_argument("--model", required=True, help="zoo name or package.module:factory")
+    p.add_argument("--model", required=True, help=MODEL_HELP)
     p.add_argument("--weights", help="checkpoint of the new model")
-    p.add_argument("--data", required=True, help="cifar10:DIR, imagefolder:DIR or digits")
+    p.add_argument("--data", required=True, help=DATA_HELP)
     p.add_argument("--val-data", metavar="DIR", help="folder of class folders the model was not trained on, for the "
                    "reward and select images (default: the data's val/, else training images)")
-    add_normalisation_args(p)
+    add_input_args(p)
     p.add_argument("--flops", type=float, help="FLOPs budget (default: the policy's own)")
     p.add_argument("--search-episodes", type=int, default=0,
                    help="episodes of RL fine-tuning on the new model before applying (default: 0, zero-shot)")
@@ -230,10 +244,8 @@ def apply_command(args: argparse.Namespace) -> dict:
     from agent.outputs import check_out
     check_flops(args.flops)
     check_out(args.out, args.overwrite)
-    data = args.data
-    if (args.mean, args.std, args.scale) != (None, None, None):
-        data = load_data(data).normalised(args.mean, args.std, args.scale)
-    report = apply_policy(args.policy, args.model, args.weights, data, flops=args.flops, out=args.out,
+    report = apply_policy(args.policy, args.model, args.weights, args.data, flops=args.flops, out=args.out,
+                          inputs=input_settings(args),
                           val_data=args.val_data,
                           search_episodes=args.search_episodes, finetune_epochs=args.finetune_epochs,
                           seed=args.seed, reward_images=args.reward_images, calib_batches=args.calib_batches,

@@ -17,7 +17,7 @@ class TrainConfig:
     """Everything ``prunepilot train`` needs; saved as ``config.json`` in the run folder for ``--resume``."""
 
     model: str = "digits_cnn"
-    """Zoo name or ``package.module:factory``."""
+    """Zoo name, ``torchvision:NAME``, ``timm:NAME`` or ``package.module:factory``."""
     weights: str | None = None
     """Checkpoint of the trained model (state_dict, loaded with ``weights_only=True``)."""
     data: str = "digits"
@@ -31,6 +31,16 @@ class TrainConfig:
     """Per-channel std the centred pixels are divided by (default: the data set's)."""
     scale: float | None = None
     """Factor from 0-255 pixels to the model's input range (default: 1/255)."""
+    image_size: int | None = None
+    """Resize and centre-crop images to this many pixels square (default: their own size)."""
+    workers: int = 0
+    """Processes decoding an image folder's images."""
+    num_classes: int | None = None
+    """Outputs of the model's head (default: the data's class count for torchvision/timm models, else as built)."""
+    trust_pickle: bool = False
+    """Let ``weights`` be a whole pickled model (unpickling runs code from the file)."""
+    device: str = "auto"
+    """Where the model is scored, pruned and evaluated: auto, cpu, cuda or cuda:N; the agent runs on the CPU."""
     flops: float = 0.5
     """FLOPs budget as a fraction of dense; every episode meets it."""
     episodes: int = 120

@@ -45,7 +45,9 @@ def build_env(config: TrainConfig, session: PruningSession | None = None,
         session = PruningSession(config.model, config.weights, config.data, SessionConfig(
             reward_images=config.reward_images, calib_batches=config.calib_batches,
             select_images=config.select_images, seed=config.seed, importance=config.importance,
-            mean=config.mean, std=config.std, scale=config.scale,
+            mean=config.mean, std=config.std, scale=config.scale, image_size=config.image_size,
+            workers=config.workers, num_classes=config.num_classes, trust_pickle=config.trust_pickle,
+            device=config.device,
             reconstruct=config.reconstruct and refits_by_default(config.finetune_epochs)), config.val_data)
     budget = None
     if config.max_latency is not None:
@@ -96,7 +98,8 @@ def train(config: TrainConfig | None = None, session: PruningSession | None = No
 
 
 def resume(run_dir: str | Path, episodes: int | None = None, progress: bool | None = None,
-           evaluations: int | None = None, redo_finish: bool = False) -> dict:
+           evaluations: int | None = None, redo_finish: bool = False, device: str | None = None,
+           workers: int | None = None) -> dict:
     """Continue a killed run from its last checkpoint; from a checkpoint, it repeats what the uninterrupted run
     would have done. A finished run is only extended by a larger ``episodes`` or ``evaluations`` budget.
 
@@ -104,6 +107,9 @@ def resume(run_dir: str | Path, episodes: int | None = None, progress: bool | No
     :param evaluations: a new budget of distinct evaluations (default: the run's own).
     :param redo_finish: re-score and rebuild the kept model of a finished run (else a finished run is returned as
         it is, with a warning).
+    :param device: run the rest on this device instead (``SessionConfig.device``); a GPU's arithmetic may differ
+        from the CPU's in the last bits, so only the same device repeats the run exactly.
+    :param workers: image-folder decoding processes (``SessionConfig.workers``).
     :raises UserError: no run, or a path the run was started with is gone.
     """
     run_dir = Path(run_dir)
@@ -122,6 +128,10 @@ def resume(run_dir: str | Path, episodes: int | None = None, progress: bool | No
         config.episodes = episodes
     if evaluations is not None:
         config.evaluations = evaluations
+    if device is not None:
+        config.device = device
+    if workers is not None:
+        config.workers = workers
     config.validate()
     for what, spec in (("--weights", config.weights), ("--data", config.data), ("--val-data", config.val_data)):
         path = spec.partition(":")[2] if spec and spec.startswith(("cifar10:", "imagefolder:")) else spec

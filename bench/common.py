@@ -122,20 +122,30 @@ def evaluate_method(session: PruningSession, ratios: dict[str, float], finetune_
     return {**row, **extra}
 
 
+def jpeg_folder(parts: tuple[str, ...] = ("train", "test")) -> Path:
+    """The CIFAR-10 JPEG image folder (``train/`` and ``test/``, 60,000 images) of ``../shared/assets``, extracted
+    once into ``bench/.cache/`` (only ``parts``)."""
+    import tarfile
+
+    root = ROOT / "bench" / ".cache" / "cifar10-jpeg"
+    missing = [p for p in parts if not (root / p).is_dir()]
+    if missing:
+        root.mkdir(parents=True, exist_ok=True)
+        with tarfile.open(ASSETS / "cifar10-jpeg.tar.gz") as tar:
+            tar.extractall(root, members=[m for m in tar.getmembers() if m.name.split("/")[0] in missing],
+                           filter="data")
+    return root
+
+
 def unseen_split(session: PruningSession, limit: int | None = None, seed: int = 0):
     """CIFAR-10 JPEG test images the shared ResNets never saw: ``test/<class>/`` of ``cifar10-jpeg.tar.gz`` minus
     the JPEG twins of the 1,017 exact test images (per class the numbering follows the official order, so the
     first n_c files of class c are the twins), normalised like the session's images; ``limit`` of them at random.
     Extracted once into ``bench/.cache/``.
     """
-    import tarfile
-
-    from pruning_core.data import class_names, read_folder
-    root = ROOT / "bench" / ".cache" / "cifar10-jpeg"
-    if not (root / "test").is_dir():
-        root.mkdir(parents=True, exist_ok=True)
-        with tarfile.open(ASSETS / "cifar10-jpeg.tar.gz") as tar:
-            tar.extractall(root, members=[m for m in tar.getmembers() if m.name.startswith("test")], filter="data")
+    from pruning_core.data import read_folder
+    from pruning_core.folder import class_names
+    root = jpeg_folder(("test",))
     classes = class_names(root / "test")
     twins = torch.bincount(session.splits.test.y, minlength=len(classes)).tolist()
     x, y = read_folder(root / "test", classes, keep=lambda cls, k: k >= twins[classes.index(cls)])

@@ -3,7 +3,7 @@
 Nothing here imports RL, gym or PyG code.
 """
 
-from pruning_core.data import ImageData, Split, load_data, make_splits
+from pruning_core.data import ImageData, load_data, make_splits
 from pruning_core.errors import UserError
 from pruning_core.evaluate import accuracy, adapt_bn, finetune
 from pruning_core.export import export_model, load_exported
@@ -23,13 +23,15 @@ from pruning_core.prune import (
 )
 from pruning_core.reconstruct import Reconstruction
 from pruning_core.session import DROP_CRITERIA, PruningSession, SessionConfig
+from pruning_core.splits import FolderSplit, Split
 from pruning_core.tracer import trace_model
 from pruning_core.zoo import MODELS, build_model, load_weights
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "DROP_CRITERIA", "MODELS", "ImageData", "L1Importance", "LatencyBudget", "LatencyTable", "ModelTrace",
+    "DROP_CRITERIA", "MODELS", "FolderSplit", "ImageData", "L1Importance", "LatencyBudget", "LatencyTable",
+    "ModelTrace",
     "PruningSession", "Reconstruction", "SessionConfig", "Split", "TaylorImportance", "UserError", "__version__",
     "accuracy", "adapt_bn", "branch_width", "build_model", "check_ratios",
     "compare_latency", "drop_order", "export_model", "finetune", "global_ratios", "kept_channels", "kept_counts",

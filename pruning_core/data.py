@@ -1,13 +1,14 @@
 """Image data sets with explicit splits: ``reward`` and ``calib`` from training images, ``test`` never searched.
 
-Images are held in memory as uint8 (N, C, H, W) and normalised per batch, so even the 60,000-image
-JPEG set stays near 200 MB.
+CIFAR-10 and digits are held in memory as uint8 (N, C, H, W) and normalised per batch, so even the 60,000-image
+set stays near 200 MB. Image folders stream from disk (:class:`~pruning_core.splits.FolderSplit`); their reward,
+calibration and select images are decoded once into memory.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import pickle
-from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -15,58 +16,31 @@ import numpy as np
 import torch
 
 from pruning_core.errors import UserError
+from pruning_core.folder import class_names, list_images
+from pruning_core.splits import FolderSplit, Split, normalise
 
-__all__ = ["ImageData", "Split", "class_names", "load_data", "load_val", "make_splits", "read_folder"]
+__all__ = ["ImageData", "Split", "load_data", "load_val", "make_splits", "normalise", "read_folder"]  # with splits'
 
 CIFAR_MEAN, CIFAR_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)  # what the shared ResNets were trained with
 DIGITS_MEAN, DIGITS_STD = (0.305,), (0.376,)
 
 
 @dataclass
-class Split:
-    """A fixed set of images and labels with their normalisation."""
-
-    x: torch.Tensor  # uint8 (N, C, H, W)
-    y: torch.Tensor  # int64 (N,)
-    mean: tuple[float, ...]
-    std: tuple[float, ...]
-    scale: float = 1 / 255
-
-    def __len__(self) -> int:
-        return len(self.y)
-
-    def normalise(self, x: torch.Tensor) -> torch.Tensor:
-        mean = torch.tensor(self.mean).view(1, -1, 1, 1)
-        std = torch.tensor(self.std).view(1, -1, 1, 1)
-        return (x.float() * self.scale - mean) / std
-
-    def batches(self, batch_size: int = 256, *, shuffle: bool = False,
-                generator: torch.Generator | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        """Yield normalised ``(x, y)`` minibatches in order, or shuffled with ``generator``."""
-        order = torch.randperm(len(self), generator=generator) if shuffle else torch.arange(len(self))
-        for i in range(0, len(self), batch_size):
-            idx = order[i:i + batch_size]
-            yield self.normalise(self.x[idx]), self.y[idx]
-
-    def subset(self, idx: torch.Tensor) -> Split:
-        return Split(self.x[idx], self.y[idx], self.mean, self.std, self.scale)
-
-
-@dataclass
 class ImageData:
     """A training and a test split of one data set, and validation images if it has them (an ImageFolder's
-    ``val/``), which searches then score on instead of training images.
+    ``val/``), which searches then score on instead of training images. Splits are in memory (:class:`Split`) or
+    streamed from an image folder (:class:`~pruning_core.folder.FolderSplit`).
     """
 
     name: str
-    train: Split
-    test: Split
+    train: Split | FolderSplit
+    test: Split | FolderSplit
     num_classes: int
-    val: Split | None = None
+    val: Split | FolderSplit | None = None
 
     @property
     def input_shape(self) -> tuple[int, int, int]:
-        return tuple(self.train.x.shape[1:])
+        return self.train.shape
 
     def normalised(self, mean: tuple[float, ...] | None = None, std: tuple[float, ...] | None = None,
                    scale: float | None = None) -> ImageData:
@@ -76,7 +50,7 @@ class ImageData:
             is not positive.
         """
         t = self.train
-        channels = t.x.shape[1]
+        channels = t.shape[0]
         mean, std = (tuple(v) * (channels if len(v) == 1 else 1) if v is not None else None for v in (mean, std))
         for name, v in (("--mean", mean), ("--std", std)):
             if v is not None and len(v) != channels:
@@ -85,8 +59,8 @@ class ImageData:
             raise UserError("--std and --scale must be positive")
         mean, std, scale = mean or t.mean, std or t.std, t.scale if scale is None else scale
 
-        def renorm(split: Split | None) -> Split | None:
-            return split if split is None else Split(split.x, split.y, mean, std, scale)
+        def renorm(split):
+            return split if split is None else dataclasses.replace(split, mean=mean, std=std, scale=scale)
 
         return ImageData(self.name, renorm(self.train), renorm(self.test), self.num_classes, renorm(self.val))
 
@@ -149,20 +123,34 @@ def absolute_spec(spec: str | None) -> str | None:
     return str(Path(spec).expanduser().resolve())
 
 
-def load_data(spec: str) -> ImageData:
-    """Load ``cifar10:DIR``, ``imagefolder:DIR`` or ``digits``.
+def load_data(spec: str, image_size: int | None = None, workers: int = 0) -> ImageData:
+    """Load ``cifar10:DIR``, ``imagefolder:DIR`` or ``digits``, at ``image_size`` x ``image_size`` if given.
+
+    An image folder holds ``train/`` and ``test/`` (or ``val/`` in its place), and optionally both ``val/`` and
+    ``test/``, each with one folder of JPEG or PNG images per class. It is streamed by ``workers`` decoding processes;
+    without ``image_size`` all its images must share the first one's size. CIFAR-10 and digits are resized in memory.
 
     :raises UserError: an unknown spec, a missing folder or a folder with no usable images.
     """
     kind, _, path = spec.partition(":")
+    if image_size is not None and image_size < 1:
+        raise UserError(f"--image-size must be at least 1, got {image_size}")
+    if workers < 0:
+        raise UserError(f"--workers must be >= 0, got {workers}")
     if kind == "digits":
-        return _digits()
-    if kind not in ("cifar10", "imagefolder") or not path:
+        data = _digits()
+    elif kind not in ("cifar10", "imagefolder") or not path:
         raise UserError(f"unknown data spec {spec!r}; use cifar10:DIR, imagefolder:DIR or digits")
-    root = Path(path).expanduser()
-    if not root.is_dir():
-        raise UserError(f"data folder not found: {root}")
-    return _cifar10(root) if kind == "cifar10" else _imagefolder(root)
+    else:
+        root = Path(path).expanduser()
+        if not root.is_dir():
+            raise UserError(f"data folder not found: {root}")
+        if kind == "imagefolder":
+            return _imagefolder(root, image_size, workers)
+        data = _cifar10(root)
+    if image_size is not None:
+        data = ImageData(data.name, data.train.resized(image_size), data.test.resized(image_size), data.num_classes)
+    return data
 
 
 def _cifar10(root: Path) -> ImageData:
@@ -206,62 +194,43 @@ class _CifarUnpickler(pickle.Unpickler):
         return super().find_class(module, name)
 
 
-def _imagefolder(root: Path) -> ImageData:
-    if not (root / "train").is_dir() or not (root / "test").is_dir():
-        raise UserError(f"{root} must hold train/<class>/*.jpg and test/<class>/*.jpg (and optionally val/)")
+def _imagefolder(root: Path, size: int | None, workers: int) -> ImageData:
+    names = {p.name for p in root.iterdir() if p.is_dir()}
+    if "train" not in names or not names & {"test", "val"}:
+        raise UserError(f"{root} must hold train/<class>/*.jpg and test/<class>/*.jpg (or val/ in place of test/)")
     classes = class_names(root / "train")
-    (trx, try_), (tex, tey) = read_folder(root / "train", classes), read_folder(root / "test", classes)
-    val = None
-    if (root / "val").is_dir():
-        vx, vy = read_folder(root / "val", classes)
-        val = Split(vx, vy, CIFAR_MEAN, CIFAR_STD)
-    return ImageData(f"imagefolder:{root.name}", Split(trx, try_, CIFAR_MEAN, CIFAR_STD),
-                     Split(tex, tey, CIFAR_MEAN, CIFAR_STD), len(classes), val)
+
+    def split(name: str) -> FolderSplit:
+        files, y = list_images(root / name, classes)
+        return FolderSplit(files, y, CIFAR_MEAN, CIFAR_STD, size=size, workers=workers)
+
+    train = split("train")
+    test = split("test") if "test" in names else split("val")
+    val = split("val") if "test" in names and "val" in names else None
+    if size is None:
+        for s in (test, val):
+            if s is not None and s.native != train.native:
+                raise UserError(f"{s.files[0].parent.parent} holds {s.native[1]}x{s.native[0]} images, train/ "
+                                f"{train.native[1]}x{train.native[0]}: pass --image-size to resize and crop them all")
+    return ImageData(f"imagefolder:{root.name}", train, test, len(classes), val)
 
 
-def class_names(folder: Path) -> list[str]:
-    """The sorted class sub-folders of ``folder`` (an ImageFolder's labels, in order)."""
-    classes = sorted(p.name for p in folder.iterdir() if p.is_dir())
-    if not classes:
-        raise UserError(f"no class folders in {folder}")
-    return classes
-
-
-def read_folder(folder: Path, classes: list[str],
-                keep: Callable[[str, int], bool] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Decode ``folder/<class>/*.jpg|png`` for ``classes`` (label = index) into uint8 (N, C, H, W) and labels;
+def read_folder(folder: Path, classes: list[str], keep=None, size: int | None = None,
+                workers: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Decode ``folder/<class>/*.jpg|png`` for ``classes`` (label = index) into memory, uint8 (N, 3, H, W) and labels;
     ``keep(class, k)`` may leave out a class's ``k``-th file in name order.
     """
-    from PIL import Image, UnidentifiedImageError
-
-    xs, ys = [], []
-    for label, cls in enumerate(classes):
-        if not (folder / cls).is_dir():
-            raise UserError(f"{folder} has no folder for class {cls!r}")
-        files = [f for f in sorted((folder / cls).glob("*")) if f.suffix.lower() in (".jpg", ".jpeg", ".png")]
-        for k, f in enumerate(files):
-            if keep is not None and not keep(cls, k):
-                continue
-            try:
-                with Image.open(f) as im:
-                    xs.append(np.asarray(im.convert("RGB"), dtype=np.uint8).transpose(2, 0, 1))
-            except (OSError, UnidentifiedImageError) as e:
-                raise UserError(f"cannot read image {f}: {e}") from e
-            ys.append(label)
-    if not xs:
-        raise UserError(f"no images in {folder}")
-    shapes = {x.shape for x in xs}
-    if len(shapes) > 1:
-        raise UserError(f"images in {folder} differ in size ({sorted(shapes)[:3]}); resize them first")
-    return torch.from_numpy(np.stack(xs)), torch.tensor(ys)
+    files, y = list_images(folder, classes, keep)
+    split = FolderSplit(files, y, CIFAR_MEAN, CIFAR_STD, size=size, workers=workers).subset(torch.arange(len(y)))
+    return split.x, split.y
 
 
-def load_val(spec: str | Split, data: ImageData) -> Split:
+def load_val(spec: str | Split, data: ImageData, workers: int = 0) -> Split | FolderSplit:
     """Validation images for the reward and select splits: a :class:`Split`, or a folder ``DIR/<class>/*.jpg``
     with one class folder per class of the data, labelled in sorted name order as ImageFolder does (CIFAR-10's
-    names sort in its label order), normalised like the training images.
+    names sort in its label order), normalised like the training images and decoded at their size.
     """
-    if isinstance(spec, Split):
+    if isinstance(spec, (Split, FolderSplit)):
         return spec
     root = Path(spec.removeprefix("imagefolder:")).expanduser()
     if not root.is_dir():
@@ -269,11 +238,13 @@ def load_val(spec: str | Split, data: ImageData) -> Split:
     classes = class_names(root)
     if len(classes) != data.num_classes:
         raise UserError(f"{root} has {len(classes)} class folders but {data.name} has {data.num_classes} classes")
-    x, y = read_folder(root, classes)
     t = data.train
-    if tuple(x.shape[1:]) != tuple(t.x.shape[1:]):
-        raise UserError(f"images in {root} are {tuple(x.shape[1:])}, the training images {tuple(t.x.shape[1:])}")
-    return Split(x, y, t.mean, t.std, t.scale)
+    files, y = list_images(root, classes)
+    size = t.shape[1] if t.shape[1] == t.shape[2] else None  # square training images: resize these to match
+    val = FolderSplit(files, y, t.mean, t.std, t.scale, size=size, workers=workers)
+    if val.shape != t.shape:
+        raise UserError(f"images in {root} are {val.shape}, the training images {t.shape}")
+    return val
 
 
 def _digits() -> ImageData:

@@ -8,7 +8,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pruning_core.data import Split
+from pruning_core.device import model_device
+from pruning_core.splits import Split
 
 __all__ = ["accuracy", "adapt_bn", "augment_batch", "finetune", "mean_loss"]
 
@@ -20,7 +21,8 @@ def _summed(model: nn.Module, split: Split, batch_size: int, per_batch) -> float
     """``per_batch(logits, labels)`` summed over ``split``, in eval mode (the model's mode is restored)."""
     was_training = model.training
     model.eval()
-    total = sum(per_batch(model(x), y) for x, y in split.batches(batch_size))
+    dev = model_device(model)
+    total = sum(per_batch(model(x.to(dev)), y.to(dev)) for x, y in split.batches(batch_size))
     model.train(was_training)
     return total
 
@@ -53,10 +55,11 @@ def adapt_bn(model: nn.Module, calib: Split, num_batches: int = 10, batch_size: 
         m.reset_running_stats()
         m.momentum = None  # cumulative moving average over the calibration batches
     model.train()
+    dev = model_device(model)
     for i, (x, _) in enumerate(calib.batches(batch_size)):
         if i >= num_batches:
             break
-        model(x)
+        model(x.to(dev))
     for m, mom in zip(bns, momenta):
         m.momentum = mom
     return model.eval()
@@ -88,6 +91,7 @@ def finetune(model: nn.Module, train: Split, epochs: int = 2, lr: float = 0.01, 
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
     if teacher is not None:
         teacher.eval()
+    dev = model_device(model)
     bar = None
     if progress:
         from tqdm.auto import tqdm
@@ -97,6 +101,7 @@ def finetune(model: nn.Module, train: Split, epochs: int = 2, lr: float = 0.01, 
         for x, y in train.batches(batch_size, shuffle=True, generator=gen):
             if augment:
                 x = augment_batch(x, gen)
+            x, y = x.to(dev), y.to(dev)
             logits = model(x)
             loss = F.cross_entropy(logits, y)
             if teacher is not None:

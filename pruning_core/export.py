@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import warnings
@@ -10,6 +11,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from pruning_core.device import model_device
 from pruning_core.errors import UserError
 
 __all__ = ["export_model", "load_exported"]
@@ -29,6 +31,8 @@ def export_model(model: nn.Module, out_dir: str | Path, input_shape: tuple[int, 
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    if model_device(model).type != "cpu":  # the files load anywhere; the check runs on the CPU
+        model = copy.deepcopy(model).cpu()
     model = model.eval()
     x = torch.randn(2, *input_shape, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():

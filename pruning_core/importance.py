@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from pruning_core.device import model_device
 from pruning_core.graph import ModelTrace
 
 __all__ = ["IMPORTANCES", "L1Importance", "Taylor2Importance", "TaylorImportance", "taylor_term"]
@@ -28,7 +29,7 @@ def _to_group_scores(trace: ModelTrace, per_layer: dict[str, torch.Tensor], use:
         members = {m.module: m for m in g.members if m.dim == "out"}  # a gate conv may also read the group
         for layer in use[g.name]:
             idx = torch.tensor(members[layer].index)  # (channels, 1) for out members
-            total += per_layer[layer][idx].sum(dim=1).double()
+            total += per_layer[layer][idx].sum(dim=1).double().cpu()
         out[g.name] = total
     return out
 
@@ -74,11 +75,12 @@ class _PerBatchCriterion:
         acc = {n: torch.zeros(trace.layers[n].out_channels, dtype=torch.float64) for n in layers}
         self._start()
         seen = 0
+        dev = model_device(net)
         for x, y in batches:
             if seen >= self.num_batches:
                 break
-            for n, term in self._terms(net, modules, trace, layers, x, y).items():
-                acc[n] += term
+            for n, term in self._terms(net, modules, trace, layers, x.to(dev), y.to(dev)).items():
+                acc[n] += term.cpu()
             seen += 1
         if seen == 0:
             raise ValueError(f"{type(self).__name__} needs at least one minibatch")
@@ -141,8 +143,8 @@ class Taylor2Importance(_PerBatchCriterion):
         first = {n: sum(_per_channel(p.detach() * grad[id(p)].detach()) for p in params[n]) for n in layers}
         curvature = {n: torch.zeros_like(first[n]) for n in layers}
         for _ in range(self.probes):
-            signs = {n: torch.randint(0, 2, (trace.layers[n].out_channels,), generator=self._gen).float() * 2 - 1
-                     for n in layers}
+            signs = {n: (torch.randint(0, 2, (trace.layers[n].out_channels,), generator=self._gen).float() * 2 - 1)
+                     .to(x.device) for n in layers}
             directions = [_along(p.detach(), signs[n]) for n in layers for p in params[n]]
             hv = torch.autograd.grad(grads, flat, grad_outputs=directions, retain_graph=True)
             hv = dict(zip(map(id, flat), hv))

@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
+from pruning_core.device import model_device
 from pruning_core.errors import UserError
 from pruning_core.graph import ChannelGroup, ModelTrace, grouped_step
 
@@ -175,6 +176,7 @@ def prune(model: nn.Module, ratios: dict[str, float], scores: dict[str, torch.Te
                                               into[add] < inputs[add]), old.training)
         for bn in trace.branch_bns(m.module):  # the branch's BN would turn its zeros into a constant shift
             _replace(net, bn, nn.Identity(), old.training)
+    net.to(model_device(model))  # the zeros of a dropped branch are made on the CPU
     _remove_dead_blocks(net, trace, kept)
     return net
 
@@ -301,7 +303,7 @@ def _common_prefix(paths: list[list[str]]) -> list[str]:
 @torch.no_grad()
 def _slice(mod: nn.Module, dim: str, idx: torch.Tensor, depthwise: bool = False) -> None:
     def cut(p: torch.Tensor | None, axis: int) -> torch.Tensor | None:
-        return None if p is None else p.index_select(axis, idx).clone()
+        return None if p is None else p.index_select(axis, idx.to(p.device)).clone()
 
     if isinstance(mod, (nn.modules.batchnorm._NormBase, nn.GroupNorm)):  # BN, instance norm, group norm
         if isinstance(mod, nn.GroupNorm):  # whole norm groups go (ChannelGroup.unit): the others keep their statistics

@@ -46,9 +46,9 @@ def _patches(conv: nn.Conv2d, x: torch.Tensor, index: torch.Tensor, out_width: i
         else:
             pad = (conv.padding[1], conv.padding[1], conv.padding[0], conv.padding[0])
         x = F.pad(x, pad)
-    rows = (index // out_width)[:, :, None] * sh + torch.arange(kh)[None, None] * dh  # (N, P, kh)
-    cols = (index % out_width)[:, :, None] * sw + torch.arange(kw)[None, None] * dw  # (N, P, kw)
-    images = torch.arange(len(x))[:, None, None, None]
+    rows = (index // out_width)[:, :, None] * sh + torch.arange(kh, device=x.device)[None, None] * dh  # (N, P, kh)
+    cols = (index % out_width)[:, :, None] * sw + torch.arange(kw, device=x.device)[None, None] * dw  # (N, P, kw)
+    images = torch.arange(len(x), device=x.device)[:, None, None, None]
     patches = x[images, :, rows[:, :, :, None], cols[:, :, None, :]]  # (N, P, kh, kw, C)
     return patches.permute(0, 1, 4, 2, 3).reshape(-1, x.shape[1] * kh * kw)
 
@@ -78,7 +78,7 @@ class Reconstruction:
             def hook(module: nn.Module, inputs, out: torch.Tensor) -> None:
                 if out.dim() == 4:  # conv: the same sampled positions of every image in the pruned model
                     n, c, h, w = out.shape
-                    idx = torch.randint(0, h * w, (n, positions), generator=gen)
+                    idx = torch.randint(0, h * w, (n, positions), generator=gen).to(out.device)
                     self._index[name], self._width[name] = idx, w
                     out = out.flatten(2).gather(2, idx[:, None, :].expand(n, c, positions))
                     out = out.permute(0, 2, 1).reshape(-1, c)
@@ -147,7 +147,8 @@ class Reconstruction:
                 a = torch.cat([a, a.new_ones(len(a), 1)], 1)
                 w0 = torch.cat([w0, module.bias[:, None]], 1)
             gram = a.T @ a
-            reg = torch.full((gram.shape[0],), self.ridge * float(gram.diagonal().mean()), dtype=gram.dtype)
+            reg = torch.full((gram.shape[0],), self.ridge * float(gram.diagonal().mean()), dtype=gram.dtype,
+                             device=gram.device)
             if module.bias is not None:
                 reg[-1] = 1e-6 * reg[0]
             w = torch.linalg.solve(gram + torch.diag(reg), a.T @ y + reg[:, None] * w0.T).T

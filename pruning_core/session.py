@@ -14,7 +14,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from pruning_core.data import ImageData, Split, load_data, load_val, make_splits
+from pruning_core.data import ImageData, load_data, load_val, make_splits
+from pruning_core.device import resolve_device
 from pruning_core.errors import UserError
 from pruning_core.evaluate import accuracy, adapt_bn, augment_batch, finetune, mean_loss
 from pruning_core.graph import ModelTrace
@@ -22,6 +23,7 @@ from pruning_core.importance import IMPORTANCES, L1Importance, Taylor2Importance
 from pruning_core.latency import LatencyTable
 from pruning_core.prune import kept_counts, prune, removed_channels
 from pruning_core.reconstruct import Reconstruction
+from pruning_core.splits import Split
 from pruning_core.tracer import trace_model
 from pruning_core.zoo import build_model, load_weights, recorded_accuracy
 
@@ -73,6 +75,19 @@ class SessionConfig:
     """Calibration images the reconstruction fits on (all in one forward pass; fewer if the split is smaller)."""
     seed: int = 0
     """Seed for the reward/calibration subsets and the scoring batches."""
+    device: str = "auto"
+    """Where scoring, pruning, recalibration, refits, evaluation and fine-tuning run: ``auto`` (the first CUDA GPU if
+    there is one, else the CPU), ``cpu``, ``cuda`` or ``cuda:N``. Latency is always timed on the CPU."""
+    image_size: int | None = None
+    """Resize and centre-crop every image to this many pixels square (image folders), or resize (CIFAR-10, digits);
+    None: the images' own size, which in an image folder all must share."""
+    workers: int = 0
+    """Processes that decode an image folder's images while the model runs (0: decode in this process)."""
+    num_classes: int | None = None
+    """Outputs of the model's head: torchvision and timm models are built with it (default: the data's class count),
+    and a factory's last linear layer is replaced when it differs (default: as built)."""
+    trust_pickle: bool = False
+    """Let the weights file be a whole pickled ``nn.Module``. Unpickling runs code from the file: only for your own."""
 
 
 def refits_by_default(finetune_epochs: int = 0, adapt: bool = True) -> bool:
@@ -87,7 +102,8 @@ class PruningSession:
 
     :param model: a zoo name, ``package.module:factory``, or an ``nn.Module`` (used as is, never modified).
     :param weights: checkpoint path, or None to use the model's current weights.
-    :param data: a data spec (``cifar10:DIR``, ``imagefolder:DIR``, ``digits``) or an :class:`ImageData`.
+    :param data: a data spec (``cifar10:DIR``, ``imagefolder:DIR``, ``digits``) or an :class:`ImageData`, loaded at
+        ``config.image_size``.
     :param val_data: images the model was not trained on, for the reward and select splits: a folder of class
         folders or a :class:`Split` (default: the data's own ``val/``, else training images).
     """
@@ -100,22 +116,26 @@ class PruningSession:
         if config.drop_criterion not in DROP_CRITERIA:
             raise UserError(f"unknown drop criterion {config.drop_criterion!r}; use one of {', '.join(DROP_CRITERIA)}")
         self.model_name = model if isinstance(model, str) else type(model).__name__
+        self.device = resolve_device(config.device)
+        self.data = load_data(data, config.image_size, config.workers) if isinstance(data, str) else data
+        if (config.mean, config.std, config.scale) != (None, None, None):
+            self.data = self.data.normalised(config.mean, config.std, config.scale)
+        num_classes = config.num_classes
+        if num_classes is None and isinstance(model, str) and model.startswith(("torchvision:", "timm:")):
+            num_classes = self.data.num_classes  # their default head is ImageNet's 1,000 classes
         with torch.random.fork_rng(devices=[]):  # a model without weights starts the same in every run of a seed
             torch.manual_seed(config.seed)
-            self.model = build_model(model)
+            self.model = build_model(model, num_classes)
         self.random_weights = not weights and isinstance(model, str)
         self.recorded_acc: float | None = None  # the accuracy the weights file says the model has, if it says
         if weights:
-            load_weights(self.model, weights)
-            self.recorded_acc = recorded_accuracy(weights)
+            load_weights(self.model, weights, config.trust_pickle)
+            self.recorded_acc = recorded_accuracy(weights, config.trust_pickle)
         elif self.random_weights:
             log.warning("no weights given: %s keeps its random initial weights, so its accuracies mean nothing "
                         "(pass --weights)", self.model_name)
         self.model.eval()
-        self.data = load_data(data) if isinstance(data, str) else data
-        if (config.mean, config.std, config.scale) != (None, None, None):
-            self.data = self.data.normalised(config.mean, config.std, config.scale)
-        val = load_val(val_data, self.data) if val_data is not None else self.data.val
+        val = load_val(val_data, self.data, config.workers) if val_data is not None else self.data.val
         self.val_source = "val" if val is not None else "train"
         self.splits = make_splits(self.data, config.reward_images, config.calib_batches * config.batch_size,
                                   config.seed, config.select_images, val)
@@ -126,6 +146,7 @@ class PruningSession:
         if not self.trace.groups:
             raise UserError(f"{self.model_name} has no prunable channel groups "
                             f"(excluded: {self.trace.excluded or 'none found'})")
+        self.model.to(self.device)  # traced on the CPU; everything after runs here
         t = time.perf_counter()
         self.scores = self._score()
         self.timings["score_s"] = time.perf_counter() - t
@@ -273,7 +294,7 @@ class PruningSession:
         if self._reconstruction is None:
             calib = self.splits.calib
             images = calib.normalise(calib.x[:self.config.reconstruct_images])  # what calib.batches() yields first
-            self._reconstruction = Reconstruction(self.model, images, seed=self.config.seed)
+            self._reconstruction = Reconstruction(self.model, images.to(self.device), seed=self.config.seed)
         return self._reconstruction
 
     def finetune(self, model: nn.Module, epochs: int, kd: bool = True, lr: float = 0.01,
