@@ -97,7 +97,7 @@ class LayerGraph:
                 continue
             x[i, col["log_in_channels"]] = math.log2(info.in_channels) / 10
             x[i, col["log_out_channels"]] = math.log2(info.out_channels) / 10
-            x[i, col["kernel"]] = info.kernel / 7
+            x[i, col["kernel"]] = math.sqrt(math.prod(info.kernel_size)) / 7  # a square kernel's side
             x[i, col["stride"]] = info.stride / 2
             x[i, col["log_feature_map"]] = math.log2(max(1, info.out_hw[0] * info.out_hw[1])) / max(1, math.log2(in_hw))
             x[i, col["flops_rel"]] = math.log1p(flops.get(node.module, 0) / mean_flops)

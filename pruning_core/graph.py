@@ -30,10 +30,16 @@ class LayerInfo:
     kind: str  # "conv" | "linear" | "bn" (a per-channel norm) | "act" (a per-channel activation: PReLU)
     in_channels: int
     out_channels: int
-    kernel: int = 1
+    kernel: int = 1  # its height
     stride: int = 1
     groups: int = 1
     out_hw: tuple[int, int] = (1, 1)
+    kernel_w: int = 0  # a non-square kernel's width (Inception's 1x7); 0: square
+
+    @property
+    def kernel_size(self) -> tuple[int, int]:
+        """(height, width) of the kernel."""
+        return self.kernel, self.kernel_w or self.kernel
 
     @property
     def weighted(self) -> bool:
@@ -192,7 +198,7 @@ class ModelTrace:
             if not info.weighted:
                 continue
             in_c, out_c, groups = self.channels_of(name, kept)
-            out[name] = layer_macs(info.kind, in_c, out_c, groups, info.kernel, info.out_hw)
+            out[name] = layer_macs(info.kind, in_c, out_c, groups, info.kernel_size, info.out_hw)
         return out
 
     def flops(self, kept: dict[str, int] | None = None) -> int:
@@ -213,7 +219,7 @@ class ModelTrace:
                 out[name] = 0
             else:
                 bias = out_c if self.has_bias.get(name) else 0
-                out[name] = out_c * (in_c // max(groups, 1)) * info.kernel**2 + bias
+                out[name] = out_c * (in_c // max(groups, 1)) * math.prod(info.kernel_size) + bias
         return out
 
     def params(self, kept: dict[str, int] | None = None) -> int:
@@ -233,13 +239,17 @@ def grouped_step(step: int, groups: int, channels: int) -> int:
     return both if both <= channels else groups
 
 
-def layer_macs(kind: str, in_c: int, out_c: int, groups: int, kernel: int, out_hw: tuple[int, int]) -> int:
-    """Multiply-accumulates of one conv or linear layer at batch 1: the project's only FLOPs formula."""
+def layer_macs(kind: str, in_c: int, out_c: int, groups: int, kernel: int | tuple[int, int],
+               out_hw: tuple[int, int]) -> int:
+    """Multiply-accumulates of one conv or linear layer at batch 1: the project's only FLOPs formula. ``kernel`` is
+    a square kernel's side or (height, width).
+    """
     if kind == "linear":
         return in_c * out_c
     if not groups:  # a depthwise conv in a dropped branch
         return 0
-    return out_hw[0] * out_hw[1] * out_c * (in_c // groups) * kernel * kernel
+    kh, kw = kernel if isinstance(kernel, tuple) else (kernel, kernel)
+    return out_hw[0] * out_hw[1] * out_c * (in_c // groups) * kh * kw
 
 
 def measure_flops(model: nn.Module, input_shape: tuple[int, ...]) -> int:
@@ -249,7 +259,7 @@ def measure_flops(model: nn.Module, input_shape: tuple[int, ...]) -> int:
     def hook(mod: nn.Module, _inp: tuple, out: torch.Tensor) -> None:
         nonlocal total
         if isinstance(mod, nn.Conv2d):
-            total += layer_macs("conv", mod.in_channels, mod.out_channels, mod.groups, mod.kernel_size[0],
+            total += layer_macs("conv", mod.in_channels, mod.out_channels, mod.groups, tuple(mod.kernel_size),
                                 tuple(out.shape[2:]))
         else:
             total += layer_macs("linear", mod.in_features, mod.out_features, 1, 1, (1, 1))

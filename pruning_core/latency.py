@@ -224,7 +224,8 @@ class LatencyTable:
                 continue
             free_in, free_out = name in trace.in_groups and not info.depthwise, name in trace.out_group
             grouped = "dw " if info.depthwise else f"g{info.groups} " if info.groups > 1 else ""
-            out[name] = (f"{info.kind} k{info.kernel} s{info.stride} {grouped}"
+            kh, kw = info.kernel_size
+            out[name] = (f"{info.kind} k{kh if kh == kw else f'{kh}x{kw}'} s{info.stride} {grouped}"
                          f"{info.in_channels}{'*' if free_in else ''}x{info.out_channels}{'*' if free_out else ''} "
                          f"@{info.out_hw[0]}x{info.out_hw[1]}", free_in, free_out)
         return out
@@ -277,7 +278,8 @@ class LatencyTable:
                     else:
                         dw = info.depthwise
                         c_in = c_out if dw else c_in
-                        mod = nn.Conv2d(c_in, c_out, info.kernel, info.stride, info.kernel // 2,
+                        kh, kw = info.kernel_size
+                        mod = nn.Conv2d(c_in, c_out, (kh, kw), info.stride, (kh // 2, kw // 2),
                                         groups=c_out if dw else info.groups)
                         shape = (c_in, info.out_hw[0] * info.stride, info.out_hw[1] * info.stride)
                     run = latency_runner(mod, shape, batch_size, threads, backend)

@@ -62,9 +62,19 @@ def _check_supported(model: nn.Module) -> None:
             raise UserError(f"module {name!r} ({type(mod).__name__}) has parameters but is not supported; "
                             "prunepilot prunes networks of Conv2d, Linear, BatchNorm1d/2d, InstanceNorm2d, GroupNorm "
                             "and PReLU layers")
-        if isinstance(mod, nn.Conv2d):
-            if mod.kernel_size[0] != mod.kernel_size[1]:
-                raise UserError(f"module {name!r}: non-square kernel {mod.kernel_size} is not supported")
+
+
+def _reshape_failure(e: Exception) -> str | None:
+    """What Torch-Pruning was mapping when it failed inside its reshape index mapping, named, or None."""
+    tb = e.__traceback__
+    while tb is not None:
+        if tb.tb_frame.f_code.co_name == "update_reshape_index_mapping":
+            node = tb.tb_frame.f_locals.get("reshape_node")
+            where = getattr(node, "name", None) or "a reshape"
+            return (f"{where} reshapes the channel dimension (as ShuffleNet's channel shuffle does: view, transpose, "
+                    f"view), which channels cannot be traced through one by one ({type(e).__name__}: {e})")
+        tb = tb.tb_next
+    return None
 
 
 def trace_model(model: nn.Module, input_shape: tuple[int, ...]) -> ModelTrace:
@@ -100,7 +110,8 @@ def trace_model(model: nn.Module, input_shape: tuple[int, ...]) -> ModelTrace:
             with op_shapes:
                 dg = tp.DependencyGraph().build_dependency(model, example_inputs=torch.zeros(1, *input_shape))
     except Exception as e:  # noqa: BLE001 - report any tracing failure as a user error with the cause
-        raise UserError(f"cannot trace {type(model).__name__} on input shape {input_shape}: {e}") from e
+        raise UserError(f"cannot trace {type(model).__name__} on input shape {input_shape}: "
+                        f"{_reshape_failure(e) or e}") from e
     finally:
         for h in handles:
             h.remove()
@@ -115,8 +126,9 @@ def trace_model(model: nn.Module, input_shape: tuple[int, ...]) -> ModelTrace:
         if name not in shapes:
             continue
         if isinstance(mod, nn.Conv2d):
-            layers[name] = LayerInfo(name, "conv", mod.in_channels, mod.out_channels, mod.kernel_size[0],
-                                     mod.stride[0], mod.groups, shapes[name])
+            kh, kw = mod.kernel_size
+            layers[name] = LayerInfo(name, "conv", mod.in_channels, mod.out_channels, kh, mod.stride[0], mod.groups,
+                                     shapes[name], kernel_w=kw if kw != kh else 0)
             has_bias[name] = mod.bias is not None
         elif isinstance(mod, nn.Linear):
             layers[name] = LayerInfo(name, "linear", mod.in_features, mod.out_features)

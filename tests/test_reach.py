@@ -164,13 +164,15 @@ def test_a_pickled_model_needs_trust_pickle(tmp_path):
     assert torch.equal(loaded.linear.weight, model.linear.weight)
 
 
-def test_hub_model_names(monkeypatch):
+@pytest.mark.zoo
+@pytest.mark.parametrize("source, name, head", [("torchvision", "resnet18", "fc"), ("timm", "resnet18", "fc")])
+def test_hub_model_names(source, name, head):
     try:
-        import torchvision  # noqa: F401
+        __import__(source)
     except ImportError:
-        with pytest.raises(UserError, match="needs torchvision: pip install torchvision"):
-            build_model("torchvision:resnet18")
+        with pytest.raises(UserError, match=f"needs {source}: pip install {source}"):
+            build_model(f"{source}:{name}")
         return
-    assert build_model("torchvision:resnet18", num_classes=3).fc.out_features == 3
-    with pytest.raises(UserError, match="torchvision has no classification model 'resnet19'"):
-        build_model("torchvision:resnet19")
+    assert getattr(build_model(f"{source}:{name}", num_classes=3), head).out_features == 3
+    with pytest.raises(UserError, match=f"{source} has no .*model 'resnet19'"):
+        build_model(f"{source}:resnet19")
