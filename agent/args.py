@@ -101,7 +101,7 @@ def add_input_args(p: argparse.ArgumentParser | argparse._ArgumentGroup) -> None
     add_normalisation_args(p)
     p.add_argument("--image-size", type=positive_int, metavar="PX",
                    help="resize and centre-crop images to PX x PX (default: their own size)")
-    p.add_argument("--workers", type=int, metavar="N", help="processes decoding an image folder (default: 0)")
+    p.add_argument("--workers", type=int, metavar="N", help="processes decoding an image folder (default: 2)")
     p.add_argument("--num-classes", type=positive_int, metavar="N",
                    help="build the model with an N-class head (default: the data's, for torchvision/timm models)")
     p.add_argument("--trust-pickle", action="store_const", const=True,

@@ -33,8 +33,8 @@ class TrainConfig:
     """Factor from 0-255 pixels to the model's input range (default: 1/255)."""
     image_size: int | None = None
     """Resize and centre-crop images to this many pixels square (default: their own size)."""
-    workers: int = 0
-    """Processes decoding an image folder's images."""
+    workers: int = 2
+    """Processes decoding an image folder's images (0: none, decode in the main process)."""
     num_classes: int | None = None
     """Outputs of the model's head (default: the data's class count for torchvision/timm models, else as built)."""
     trust_pickle: bool = False

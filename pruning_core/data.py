@@ -123,7 +123,7 @@ def absolute_spec(spec: str | None) -> str | None:
     return str(Path(spec).expanduser().resolve())
 
 
-def load_data(spec: str, image_size: int | None = None, workers: int = 0) -> ImageData:
+def load_data(spec: str, image_size: int | None = None, workers: int = 2) -> ImageData:
     """Load ``cifar10:DIR``, ``imagefolder:DIR`` or ``digits``, at ``image_size`` x ``image_size`` if given.
 
     An image folder holds ``train/`` and ``test/`` (or ``val/`` in its place), and optionally both ``val/`` and

@@ -81,8 +81,9 @@ class SessionConfig:
     image_size: int | None = None
     """Resize and centre-crop every image to this many pixels square (image folders), or resize (CIFAR-10, digits);
     None: the images' own size, which in an image folder all must share."""
-    workers: int = 0
-    """Processes that decode an image folder's images while the model runs (0: decode in this process)."""
+    workers: int = 2
+    """Processes that decode an image folder's images while the model runs (0: decode in this process); 2 decoded
+    the most images per second on 2 cores (``docs/reach.md``)."""
     num_classes: int | None = None
     """Outputs of the model's head: torchvision and timm models are built with it (default: the data's class count),
     and a factory's last linear layer is replaced when it differs (default: as built)."""

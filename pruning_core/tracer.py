@@ -119,6 +119,11 @@ def trace_model(model: nn.Module, input_shape: tuple[int, ...]) -> ModelTrace:
     if shared:
         raise UserError(f"{type(model).__name__} calls {', '.join(map(repr, shared))} more than once per forward "
                         "pass (shared weights); prunepilot needs each layer with parameters used once")
+    idle = sorted({n.split(".")[0] for n, m in model.named_modules() if _is_layer(m) and n not in calls})
+    if idle:
+        log.warning("%s: layers under %s do not run in eval mode (auxiliary heads?) and are not pruned, so they "
+                    "will not fit the pruned model in train mode; remove them before fine-tuning",
+                    type(model).__name__, ", ".join(idle))
 
     layers: dict[str, LayerInfo] = {}
     has_bias: dict[str, bool] = {}

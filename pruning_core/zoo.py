@@ -10,6 +10,7 @@ torchvision and timm models are built without weights (nothing is downloaded): p
 from __future__ import annotations
 
 import importlib
+import logging
 import os
 import sys
 from collections.abc import Callable
@@ -20,6 +21,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from pruning_core.errors import UserError
+
+log = logging.getLogger(__name__)
 
 __all__ = ["MODELS", "build_model", "load_weights", "replace_head", "SmallCNN", "ChannelPadShortcut"]
 
@@ -185,6 +188,7 @@ MODELS: dict[str, Callable[..., nn.Module]] = {  # each takes num_classes
 
 
 RECORDED_ACC = ("best_prec1", "best_acc", "acc")  # keys beside a state_dict that hold its accuracy (%)
+AUX_HEADS = {"googlenet": ("aux1", "aux2"), "inception_v3": ("AuxLogits",)}  # torchvision's train-only heads
 
 
 def build_model(spec: str | nn.Module, num_classes: int | None = None) -> nn.Module:
@@ -233,6 +237,9 @@ def _hub_model(source: str, name: str, kw: dict) -> nn.Module:
         names = lib.models.list_models(module=lib.models)
         if name not in names:
             raise UserError(f"torchvision has no classification model {name!r}; it has {', '.join(names[:8])}, …")
+        if name in AUX_HEADS:  # they run only in training, where the pruned model could not feed them
+            log.info("building torchvision's %s without its auxiliary heads (aux_logits=False)", name)
+            kw = {**kw, "aux_logits": False}
         return lib.models.get_model(name, weights=None, **kw)
     if name not in lib.list_models():
         raise UserError(f"timm has no model {name!r} (timm.list_models() lists them)")
@@ -274,6 +281,11 @@ def load_weights(model: nn.Module, path: str | Path, trust_pickle: bool = False)
         raise UserError(f"{path} holds no state_dict")
     state = {k.removeprefix("module."): v for k, v in state.items()}
     own = model.state_dict()
+    aux = {k.split(".")[0] for k in state if k not in own} & {h for heads in AUX_HEADS.values() for h in heads}
+    if aux and not any(k.split(".")[0] in aux for k in own):
+        log.warning("ignoring the weights of the auxiliary heads %s in %s: the model is built without them",
+                    ", ".join(sorted(aux)), path)
+        state = {k: v for k, v in state.items() if k.split(".")[0] not in aux}
     missing = [k for k in own if k not in state and not k.endswith("num_batches_tracked")]
     unexpected = [k for k in state if k not in own]
     wrong = [k for k in state if k in own and tuple(state[k].shape) != tuple(own[k].shape)]

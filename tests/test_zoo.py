@@ -7,7 +7,16 @@ import pytest
 import torch
 from test_pruning_core import masked, randomise
 
-from pruning_core import UserError, build_model, kept_counts, measure_flops, prune, trace_model, uniform_ratios
+from pruning_core import (
+    UserError,
+    build_model,
+    kept_counts,
+    load_weights,
+    measure_flops,
+    prune,
+    trace_model,
+    uniform_ratios,
+)
 from pruning_core.export import export_model
 from pruning_core.importance import L1Importance
 
@@ -54,3 +63,19 @@ def test_family_out_of_reach_is_refused_in_one_line_naming_the_cause(name):
     with pytest.raises(UserError, match=REFUSED[name]) as e:
         trace_model(model, (3, 64, 64))
     assert "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("name, heads", [("googlenet", ("aux1", "aux2")), ("inception_v3", ("AuxLogits",))])
+def test_train_only_auxiliary_heads_are_left_out_and_their_weights_ignored(name, heads, tmp_path):
+    """The pruned model runs in train mode (fine-tuning), and a checkpoint saved with the heads still loads."""
+    model = build_model(f"torchvision:{name}", num_classes=10)
+    assert all(getattr(model, h, None) is None for h in heads)
+    with_heads = torchvision.models.get_model(name, weights=None, num_classes=10, aux_logits=True)
+    torch.save(with_heads.state_dict(), tmp_path / "w.pt")
+    load_weights(model, tmp_path / "w.pt")
+    assert torch.equal(model.fc.weight, with_heads.fc.weight)
+    shape = (3, 160, 160) if name == "googlenet" else (3, 299, 299)
+    trace = trace_model(model, shape)
+    pruned = prune(model, uniform_ratios(trace, 0.5), L1Importance()(model, None, trace), trace).train()
+    out = pruned(torch.randn(2, *shape))
+    assert (out.logits if hasattr(out, "logits") else out).shape == (2, 10)
