@@ -188,6 +188,8 @@ class ModelTrace:
         for g_in in self.in_groups.get(layer, ()):
             removed = self.groups[self.group_index[g_in]].channels - kept.get(g_in, 0)
             in_c -= removed * self.in_multiplicity[layer, g_in]
+        if not info.weighted and layer in self.in_groups:  # a norm or PReLU reading a concat: out follows in
+            out_c = in_c
         return in_c, out_c, info.groups
 
     def layer_flops(self, kept: dict[str, int] | None = None) -> dict[str, int]:

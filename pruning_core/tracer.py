@@ -294,7 +294,10 @@ def _channel_groups(dg: tp.DependencyGraph, model: nn.Module, names: dict, layer
                 index[r].append(i)
             if problem:
                 break
-            if dim == "out" and (len(idxs) != full or sorted(idxs) != list(range(full))):
+            partial = len(idxs) != full or sorted(idxs) != list(range(full))
+            if partial and dim == "out" and isinstance(mod, (*_BN, nn.PReLU)) and not isinstance(mod, nn.GroupNorm):
+                dim = "in"  # a norm reading a concat (DenseNet): sliced per input, as a conv reading it is
+            if dim == "out" and partial:
                 problem = (f"{name} has {full} output channels but the traced group covers {len(set(idxs))} of "
                            "them (a channel-padding or slicing op couples unequal widths)")
                 break

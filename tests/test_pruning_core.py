@@ -71,6 +71,11 @@ def masked(model: nn.Module, trace, ratios, scores) -> nn.Module:
                 mod.weight[idx] = 0
                 if getattr(mod, "bias", None) is not None:  # a PReLU has slopes only
                     mod.bias[idx] = 0
+            for m in g.members:  # a norm reading a concat (DenseNet): its slice of these channels outputs zeros
+                if m.dim == "in" and isinstance(mods[m.module], NORMS) and mods[m.module].affine:
+                    idx = torch.tensor([i for c in drop for i in m.index[c]], dtype=torch.long)
+                    mods[m.module].weight[idx] = 0
+                    mods[m.module].bias[idx] = 0
             if kept[g.name] == 0:
                 for m in g.members:
                     if m.dim == "in":
