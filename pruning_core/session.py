@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from pruning_core.data import ImageData, load_data, load_val, make_splits
-from pruning_core.device import resolve_device
+from pruning_core.device import model_device, resolve_device
 from pruning_core.errors import UserError
 from pruning_core.evaluate import accuracy, adapt_bn, augment_batch, finetune, mean_loss
 from pruning_core.graph import ModelTrace
@@ -101,7 +101,8 @@ def refits_by_default(finetune_epochs: int = 0, adapt: bool = True) -> bool:
 class PruningSession:
     """Load, trace and score a model once; then build, recalibrate and evaluate pruned copies.
 
-    :param model: a zoo name, ``package.module:factory``, or an ``nn.Module`` (used as is, never modified).
+    :param model: a zoo name, ``torchvision:NAME``, ``timm:NAME``, ``package.module:factory``, or an ``nn.Module``
+        (never modified: a copy is moved to ``config.device`` or given a new head).
     :param weights: checkpoint path, or None to use the model's current weights.
     :param data: a data spec (``cifar10:DIR``, ``imagefolder:DIR``, ``digits``) or an :class:`ImageData`, loaded at
         ``config.image_size``.
@@ -147,6 +148,8 @@ class PruningSession:
         if not self.trace.groups:
             raise UserError(f"{self.model_name} has no prunable channel groups "
                             f"(excluded: {self.trace.excluded or 'none found'})")
+        if self.model is model and model_device(model) != self.device:
+            self.model = copy.deepcopy(model)  # the caller's module stays where it is
         self.model.to(self.device)  # traced on the CPU; everything after runs here
         t = time.perf_counter()
         self.scores = self._score()
@@ -326,7 +329,7 @@ class PruningSession:
             "acc_reward": accuracy(model, self.splits.reward),
             "ratios": {k: round(float(v), 6) for k, v in ratios.items()}, "round_to": round_to,
             "method": method, "seed": seed, "reconstruct": self.config.reconstruct, "reward_source": self.val_source,
-            "random_weights": self.random_weights, "normalisation": self.data.normalisation,
+            "random_weights": self.random_weights, "normalisation": self.data.normalisation, "device": str(self.device),
             "excluded": dict(self.trace.excluded),
             "time_s": round(time_s, 3), **extra,
         }

@@ -83,7 +83,7 @@ class FolderSplit:
     """Labelled image files decoded per minibatch: the training and test images of an image folder.
 
     ``workers`` decoding processes feed each pass (0: decode in this process). :meth:`subset` decodes a fixed set of
-    images once into an in-memory :class:`~pruning_core.data.Split`, as the reward, calibration and select splits are.
+    images once into an in-memory :class:`Split`, as the reward, calibration and select splits are.
     """
 
     files: list[Path]
@@ -131,7 +131,7 @@ class FolderSplit:
         for x, y in self._raw(order, batch_size):
             yield self.normalise(x), y
 
-    def subset(self, idx: torch.Tensor):
+    def subset(self, idx: torch.Tensor) -> Split:
         """The images at ``idx``, decoded into memory."""
         idx = torch.as_tensor(idx, dtype=torch.long)
         xs = [x for x, _ in self._raw(idx, 256)]

@@ -9,6 +9,7 @@ torchvision and timm models are built without weights (nothing is downloaded): p
 
 from __future__ import annotations
 
+import copy
 import importlib
 import logging
 import os
@@ -204,8 +205,8 @@ def build_model(spec: str | nn.Module, num_classes: int | None = None) -> nn.Mod
     if num_classes is not None and num_classes < 1:
         raise UserError(f"--num-classes must be at least 1, got {num_classes}")
     kw = {} if num_classes is None else {"num_classes": num_classes}
-    if isinstance(spec, nn.Module):
-        return replace_head(spec, num_classes) if num_classes is not None else spec
+    if isinstance(spec, nn.Module):  # a new head goes on a copy
+        return replace_head(copy.deepcopy(spec), num_classes) if num_classes is not None else spec
     if spec in MODELS:
         return MODELS[spec](**kw)
     source, sep, name = spec.partition(":")

@@ -101,7 +101,7 @@ def test_prune_runs_end_to_end_on_a_streamed_folder(tmp_path):
     assert session.model.linear.out_features == 3 and session.device.type == "cpu"
     model, fields = session.build_final({g.name: 0.5 for g in session.trace.groups})
     report = session.report(model, {g.name: 0.5 for g in session.trace.groups}, "uniform", 0, 0.0, **fields)
-    assert 0 <= report["acc"] <= 100 and report["flops_ratio"] < 0.6
+    assert 0 <= report["acc"] <= 100 and report["flops_ratio"] < 0.6 and report["device"] == "cpu"
     out = subprocess.run([sys.executable, "-m", "agent.cli", "prune", "--model", "resnet20", "--num-classes", "3",
                           "--data", f"imagefolder:{tmp_path / 'data'}", "--image-size", "32", "--workers", "1",
                           "--reward-images", "12", "--calib-batches", "1", "--device", "cpu",
