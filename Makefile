@@ -7,7 +7,7 @@ TORCH := torch==2.13.0
 ZOO := .venv-zoo
 ZOO_TORCH := torch==2.14.1 torchvision==0.29.1
 
-.PHONY: demo test test-zoo lint clean
+.PHONY: demo test test-slow test-zoo lint clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -34,8 +34,12 @@ $(ZOO)/.installed:
 demo: $(VENV)/.installed
 	$(BIN)/prunepilot demo --out runs/demo
 
+# the fast tier; test-slow runs the rest (end-to-end CLI runs, budgets over hundreds of episodes, kill -9 resume)
 test: $(VENV)/.installed-dev
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -m "not slow"
+
+test-slow: $(VENV)/.installed-dev
+	$(BIN)/python -m pytest -q -m "slow and not zoo"
 
 # every torchvision CNN family pruned at 50% FLOPs, exactly, with its ONNX round trip
 test-zoo: $(ZOO)/.installed

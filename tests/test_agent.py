@@ -290,6 +290,7 @@ def test_apply_scores_candidates_as_the_policy_was_trained(digits_session, digit
     assert tuned["reconstruct"] is False and tuned["acc_before_finetune"] == unrefitted["acc"]
 
 
+@pytest.mark.slow
 def test_cli_train_export_apply_to_other_architecture(digits_weights, tmp_path, capsys):
     run = tmp_path / "run"
     common = ["--reward-images", "64", "--calib-batches", "1"]
@@ -332,6 +333,7 @@ def test_cli_train_export_apply_to_other_architecture(digits_weights, tmp_path, 
     assert "--resume" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_apply_to_other_models_meets_budget(digits_session, tmp_path):
     from test_graph_encoder import _tiny_cifar
 

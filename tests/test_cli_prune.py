@@ -16,6 +16,7 @@ def run(capsys, argv):
 
 
 @needs_assets
+@pytest.mark.slow
 def test_prune_cli_report_meets_budget(tmp_path, capsys):
     out_dir = tmp_path / "out"
     code, out, err = run(capsys, ["prune", *R56_ARGS, "--flops", "0.5", "--method", "global", "--json",
@@ -98,6 +99,7 @@ def test_bad_latency_flags_stop_before_any_work(flags, message, tmp_path, capsys
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.slow
 def test_prune_with_a_latency_budget(tmp_path, capsys):
     """uniform under a latency budget as well as the FLOPs one: both hold, and the report gives the prediction."""
     code, out, err = run(capsys, ["prune", "--model", "digits_cnn", "--data", "digits", "--flops", "0.6",

@@ -51,6 +51,7 @@ def test_registered_make_with_cli_keywords(digits_session):
 
 @pytest.mark.parametrize("granularity", ["group", "stage", "substage"])
 @pytest.mark.parametrize("model", ["resnet56", "mobilenetv2", "vgg16_bn"])
+@pytest.mark.slow
 def test_budget_holds_over_hundreds_of_random_episodes(model, granularity):
     from test_graph_encoder import _tiny_cifar
 

@@ -122,6 +122,7 @@ def test_measured_table_predicts_dense_and_round_trips(tmp_path):
     assert all(e["out"][-1] == table.layers[k]["out"][-1] for k, e in coarse.layers.items())  # full width kept
 
 
+@pytest.mark.slow
 def test_budget_helpers_and_env_keep_both_budgets():
     """With a latency budget tighter than the FLOPs one, uniform, global and hundreds of random episodes of the
     env's clamp all keep both, in every granularity."""
@@ -159,6 +160,7 @@ def test_budget_helpers_and_env_keep_both_budgets():
         BudgetOnlyEnv(session=session, flops=0.5, round_to=8, latency_budget=LatencyBudget(table, 0.1))
 
 
+@pytest.mark.slow
 def test_cli_train_with_a_latency_budget(digits_session, tmp_path, capsys):
     torch.save(digits_session.model.state_dict(), tmp_path / "w.pt")
     base = ["train", "--model", "digits_cnn", "--weights", str(tmp_path / "w.pt"), "--data", "digits",

@@ -708,6 +708,7 @@ def test_pretrained_accuracy(cifar, resnet20, resnet56):
 
 
 @needs_assets
+@pytest.mark.slow
 def test_taylor_quality_against_oracle(cifar, resnet20):
     """Spearman(Taylor, oracle loss increase of removing each channel alone) on layer1.0.conv1."""
     from scipy.stats import spearmanr

@@ -92,6 +92,7 @@ def test_a_corrupt_image_is_one_line_that_names_it(tmp_path, workers):
     assert "cannot read image" in str(e.value) and "dog/3.jpg" in str(e.value) and "\n" not in str(e.value)
 
 
+@pytest.mark.slow
 def test_prune_runs_end_to_end_on_a_streamed_folder(tmp_path):
     """The session scores, recalibrates and evaluates through the streaming splits, with decoding workers."""
     _folder(tmp_path / "data", per_class=12)
