@@ -19,7 +19,8 @@ from pruning_core.errors import UserError
 from pruning_core.folder import class_names, list_images
 from pruning_core.splits import FolderSplit, Split, normalise
 
-__all__ = ["ImageData", "Split", "load_data", "load_val", "make_splits", "normalise", "read_folder"]  # with splits'
+# Split and normalise live in pruning_core.splits; they are re-exported here for the callers that import them from here
+__all__ = ["ImageData", "Split", "load_data", "load_val", "make_splits", "normalise", "read_folder"]
 
 CIFAR_MEAN, CIFAR_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)  # what the shared ResNets were trained with
 DIGITS_MEAN, DIGITS_STD = (0.305,), (0.376,)
@@ -29,7 +30,7 @@ DIGITS_MEAN, DIGITS_STD = (0.305,), (0.376,)
 class ImageData:
     """A training and a test split of one data set, and validation images if it has them (an ImageFolder's
     ``val/``), which searches then score on instead of training images. Splits are in memory (:class:`Split`) or
-    streamed from an image folder (:class:`~pruning_core.folder.FolderSplit`).
+    streamed from an image folder (:class:`~pruning_core.splits.FolderSplit`).
     """
 
     name: str

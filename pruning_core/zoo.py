@@ -253,10 +253,10 @@ def replace_head(model: nn.Module, num_classes: int) -> nn.Module:
 
     :raises UserError: the model has no linear layer.
     """
-    linears = [(name, m) for name, m in model.named_modules() if isinstance(m, nn.Linear)]
-    if not linears:
+    name = _head_name(model)
+    if name is None:
         raise UserError(f"--num-classes: {type(model).__name__} has no linear classifier layer to replace")
-    name, head = linears[-1]
+    head = model.get_submodule(name)
     if head.out_features != num_classes:
         parent, _, attr = name.rpartition(".")
         new = nn.Linear(head.in_features, num_classes, bias=head.bias is not None)

@@ -177,3 +177,12 @@ def test_hub_model_names(source, name, head):
     assert getattr(build_model(f"{source}:{name}", num_classes=3), head).out_features == 3
     with pytest.raises(UserError, match=f"{source} has no .*model 'resnet19'"):
         build_model(f"{source}:resnet19")
+
+
+def test_resume_may_move_a_run_to_another_device_but_not_change_its_settings(tmp_path, capsys):
+    from agent.cli import main
+    assert main(["train", "--resume", str(tmp_path), "--device", "cpu", "--workers", "1"]) == 2
+    assert "holds no run to resume" in capsys.readouterr().err  # the device and workers flags were accepted
+    assert main(["train", "--resume", str(tmp_path), "--image-size", "64"]) == 2
+    err = capsys.readouterr().err
+    assert "drop --image-size (only --episodes, --evaluations, --device, --workers may change)" in err
