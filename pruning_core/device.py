@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import copy
+
 import torch
 from torch import nn
 
 from pruning_core.errors import UserError
 
-__all__ = ["model_device", "resolve_device"]
+__all__ = ["cpu_copy", "model_device", "resolve_device"]
 
 
 def resolve_device(spec: str | torch.device | None = "auto") -> torch.device:
@@ -31,6 +33,11 @@ def resolve_device(spec: str | torch.device | None = "auto") -> torch.device:
         if device.index is not None and device.index >= torch.cuda.device_count():
             raise UserError(f"--device {spec}: this machine has {torch.cuda.device_count()} CUDA GPU(s)")
     return device
+
+
+def cpu_copy(model: nn.Module) -> nn.Module:
+    """``model`` itself when it is on the CPU, else a copy of it there (what export and latency timing run)."""
+    return model if model_device(model).type == "cpu" else copy.deepcopy(model).cpu()
 
 
 def model_device(model: nn.Module) -> torch.device:

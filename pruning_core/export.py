@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 import json
 import logging
 import warnings
@@ -11,7 +10,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from pruning_core.device import model_device
+from pruning_core.device import cpu_copy
 from pruning_core.errors import UserError
 
 __all__ = ["export_model", "load_exported"]
@@ -31,9 +30,7 @@ def export_model(model: nn.Module, out_dir: str | Path, input_shape: tuple[int, 
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    if model_device(model).type != "cpu":  # the files load anywhere; the check runs on the CPU
-        model = copy.deepcopy(model).cpu()
-    model = model.eval()
+    model = cpu_copy(model).eval()  # the files load anywhere; the check runs on the CPU
     x = torch.randn(2, *input_shape, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         ref = model(x)

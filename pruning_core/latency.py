@@ -18,7 +18,7 @@ import torch
 import torch.utils.benchmark as benchmark
 from torch import nn
 
-from pruning_core.device import model_device
+from pruning_core.device import cpu_copy
 from pruning_core.errors import UserError
 from pruning_core.graph import grouped_step
 from pruning_core.prune import kept_counts, prune
@@ -78,9 +78,7 @@ def latency_runner(model: nn.Module, input_shape: tuple[int, ...], batch_size: i
     Build it once to time the same model repeatedly without re-exporting. ``model`` is put in eval mode; its
     weights and layout are not changed. Latency is timed on this CPU: a model on a GPU is timed as a CPU copy.
     """
-    if model_device(model).type != "cpu":
-        model = copy.deepcopy(model).cpu()
-    model.eval()
+    model = cpu_copy(model).eval()
     threads = threads or torch.get_num_threads()
     x = torch.randn(batch_size, *input_shape)
     if backend in ("torch", "torch-cl"):
