@@ -39,7 +39,7 @@ def apply_policy(policy: str | Path | PortablePolicy, model: str | nn.Module, we
                  select_images: int = 1000, latency: str | None = None, latency_batch: int = 1,
                  max_latency: float | None = None, reconstruct: bool | None = None,
                  reconstruct_final: bool | None = None, val_data: str | None = None,
-                 inputs: dict | None = None) -> dict:
+                 inputs: dict | None = None, importance: str | None = None) -> dict:
     """Prune a new model with a learned policy and return the JSON report (``method: "rl-transfer"``).
 
     :param flops: FLOPs budget (default: the one the policy was trained for).
@@ -63,6 +63,8 @@ def apply_policy(policy: str | Path | PortablePolicy, model: str | nn.Module, we
         folders; default: the data's ``val/``, else training images). Ignored when ``session`` is given.
     :param inputs: more :class:`SessionConfig` fields for loading the model and data (device, image size,
         normalisation, head; ``agent.args.INPUT_SETTINGS``). Ignored when ``session`` is given.
+    :param importance: channel criterion (:data:`pruning_core.importance.IMPORTANCES`; default: the one the policy
+        was trained with). Ignored when ``session`` is given.
     :param reconstruct_final: refit the kept model that way before it is evaluated and exported (default: unless
         ``finetune_epochs`` fine-tunes it; :meth:`PruningSession.build_final`).
     """
@@ -78,7 +80,8 @@ def apply_policy(policy: str | Path | PortablePolicy, model: str | nn.Module, we
         reconstruct = reconstruct if reconstruct is not None else trained.get("reconstruct", False)
         session = PruningSession(model, weights, data, SessionConfig(
             reward_images=reward_images, calib_batches=calib_batches, select_images=select_images, seed=seed,
-            reconstruct=reconstruct, **(inputs or {})), val_data)
+            reconstruct=reconstruct, importance=importance or trained.get("importance", "taylor"),
+            **(inputs or {})), val_data)
     budget = None
     if max_latency is not None and max_latency < 1.0:
         table = session.latency_table(trained.get("latency_backend", "onnxruntime"),
@@ -117,7 +120,7 @@ def apply_policy(policy: str | Path | PortablePolicy, model: str | nn.Module, we
     pruned, built = session.build_final(ratios, round_to, refit, finetune_epochs)
     acc_before = accuracy(pruned, session.splits.test)
     if finetune_epochs > 0:
-        session.finetune(pruned, finetune_epochs, progress=progress)
+        pruned = session.finetune(pruned, finetune_epochs, progress=progress)
     if budget is not None:
         transfer["latency_budget"] = budget.report(session.trace, kept_counts(session.trace, ratios, round_to))
     report = session.report(pruned, ratios, "rl-transfer", seed, time.perf_counter() - started, round_to=round_to,

@@ -1,4 +1,4 @@
-"""The ``prunepilot`` command line: ``prune``, ``train``, ``export`` and ``apply``.
+"""The ``prunepilot`` command line: ``prune``, ``train``, ``export``, ``apply``, ``finetune`` and ``demo``.
 
 Each subcommand is a pair: ``<name>_command_parser(subparsers)`` declares its flags and
 ``<name>_command(args)`` runs it through the Python API. User errors print one line and exit 2.
@@ -15,6 +15,7 @@ from pathlib import Path
 
 from agent.args import add_model_args, add_output_args, check_flops, input_settings, positive_int
 from agent.commands import apply_command_parser, demo_command_parser, export_command_parser, train_command_parser
+from agent.finetune import finetune_command_parser
 from agent.outputs import add_latency, check_out, print_report, write_pruned
 from pruning_core import (
     LatencyBudget,
@@ -57,7 +58,7 @@ def finish(session: PruningSession, model, ratios: dict[str, float], method: str
     if args.finetune_epochs > 0:
         acc_before = accuracy(model, session.splits.test)
         log.info("fine-tuning %d epochs with KD from the dense model", args.finetune_epochs)
-        session.finetune(model, args.finetune_epochs, progress=sys.stderr.isatty())
+        model = session.finetune(model, args.finetune_epochs, progress=sys.stderr.isatty())
     t = time.perf_counter()
     report = session.report(model, ratios, method, args.seed, time.perf_counter() - started,
                             round_to=args.round_to, acc_before_finetune=acc_before,
@@ -85,8 +86,8 @@ def prune_command_parser(subparsers) -> None:
                         "per-stage centre, AIMET-style greedy sensitivity selection, or random search "
                         "(default: uniform)")
     p.add_argument("--importance", choices=IMPORTANCES, default="taylor",
-                   help="channel ranking: first-order Taylor, second-order Taylor (several times slower) or L1 "
-                        "(default: taylor; --method l1-uniform implies l1)")
+                   help="channel ranking: first-order Taylor, second-order Taylor (several times slower), L1 or "
+                        "DRIVE's dual-gradient metric (default: taylor; --method l1-uniform implies l1)")
     p.add_argument("--sensitivity-points", type=positive_int, default=10,
                    help="--method sensitivity: ratios measured per stage (one evaluation each; default: 10)")
     p.add_argument("--evaluations", type=positive_int, default=120,
@@ -182,6 +183,7 @@ def build_parser() -> argparse.ArgumentParser:
     train_command_parser(sub)
     export_command_parser(sub)
     apply_command_parser(sub)
+    finetune_command_parser(sub)
     demo_command_parser(sub)
     return parser
 
@@ -203,6 +205,12 @@ def main(argv: list[str] | None = None) -> int:
         out = getattr(args, "resume", None) or getattr(args, "out", None)
         hint = (f"; continue from its last checkpoint with: prunepilot train --resume {out}"
                 if args.command == "train" and out and (Path(out) / "config.json").is_file() else "")
+        if args.command == "finetune":
+            from agent.finetune import CHECKPOINT
+            out = Path(args.out or Path(args.run_dir) / "finetuned")
+            hint = (f"; continue from its last epoch with: prunepilot finetune {args.run_dir} --resume"
+                    f"{f' --out {args.out}' if args.out else ''} (and the same settings)"
+                    if (out / CHECKPOINT).is_file() else "")
         print(f"prunepilot {args.command}: interrupted{hint}", file=sys.stderr)
         return 130
     except Exception as e:  # noqa: BLE001 - a bug or an unsupported model: one line, the traceback with -v

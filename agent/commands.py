@@ -51,7 +51,7 @@ EXPERT_FLAGS = (
     ("sensitivity_points", int, "ratios per decision unit in the sensitivity table"),
     ("latency_backend", BACKENDS, "backend the latency table (--max-latency) is measured in"),
     ("latency_batch", int, "batch size of that latency table"),
-    ("importance", IMPORTANCES, "channel ranking: first- or second-order Taylor, or L1"),
+    ("importance", IMPORTANCES, "channel ranking: first- or second-order Taylor, L1 or DRIVE's dual-gradient metric"),
     ("reward_images", int, "images in the reward split"),
     ("select_images", int, "more images on which the best candidates are re-scored"),
     ("rescore_top", int, "best distinct candidates re-scored at the end"),
@@ -227,6 +227,8 @@ def apply_command_parser(subparsers) -> None:
                    help="refit the kept model that way before it is evaluated and exported (default: on unless "
                         "--finetune-epochs fine-tunes it; the report's acc_before_reconstruct is the same "
                         "allocation without the refit)")
+    p.add_argument("--importance", choices=IMPORTANCES,
+                   help="channel ranking: taylor, taylor2, l1 or drive (default: the policy's own)")
     p.add_argument("--rescore-top", type=int, default=5,
                    help="best distinct candidates re-scored beside the floor (default: 5)")
     p.add_argument("--select-images", type=int, default=1000,
@@ -253,7 +255,8 @@ def apply_command(args: argparse.Namespace) -> dict:
                           sensitivity_points=args.sensitivity_points,
                           rescore_top=args.rescore_top, select_images=args.select_images,
                           latency=args.latency, latency_batch=args.latency_batch, max_latency=args.max_latency,
-                          reconstruct=args.reconstruct, reconstruct_final=args.reconstruct_final)
+                          reconstruct=args.reconstruct, reconstruct_final=args.reconstruct_final,
+                          importance=args.importance)
     print_report(report, args.json)
     return report
 

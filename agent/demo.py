@@ -12,6 +12,7 @@ from agent.outputs import write_json
 from agent.policy import export_policy
 from agent.train import train
 from pruning_core import (
+    FinetuneConfig,
     PruningSession,
     SessionConfig,
     UserError,
@@ -64,7 +65,7 @@ def run_demo(out: str | Path = "runs/demo", episodes: int = 60, flops: float = 0
     for i, name in enumerate((SOURCE, TARGET)):
         print(f"[demo] training {name} on digits ...", flush=True)
         torch.manual_seed(seed + i)
-        model = finetune(build_model(name), data.train, epochs=10, lr=0.05, augment=False, seed=seed)
+        model = finetune(build_model(name), data.train, FinetuneConfig.plain(10, seed=seed))
         torch.save(model.state_dict(), out / f"{name}.pt")
         sessions[name] = PruningSession(name, str(out / f"{name}.pt"), data, cfg)
     print(f"[demo] searching a policy on {SOURCE} at {flops:.0%} FLOPs ({episodes} episodes) ...", flush=True)

@@ -176,7 +176,7 @@ def _finish(config: TrainConfig, search: Search) -> dict:
                                        config.finetune_epochs)
     acc_before = accuracy(model, session.splits.test)
     if config.finetune_epochs > 0:
-        session.finetune(model, config.finetune_epochs, progress=config.progress)
+        model = session.finetune(model, config.finetune_epochs, progress=config.progress)
     uniform = uniform_ratios(session.trace, config.flops, config.max_ratio, config.round_to, env.latency_budget)
     stats = {"episodes": search.episodes_done, "evaluations": search.evaluations_done,
              "reexplorations": search.reexplorations,

@@ -105,7 +105,7 @@ def evaluate_method(session: PruningSession, ratios: dict[str, float], finetune_
     row["flops_speedup"] = 1 / m["flops_ratio"]
     if finetune_epochs:
         t = time.perf_counter()
-        session.finetune(model, finetune_epochs)
+        model = session.finetune(model, finetune_epochs)
         row["acc_test_finetuned"] = accuracy(model, session.splits.test)
         row["finetune_s"] = time.perf_counter() - t
     row["ratios"] = ratios

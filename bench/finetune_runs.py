@@ -35,7 +35,7 @@ def main() -> None:
                         continue
                     t = time.perf_counter()
                     model = session.build(run["ratios"], run.get("round_to"))
-                    session.finetune(model, c["finetune_epochs"])
+                    model = session.finetune(model, c["finetune_epochs"])
                     run["acc_test_finetuned"] = accuracy(model, session.splits.test)
                     run["finetune_s"] = time.perf_counter() - t
                     print(f"{name} {target} {method} seed {run['seed']}: fine-tuned {run['acc_test_finetuned']:.2f}",

@@ -3,24 +3,29 @@
 For every channel of every prunable group, the oracle is the squared change in cross-entropy when that channel's
 gate (its BN's gamma and beta, or its filter where the group has no BN) is zeroed, measured on CIFAR-10 JPEG test
 images the network never saw (its training images give near-zero loss). The criteria (first- and second-order
-Taylor, L1) are computed on the same images. Correlations are pooled over the network (as Molchanov et al. 2019
+Taylor, L1, DRIVE) are computed on the same images. The oracle is stored in the results, and ``--oracle-from``
+reuses it (the same model, images and seed) to score more criteria without measuring it again. Correlations are pooled over the network (as Molchanov et al. 2019
 report theirs, >93% on ImageNet ResNets) and per group.
 
 Example (from bench/, PYTHONPATH=..):
     python importance.py --models resnet20 --images 512 --name importance_r20_amd
+    python importance.py --models resnet20 --images 512 --criteria drive --oracle-from importance_r20_amd ...
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import time
 
 import torch
 import torch.nn.functional as F
-from common import cifar_session, unseen_split, write_result
+from common import RESULTS, cifar_session, unseen_split, write_result
 from methods import commit
 
-from pruning_core.importance import L1Importance, Taylor2Importance, TaylorImportance
+from pruning_core.importance import DriveImportance, L1Importance, Taylor2Importance, TaylorImportance
+
+CRITERIA = ("taylor", "taylor2", "l1", "drive")
 
 
 def spearman(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -67,12 +72,22 @@ def run_model(name: str, args: argparse.Namespace) -> dict:
     unseen = unseen_split(session, limit=args.images, seed=0)
     x, y = unseen.normalise(unseen.x), unseen.y
     batches = [(x[i:i + 64], y[i:i + 64]) for i in range(0, len(y), 64)]
+    stored = None
+    if args.oracle_from:
+        stored = json.loads((RESULTS / f"{args.oracle_from}.json").read_text())["models"][name]
+        if stored.get("images") != len(y):
+            raise SystemExit(f"{args.oracle_from} measured its oracle on {stored.get('images')} images, not {len(y)}")
     t = time.perf_counter()
-    truth = oracle(session, x, y)
-    rows = {"oracle_s": time.perf_counter() - t, "dense_loss": mean_loss(session.model, x, y), "criteria": {}}
-    for label, criterion in (("taylor", TaylorImportance(len(batches))),
-                             ("taylor2", Taylor2Importance(len(batches), probes=args.probes)),
-                             ("l1", L1Importance())):
+    truth = ({g: torch.tensor(v, dtype=torch.float64) for g, v in stored["oracle"].items()} if stored
+             else oracle(session, x, y))
+    rows = {"images": len(y), "oracle_s": stored["oracle_s"] if stored else time.perf_counter() - t,
+            "dense_loss": mean_loss(session.model, x, y), "criteria": {},
+            "oracle": {g: v.tolist() for g, v in truth.items()}}
+    make = {"taylor": lambda: TaylorImportance(len(batches)),
+            "taylor2": lambda: Taylor2Importance(len(batches), probes=args.probes),
+            "l1": L1Importance, "drive": lambda: DriveImportance(len(batches))}
+    for label in args.criteria:
+        criterion = make[label]()
         t = time.perf_counter()
         scores = criterion(session.model, batches, session.trace)
         seconds = time.perf_counter() - t
@@ -90,6 +105,8 @@ def main() -> None:
     p.add_argument("--models", nargs="+", default=["resnet20"])
     p.add_argument("--images", type=int, default=512, help="unseen JPEG test images for criteria and oracle")
     p.add_argument("--probes", type=int, default=4, help="Hutchinson probes per minibatch for taylor2")
+    p.add_argument("--criteria", nargs="+", choices=CRITERIA, default=list(CRITERIA))
+    p.add_argument("--oracle-from", metavar="NAME", help="results file (bench/results/NAME.json) whose oracle to reuse")
     p.add_argument("--name", required=True)
     args = p.parse_args()
     results = {"commit": commit(), "config": {k: v for k, v in vars(args).items() if k != "name"}, "models": {}}

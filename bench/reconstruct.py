@@ -47,7 +47,7 @@ def main() -> None:
             row[key]["build_s"] = sum(timings.values())
         if args.finetune_epochs and re.search(args.finetune, label):
             t = time.perf_counter()
-            session.finetune(model, args.finetune_epochs)
+            model = session.finetune(model, args.finetune_epochs)
             row["refit"]["test_finetuned"] = accuracy(model, session.splits.test)
             row["refit"]["finetune_s"] = time.perf_counter() - t
         rows[label] = row

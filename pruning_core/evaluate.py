@@ -1,4 +1,4 @@
-"""Accuracy, adaptive BN recalibration (EagleEye) and a short fine-tune with optional distillation."""
+"""Accuracy, mean loss, adaptive BN recalibration (EagleEye) and the augmentation Taylor scoring uses."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from torch import nn
 from pruning_core.device import model_device
 from pruning_core.splits import Split
 
-__all__ = ["accuracy", "adapt_bn", "augment_batch", "finetune", "mean_loss"]
+__all__ = ["accuracy", "adapt_bn", "augment_batch", "mean_loss"]
 
 log = logging.getLogger(__name__)
 
@@ -73,50 +73,3 @@ def augment_batch(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
     dx, dy = (int(v) for v in torch.randint(-pad, pad + 1, (2,), generator=gen))
     x = F.pad(x, (pad, pad, pad, pad))
     return x[:, :, pad + dy:pad + dy + x.shape[-2] - 2 * pad, pad + dx:pad + dx + x.shape[-1] - 2 * pad]
-
-
-def finetune(model: nn.Module, train: Split, epochs: int = 2, lr: float = 0.01, batch_size: int = 64,
-             teacher: nn.Module | None = None, temperature: float = 4.0, alpha: float = 0.9, seed: int = 0,
-             augment: bool = True, progress: bool = False) -> nn.Module:
-    """Fine-tune in place with SGD (momentum 0.9, wd 5e-4, cosine LR) and return the model in eval mode.
-
-    With a ``teacher`` the loss is ``alpha * T^2 * KL(student/T || teacher/T) + (1 - alpha) * CE``
-    (Hinton et al. 2015); without one it is plain cross-entropy.
-    """
-    gen = torch.Generator().manual_seed(seed)
-    steps = epochs * ((len(train) + batch_size - 1) // batch_size)
-    if steps == 0:
-        return model.eval()
-    opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, weight_decay=5e-4, nesterov=True)
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
-    if teacher is not None:
-        teacher.eval()
-    dev = model_device(model)
-    bar = None
-    if progress:
-        from tqdm.auto import tqdm
-        bar = tqdm(total=steps, desc="fine-tune", unit="step", leave=False, disable=None)
-    for _ in range(epochs):
-        model.train()
-        for x, y in train.batches(batch_size, shuffle=True, generator=gen):
-            if augment:
-                x = augment_batch(x, gen)
-            x, y = x.to(dev), y.to(dev)
-            logits = model(x)
-            loss = F.cross_entropy(logits, y)
-            if teacher is not None:
-                with torch.no_grad():
-                    t_logits = teacher(x)
-                kd = F.kl_div(F.log_softmax(logits / temperature, 1), F.softmax(t_logits / temperature, 1),
-                              reduction="batchmean") * temperature**2
-                loss = alpha * kd + (1 - alpha) * loss
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
-            if bar is not None:
-                bar.update(1)
-                bar.set_postfix(loss=f"{loss.item():.3f}")
-    if bar is not None:
-        bar.close()
-    return model.eval()

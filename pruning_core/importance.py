@@ -1,4 +1,5 @@
-"""Channel importance criteria: first- and second-order Taylor (Molchanov et al. 2019) and L1 magnitude.
+"""Channel importance criteria: first- and second-order Taylor (Molchanov et al. 2019), L1 magnitude and DRIVE's
+dual-gradient metric (Saikumar and Varghese 2024).
 
 An importance is a callable ``importance(model, batches, trace) -> dict[group, Tensor]`` returning
 one score per channel of every prunable group (higher means more important).
@@ -16,9 +17,10 @@ from torch import nn
 from pruning_core.device import model_device
 from pruning_core.graph import ModelTrace
 
-__all__ = ["IMPORTANCES", "L1Importance", "Taylor2Importance", "TaylorImportance", "taylor_term"]
+__all__ = ["IMPORTANCES", "DriveImportance", "L1Importance", "Taylor2Importance", "TaylorImportance", "drive_score",
+           "drive_terms", "taylor_term"]
 
-IMPORTANCES = ("taylor", "taylor2", "l1")
+IMPORTANCES = ("taylor", "taylor2", "l1", "drive")
 
 
 def _to_group_scores(trace: ModelTrace, per_layer: dict[str, torch.Tensor], use: dict[str, list[str]]) -> dict:
@@ -174,3 +176,55 @@ class L1Importance:
         with torch.no_grad():
             per_layer = {n: modules[n].weight.abs().flatten(1).sum(1) for names in use.values() for n in names}
         return _to_group_scores(trace, per_layer, use)
+
+
+def drive_terms(model: nn.Module, trace: ModelTrace, groups: list[str]) -> dict[str, torch.Tensor]:
+    """Per group channel, DRIVE's three terms from the current weights and their ``.grad`` (after a backward pass),
+    summed over the channel's producing filters: (L1 norm ``sum |w|``, connection sensitivity ``sum |w * dL/dw|``,
+    convergence sensitivity ``sum |dL/dw|``), stacked as a (3, channels) tensor."""
+    modules = dict(model.named_modules())
+    out = {}
+    for name in groups:
+        g = trace.group(name)
+        total = torch.zeros(3, g.channels, dtype=torch.float64)
+        for m in g.members:
+            if m.dim == "out" and trace.layers[m.module].weighted:
+                w = modules[m.module].weight
+                grad = w.grad if w.grad is not None else torch.zeros_like(w)
+                terms = torch.stack([w.detach().abs().flatten(1).sum(1), (w.detach() * grad).abs().flatten(1).sum(1),
+                                     grad.abs().flatten(1).sum(1)]).double().cpu()
+                total += terms[:, torch.tensor([idx[0] for idx in m.index])]
+        out[name] = total
+    return out
+
+
+def drive_score(terms: torch.Tensor) -> torch.Tensor:
+    """DRIVE's ranking from :func:`drive_terms`: each term divided by its mean over the group's channels, summed."""
+    return (terms / terms.mean(1, keepdim=True).clamp_min(1e-30)).sum(0)
+
+
+class DriveImportance:
+    """DRIVE's dual-gradient metric (:func:`drive_score` of :func:`drive_terms`), its gradient terms averaged over
+    ``num_batches`` minibatches, on a copy of the model in eval mode."""
+
+    def __init__(self, num_batches: int = 32):
+        self.num_batches = num_batches
+
+    def __call__(self, model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
+                 trace: ModelTrace) -> dict[str, torch.Tensor]:
+        net = copy.deepcopy(model).eval()
+        dev = model_device(net)
+        names = [g.name for g in trace.groups]
+        acc = {n: torch.zeros(3, trace.group(n).channels, dtype=torch.float64) for n in names}
+        seen = 0
+        for x, y in batches:
+            if seen >= self.num_batches:
+                break
+            net.zero_grad(set_to_none=True)
+            F.cross_entropy(net(x.to(dev)), y.to(dev)).backward()
+            for n, t in drive_terms(net, trace, names).items():
+                acc[n] += t
+            seen += 1
+        if seen == 0:
+            raise ValueError("DriveImportance needs at least one minibatch")
+        return {n: drive_score(a) for n, a in acc.items()}

@@ -9,27 +9,30 @@ from __future__ import annotations
 import copy
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import torch
 from torch import nn
 
-from pruning_core.data import ImageData, load_data, load_val, make_splits
+from pruning_core.data import ImageData, absolute_spec, load_data, load_val, make_splits
 from pruning_core.device import model_device, resolve_device
 from pruning_core.errors import UserError
-from pruning_core.evaluate import accuracy, adapt_bn, augment_batch, finetune, mean_loss
+from pruning_core.evaluate import accuracy, adapt_bn, augment_batch, mean_loss
+from pruning_core.finetune import FinetuneConfig, concat_splits, finetune, holdout_split
 from pruning_core.graph import ModelTrace
-from pruning_core.importance import IMPORTANCES, L1Importance, Taylor2Importance, TaylorImportance
+from pruning_core.importance import IMPORTANCES, DriveImportance, L1Importance, Taylor2Importance, TaylorImportance
 from pruning_core.latency import LatencyTable
 from pruning_core.prune import kept_counts, prune, removed_channels
 from pruning_core.reconstruct import Reconstruction
-from pruning_core.splits import Split
+from pruning_core.splits import FolderSplit, Split
 from pruning_core.tracer import trace_model
 from pruning_core.zoo import build_model, load_weights, recorded_accuracy
 
 __all__ = ["DROP_CRITERIA", "PruningSession", "SessionConfig", "refits_by_default"]
 
 DROP_CRITERIA = ("loss", "taylor")
+IN_MEMORY_BYTES = 2 << 30  # fine-tuning images that decode to at most this are held in memory, not streamed
 
 log = logging.getLogger(__name__)
 
@@ -53,7 +56,8 @@ class SessionConfig:
     """Score on flipped/shifted training images: a model that fits its training set has near-zero loss
     there, and augmented images give the gradients more signal (not for digits, where flips change labels)."""
     importance: str = "taylor"
-    """Channel criterion: ``taylor`` (first-order, Molchanov 2019), ``taylor2`` (second-order) or ``l1``."""
+    """Channel criterion: ``taylor`` (first-order, Molchanov 2019), ``taylor2`` (second-order), ``l1`` or ``drive``
+    (DRIVE's dual-gradient metric)."""
     drop_criterion: str = "loss"
     """What it costs to remove a residual branch whole (:meth:`PruningSession.drop_costs`): ``loss``, the
     calibration images' cross-entropy with that branch alone removed and BN recalibrated (one evaluation per
@@ -118,6 +122,12 @@ class PruningSession:
         if config.drop_criterion not in DROP_CRITERIA:
             raise UserError(f"unknown drop criterion {config.drop_criterion!r}; use one of {', '.join(DROP_CRITERIA)}")
         self.model_name = model if isinstance(model, str) else type(model).__name__
+        # what rebuilds this session in another process (prunepilot finetune RUN_DIR); None where an object was given
+        self.source = {"model": model if isinstance(model, str) else None,
+                       "weights": str(Path(weights).expanduser().resolve()) if weights else None,
+                       "data": absolute_spec(data) if isinstance(data, str) else None,
+                       "val_data": absolute_spec(val_data) if isinstance(val_data, str) else None,
+                       "config": asdict(config)}
         self.device = resolve_device(config.device)
         self.data = load_data(data, config.image_size, config.workers) if isinstance(data, str) else data
         if (config.mean, config.std, config.scale) != (None, None, None):
@@ -199,6 +209,8 @@ class PruningSession:
         batches = self.splits.train.batches(self.config.batch_size, shuffle=True, generator=gen)
         if self.config.taylor_augment and self.data.name != "digits":
             batches = ((augment_batch(x, gen), y) for x, y in batches)
+        if self.config.importance == "drive":
+            return DriveImportance(self.config.taylor_batches)(self.model, batches, self.trace)
         if self.config.importance == "taylor2":
             return Taylor2Importance(self.config.taylor_batches, seed=self.config.seed)(self.model, batches, self.trace)
         return TaylorImportance(self.config.taylor_batches)(self.model, batches, self.trace)
@@ -301,12 +313,40 @@ class PruningSession:
             self._reconstruction = Reconstruction(self.model, images.to(self.device), seed=self.config.seed)
         return self._reconstruction
 
-    def finetune(self, model: nn.Module, epochs: int, kd: bool = True, lr: float = 0.01,
-                 progress: bool = False) -> nn.Module:
-        """Fine-tune ``model`` in place on the training images, distilling from the dense model when ``kd``."""
-        teacher = copy.deepcopy(self.model) if kd else None
-        return finetune(model, self.splits.train, epochs, lr, self.config.batch_size, teacher=teacher,
-                        seed=self.config.seed, augment=self.data.name != "digits", progress=progress)
+    def finetune(self, model: nn.Module, config: FinetuneConfig | int, kd: bool = True, progress: bool = False,
+                 extra_data: list[str] = (), schedule=None, checkpoint: str | Path | None = None,
+                 report: dict | None = None) -> nn.Module:
+        """Fine-tune ``model`` (:func:`~pruning_core.finetune.finetune`) on the training images and those of
+        ``extra_data`` (data specs), less ``config.holdout_images`` on which the epoch kept is chosen, distilling from
+        the dense model when ``kd``; returns the model to keep. An int ``config`` is a number of epochs.
+        """
+        if isinstance(config, int):
+            config = FinetuneConfig(epochs=config, seed=self.config.seed)
+        if self.data.name == "digits" and config.augment != "none":  # flips change digits
+            config.augment = "none"
+        train, holdout = holdout_split(self.finetune_images(extra_data), config.holdout_images, config.seed)
+        return finetune(model, train, config, teacher=self.model if kd else None, holdout=holdout, schedule=schedule,
+                        checkpoint=checkpoint, progress=progress, report=report)
+
+    def finetune_images(self, extra_data: list[str] = ()) -> Split | FolderSplit:
+        """The training images and those of each ``extra_data`` spec's training split, normalised like the model's
+        data, in memory when they decode to at most 2 GiB (else streamed, alone).
+
+        :raises UserError: a spec whose classes or image shape differ from the model's data.
+        """
+        parts = [self.data.train]
+        for spec in extra_data:
+            more = load_data(spec, self.config.image_size, self.config.workers)
+            if more.num_classes != self.data.num_classes:
+                raise UserError(f"{spec} has {more.num_classes} classes, {self.data.name} {self.data.num_classes}")
+            t = self.data.train
+            more = more.normalised(t.mean, t.std, t.scale)
+            if more.train.shape != t.shape:
+                raise UserError(f"{spec} holds {more.train.shape} images, {self.data.name} {t.shape}: pass --image-size")
+            parts.append(more.train)
+        parts = [p.subset(torch.arange(len(p))) if isinstance(p, FolderSplit) and
+                 len(p) * p.shape[0] * p.shape[1] * p.shape[2] <= IN_MEMORY_BYTES else p for p in parts]
+        return concat_splits(parts)
 
     def measure(self, ratios: dict[str, float], round_to: int | None = None) -> dict[str, float]:
         kept = kept_counts(self.trace, ratios, round_to)
@@ -330,6 +370,6 @@ class PruningSession:
             "ratios": {k: round(float(v), 6) for k, v in ratios.items()}, "round_to": round_to,
             "method": method, "seed": seed, "reconstruct": self.config.reconstruct, "reward_source": self.val_source,
             "random_weights": self.random_weights, "normalisation": self.data.normalisation, "device": str(self.device),
-            "excluded": dict(self.trace.excluded),
+            "excluded": dict(self.trace.excluded), "source": self.source,
             "time_s": round(time_s, 3), **extra,
         }

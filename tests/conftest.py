@@ -54,9 +54,9 @@ def digits_session(digits):
 @pytest.fixture(scope="session")
 def digits_weights(tmp_path_factory, digits):
     """A digits CNN fine-tuned for 3 epochs (about 97% test accuracy), saved as a state_dict."""
-    from pruning_core import build_model, finetune
+    from pruning_core import FinetuneConfig, build_model, finetune
     torch.manual_seed(0)
-    model = finetune(build_model("digits_cnn"), digits.train, epochs=3, lr=0.05, augment=False)
+    model = finetune(build_model("digits_cnn"), digits.train, FinetuneConfig.plain(3))
     path = tmp_path_factory.mktemp("w") / "digits_cnn.pt"
     torch.save(model.state_dict(), path)
     return path

@@ -2,7 +2,7 @@ import copy
 
 import torch
 
-from pruning_core import accuracy, adapt_bn, build_model, finetune, prune, trace_model, uniform_ratios
+from pruning_core import FinetuneConfig, accuracy, adapt_bn, build_model, finetune, prune, trace_model, uniform_ratios
 
 
 def test_adapt_bn_sets_exact_calibration_statistics(digits):
@@ -19,14 +19,14 @@ def test_adapt_bn_sets_exact_calibration_statistics(digits):
 
 def test_finetune_trains_and_distils(digits):
     torch.manual_seed(0)
-    teacher = finetune(build_model("digits_cnn"), digits.train, epochs=3, lr=0.05, augment=False)
+    teacher = finetune(build_model("digits_cnn"), digits.train, FinetuneConfig.plain(3))
     acc_teacher = accuracy(teacher, digits.test)
     assert acc_teacher > 90.0
     trace = trace_model(teacher, digits.input_shape)
     scores = {g.name: torch.rand(g.channels) for g in trace.groups}
     pruned = prune(teacher, uniform_ratios(trace, 0.3), scores, trace)
     before = accuracy(pruned, digits.test)
-    student = finetune(copy.deepcopy(pruned), digits.train, epochs=2, lr=0.02, teacher=teacher, augment=False)
+    student = finetune(copy.deepcopy(pruned), digits.train, FinetuneConfig.plain(2, lr=0.02), teacher=teacher)
     assert accuracy(student, digits.test) > max(before, 85.0)
     assert not student.training
     assert [p.shape for p in student.parameters()] == [p.shape for p in pruned.parameters()]  # fine-tuned in place
