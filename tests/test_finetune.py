@@ -133,9 +133,9 @@ def test_schedules_end_at_the_allocation_physically_pruned(session, name):
     ratios = uniform_ratios(session.trace, 0.5)
     sched = make_schedule(name, session, ratios)
     report = {}
-    model = session.finetune(session.build({}, adapt=False), FinetuneConfig(epochs=2, holdout_images=100),
+    model = session.finetune(session.build({}, adapt=False), FinetuneConfig(epochs=3, holdout_images=100),
                              schedule=sched, report=report)
-    assert sched.done and report["best_epoch"] == 2  # the epoch before the removal is never kept
+    assert sched.done and report["best_epoch"] >= 2  # removed halfway through epoch 2: epoch 1 is never kept
     assert measure_flops(model, session.data.input_shape) == session.trace.flops(kept_counts(session.trace, ratios))
     assert accuracy(model, session.splits.test) > 80.0
 

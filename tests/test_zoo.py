@@ -79,3 +79,14 @@ def test_train_only_auxiliary_heads_are_left_out_and_their_weights_ignored(name,
     pruned = prune(model, uniform_ratios(trace, 0.5), L1Importance()(model, None, trace), trace).train()
     out = pruned(torch.randn(2, *shape))
     assert (out.logits if hasattr(out, "logits") else out).shape == (2, 10)
+
+
+def test_randaugment_fine_tuning_changes_images_per_image(digits):
+    from pruning_core import FinetuneConfig, build_model, finetune
+    from pruning_core.finetune import _randaugment
+    x, _ = next(digits.train.batches(16))
+    out = _randaugment(digits.train)(x)
+    assert out.shape == x.shape and not torch.allclose(out, x)
+    model = finetune(build_model("digits_cnn"), digits.train, FinetuneConfig(epochs=1, augment="randaugment",
+                                                                             holdout_images=0))
+    assert not model.training
