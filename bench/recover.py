@@ -38,6 +38,7 @@ def main() -> None:
     p.add_argument("--epochs", default="1", help="comma-separated epoch budgets, each a separate run")
     p.add_argument("--seeds", default="0")
     p.add_argument("--lr", type=float, default=FinetuneConfig.lr)
+    p.add_argument("--act-grads", type=float, default=0.0, help="--prune-act-grads RATE for every run")
     p.add_argument("--name", default="recover")
     args = p.parse_args()
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT).stdout
@@ -50,7 +51,7 @@ def main() -> None:
         alloc, schedule = row.split(":")
         for epochs in map(int, args.epochs.split(",")):
             for seed in map(int, args.seeds.split(",")):
-                cfg = FinetuneConfig(epochs=epochs, lr=args.lr, seed=seed)
+                cfg = FinetuneConfig(epochs=epochs, lr=args.lr, seed=seed, act_grad_sparsity=args.act_grads)
                 t = time.perf_counter()
                 report: dict = {}
                 if alloc == "dense":
@@ -59,7 +60,7 @@ def main() -> None:
                     sched = None
                 else:
                     ratios = ratios_of[alloc]
-                    sched = make_schedule(schedule, session, ratios) if schedule != "oneshot" else None
+                    sched = make_schedule(schedule, session, ratios, seed=seed)
                     model = session.build(ratios, reconstruct=False) if sched is None else session.build({}, adapt=False)
                     start = accuracy(model, session.splits.test) if sched is None else None
                 model = session.finetune(model, cfg, extra_data=[jpeg], schedule=sched, report=report)
