@@ -1,5 +1,6 @@
 """``prunepilot finetune RUN_DIR``: fine-tune the model a ``prune``, ``train`` or ``apply`` run kept, or prune it again
-during training with SPP or DRIVE, and export the result to ``RUN_DIR/finetuned/``."""
+during training with SPP or DRIVE, and export the result to ``RUN_DIR/finetuned/``.
+"""
 
 from __future__ import annotations
 
@@ -30,7 +31,8 @@ _D = FinetuneConfig()
 def finetune_command_parser(subparsers) -> None:
     p = subparsers.add_parser(
         "finetune", help="fine-tune the model a prune, train or apply run kept",
-        description="Rebuild the run's dense model and kept allocation, fine-tune with SGD (Nesterov, warm-up, cosine), "
+        description="Rebuild the run's dense model and kept allocation, fine-tune with SGD (Nesterov, warm-up, "
+                    "cosine), "
                     "label smoothing, crop-and-flip and KD from the dense model, keep the epoch that scores best on "
                     "held-out training images, and export it with a report. --schedule spp or drive prunes during "
                     "training instead of before it. Checkpoints every epoch; --resume continues after a kill.")

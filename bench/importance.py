@@ -4,8 +4,8 @@ For every channel of every prunable group, the oracle is the squared change in c
 gate (its BN's gamma and beta, or its filter where the group has no BN) is zeroed, measured on CIFAR-10 JPEG test
 images the network never saw (its training images give near-zero loss). The criteria (first- and second-order
 Taylor, L1, DRIVE) are computed on the same images. The oracle is stored in the results, and ``--oracle-from``
-reuses it (the same model, images and seed) to score more criteria without measuring it again. Correlations are pooled over the network (as Molchanov et al. 2019
-report theirs, >93% on ImageNet ResNets) and per group.
+reuses it (the same model, images and seed) to score more criteria without measuring it again. Correlations are
+pooled over the network (as Molchanov et al. 2019 report theirs, >93% on ImageNet ResNets) and per group.
 
 Example (from bench/, PYTHONPATH=..):
     python importance.py --models resnet20 --images 512 --name importance_r20_amd

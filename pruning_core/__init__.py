@@ -6,8 +6,8 @@ Nothing here imports RL, gym or PyG code.
 from pruning_core.data import ImageData, load_data, make_splits
 from pruning_core.errors import UserError
 from pruning_core.evaluate import accuracy, adapt_bn
-from pruning_core.finetune import FinetuneConfig, finetune
 from pruning_core.export import export_model, load_exported
+from pruning_core.finetune import FinetuneConfig, finetune
 from pruning_core.graph import ModelTrace, layer_macs, measure_flops
 from pruning_core.importance import L1Importance, TaylorImportance
 from pruning_core.latency import LatencyBudget, LatencyTable, compare_latency, measure_latency
@@ -31,8 +31,8 @@ from pruning_core.zoo import MODELS, build_model, load_weights
 __version__ = "0.1.0"
 
 __all__ = [
-    "DROP_CRITERIA", "MODELS", "FinetuneConfig", "FolderSplit", "ImageData", "L1Importance", "LatencyBudget", "LatencyTable",
-    "ModelTrace",
+    "DROP_CRITERIA", "MODELS", "FinetuneConfig", "FolderSplit", "ImageData", "L1Importance", "LatencyBudget",
+    "LatencyTable", "ModelTrace",
     "PruningSession", "Reconstruction", "SessionConfig", "Split", "TaylorImportance", "UserError", "__version__",
     "accuracy", "adapt_bn", "branch_width", "build_model", "check_ratios",
     "compare_latency", "drop_order", "export_model", "finetune", "global_ratios", "kept_channels", "kept_counts",

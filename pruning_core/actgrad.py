@@ -80,7 +80,8 @@ class ActGradPruner:
 
     def summary(self) -> dict:
         """The target, the fraction of gradient entries made 0 and set to ``±tau``, and the backward conv MACs a
-        zero-skipping kernel would save."""
+        zero-skipping kernel would save.
+        """
         c = self.counts
         n = max(1, c["entries"])
         return {"target": self.sparsity, "zero_fraction": round(c["zeros"] / n, 4),

@@ -72,7 +72,8 @@ class FinetuneConfig:
     @classmethod
     def plain(cls, epochs: int, lr: float = 0.05, batch_size: int = 64, seed: int = 0) -> FinetuneConfig:
         """Plain SGD with cosine decay and nothing else (no warm-up, smoothing, augmentation or holdout): how the
-        tests and the demo train their small digits CNNs."""
+        tests and the demo train their small digits CNNs.
+        """
         return cls(epochs=epochs, lr=lr, batch_size=batch_size, warmup_epochs=0, label_smoothing=0, augment="none",
                    holdout_images=0, seed=seed)
 
@@ -132,7 +133,8 @@ def concat_splits(splits: list[Split | FolderSplit]) -> Split | FolderSplit:
 
 def crop_flip(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
     """Per image: a random crop of the image padded by 1/8 of its side (zeros, the mean pixel after
-    normalisation), and a horizontal flip with probability 1/2."""
+    normalisation), and a horizontal flip with probability 1/2.
+    """
     n, _, h, w = x.shape
     pad = max(1, h // 8)
     flip = torch.rand(n, generator=gen) < 0.5
@@ -146,7 +148,7 @@ def crop_flip(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
 
 
 def _randaugment(split: Split | FolderSplit) -> Callable[[torch.Tensor], torch.Tensor]:
-    """torchvision's RandAugment (2 ops, magnitude 9) per image, applied to normalised images via their pixels."""
+    """Torchvision's RandAugment (2 ops, magnitude 9) per image, applied to normalised images via their pixels."""
     try:
         from torchvision.transforms import v2
     except ImportError as e:
@@ -203,7 +205,7 @@ def finetune(model: nn.Module, train: Split | FolderSplit, config: FinetuneConfi
     resumed = ckpt is not None and ckpt.is_file()
     saved = None
     if resumed:
-        saved = torch.load(ckpt, map_location="cpu", weights_only=False)
+        saved = _load(ckpt)
         if saved["config"] != asdict(cfg):
             raise UserError(f"{ckpt} was written with other fine-tuning settings; start again without it")
         st = _State(**saved["state"])
@@ -346,7 +348,8 @@ def _lr(cfg: FinetuneConfig, step: int, total: int, steps_per_epoch: int) -> flo
 
 def _plan(cfg: FinetuneConfig, steps: int, seconds: float, steps_per_epoch: int) -> int:
     """Whole epochs that fit the minutes budget at the speed of the first ``steps`` (at least 1, at most
-    ``cfg.epochs``); an epoch is taken as 3% longer, for its evaluation and checkpoint."""
+    ``cfg.epochs``); an epoch is taken as 3% longer, for its evaluation and checkpoint.
+    """
     per_epoch = seconds / steps * steps_per_epoch * 1.03
     fit = int(cfg.minutes * 60 // per_epoch)
     log.info("%.1f s per epoch: %d of %d epochs fit in %.1f minutes", per_epoch, min(fit, cfg.epochs), cfg.epochs,
@@ -367,3 +370,19 @@ def _save(path: Path, obj: dict) -> None:
     tmp = path.with_name(path.name + ".tmp")
     torch.save(obj, tmp)
     os.replace(tmp, path)
+
+
+def _load(path: Path) -> dict:
+    """A checkpoint written by :func:`_save`, read with torch's weights-only loader (no code runs from the file).
+
+    :raises UserError: the file is not such a checkpoint.
+    """
+    try:
+        saved = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - any unreadable or foreign file
+        raise UserError(f"{path} is not a fine-tuning checkpoint ({type(e).__name__}); start again with --overwrite"
+                        ) from e
+    if not isinstance(saved, dict) or "config" not in saved:
+        raise UserError(f"{path} is not a fine-tuning checkpoint; start again with --overwrite")
+    return saved
+

@@ -181,7 +181,8 @@ class L1Importance:
 def drive_terms(model: nn.Module, trace: ModelTrace, groups: list[str]) -> dict[str, torch.Tensor]:
     """Per group channel, DRIVE's three terms from the current weights and their ``.grad`` (after a backward pass),
     summed over the channel's producing filters: (L1 norm ``sum |w|``, connection sensitivity ``sum |w * dL/dw|``,
-    convergence sensitivity ``sum |dL/dw|``), stacked as a (3, channels) tensor."""
+    convergence sensitivity ``sum |dL/dw|``), stacked as a (3, channels) tensor.
+    """
     modules = dict(model.named_modules())
     out = {}
     for name in groups:
@@ -205,7 +206,8 @@ def drive_score(terms: torch.Tensor) -> torch.Tensor:
 
 class DriveImportance:
     """DRIVE's dual-gradient metric (:func:`drive_score` of :func:`drive_terms`), its gradient terms averaged over
-    ``num_batches`` minibatches, on a copy of the model in eval mode."""
+    ``num_batches`` minibatches, on a copy of the model in eval mode.
+    """
 
     def __init__(self, num_batches: int = 32):
         self.num_batches = num_batches

@@ -82,7 +82,8 @@ class Schedule:
 
     def step(self, model: nn.Module, step: int, total: int) -> nn.Module | None:
         """After optimiser step ``step`` of ``total``: update the masks, or at the end of the pruning phase return
-        the physically pruned model (None otherwise)."""
+        the physically pruned model (None otherwise).
+        """
         if self.done:
             return None
         end = max(1, int(self.prune_fraction * total))
@@ -96,7 +97,8 @@ class Schedule:
 
     def final_masks(self) -> dict[str, torch.Tensor]:
         """Per group, 1 for the channels to keep: exactly the allocation's count (what :meth:`update` reached, made
-        exact)."""
+        exact).
+        """
         raise NotImplementedError
 
     def _remove(self, model: nn.Module) -> nn.Module:
@@ -114,7 +116,8 @@ class Schedule:
 
     def load_state_dict(self, state: dict, model: nn.Module) -> nn.Module:
         """Restore from :meth:`state_dict` on the dense ``model``; return the model whose weights the checkpoint
-        holds (the dense one with masks, or its pruned form)."""
+        holds (the dense one with masks, or its pruned form).
+        """
         self.done, self.removal = state["done"], state["removal"]
         self.gen.set_state(state["generator"])
         self._load_extra(state)
@@ -212,10 +215,10 @@ class DriveSchedule(Schedule):
     removed.
 
     The metric combines the L1 norm, the connection sensitivity ``|w * dL/dw|`` (SNIP's) and the convergence
-    sensitivity ``|dL/dw|`` (:func:`~pruning_core.importance.drive_terms`). The gradients are the training steps' own, averaged over the
-    steps since the last round. The paper ranks single weights for unstructured pruning; here a channel's score
-    sums its filter's weights, and the three terms are put on one scale by dividing each by its mean over the
-    group (the paper's exact weighting was not available to us).
+    sensitivity ``|dL/dw|`` (:func:`~pruning_core.importance.drive_terms`). The gradients are the training steps'
+    own, averaged over the steps since the last round. The paper ranks single weights for unstructured pruning;
+    here a channel's score sums its filter's weights, and the three terms are put on one scale by dividing each by
+    its mean over the group (the paper's exact weighting was not available to us).
     """
 
     name = "drive"

@@ -342,7 +342,8 @@ class PruningSession:
             t = self.data.train
             more = more.normalised(t.mean, t.std, t.scale)
             if more.train.shape != t.shape:
-                raise UserError(f"{spec} holds {more.train.shape} images, {self.data.name} {t.shape}: pass --image-size")
+                raise UserError(f"{spec} holds {more.train.shape} images, {self.data.name} {t.shape}: "
+                                "pass --image-size")
             parts.append(more.train)
         parts = [p.subset(torch.arange(len(p))) if isinstance(p, FolderSplit) and
                  len(p) * p.shape[0] * p.shape[1] * p.shape[2] <= IN_MEMORY_BYTES else p for p in parts]

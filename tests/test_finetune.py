@@ -36,7 +36,8 @@ def test_holdout_is_disjoint_from_training_images(digits):
     train, held = holdout_split(digits.train, 100, seed=3)
     assert len(train) + len(held) == len(digits.train) and len(held) == 100
     rows = {tuple(x.flatten().tolist()) + (int(y),) for x, y in zip(train.x, train.y)}
-    assert sum(tuple(x.flatten().tolist()) + (int(y),) in rows for x, y in zip(held.x, held.y)) < 5  # digits repeats a few
+    # digits holds a few duplicate images; otherwise no held-out image is trained on
+    assert sum(tuple(x.flatten().tolist()) + (int(y),) in rows for x, y in zip(held.x, held.y)) < 5
     assert len(holdout_split(digits.train, len(digits.train))[1]) == len(digits.train) // 5  # a fifth at most
 
 
@@ -54,16 +55,24 @@ def test_minutes_budget_plans_whole_epochs():
     assert _plan(FinetuneConfig(epochs=3, minutes=60.0), 20, 1.0, 10) == 3  # never more than asked
 
 
-def test_resume_after_a_kill_ends_where_an_unbroken_run_does(session, tmp_path):
+@pytest.mark.parametrize(("schedule", "killed_in"), [("oneshot", 2), ("spp", 2), ("drive", 3)])
+def test_resume_after_a_kill_ends_where_an_unbroken_run_does(session, tmp_path, schedule, killed_in):
+    """Killed in epoch 2 (an SPP run still masked) or 3 (a DRIVE run already pruned for real), then resumed."""
     ratios = uniform_ratios(session.trace, 0.5)
     cfg = FinetuneConfig(epochs=3, holdout_images=100, batch_size=64)
     train, held = holdout_split(session.data.train, 100)
-    unbroken = finetune(session.build(ratios, reconstruct=False), train, cfg, teacher=session.model, holdout=held)
+
+    def start():
+        sched = make_schedule(schedule, session, ratios)
+        return (session.build(ratios, reconstruct=False) if sched is None else session.build({}, adapt=False)), sched
+
+    model, sched = start()
+    unbroken = finetune(model, train, cfg, teacher=session.model, holdout=held, schedule=sched)
 
     class Killed(Exception):
         pass
 
-    class Dies:  # the training images, lost in the second epoch
+    class Dies:  # the training images, lost at the start of an epoch
         def __init__(self, split):
             self.split, self.calls = split, 0
 
@@ -72,24 +81,33 @@ def test_resume_after_a_kill_ends_where_an_unbroken_run_does(session, tmp_path):
 
         def batches(self, *a, **k):
             self.calls += 1
-            if self.calls == 2:
+            if self.calls == killed_in:
                 raise Killed
             return self.split.batches(*a, **k)
 
     ckpt = tmp_path / "ck.pt"
+    model, sched = start()
     with pytest.raises(Killed):
-        finetune(session.build(ratios, reconstruct=False), Dies(train), cfg, teacher=session.model, holdout=held,
-                 checkpoint=ckpt)
+        finetune(model, Dies(train), cfg, teacher=session.model, holdout=held, checkpoint=ckpt, schedule=sched)
     assert ckpt.is_file()
     report = {}
-    resumed = finetune(session.build(ratios, reconstruct=False), train, cfg, teacher=session.model, holdout=held,
-                       checkpoint=ckpt, report=report)
+    model, sched = start()
+    resumed = finetune(model, train, cfg, teacher=session.model, holdout=held, checkpoint=ckpt, report=report,
+                       schedule=sched)
     assert not ckpt.exists() and len(report["history"]) == 3
+    assert [p.shape for p in resumed.parameters()] == [p.shape for p in unbroken.parameters()]
     for a, b in zip(unbroken.state_dict().values(), resumed.state_dict().values()):
         assert torch.equal(a, b)
+
+
+def test_a_foreign_checkpoint_is_refused_in_one_line(session, tmp_path):
+    ckpt = tmp_path / "ck.pt"
     torch.save({"config": {}, "state": {}}, ckpt)
     with pytest.raises(UserError, match="other fine-tuning settings"):
-        finetune(session.build(ratios), train, cfg, checkpoint=ckpt)
+        finetune(session.build({}), session.data.train, FinetuneConfig(epochs=1), checkpoint=ckpt)
+    ckpt.write_bytes(b"not a checkpoint")
+    with pytest.raises(UserError, match="not a fine-tuning checkpoint"):
+        finetune(session.build({}), session.data.train, FinetuneConfig(epochs=1), checkpoint=ckpt)
 
 
 def test_masked_channels_compute_exactly_what_removing_them_does(session, digits):
