@@ -9,7 +9,7 @@ import json
 import logging
 import sys
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 from agent.args import positive_int
@@ -87,7 +87,7 @@ def finetune_command(args: argparse.Namespace) -> dict:
         ft = report["finetune"]
         print(f"fine-tuned {ft['epochs_run']} epochs ({ft['schedule']}, {ft['time_s'] / 60:.1f} min); kept epoch "
               f"{ft['best_epoch']}, chosen on {ft['holdout_images']} held-out training images")
-        print(f"wrote {report['files']['report']}")
+        print(f"wrote {Path(report['files']['onnx']).parent / 'report.json'} and the exported model")
     return report
 
 
@@ -116,7 +116,7 @@ def finetune_run(run_dir: str | Path, config: FinetuneConfig, out: str | Path | 
                             "--overwrite")
         check_out(out, overwrite)
         ckpt.unlink(missing_ok=True)
-    config.seed = kept["seed"] if seed is None else seed
+    config = replace(config, seed=kept["seed"] if seed is None else seed)
     config.check()
     settings = {k: tuple(v) if isinstance(v, list) else v for k, v in src["config"].items()}
     settings.update({k: v for k, v in (("device", device), ("workers", workers)) if v is not None})

@@ -262,11 +262,12 @@ def finetune(model: nn.Module, train: Split | FolderSplit, config: FinetuneConfi
                 correct += int((logits.argmax(1) == y).sum())
                 if schedule is not None:
                     new = schedule.step(model, st.step, st.total_epochs * steps_per_epoch)
-                    if new is not None:  # physically pruned: train the smaller model from here
-                        model, opt, ema = new.to(dev), None, None
-                        opt = _optimizer(model, cfg)
-                        ema = _ema(model, cfg)
-                        pruner = _act_grads(model, cfg, pruner.stats() if pruner else None)
+                    if new is not None:  # physically pruned: train the smaller model from here, with a new optimiser
+                        model = new.to(dev)
+                        opt, ema = _optimizer(model, cfg), _ema(model, cfg)
+                        if pruner is not None:
+                            pruner.remove()
+                            pruner = _act_grads(model, cfg, pruner.stats())
                 if bar is not None:
                     bar.update(1)
                     bar.set_postfix(loss=f"{loss_sum / seen:.3f}", acc=f"{100 * correct / seen:.1f}")

@@ -9,7 +9,7 @@ from __future__ import annotations
 import copy
 import logging
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
@@ -323,7 +323,7 @@ class PruningSession:
         if isinstance(config, int):
             config = FinetuneConfig(epochs=config, seed=self.config.seed)
         if self.data.name == "digits" and config.augment != "none":  # flips change digits
-            config.augment = "none"
+            config = replace(config, augment="none")
         train, holdout = holdout_split(self.finetune_images(extra_data), config.holdout_images, config.seed)
         return finetune(model, train, config, teacher=self.model if kd else None, holdout=holdout, schedule=schedule,
                         checkpoint=checkpoint, progress=progress, report=report)

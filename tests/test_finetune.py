@@ -197,9 +197,10 @@ def test_finetune_command_writes_the_model_and_resumes(tmp_path, capsys, digits_
     code, _, err = run(capsys, ["prune", "--model", "digits_cnn", "--weights", str(digits_weights), "--data", "digits",
                                 "--reward-images", "100", "--calib-batches", "2", "--out", str(run_dir)])
     assert code == 0, err
-    code, out, err = run(capsys, ["finetune", str(run_dir), "--epochs", "2", "--holdout-images", "100", "--json"])
+    code, out, err = run(capsys, ["finetune", str(run_dir), "--epochs", "2", "--holdout-images", "100"])
     assert code == 0, err
-    report = json.loads(out)
+    assert "fine-tuned 2 epochs (oneshot" in out and "finetuned/report.json" in out
+    report = json.loads((run_dir / "finetuned" / "report.json").read_text())
     ft = report["finetune"]
     assert ft["schedule"] == "oneshot" and ft["epochs_run"] == 2 and len(ft["history"]) == 2
     assert report["acc"] > 85.0 and report["acc_before_finetune"] is not None
