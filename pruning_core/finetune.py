@@ -207,7 +207,8 @@ def finetune(model: nn.Module, train: Split | FolderSplit, config: FinetuneConfi
     if resumed:
         saved = _load(ckpt)
         if saved["config"] != asdict(cfg):
-            raise UserError(f"{ckpt} was written with other fine-tuning settings; start again without it")
+            raise UserError(f"{ckpt} was written with other fine-tuning settings: resume with the same ones, or start "
+                            "again (--overwrite)")
         st = _State(**saved["state"])
         gen.set_state(saved["generator"])
     if schedule is not None:
