@@ -127,7 +127,7 @@ def finetune_run(run_dir: str | Path, config: FinetuneConfig, out: str | Path | 
     session = PruningSession(src["model"], src["weights"], src["data"], session_config, src["val_data"])
     ratios, round_to = kept["ratios"], kept.get("round_to")
     sched = make_schedule(schedule, session, ratios, round_to, config.seed)
-    model = session.build(ratios, round_to, reconstruct=False) if sched is None else session.build({}, adapt=False)
+    model = session.finetune_start(ratios, round_to, sched)
     acc_start = accuracy(model, session.splits.test) if sched is None else None
     log.info("fine-tuning %s (%s) for %d epochs%s", session.model_name, schedule, config.epochs,
              f" or {config.minutes} minutes" if config.minutes else "")

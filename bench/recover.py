@@ -61,8 +61,7 @@ def main() -> None:
                 else:
                     ratios = ratios_of[alloc]
                     sched = make_schedule(schedule, session, ratios, seed=seed)
-                    model = (session.build(ratios, reconstruct=False) if sched is None
-                             else session.build({}, adapt=False))
+                    model = session.finetune_start(ratios, schedule=sched)
                     start = accuracy(model, session.splits.test) if sched is None else None
                 model = session.finetune(model, cfg, extra_data=[jpeg], schedule=sched, report=report)
                 run = {"row": row, "epochs": epochs, "seed": seed, "acc_start": start,

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from pruning_core.graph import ModelTrace
-from pruning_core.importance import drive_score, drive_terms
+from pruning_core.importance import L1Importance, drive_score, drive_terms
 from pruning_core.prune import kept_counts, prune
 
 __all__ = ["SCHEDULES", "ChannelMasks", "DriveSchedule", "SPPSchedule", "Schedule", "make_schedule"]
@@ -135,18 +135,6 @@ class Schedule:
         pass
 
 
-def _filter_l1(model: nn.Module, trace: ModelTrace, group: str) -> torch.Tensor:
-    """L1 norm of each group channel's producing filters, summed over the group's conv and linear outputs."""
-    modules = dict(model.named_modules())
-    g = trace.group(group)
-    total = torch.zeros(g.channels, dtype=torch.float64)
-    for m in g.members:
-        if m.dim == "out" and trace.layers[m.module].weighted:
-            w = modules[m.module].weight.detach().abs().flatten(1).sum(1).double().cpu()
-            total += w[torch.tensor([idx[0] for idx in m.index])]
-    return total
-
-
 class SPPSchedule(Schedule):
     """Structured Probabilistic Pruning (Wang et al. 2017, arXiv 1709.06994), per output channel.
 
@@ -173,13 +161,14 @@ class SPPSchedule(Schedule):
     def update(self, model, step, end):
         interval = max(1, end // self.updates)
         if step % interval == 0:
+            l1 = L1Importance()(model, None, self.trace)
             for g, n in self.to_prune.items():
                 p = self.p[g]
                 left = n - int((p >= 1).sum())
                 if left <= 0:
                     continue
                 alive = (p < 1).nonzero().flatten()
-                order = alive[_filter_l1(model, self.trace, g)[alive].argsort()]
+                order = alive[l1[g][alive].argsort()]
                 alpha = math.log(2 / self.u) / left
                 n_c = -math.log(self.u) / alpha
                 r = torch.arange(len(order), dtype=torch.float64)
@@ -188,7 +177,7 @@ class SPPSchedule(Schedule):
                 p[order] = (p[order] + delta).clamp(0, 1)
                 if int((p >= 1).sum()) > n:  # more reached 1 than the allocation removes: keep the best of them
                     over = (p >= 1).nonzero().flatten()
-                    p[over[_filter_l1(model, self.trace, g)[over].argsort(descending=True)[:len(over) - n]]] = 0.999
+                    p[over[l1[g][over].argsort(descending=True)[:len(over) - n]]] = 0.999
         for g, p in self.p.items():  # this step's mask: keep each channel with probability 1 - p
             keep = (torch.rand(len(p), generator=self.gen, dtype=torch.float64) >= p).float()
             self.masks.masks[g].copy_(keep)

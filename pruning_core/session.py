@@ -328,6 +328,12 @@ class PruningSession:
         return finetune(model, train, config, teacher=self.model if kd else None, holdout=holdout, schedule=schedule,
                         checkpoint=checkpoint, progress=progress, report=report)
 
+    def finetune_start(self, ratios: dict[str, float], round_to: int | None = None, schedule=None) -> nn.Module:
+        """The model a fine-tune starts from: the allocation pruned with adaptive BN and no refit (the fine-tune
+        replaces it), or the dense model for a training-time ``schedule``, which prunes it as it trains.
+        """
+        return self.build(ratios, round_to, reconstruct=False) if schedule is None else self.build({}, adapt=False)
+
     def finetune_images(self, extra_data: list[str] = ()) -> Split | FolderSplit:
         """The training images and those of each ``extra_data`` spec's training split, normalised like the model's
         data, in memory when they decode to at most 2 GiB (else streamed, alone).

@@ -24,6 +24,7 @@ from pruning_core import (
 )
 from pruning_core.actgrad import ActGradPruner
 from pruning_core.finetune import _plan, crop_flip, holdout_split
+from pruning_core.importance import L1Importance
 from pruning_core.schedules import ChannelMasks, SPPSchedule, make_schedule
 
 
@@ -64,7 +65,7 @@ def test_resume_after_a_kill_ends_where_an_unbroken_run_does(session, tmp_path, 
 
     def start():
         sched = make_schedule(schedule, session, ratios)
-        return (session.build(ratios, reconstruct=False) if sched is None else session.build({}, adapt=False)), sched
+        return session.finetune_start(ratios, schedule=sched), sched
 
     model, sched = start()
     unbroken = finetune(model, train, cfg, teacher=session.model, holdout=held, schedule=sched)
@@ -137,8 +138,7 @@ def test_spp_probabilities_follow_the_papers_increment(session):
     sched = SPPSchedule(trace, {g.name: 0.5}, updates=1)
     model = sched.start(copy.deepcopy(session.model))
     sched.update(model, 0, 10)
-    from pruning_core.schedules import _filter_l1
-    order = _filter_l1(model, trace, g.name).argsort()
+    order = L1Importance()(model, None, trace)[g.name].argsort()
     p = sched.p[g.name][order]
     n = g.channels // 2
     assert p[0] == pytest.approx(sched.A)  # the smallest filter gains A
