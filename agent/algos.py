@@ -10,14 +10,15 @@ import gymnasium as gym
 import numpy as np
 from stable_baselines3 import DDPG, PPO, SAC, TD3
 from stable_baselines3.common.base_class import BaseAlgorithm
-from stable_baselines3.common.buffers import DictReplayBuffer
+from stable_baselines3.common.buffers import DictReplayBuffer, DictRolloutBuffer
 from stable_baselines3.common.noise import NormalActionNoise
 from torch import nn
 
 from agent.config import TrainConfig
 from graph_encoder import GraphFeaturesExtractor
 
-__all__ = ["ALGO_CLASSES", "DecayingNormalNoise", "FinalRewardReplayBuffer", "build_algo", "policy_modules"]
+__all__ = ["ALGO_CLASSES", "DecayingNormalNoise", "DeferredRewardBuffer", "FinalRewardReplayBuffer", "build_algo",
+           "policy_modules"]
 
 
 class _BoundaryHook:
@@ -36,6 +37,20 @@ class _BoundaryHook:
 ALGO_CLASSES: dict[str, type[BaseAlgorithm]] = {
     name: type(cls.__name__, (_BoundaryHook, cls), {})
     for name, cls in (("ddpg", DDPG), ("td3", TD3), ("sac", SAC), ("ppo", PPO))}
+
+
+class DeferredRewardBuffer(DictRolloutBuffer):
+    """PPO's rollout buffer, with a hook that runs before the returns are computed: a search whose episode
+    evaluations were deferred (run in parallel at the end of the rollout) writes their rewards into
+    :attr:`rewards` there.
+    """
+
+    before_returns: Callable[[DictRolloutBuffer], None] | None = None
+
+    def compute_returns_and_advantage(self, last_values, dones) -> None:
+        if self.before_returns is not None:
+            self.before_returns(self)
+        super().compute_returns_and_advantage(last_values, dones)
 
 
 class DecayingNormalNoise(NormalActionNoise):
@@ -114,7 +129,8 @@ def build_algo(config: TrainConfig, env: gym.Env, steps_per_episode: int,
         sde = dict(use_sde=True, sde_sample_freq=n) if c.sde else {}
         # minibatches of one episode, or the whole rollout when episodes are short
         return ALGO_CLASSES["ppo"]("MultiInputPolicy", env, n_steps=4 * n, batch_size=4 * n if 4 * n <= 64 else n,
-                                   n_epochs=4, gamma=1.0, gae_lambda=1.0, **sde, **kwargs)
+                                   n_epochs=4, gamma=1.0, gae_lambda=1.0, rollout_buffer_class=DeferredRewardBuffer,
+                                   **sde, **kwargs)
     off = dict(buffer_size=c.buffer_size, learning_starts=c.warmup_episodes * n, batch_size=c.batch_size,
                gamma=1.0, train_freq=(1, "episode"), gradient_steps=c.gradient_steps,
                replay_buffer_class=FinalRewardReplayBuffer, **kwargs)

@@ -13,7 +13,7 @@ from agent.config import TrainConfig
 from agent.outputs import add_latency, write_pruned
 from agent.policy import PortablePolicy, load_policy
 from agent.search import Search
-from envs import FLOOR_METHODS, PruneEnv, floor_allocations, run_episode, select_best
+from envs import FLOOR_METHODS, PruneEnv, evaluation_workers, floor_allocations, run_episode, select_best
 from pruning_core import ImageData, LatencyBudget, PruningSession, SessionConfig, accuracy, kept_counts
 from pruning_core.latency import check_max_latency
 from pruning_core.session import refits_by_default
@@ -39,7 +39,7 @@ def apply_policy(policy: str | Path | PortablePolicy, model: str | nn.Module, we
                  select_images: int = 1000, latency: str | None = None, latency_batch: int = 1,
                  max_latency: float | None = None, reconstruct: bool | None = None,
                  reconstruct_final: bool | None = None, val_data: str | None = None,
-                 inputs: dict | None = None, importance: str | None = None) -> dict:
+                 inputs: dict | None = None, importance: str | None = None, workers: int = 1) -> dict:
     """Prune a new model with a learned policy and return the JSON report (``method: "rl-transfer"``).
 
     :param flops: FLOPs budget (default: the one the policy was trained for).
@@ -67,6 +67,7 @@ def apply_policy(policy: str | Path | PortablePolicy, model: str | nn.Module, we
         was trained with). Ignored when ``session`` is given.
     :param reconstruct_final: refit the kept model that way before it is evaluated and exported (default: unless
         ``finetune_epochs`` fine-tunes it; :meth:`PruningSession.build_final`).
+    :param workers: processes evaluating candidates in parallel (:func:`envs.evaluation_workers`).
     """
     started = time.perf_counter()
     policy = load_policy(policy) if not isinstance(policy, PortablePolicy) else policy
@@ -97,23 +98,24 @@ def apply_policy(policy: str | Path | PortablePolicy, model: str | nn.Module, we
     zero_shot, reward, info = policy_ratios(policy, env)
     transfer = {"policy_model": trained["model"], "policy_algo": policy.config["algorithm"],
                 "zero_shot_reward": reward, "zero_shot_acc_reward": info["acc"], "search_episodes": search_episodes,
-                "reconstruct": session.config.reconstruct}
-    if search_episodes > 0:
-        config = replace(TrainConfig(), algo=policy.config["algorithm"], flops=flops, seed=seed,
-                         max_ratio=trained["max_ratio"], reward=trained["reward"], warmup_episodes=0,
-                         granularity=env.granularity, action_center=env.action_center,
-                         noise_sigma=0.3, hidden=policy.config["network"]["extractor"]["hidden_channels"],
-                         gnn_layers=policy.config["network"]["extractor"]["num_layers"],
-                         net_arch=tuple(policy.config["network"]["hidden"]), progress=progress,
-                         episodes=search_episodes, checkpoint_every=max(1, search_episodes))
-        search = Search(config, env)
-        search.load_policy_weights(policy.state_dict())
-        best = search.run(search_episodes)
-        transfer["search_best_reward"] = best["reward"]
-        transfer["search_s"] = round(search.search_s, 2)
-    floor_kept = floor_allocations(env, floor, sensitivity_points, progress)
+                "reconstruct": session.config.reconstruct, "workers": workers}
     refit = reconstruct_final if reconstruct_final is not None else refits_by_default(finetune_epochs)
-    kept, transfer["rescored"] = select_best(env, rescore_top, floor_kept, reconstruct=refit)
+    with evaluation_workers(env, workers):
+        if search_episodes > 0:
+            config = replace(TrainConfig(), algo=policy.config["algorithm"], flops=flops, seed=seed,
+                             max_ratio=trained["max_ratio"], reward=trained["reward"], warmup_episodes=0,
+                             granularity=env.granularity, action_center=env.action_center,
+                             noise_sigma=0.3, hidden=policy.config["network"]["extractor"]["hidden_channels"],
+                             gnn_layers=policy.config["network"]["extractor"]["num_layers"],
+                             net_arch=tuple(policy.config["network"]["hidden"]), progress=progress,
+                             episodes=search_episodes, checkpoint_every=max(1, search_episodes), workers=workers)
+            search = Search(config, env)
+            search.load_policy_weights(policy.state_dict())
+            best = search.run(search_episodes)
+            transfer["search_best_reward"] = best["reward"]
+            transfer["search_s"] = round(search.search_s, 2)
+        floor_kept = floor_allocations(env, floor, sensitivity_points, progress)
+        kept, transfer["rescored"] = select_best(env, rescore_top, floor_kept, reconstruct=refit)
     transfer["floor"] = sorted(floor_kept)
     ratios = kept["ratios"]
     transfer["chosen"] = kept["source"] if kept["source"] != "search" else "policy" if ratios == zero_shot else "search"

@@ -18,7 +18,7 @@ MODEL_HELP = ("zoo name (resnet20/32/44/56/110, vgg11_bn, vgg16_bn, mobilenetv2,
               "torchvision:NAME, timm:NAME or package.module:factory")
 DATA_HELP = "cifar10:DIR, imagefolder:DIR (train/ and test/ or val/, streamed) or digits"
 # SessionConfig fields these flags set, shared by every command that loads a model
-INPUT_SETTINGS = ("mean", "std", "scale", "image_size", "workers", "num_classes", "trust_pickle", "device")
+INPUT_SETTINGS = ("mean", "std", "scale", "image_size", "loader_workers", "num_classes", "trust_pickle", "device")
 
 ROUND_TO_HELP = ("round kept channels up to a multiple of this; auto: this CPU's conv channel block (16 with "
                  "AVX-512, else 8), the widths its kernels run without padding")
@@ -94,6 +94,10 @@ def add_normalisation_args(p: argparse.ArgumentParser, defaults: bool = True) ->
     p.add_argument("--scale", type=float, help="factor from 0-255 pixels to the model's range (default: 1/255)")
 
 
+WORKERS_HELP = ("processes evaluating pruned models in parallel, each with its own copy of the model; the same seed "
+                "finds the same allocations with any number (default: 1)")
+
+
 def add_input_args(p: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
     """The flags of :data:`INPUT_SETTINGS`: normalisation, image size, decoding workers, head, pickles and device.
     Each defaults to None, which leaves the :class:`~pruning_core.SessionConfig` default.
@@ -101,7 +105,7 @@ def add_input_args(p: argparse.ArgumentParser | argparse._ArgumentGroup) -> None
     add_normalisation_args(p)
     p.add_argument("--image-size", type=positive_int, metavar="PX",
                    help="resize and centre-crop images to PX x PX (default: their own size)")
-    p.add_argument("--workers", type=int, metavar="N", help="processes decoding an image folder (default: 2)")
+    p.add_argument("--loader-workers", type=int, metavar="N", help="processes decoding an image folder (default: 2)")
     p.add_argument("--num-classes", type=positive_int, metavar="N",
                    help="build the model with an N-class head (default: the data's, for torchvision/timm models)")
     p.add_argument("--trust-pickle", action="store_const", const=True,

@@ -13,7 +13,7 @@ import sys
 import time
 from pathlib import Path
 
-from agent.args import add_model_args, add_output_args, check_flops, input_settings, positive_int
+from agent.args import WORKERS_HELP, add_model_args, add_output_args, check_flops, input_settings, positive_int
 from agent.commands import apply_command_parser, demo_command_parser, export_command_parser, train_command_parser
 from agent.finetune import finetune_command_parser
 from agent.outputs import add_latency, check_out, print_report, write_pruned
@@ -92,6 +92,8 @@ def prune_command_parser(subparsers) -> None:
                    help="--method sensitivity: ratios measured per stage (one evaluation each; default: 10)")
     p.add_argument("--evaluations", type=positive_int, default=120,
                    help="--method random: distinct allocations to evaluate (default: 120)")
+    p.add_argument("--workers", type=positive_int, default=1, metavar="N",
+                   help="--method sensitivity|random: " + WORKERS_HELP)
     p.add_argument("--ratios", help="JSON file {group: ratio} to use instead of --method")
     p.add_argument("--reconstruct", action=argparse.BooleanOptionalAction, default=None,
                    help="before adaptive BN, refit every conv and linear layer by least squares to the dense "
@@ -152,22 +154,23 @@ def search_allocation(session: PruningSession, args: argparse.Namespace,
     """The allocation of ``--method`` centre, sensitivity or random, found in the agent's action space (one step per
     stage, its downsampling group apart) with the same reward split; returns (ratios, method, search report).
     """
-    from envs import PruneEnv, centre_allocation, random_search, select_best, sensitivity_search
+    from envs import PruneEnv, centre_allocation, evaluation_workers, random_search, select_best, sensitivity_search
     env = PruneEnv(session=session, flops=args.flops, max_ratio=args.max_ratio, round_to=args.round_to,
                    latency_budget=budget, max_nodes=len(session.trace.nodes))
     progress = sys.stderr.isatty()
     t = time.perf_counter()
-    report: dict[str, object] = {}
-    if args.method == "centre":
-        ratios = env.evaluate(centre_allocation(env))[1]["ratios"]
-    elif args.method == "sensitivity":
-        found = sensitivity_search(env, args.sensitivity_points, progress)
-        ratios = found["ratios"]
-        report.update(threshold=found["threshold"], table=found["table"])
-    else:  # the best of its top 5 re-scored as the kept model is built, as train keeps its own
-        random_search(env, 100 * args.evaluations, args.seed, args.evaluations, progress)
-        best, report["rescored"] = select_best(env, 5)  # scored as the session builds: as the kept model is
-        ratios = best["ratios"]
+    report: dict[str, object] = {"workers": args.workers}
+    with evaluation_workers(env, args.workers if args.method != "centre" else 1):
+        if args.method == "centre":
+            ratios = env.evaluate(centre_allocation(env))[1]["ratios"]
+        elif args.method == "sensitivity":
+            found = sensitivity_search(env, args.sensitivity_points, progress)
+            ratios = found["ratios"]
+            report.update(threshold=found["threshold"], table=found["table"])
+        else:  # the best of its top 5 re-scored as the kept model is built, as train keeps its own
+            random_search(env, 100 * args.evaluations, args.seed, args.evaluations, progress)
+            best, report["rescored"] = select_best(env, 5)  # scored as the session builds: as the kept model is
+            ratios = best["ratios"]
     report.update(evaluations=len(env.cache), search_s=round(time.perf_counter() - t, 2))
     return dict(ratios), args.method, report
 

@@ -11,6 +11,7 @@ from agent.args import (
     DATA_HELP,
     MODEL_HELP,
     ROUND_TO_HELP,
+    WORKERS_HELP,
     add_input_args,
     add_output_args,
     check_flops,
@@ -123,6 +124,7 @@ def train_command_parser(subparsers) -> None:
     search = p.add_argument_group("search")
     search.add_argument("--episodes", type=int, help="episodes to run" + _default("episodes"))
     search.add_argument("--evaluations", type=int, help="stop after this many distinct pruned models")
+    search.add_argument("--workers", type=positive_int, metavar="N", help=WORKERS_HELP)
     search.add_argument("--seed", type=int, help="random seed (also draws the image splits)" + _default("seed"))
     search.add_argument("--round-to", type=round_to_arg, metavar="N|auto", help=ROUND_TO_HELP)
     search.add_argument("--drop-blocks", action=argparse.BooleanOptionalAction,
@@ -145,7 +147,7 @@ def train_command_parser(subparsers) -> None:
     p.set_defaults(func=train_command)
 
 
-RESUME_MAY_CHANGE = ("episodes", "evaluations", "device", "workers")
+RESUME_MAY_CHANGE = ("episodes", "evaluations", "device", "loader_workers", "workers")
 
 
 def train_command(args: argparse.Namespace) -> dict:
@@ -156,10 +158,10 @@ def train_command(args: argparse.Namespace) -> dict:
         if given:
             raise UserError(f"--resume continues a run with its own settings; drop "
                             f"{', '.join('--' + g.replace('_', '-') for g in given)} (only "
-                            f"{', '.join('--' + g for g in RESUME_MAY_CHANGE)} may change)")
+                            f"{', '.join('--' + g.replace('_', '-') for g in RESUME_MAY_CHANGE)} may change)")
         report = resume(args.resume, episodes=args.episodes, progress=not args.no_progress and None,
                         evaluations=args.evaluations, redo_finish=args.redo_finish, device=args.device,
-                        workers=args.workers)
+                        loader_workers=args.loader_workers, workers=args.workers)
     else:
         if args.redo_finish:
             raise UserError("--redo-finish goes with --resume RUN_DIR")
@@ -210,6 +212,7 @@ def apply_command_parser(subparsers) -> None:
     p.add_argument("--flops", type=float, help="FLOPs budget (default: the policy's own)")
     p.add_argument("--search-episodes", type=int, default=0,
                    help="episodes of RL fine-tuning on the new model before applying (default: 0, zero-shot)")
+    p.add_argument("--workers", type=positive_int, default=1, metavar="N", help=WORKERS_HELP)
     p.add_argument("--round-to", type=round_to_arg, default=None,
                    help=ROUND_TO_HELP + " (default: the policy's own; 1: none)")
     p.add_argument("--reward-images", type=int, default=1000, help="training images in the reward split")
@@ -256,7 +259,7 @@ def apply_command(args: argparse.Namespace) -> dict:
                           rescore_top=args.rescore_top, select_images=args.select_images,
                           latency=args.latency, latency_batch=args.latency_batch, max_latency=args.max_latency,
                           reconstruct=args.reconstruct, reconstruct_final=args.reconstruct_final,
-                          importance=args.importance)
+                          importance=args.importance, workers=args.workers)
     print_report(report, args.json)
     return report
 

@@ -33,7 +33,7 @@ class TrainConfig:
     """Factor from 0-255 pixels to the model's input range (default: 1/255)."""
     image_size: int | None = None
     """Resize and centre-crop images to this many pixels square (default: their own size)."""
-    workers: int = 2
+    loader_workers: int = 2
     """Processes decoding an image folder's images (0: none, decode in the main process)."""
     num_classes: int | None = None
     """Outputs of the model's head (default: the data's class count for torchvision/timm models, else as built)."""
@@ -48,6 +48,10 @@ class TrainConfig:
     evaluations: int | None = None
     """Stop once this many distinct pruned models have been evaluated (``episodes`` still caps the episodes).
     An episode that repeats an evaluated allocation reuses its cached reward, so evaluations are what a search costs."""
+    workers: int = 1
+    """Processes that evaluate pruned models in parallel, each with its own copy of the model and data: the floor's
+    sensitivity table, random episodes and PPO's episodes of one rollout run together. The same seed finds the same
+    allocations with any number."""
     algo: str = "ppo"
     """SB3 algorithm: ppo, ddpg (AMC's choice), td3 or sac."""
     reward: str = "acc"
@@ -171,6 +175,8 @@ class TrainConfig:
             raise UserError(f"unknown action center {self.action_center!r}; use one of {', '.join(ACTION_CENTERS)}")
         if self.episodes < 1:
             raise UserError("--episodes must be at least 1")
+        if self.workers < 1:
+            raise UserError(f"--workers must be at least 1, got {self.workers}")
         if self.evaluations is not None and self.evaluations < 1:
             raise UserError(f"--evaluations must be at least 1, got {self.evaluations}")
         if not 0.0 < self.flops <= 1.0:

@@ -64,7 +64,8 @@ def finetune_command_parser(subparsers) -> None:
                         "report gives the sparsity reached; default: off)")
     p.add_argument("--seed", type=int, help="random seed (default: the run's)")
     p.add_argument("--device", metavar="auto|cpu|cuda|cuda:N", help="where to train (default: the run's)")
-    p.add_argument("--workers", type=int, metavar="N", help="processes decoding an image folder (default: the run's)")
+    p.add_argument("--loader-workers", type=int, metavar="N",
+                   help="processes decoding an image folder (default: the run's)")
     p.add_argument("--resume", action="store_true", help="continue an interrupted fine-tune from its last epoch")
     p.add_argument("--overwrite", action="store_true", help="replace an earlier fine-tune's files in the output folder")
     p.add_argument("--json", action="store_true", help="print the JSON report on stdout")
@@ -79,9 +80,9 @@ def finetune_command(args: argparse.Namespace) -> dict:
                             augment=args.augment, ema_decay=args.ema, holdout_images=args.holdout_images,
                             act_grad_sparsity=args.prune_act_grads)
     report = finetune_run(args.run_dir, config, out=args.out, schedule=args.schedule, kd=args.kd,
-                          extra_data=args.finetune_data, seed=args.seed, device=args.device, workers=args.workers,
-                          resume=args.resume, overwrite=args.overwrite, progress=sys.stderr.isatty(),
-                          latency=args.latency, latency_batch=args.latency_batch)
+                          extra_data=args.finetune_data, seed=args.seed, device=args.device,
+                          loader_workers=args.loader_workers, resume=args.resume, overwrite=args.overwrite,
+                          progress=sys.stderr.isatty(), latency=args.latency, latency_batch=args.latency_batch)
     print_report(report, args.json)
     if not args.json:
         ft = report["finetune"]
@@ -93,8 +94,9 @@ def finetune_command(args: argparse.Namespace) -> dict:
 
 def finetune_run(run_dir: str | Path, config: FinetuneConfig, out: str | Path | None = None,
                  schedule: str = "oneshot", kd: bool = True, extra_data: list[str] = (), seed: int | None = None,
-                 device: str | None = None, workers: int | None = None, resume: bool = False, overwrite: bool = False,
-                 progress: bool = False, latency: str | None = None, latency_batch: int = 1) -> dict:
+                 device: str | None = None, loader_workers: int | None = None, resume: bool = False,
+                 overwrite: bool = False, progress: bool = False, latency: str | None = None,
+                 latency_batch: int = 1) -> dict:
     """Fine-tune the model of ``run_dir`` and write it, ONNX, ``.pt2`` and ``report.json`` to ``out`` (default:
     ``run_dir/finetuned``); return the report. The dense model, data and allocation are rebuilt from the run's
     ``report.json``; ``oneshot`` starts from the allocation pruned with adaptive BN (not refitted: the fine-tune
@@ -119,7 +121,7 @@ def finetune_run(run_dir: str | Path, config: FinetuneConfig, out: str | Path | 
     config = replace(config, seed=kept["seed"] if seed is None else seed)
     config.check()
     settings = {k: tuple(v) if isinstance(v, list) else v for k, v in src["config"].items()}
-    settings.update({k: v for k, v in (("device", device), ("workers", workers)) if v is not None})
+    settings.update({k: v for k, v in (("device", device), ("loader_workers", loader_workers)) if v is not None})
     try:
         session_config = SessionConfig(**settings)
     except TypeError as e:

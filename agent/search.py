@@ -22,7 +22,7 @@ from agent.checkpoint import find_checkpoint, restore
 from agent.checkpoint import save as save_checkpoint
 from agent.config import TrainConfig
 from agent.outputs import write_json
-from envs import PruneEnv
+from envs import PruneEnv, resolve_episode
 from pruning_core.errors import Interrupted
 
 __all__ = ["MovingAverageBaseline", "Search"]
@@ -51,16 +51,19 @@ class MovingAverageBaseline(gym.Wrapper):
 
     def step(self, action):
         obs, reward, terminated, truncated, info = self.env.step(action)
-        if terminated or truncated:
+        if (terminated or truncated) and not info.get("pending"):  # a deferred episode is shifted when resolved
             info = {**info, "reward_raw": reward}
-            if self.average is None:
-                self.average = reward
-            shifted = reward - self.average
-            self.average += self.alpha * (reward - self.average)
-            reward = shifted if self.enabled else reward
-            if info.get("cached"):
-                reward -= self.repeat_penalty
+            reward = self.shift(reward, bool(info.get("cached")))
         return obs, reward, terminated, truncated, info
+
+    def shift(self, reward: float, cached: bool) -> float:
+        """The reward the agent learns from for a final reward ``reward`` (updating the average)."""
+        if self.average is None:
+            self.average = reward
+        shifted = reward - self.average
+        self.average += self.alpha * (reward - self.average)
+        reward = shifted if self.enabled else reward
+        return reward - self.repeat_penalty if cached else reward
 
 
 class _EpisodeCallback(BaseCallback):
@@ -71,7 +74,9 @@ class _EpisodeCallback(BaseCallback):
     def _on_step(self) -> bool:
         for done, info in zip(self.locals["dones"], self.locals["infos"]):
             self.search.on_step(info)
-            if done:
+            if done and info.get("pending"):  # this step's reward goes into the buffer at its position
+                self.search.defer_episode(info, self.locals["rollout_buffer"].pos)
+            elif done:
                 self.search.on_episode_end(info)
         return not self.search.budget_spent()
 
@@ -111,6 +116,9 @@ class Search:
         self._rollout_first = 0  # index in history of the current rollout's first episode
         self._stalls = 0  # PPO: rollouts in a row that only repeated evaluated allocations
         self._actions: list[float] = []  # the applied actions of the episode under way
+        # PPO with evaluation workers: episodes ended without evaluation, (buffer position, info, actions); their
+        # evaluations run in parallel before the rollout's returns are computed (:meth:`resolve`)
+        self._deferred: list[tuple[int | None, dict, list[float]]] = []
         self._bar = None
         self._writer = None
         self._checkpoint_due = False
@@ -155,13 +163,39 @@ class Search:
     # ---- the loop ------------------------------------------------------------------------------------
     @property
     def evaluations_done(self) -> int:
-        """Distinct allocations evaluated so far (the env's cache of rewards)."""
-        return len(self.env.cache)
+        """Distinct allocations evaluated so far (the env's cache of rewards), deferred ones included."""
+        return self.env.evaluations
 
     def budget_spent(self) -> bool:
         """Whether the episodes, or the distinct evaluations if there is a budget on them, are used up."""
-        return self.episodes_done >= self.target_episodes or (
+        return self.episodes_done + len(self._deferred) >= self.target_episodes or (
             self.target_evaluations is not None and self.evaluations_done >= self.target_evaluations)
+
+    @property
+    def parallel(self) -> bool:
+        """Whether episodes end without evaluation and are evaluated together: PPO with several workers. PPO's
+        actions within a rollout never depend on its rewards, so this finds what one-by-one evaluation finds.
+        """
+        return isinstance(self.algo, PPO) and self.env.pool is not None and self.env.pool.size > 1
+
+    def defer_episode(self, info: dict, position: int | None) -> None:
+        """Hold an episode that ended without evaluation (``info["pending"]``) until :meth:`resolve`."""
+        self._deferred.append((position, info, self._actions))
+        self._actions = []
+
+    def resolve(self, buffer=None) -> None:
+        """Evaluate the deferred episodes together (in parallel on the env's pool), then record each in order as
+        :meth:`on_episode_end` would have, writing the reward the agent learns from into ``buffer``.
+        """
+        deferred, self._deferred = self._deferred, []
+        self.env.prefetch(info["kept"] for _, info, _ in deferred)
+        for position, info, actions in deferred:
+            reward, result = resolve_episode(self.env, info)
+            learned = self.wrapped.shift(reward, result["cached"])
+            if buffer is not None and position is not None:
+                buffer.rewards[position, 0] = learned
+            self._actions = actions
+            self.on_episode_end({**result, "reward_raw": reward})
 
     def run(self, episodes: int, evaluations: int | None = None) -> dict:
         """Search until ``episodes`` episodes are done in total, or ``evaluations`` distinct allocations have been
@@ -182,7 +216,10 @@ class Search:
             self._writer = SummaryWriter(str(self.run_dir / "tb" / "episodes"), purge_step=self.episodes_done + 1)
         self._run_started = time.perf_counter()
         self.algo._last_obs = None  # start from a fresh episode even if the env was used in between
+        if isinstance(self.algo, PPO):
+            self.algo.rollout_buffer.before_returns = self.resolve
         handler = self._catch_ctrl_c()
+        self.env.defer = self.parallel
         try:
             if isinstance(self.algo, PPO) and (self.start or (self.config.clone_warmup and
                                                               self.config.warmup_episodes > 0)):
@@ -193,7 +230,11 @@ class Search:
                     self.noise.hold()  # learn() resets the noise as it starts; it decayed at the episode's end
                 self.algo.learn(remaining * self.steps_per_episode, callback=_EpisodeCallback(self),
                                 reset_num_timesteps=False, tb_log_name="sb3")
+                self.env.defer = False
+                self.resolve()  # a rollout the budget cut short
         finally:
+            self.env.defer = False
+            self._deferred = []
             if handler is not None:
                 signal.signal(signal.SIGINT, handler)
             self.search_s = self.elapsed()
@@ -230,15 +271,23 @@ class Search:
         The actions of episode ``i`` come from ``seed`` and ``i`` alone, so a resumed warm-up draws what an
         uninterrupted one would have.
         """
+        batch = self.env.pool.size if self.parallel else 1
         while self.episodes_done < self.config.warmup_episodes and not self.budget_spent():
-            rng = np.random.default_rng([self.config.seed, self.episodes_done])
-            self.wrapped.reset()
-            done = False
-            while not done:
-                _, _, terminated, truncated, info = self.wrapped.step(rng.uniform(-1, 1, 1).astype(np.float32))
-                self.on_step(info)
-                done = terminated or truncated
-            self.on_episode_end(info)
+            for _ in range(batch):  # evaluated together, then recorded one by one
+                if self.episodes_done + len(self._deferred) >= self.config.warmup_episodes or self.budget_spent():
+                    break
+                rng = np.random.default_rng([self.config.seed, self.episodes_done + len(self._deferred)])
+                self.wrapped.reset()
+                done = False
+                while not done:
+                    _, _, terminated, truncated, info = self.wrapped.step(rng.uniform(-1, 1, 1).astype(np.float32))
+                    self.on_step(info)
+                    done = terminated or truncated
+                if info.get("pending"):
+                    self.defer_episode(info, None)
+                else:
+                    self.on_episode_end(info)
+            self.resolve()
             self._boundary()
         if self.episodes_done < self.config.warmup_episodes or self.cloned:
             return
@@ -261,11 +310,12 @@ class Search:
         a re-centring follows one on the same best episode with no PPO update in between.
         """
         observations, obs = [], self.env.reset()[0]
-        episodes = self.env.episodes
+        episodes, defer = self.env.episodes, self.env.defer
+        self.env.defer = False
         for a in actions:  # the observations along that episode: the env is deterministic, its evaluation cached
             observations.append(obs)
             obs, *_ = self.env.step(np.array([a], dtype=np.float32))
-        self.env.episodes = episodes  # a replay, not an episode of the search
+        self.env.episodes, self.env.defer = episodes, defer  # a replay, not an episode of the search
         self.env.reset()  # back at the first step, where the algorithm's next episode starts
         batch = {k: torch.as_tensor(np.stack([o[k] for o in observations])).float() for k in observations[0]}
         target = torch.tensor(actions, dtype=torch.float32).unsqueeze(1)
@@ -328,6 +378,8 @@ class Search:
                   "flops_ratio": info["flops_ratio"], "params_ratio": info["params_ratio"],
                   "cached": bool(info.get("cached")), "noise_sigma": self.noise.sigma if self.noise else None,
                   "wall_s": round(self.elapsed(), 3)}
+        if "worker" in info:  # the evaluation process that scored this allocation
+            record["worker"] = info["worker"]
         self.history.append(record)
         if self.best is None or reward > self.best["reward"]:
             self.best = {**record, "ratios": info["ratios"], "actions": actions}

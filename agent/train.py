@@ -14,7 +14,15 @@ from pathlib import Path
 from agent.config import TrainConfig
 from agent.outputs import check_out, write_json, write_pruned
 from agent.search import Search
-from envs import PruneEnv, applied_actions, floor_allocations, run_episode, select_best, sensitivity_search
+from envs import (
+    PruneEnv,
+    applied_actions,
+    evaluation_workers,
+    floor_allocations,
+    run_episode,
+    select_best,
+    sensitivity_search,
+)
 from pruning_core import (
     LatencyBudget,
     LatencyTable,
@@ -46,7 +54,7 @@ def build_env(config: TrainConfig, session: PruningSession | None = None,
             reward_images=config.reward_images, calib_batches=config.calib_batches,
             select_images=config.select_images, seed=config.seed, importance=config.importance,
             mean=config.mean, std=config.std, scale=config.scale, image_size=config.image_size,
-            workers=config.workers, num_classes=config.num_classes, trust_pickle=config.trust_pickle,
+            loader_workers=config.loader_workers, num_classes=config.num_classes, trust_pickle=config.trust_pickle,
             device=config.device,
             reconstruct=config.reconstruct and refits_by_default(config.finetune_epochs)), config.val_data)
     budget = None
@@ -99,7 +107,7 @@ def train(config: TrainConfig | None = None, session: PruningSession | None = No
 
 def resume(run_dir: str | Path, episodes: int | None = None, progress: bool | None = None,
            evaluations: int | None = None, redo_finish: bool = False, device: str | None = None,
-           workers: int | None = None) -> dict:
+           loader_workers: int | None = None, workers: int | None = None) -> dict:
     """Continue a killed run from its last checkpoint; from a checkpoint, it repeats what the uninterrupted run
     would have done. A finished run is only extended by a larger ``episodes`` or ``evaluations`` budget.
 
@@ -109,7 +117,8 @@ def resume(run_dir: str | Path, episodes: int | None = None, progress: bool | No
         it is, with a warning).
     :param device: run the rest on this device instead (``SessionConfig.device``); a GPU's arithmetic may differ
         from the CPU's in the last bits, so only the same device repeats the run exactly.
-    :param workers: image-folder decoding processes (``SessionConfig.workers``).
+    :param loader_workers: image-folder decoding processes (``SessionConfig.loader_workers``).
+    :param workers: evaluation processes (``TrainConfig.workers``).
     :raises UserError: no run, or a path the run was started with is gone.
     """
     run_dir = Path(run_dir)
@@ -130,6 +139,8 @@ def resume(run_dir: str | Path, episodes: int | None = None, progress: bool | No
         config.evaluations = evaluations
     if device is not None:
         config.device = device
+    if loader_workers is not None:
+        config.loader_workers = loader_workers
     if workers is not None:
         config.workers = workers
     config.validate()
@@ -159,18 +170,20 @@ def final_refit(config: TrainConfig) -> bool:
 
 def _finish(config: TrainConfig, search: Search) -> dict:
     run_dir, env = Path(config.out), search.env
-    floor_started = time.perf_counter()
-    floor = floor_allocations(env, config.floor, config.sensitivity_points, config.progress)
-    floor_s = time.perf_counter() - floor_started  # cached on --resume
-    if config.warm_start == "sensitivity" and "sensitivity" in floor:
-        found = sensitivity_search(env, config.sensitivity_points)  # cached: the floor measured it
-        search.start = applied_actions(env, found["step_ratios"]), found["reward"]
-    best = search.run(config.episodes, config.evaluations)
-    eval_s = env.evaluation_s  # the search's own share, before the policy episode and the re-scoring
-    write_json(run_dir / "history.json", search.history)
+    with evaluation_workers(env, config.workers) as pool:
+        floor_started = time.perf_counter()
+        floor = floor_allocations(env, config.floor, config.sensitivity_points, config.progress)
+        floor_s = time.perf_counter() - floor_started  # cached on --resume
+        if config.warm_start == "sensitivity" and "sensitivity" in floor:
+            found = sensitivity_search(env, config.sensitivity_points)  # cached: the floor measured it
+            search.start = applied_actions(env, found["step_ratios"]), found["reward"]
+        best = search.run(config.episodes, config.evaluations)
+        eval_s = env.evaluation_s  # the search's own share, before the policy episode and the re-scoring
+        write_json(run_dir / "history.json", search.history)
+        started = time.perf_counter()
+        done = finish_search(search, config.rescore_top, floor, final_refit(config))
+        restarts = pool.restarts if pool is not None else 0
     session = env.session
-    started = time.perf_counter()
-    done = finish_search(search, config.rescore_top, floor, final_refit(config))
     kept = done["kept"]
     model, built = session.build_final(kept["ratios"], config.round_to, final_refit(config),
                                        config.finetune_epochs)
@@ -179,7 +192,7 @@ def _finish(config: TrainConfig, search: Search) -> dict:
         model = session.finetune(model, config.finetune_epochs, progress=config.progress)
     uniform = uniform_ratios(session.trace, config.flops, config.max_ratio, config.round_to, env.latency_budget)
     stats = {"episodes": search.episodes_done, "evaluations": search.evaluations_done,
-             "reexplorations": search.reexplorations,
+             "reexplorations": search.reexplorations, "workers": config.workers, "worker_restarts": restarts,
              "search_s": round(search.search_s, 2),
              "episodes_per_min": round(60 * search.episodes_done / max(search.search_s, 1e-9), 2),
              "env_eval_s": round(eval_s, 2), "agent_share": round(max(0.0, 1 - eval_s / max(search.search_s,

@@ -21,7 +21,7 @@ from methods import commit
 from agent.train import train
 
 MODELS = {"resnet56": dict(model="resnet56", weights=WEIGHTS["resnet56"], data=CIFAR),
-          "torchvision:resnet18@224": dict(model="torchvision:resnet18", data=None, image_size=224, workers=4)}
+          "torchvision:resnet18@224": dict(model="torchvision:resnet18", data=None, image_size=224, loader_workers=4)}
 
 
 def main() -> None:

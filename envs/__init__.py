@@ -6,9 +6,12 @@ from envs.methods import (
     FLOOR_METHODS,
     applied_actions,
     centre_allocation,
+    evaluation_workers,
     floor_allocations,
     random_search,
+    resolve_episode,
     run_episode,
+    run_episodes,
     select_best,
     sensitivity_search,
     sensitivity_table,
@@ -20,5 +23,5 @@ if ENV_ID not in registry:
     register(id=ENV_ID, entry_point="envs.prune_env:PruneEnv")
 
 __all__ = ["ACTION_CENTERS", "DEFAULT_MAX_NODES", "ENV_ID", "FLOOR_METHODS", "GRANULARITIES", "REWARDS", "PruneEnv",
-           "applied_actions", "centre_allocation", "floor_allocations", "random_search", "run_episode", "select_best",
-           "sensitivity_search", "sensitivity_table"]
+           "applied_actions", "centre_allocation", "evaluation_workers", "floor_allocations", "random_search",
+           "resolve_episode", "run_episode", "run_episodes", "select_best", "sensitivity_search", "sensitivity_table"]

@@ -8,13 +8,17 @@ reward split, its cache and its evaluation count with the agent:
 - :func:`sensitivity_search`: AIMET/ModelOpt greedy selection over the env's decision units;
 - :func:`floor_allocations`: the cheap allocations a search must beat (uniform, centre, global, sensitivity);
 - :func:`select_best`: re-score candidates as the kept model is built and keep the best.
+
+With :func:`evaluation_workers`, the evaluations of random search, the sensitivity table and the agent's episodes run
+in parallel worker processes; the allocations found are the same as with one.
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 
 import numpy as np
 
@@ -22,10 +26,12 @@ from envs.prune_env import PruneEnv
 from pruning_core.allocate import threshold_allocation
 from pruning_core.errors import UserError
 from pruning_core.evaluate import accuracy
+from pruning_core.parallel import EvaluationPool
 from pruning_core.prune import global_ratios, kept_counts, uniform_ratios
 
-__all__ = ["FLOOR_METHODS", "applied_actions", "centre_allocation", "floor_allocations", "random_search", "run_episode",
-           "select_best", "sensitivity_search", "sensitivity_table"]
+__all__ = ["FLOOR_METHODS", "applied_actions", "centre_allocation", "evaluation_workers", "floor_allocations",
+           "random_search", "resolve_episode", "run_episode", "run_episodes", "select_best", "sensitivity_search",
+           "sensitivity_table"]
 
 FLOOR_METHODS = ("uniform", "centre", "global", "sensitivity")
 
@@ -41,6 +47,50 @@ def run_episode(env: PruneEnv, act: Callable[[dict], np.ndarray]) -> tuple[float
     while not done:
         obs, reward, done, _, info = env.step(act(obs))
     return float(reward), info
+
+
+@contextmanager
+def evaluation_workers(env: PruneEnv, workers: int) -> Iterator[EvaluationPool | None]:
+    """Within this block ``env`` evaluates on ``workers`` processes (:class:`~pruning_core.parallel.EvaluationPool`),
+    each holding its own copy of the session; with 1, in this process as always.
+    """
+    if workers < 1:
+        raise UserError(f"--workers must be at least 1, got {workers}")
+    if workers == 1:
+        yield None
+        return
+    if env.reward_kind == "latency":
+        raise UserError("the latency reward times every model on this machine; it needs --workers 1")
+    with EvaluationPool(env.session, workers) as pool:
+        env.use_pool(pool)
+        try:
+            yield pool
+        finally:
+            env.use_pool(None)
+
+
+def resolve_episode(env: PruneEnv, info: dict) -> tuple[float, dict]:
+    """The (reward, info) of an episode that ended deferred (``info["pending"]``), as if it had been evaluated then."""
+    reward, result = env.evaluate(info["kept"])
+    return reward, {**result, "kept": info["kept"], "episode": info["episode"],
+                    "action_applied": info["action_applied"]}
+
+
+def run_episodes(env: PruneEnv, act: Callable[[dict], np.ndarray], count: int,
+                 more: Callable[[], bool] = lambda: True) -> list[tuple[float, dict]]:
+    """Up to ``count`` episodes of ``act`` while ``more()`` holds, their evaluations deferred and then run together
+    (in parallel on the env's pool); (reward, info) per episode, in order. The actions never depend on the rewards,
+    so the episodes are those that one-by-one evaluation would give.
+    """
+    ends = []
+    env.defer = True
+    try:
+        while len(ends) < count and more():
+            ends.append(run_episode(env, act)[1])
+    finally:
+        env.defer = False
+    env.prefetch(info["kept"] for info in ends)
+    return [resolve_episode(env, info) for info in ends]
 
 
 def centre_allocation(env: PruneEnv) -> Kept:
@@ -59,13 +109,16 @@ def random_search(env: PruneEnv, episodes: int, seed: int, evaluations: int | No
 
     rng = np.random.default_rng(seed)
     best, done = None, 0
+    batch = env.pool.size if env.pool is not None else 1
     bar = tqdm(total=episodes, desc="random search", unit="ep", leave=False, disable=None if progress else True)
-    while done < episodes and (evaluations is None or len(env.cache) < evaluations):
-        reward, info = run_episode(env, lambda _: rng.uniform(-1, 1, 1).astype(np.float32))
-        done += 1
-        bar.update(1)
-        if best is None or reward > best["reward"]:
-            best = {"reward": reward, "kept": dict(env.kept), "ratios": dict(info["ratios"])}
+    while done < episodes and (evaluations is None or env.evaluations < evaluations):
+        ended = run_episodes(env, lambda _: rng.uniform(-1, 1, 1).astype(np.float32), min(batch, episodes - done),
+                             lambda: evaluations is None or env.evaluations < evaluations)
+        for reward, info in ended:
+            if best is None or reward > best["reward"]:
+                best = {"reward": reward, "kept": info["kept"], "ratios": dict(info["ratios"])}
+        done += len(ended)
+        bar.update(len(ended))
     bar.close()
     return {**best, "episodes": done}
 
@@ -88,6 +141,8 @@ def sensitivity_table(env: PruneEnv, points: int = 10, progress: bool = False) -
         raise UserError(f"sensitivity points must be at least 1, got {points}")
     jobs = [(t, r) for t, grid in enumerate(env.ratio_grid) for r in _spread([g for g in grid if g > 0], points)]
     tables: list[list[tuple[float, float]]] = [[] for _ in env.ratio_grid]
+    if env.pool is not None:  # all at once on the workers; the loop below reads them from the cache
+        env.prefetch(env.allocation([r if i == t else 0.0 for i in range(env.num_steps)]) for t, r in jobs)
     for t, r in tqdm(jobs, desc="sensitivity", unit="eval", leave=False, disable=None if progress else True):
         ratios = [0.0] * env.num_steps
         ratios[t] = r

@@ -16,8 +16,8 @@ from torch import nn
 from graph_encoder.features import DYNAMIC_FEATURES, NUM_FEATURES, STATIC_FEATURES, LayerGraph, observation_space
 from pruning_core.data import ImageData
 from pruning_core.errors import UserError
-from pruning_core.evaluate import accuracy
 from pruning_core.latency import LatencyBudget, measure_latency
+from pruning_core.parallel import EvaluationPool
 from pruning_core.prune import branch_width, drop_order, fits_budget, kept_channels, uniform_ratios
 from pruning_core.session import PruningSession, SessionConfig
 
@@ -222,6 +222,10 @@ class PruneEnv(gym.Env):
         self._dyn = {name: len(STATIC_FEATURES) + i for i, name in enumerate(DYNAMIC_FEATURES)}
         self.cache: dict[tuple[int, ...], tuple[float, dict]] = {}
         self.episodes = 0
+        self.pool: EvaluationPool | None = None  # where prefetch() evaluates; None: in this process
+        self.defer = False  # end episodes without evaluating them (a pending info); see step()
+        self._pending: set[tuple[int, ...]] = set()  # new allocations of deferred episodes, not yet evaluated
+        self._fresh: set[tuple[int, ...]] = set()  # prefetched, not yet returned by evaluate(): not a cache hit
         self.timings = {"prune_s": 0.0, "reconstruct_s": 0.0, "adapt_s": 0.0, "eval_s": 0.0, "step_s": 0.0}
         self._reset_state()
         if action_center == "zero":
@@ -429,43 +433,88 @@ class PruneEnv(gym.Env):
         self.timings["step_s"] += time.perf_counter() - t0
         if self.t < self.num_steps:
             return self._observation(), 0.0, False, False, applied
-        reward, info = self._evaluate()
-        return self._observation(), reward, True, False, {**info, **applied}
-
-    def _evaluate(self) -> tuple[float, dict]:
         self.episodes += 1
+        if self.defer:
+            key = self.key(self.kept)
+            info = {"pending": True, "kept": dict(self.kept), "cached": key in self.cache or key in self._pending}
+            if key not in self.cache:
+                self._pending.add(key)
+            return self._observation(), 0.0, True, False, {**info, "episode": self.episodes, **applied}
         reward, info = self.evaluate(self.kept)
-        return reward, {**info, "episode": self.episodes}
+        return self._observation(), reward, True, False, {**info, "episode": self.episodes, **applied}
+
+    def key(self, kept: dict[str, int]) -> tuple[int, ...]:
+        """The allocation ``kept`` as a key of :attr:`cache`: kept channels in group order."""
+        return tuple(kept[g.name] for g in self.groups)
+
+    @property
+    def evaluations(self) -> int:
+        """Distinct allocations evaluated so far, those of deferred episodes included."""
+        return len(self.cache) + len(self._pending)
 
     def evaluate(self, kept: dict[str, int]) -> tuple[float, dict]:
         """Reward and info of the allocation keeping ``kept[group]`` channels in each group: pruned for real,
         BN recalibrated and scored on the reward split, or the cached result of an earlier evaluation of the
         same channel counts (``info["cached"]``). It is not checked against the budgets.
+
+        An allocation that :meth:`prefetch` evaluated counts as new the first time it is asked for, as it would
+        have been evaluated here then.
         """
-        key = tuple(kept[g.name] for g in self.groups)
-        if key in self.cache:
-            reward, info = self.cache[key]
-            return reward, {**info, "cached": True}
+        key = self.key(kept)
+        if key not in self.cache:
+            self.prefetch([kept])
+        reward, info = self.cache[key]
+        fresh = key in self._fresh
+        self._fresh.discard(key)
+        return reward, {**info, "cached": not fresh}
+
+    def prefetch(self, allocations: Iterable[dict[str, int]]) -> None:
+        """Evaluate every allocation not yet in :attr:`cache`, in parallel on :attr:`pool` if there is one; the
+        next :meth:`evaluate` of each returns its result as new.
+        """
+        todo: dict[tuple[int, ...], dict[str, int]] = {}
+        for kept in allocations:
+            key = self.key(kept)
+            if key not in self.cache:
+                todo.setdefault(key, dict(kept))
+        if not todo:
+            return
         s = self.session
-        ratios = {g.name: 1.0 - kept[g.name] / g.channels for g in self.groups}
-        timings: dict[str, float] = {}
-        model = s.build(ratios, self.round_to, timings=timings)
-        t2 = time.perf_counter()
-        acc = accuracy(model, s.splits.reward)
-        timings["eval_s"] = time.perf_counter() - t2
-        flops = self.trace.flops(kept)
-        info = {"acc": acc, "flops_ratio": flops / self.dense_flops,
-                "params_ratio": self.trace.params(kept) / s.params_dense, "ratios": ratios, **timings}
-        if self.latency_budget is not None:
-            info["latency_ratio"] = self.latency_budget.table.ratio(self.trace, kept)
-        if self.reward_kind == "latency":
-            info["latency_ms"] = 1000 * measure_latency(model, s.data.input_shape, self.latency_batch,
-                                                        min_run_time=0.2)
-        reward = self.reward_of(acc, info)
-        for k in EVALUATION_TIMINGS:
-            self.timings[k] += info[k]
-        self.cache[key] = (reward, info)
-        return reward, {**info, "cached": False}
+        jobs = [({g.name: 1.0 - kept[g.name] / g.channels for g in self.groups}, self.round_to)
+                for kept in todo.values()]
+        if self.pool is not None:
+            results = self.pool.accuracies(jobs)
+        else:
+            results = []
+            for ratios, round_to in jobs:
+                acc, timings = s.score_allocation(ratios, round_to)
+                if self.reward_kind == "latency":
+                    model = s.build(ratios, round_to)
+                    timings["latency_ms"] = 1000 * measure_latency(model, s.data.input_shape, self.latency_batch,
+                                                                   min_run_time=0.2)
+                results.append((acc, timings, None))
+        for (key, kept), (ratios, _), (acc, timings, worker) in zip(todo.items(), jobs, results):
+            flops = self.trace.flops(kept)
+            info = {"acc": acc, "flops_ratio": flops / self.dense_flops,
+                    "params_ratio": self.trace.params(kept) / s.params_dense, "ratios": ratios, **timings}
+            if worker is not None:
+                info["worker"] = worker
+            if self.latency_budget is not None:
+                info["latency_ratio"] = self.latency_budget.table.ratio(self.trace, kept)
+            for k in EVALUATION_TIMINGS:
+                self.timings[k] += info[k]
+            self.cache[key] = (self.reward_of(acc, info), info)
+            self._pending.discard(key)
+            self._fresh.add(key)
+
+    def use_pool(self, pool: EvaluationPool | None) -> None:
+        """Evaluate on ``pool``'s worker processes from now on (None: in this process).
+
+        :raises UserError: the latency reward, which times each model on this machine, one at a time.
+        """
+        if pool is not None and self.reward_kind == "latency":
+            raise UserError("the latency reward times every model on this machine; it needs --workers 1")
+        self.pool = pool
 
     def feasible_allocations(self, limit: int = 10_000) -> list[dict[str, int]]:
         """Every allocation of the action space that meets the budgets: one of each decision's distinct widths

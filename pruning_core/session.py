@@ -85,7 +85,7 @@ class SessionConfig:
     image_size: int | None = None
     """Resize and centre-crop every image to this many pixels square (image folders), or resize (CIFAR-10, digits);
     None: the images' own size, which in an image folder all must share."""
-    workers: int = 2
+    loader_workers: int = 2
     """Processes that decode an image folder's images while the model runs (0: decode in this process); 2 decoded
     the most images per second on 2 cores (``docs/reach.md``)."""
     num_classes: int | None = None
@@ -112,10 +112,13 @@ class PruningSession:
         ``config.image_size``.
     :param val_data: images the model was not trained on, for the reward and select splits: a folder of class
         folders or a :class:`Split` (default: the data's own ``val/``, else training images).
+    :param scores: channel scores computed by another session of the same model and data (the workers of a
+        parallel search take their driver's), instead of scoring here.
     """
 
     def __init__(self, model: str | nn.Module, weights: str | None, data: str | ImageData,
-                 config: SessionConfig | None = None, val_data: str | Split | None = None):
+                 config: SessionConfig | None = None, val_data: str | Split | None = None,
+                 scores: dict[str, torch.Tensor] | None = None):
         self.config = config = config or SessionConfig()
         if config.reconstruct_images < 1:
             raise UserError(f"reconstruct_images must be at least 1, got {config.reconstruct_images}")
@@ -128,8 +131,11 @@ class PruningSession:
                        "data": absolute_spec(data) if isinstance(data, str) else None,
                        "val_data": absolute_spec(val_data) if isinstance(val_data, str) else None,
                        "config": asdict(config)}
+        # whether source rebuilds it exactly (no Python object given): what parallel evaluation workers need
+        self.rebuildable = (isinstance(model, str) and isinstance(data, str)
+                            and (val_data is None or isinstance(val_data, str)))
         self.device = resolve_device(config.device)
-        self.data = load_data(data, config.image_size, config.workers) if isinstance(data, str) else data
+        self.data = load_data(data, config.image_size, config.loader_workers) if isinstance(data, str) else data
         if (config.mean, config.std, config.scale) != (None, None, None):
             self.data = self.data.normalised(config.mean, config.std, config.scale)
         num_classes = config.num_classes
@@ -147,7 +153,7 @@ class PruningSession:
             log.warning("no weights given: %s keeps its random initial weights, so its accuracies mean nothing "
                         "(pass --weights)", self.model_name)
         self.model.eval()
-        val = load_val(val_data, self.data, config.workers) if val_data is not None else self.data.val
+        val = load_val(val_data, self.data, config.loader_workers) if val_data is not None else self.data.val
         self.val_source = "val" if val is not None else "train"
         self.splits = make_splits(self.data, config.reward_images, config.calib_batches * config.batch_size,
                                   config.seed, config.select_images, val)
@@ -162,7 +168,7 @@ class PruningSession:
             self.model = copy.deepcopy(model)  # the caller's module stays where it is
         self.model.to(self.device)  # traced on the CPU; everything after runs here
         t = time.perf_counter()
-        self.scores = self._score()
+        self.scores = self._score() if scores is None else {k: v.to(self.device) for k, v in scores.items()}
         self.timings["score_s"] = time.perf_counter() - t
         self.flops_dense = self.trace.flops()
         self.params_dense = self.trace.params()
@@ -274,6 +280,17 @@ class PruningSession:
             timings.update(times)
         return pruned.eval()
 
+    def score_allocation(self, ratios: dict[str, float], round_to: int | None = None) -> tuple[float, dict[str, float]]:
+        """Accuracy (%) on the reward split of the allocation ``ratios`` built as :meth:`build` builds it, and the
+        seconds each part took (``prune_s``, ``reconstruct_s``, ``adapt_s``, ``eval_s``): what a search evaluates.
+        """
+        timings: dict[str, float] = {}
+        model = self.build(ratios, round_to, timings=timings)
+        t = time.perf_counter()
+        acc = accuracy(model, self.splits.reward)
+        timings["eval_s"] = time.perf_counter() - t
+        return acc, timings
+
     def build_final(self, ratios: dict[str, float], round_to: int | None = None, reconstruct: bool | None = None,
                     finetune_epochs: int = 0, adapt: bool = True,
                     timings: dict[str, float] | None = None) -> tuple[nn.Module, dict]:
@@ -342,7 +359,7 @@ class PruningSession:
         """
         parts = [self.data.train]
         for spec in extra_data:
-            more = load_data(spec, self.config.image_size, self.config.workers)
+            more = load_data(spec, self.config.image_size, self.config.loader_workers)
             if more.num_classes != self.data.num_classes:
                 raise UserError(f"{spec} has {more.num_classes} classes, {self.data.name} {self.data.num_classes}")
             t = self.data.train

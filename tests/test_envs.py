@@ -13,8 +13,8 @@ from pruning_core import UserError, kept_channels
 class BudgetOnlyEnv(PruneEnv):
     """Skips the (slow) model evaluation so the clamp can be exercised over many episodes."""
 
-    def _evaluate(self):
-        return 0.0, {"flops_ratio": self.trace.flops(self.kept) / self.dense_flops, "ratios": dict(self.ratios)}
+    def evaluate(self, kept):
+        return 0.0, {"flops_ratio": self.trace.flops(kept) / self.dense_flops, "ratios": dict(self.ratios)}
 
 
 def reached_allocations(env, rng, episodes: int) -> set[tuple[int, ...]]:

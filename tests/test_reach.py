@@ -97,14 +97,14 @@ def test_prune_runs_end_to_end_on_a_streamed_folder(tmp_path):
     """The session scores, recalibrates and evaluates through the streaming splits, with decoding workers."""
     _folder(tmp_path / "data", per_class=12)
     config = SessionConfig(reward_images=12, select_images=6, calib_batches=1, batch_size=8, taylor_batches=2,
-                           image_size=32, workers=1, device="cpu", num_classes=3)
+                           image_size=32, loader_workers=1, device="cpu", num_classes=3)
     session = PruningSession("resnet20", None, f"imagefolder:{tmp_path / 'data'}", config)
     assert session.model.linear.out_features == 3 and session.device.type == "cpu"
     model, fields = session.build_final({g.name: 0.5 for g in session.trace.groups})
     report = session.report(model, {g.name: 0.5 for g in session.trace.groups}, "uniform", 0, 0.0, **fields)
     assert 0 <= report["acc"] <= 100 and report["flops_ratio"] < 0.6 and report["device"] == "cpu"
     out = subprocess.run([sys.executable, "-m", "agent.cli", "prune", "--model", "resnet20", "--num-classes", "3",
-                          "--data", f"imagefolder:{tmp_path / 'data'}", "--image-size", "32", "--workers", "1",
+                          "--data", f"imagefolder:{tmp_path / 'data'}", "--image-size", "32", "--loader-workers", "1",
                           "--reward-images", "12", "--calib-batches", "1", "--device", "cpu",
                           "--out", str(tmp_path / "out")], capture_output=True, text=True, cwd=ROOT)
     assert out.returncode == 0, out.stderr
@@ -181,8 +181,8 @@ def test_hub_model_names(source, name, head):
 
 def test_resume_may_move_a_run_to_another_device_but_not_change_its_settings(tmp_path, capsys):
     from agent.cli import main
-    assert main(["train", "--resume", str(tmp_path), "--device", "cpu", "--workers", "1"]) == 2
+    assert main(["train", "--resume", str(tmp_path), "--device", "cpu", "--loader-workers", "1", "--workers", "1"]) == 2
     assert "holds no run to resume" in capsys.readouterr().err  # the device and workers flags were accepted
     assert main(["train", "--resume", str(tmp_path), "--image-size", "64"]) == 2
     err = capsys.readouterr().err
-    assert "drop --image-size (only --episodes, --evaluations, --device, --workers may change)" in err
+    assert "drop --image-size (only --episodes, --evaluations, --device, --loader-workers, --workers may change)" in err

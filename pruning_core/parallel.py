@@ -1,0 +1,205 @@
+"""Score pruned allocations in parallel: worker processes that each hold their own :class:`PruningSession`.
+
+A search spends nearly all its time evaluating allocations (prune, refit, recalibrate, score), and those evaluations
+are independent. :class:`EvaluationPool` runs them in ``N`` processes on this machine; each worker rebuilds the
+session once from the paths it was made from (model, weights, data) and takes the driver's channel scores, so every
+worker prunes exactly as the driver would. Torch threads are split among the workers, or with ``--device cuda`` each
+worker takes one GPU in turn. A worker that dies is replaced and its evaluation retried.
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing as mp
+import os
+from collections import deque
+from dataclasses import asdict
+from multiprocessing.connection import Connection, wait
+
+import torch
+
+from pruning_core.errors import UserError
+
+__all__ = ["EvaluationPool", "Job", "Result", "usable_cores"]
+
+log = logging.getLogger(__name__)
+
+RETRIES = 2  # a job whose worker died this many times is reported as a failure
+
+Job = tuple[dict[str, float], "int | None"]  # (ratios per group, round_to)
+Result = tuple[float, dict[str, float], int]  # (reward-split accuracy %, timings, index of the worker that ran it)
+
+
+def usable_cores() -> int:
+    """CPU cores this process may run on."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+def worker_settings(session) -> dict:
+    """What a worker rebuilds ``session`` from: its source paths, its current config and its scores.
+
+    :raises UserError: the session was built from Python objects, which a worker cannot rebuild.
+    """
+    if not session.rebuildable:
+        raise UserError("parallel evaluation rebuilds the session in each worker from its model, weights and data "
+                        "specs; a session built from Python objects (an nn.Module, ImageData or Split) needs workers=1")
+    src = session.source
+    config = {**asdict(session.config), "loader_workers": 0}  # no decoding processes inside a worker
+    return {"model": src["model"], "weights": src["weights"], "data": src["data"], "val_data": src["val_data"],
+            "config": config, "scores": {k: v.detach().cpu() for k, v in session.scores.items()}}
+
+
+def build_worker_session(settings: dict, device: str):
+    """The session a worker evaluates with (:func:`worker_settings`, on ``device``)."""
+    from pruning_core.session import PruningSession, SessionConfig
+    config = {k: tuple(v) if isinstance(v, list) else v for k, v in settings["config"].items()}
+    return PruningSession(settings["model"], settings["weights"], settings["data"],
+                          SessionConfig(**{**config, "device": device}), settings["val_data"], settings["scores"])
+
+
+def _serve(conn: Connection, settings: dict, threads: int, device: str) -> None:
+    """A worker process: rebuild the session, say so, then score ``(job id, ratios, round_to)`` until told to stop."""
+    torch.set_num_threads(threads)
+    logging.disable(logging.WARNING)  # the driver already warned about the session; failures go back to it
+    try:
+        session = build_worker_session(settings, device)
+    except Exception as e:  # noqa: BLE001 - reported to the driver in one line
+        conn.send(("error", f"{type(e).__name__}: {e}"))
+        return
+    conn.send(("ready", os.getpid()))
+    while True:
+        try:
+            msg = conn.recv()
+        except EOFError:
+            return
+        if msg is None:
+            return
+        job, ratios, round_to = msg
+        try:
+            acc, timings = session.score_allocation(ratios, round_to)
+        except Exception as e:  # noqa: BLE001
+            conn.send(("fail", job, f"{type(e).__name__}: {e}"))
+        else:
+            conn.send(("ok", job, acc, timings))
+
+
+class EvaluationPool:
+    """``workers`` processes that score allocations of ``session`` (:meth:`PruningSession.score_allocation`).
+
+    :param session: the driver's session; it must have been built from specs (:attr:`PruningSession.rebuildable`).
+    :param workers: processes to start (at least 1).
+    :param threads: torch threads per worker (default: this machine's cores divided among the workers).
+
+    Use it as a context manager, or call :meth:`close`.
+    """
+
+    def __init__(self, session, workers: int, threads: int | None = None):
+        if workers < 1:
+            raise UserError(f"--workers must be at least 1, got {workers}")
+        self.settings = worker_settings(session)
+        self.size = workers
+        self.threads = threads or max(1, usable_cores() // workers)
+        device = session.device
+        gpus = torch.cuda.device_count() if device.type == "cuda" else 0
+        # one GPU each in turn when there are several; the session's own device otherwise
+        self.devices = [f"cuda:{i % gpus}" if gpus > 1 else str(device) for i in range(workers)]
+        self._ctx = mp.get_context("spawn")  # fork would copy the driver's torch thread pools (and CUDA state)
+        self._procs: list = [None] * workers
+        self._conns: list[Connection | None] = [None] * workers
+        self.pids: list[int] = [0] * workers
+        self.restarts = 0
+        try:
+            for i in range(workers):
+                self._start(i, wait_ready=False)
+            for i in range(workers):
+                self._ready(i)
+        except BaseException:
+            self.close()
+            raise
+
+    def _start(self, i: int, wait_ready: bool = True) -> None:
+        parent, child = self._ctx.Pipe()
+        proc = self._ctx.Process(target=_serve, args=(child, self.settings, self.threads, self.devices[i]),
+                                 name=f"prunepilot-eval-{i}", daemon=True)
+        proc.start()
+        child.close()  # the worker holds the only other end: its death reads as EOF here
+        self._procs[i], self._conns[i] = proc, parent
+        if wait_ready:
+            self._ready(i)
+
+    def _ready(self, i: int) -> None:
+        try:
+            msg = self._conns[i].recv()
+        except EOFError:
+            raise UserError(f"evaluation worker {i} exited while loading the model "
+                            f"(exit code {self._procs[i].exitcode})") from None
+        if msg[0] == "error":
+            raise UserError(f"evaluation worker {i} could not load the model: {msg[1]}")
+        self.pids[i] = msg[1]
+
+    def _replace(self, i: int) -> None:
+        log.warning("evaluation worker %d (pid %d) died; starting a new one", i, self.pids[i])
+        self._conns[i].close()
+        self._procs[i].join(timeout=5)
+        self.restarts += 1
+        self._start(i)
+
+    def accuracies(self, jobs: list[Job]) -> list[Result]:
+        """Score every ``(ratios, round_to)`` job, in parallel; results in the jobs' order.
+
+        :raises UserError: an evaluation failed, or its worker died more than :data:`RETRIES` times.
+        """
+        results: list[Result | None] = [None] * len(jobs)
+        queue, busy, tries = deque(range(len(jobs))), {}, [0] * len(jobs)
+        while queue or busy:
+            for i in range(self.size):
+                if i in busy or not queue:
+                    continue
+                j = queue.popleft()
+                busy[i] = j
+                try:
+                    self._conns[i].send((j, *jobs[j]))
+                except (BrokenPipeError, OSError):
+                    pass  # it died; the receive below sees EOF
+            for conn in wait([self._conns[i] for i in busy]):
+                i = self._conns.index(conn)
+                j = busy.pop(i)
+                try:
+                    msg = conn.recv()
+                except (EOFError, OSError):
+                    tries[j] += 1
+                    if tries[j] > RETRIES:
+                        raise UserError(f"evaluation workers died {tries[j]} times on one allocation") from None
+                    self._replace(i)
+                    queue.appendleft(j)
+                    continue
+                if msg[0] == "fail":
+                    raise UserError(f"evaluation worker {i} failed: {msg[2]}")
+                results[j] = (msg[2], msg[3], i)
+        return results  # type: ignore[return-value]
+
+    def close(self) -> None:
+        """Stop the workers."""
+        for conn in self._conns:
+            if conn is not None:
+                try:
+                    conn.send(None)
+                except (BrokenPipeError, OSError):
+                    pass
+                conn.close()
+        for proc in self._procs:
+            if proc is not None:
+                proc.join(timeout=5)
+                if proc.is_alive():
+                    proc.kill()
+        self._conns = [None] * self.size
+        self._procs = [None] * self.size
+
+    def __enter__(self) -> EvaluationPool:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

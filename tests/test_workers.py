@@ -1,0 +1,82 @@
+"""Parallel evaluation: worker processes score as the driver does, a dead worker is replaced, and a search with
+several workers finds what it finds with one."""
+
+import json
+import os
+import signal
+
+import pytest
+
+from agent import train
+from envs import PruneEnv, evaluation_workers, random_search
+from pruning_core import PruningSession, SessionConfig, UserError, uniform_ratios
+from pruning_core.parallel import EvaluationPool
+
+TINY = dict(model="digits_cnn", data="digits", episodes=20, warmup_episodes=4, hidden=16, gnn_layers=1,
+            net_arch=(32, 32), progress=False, reward_images=64, calib_batches=1, checkpoint_every=4,
+            sensitivity_points=3)
+
+
+@pytest.fixture(scope="module")
+def spec_session():
+    """A digits session built from specs (what workers rebuild), with the refit that searches score with."""
+    return PruningSession("digits_cnn", None, "digits", SessionConfig(reward_images=128, calib_batches=1,
+                                                                      taylor_batches=2, reconstruct=True))
+
+
+def test_workers_score_as_the_driver_and_a_killed_one_is_replaced(spec_session):
+    jobs = [(uniform_ratios(spec_session.trace, f, 0.8), None) for f in (0.3, 0.5, 0.7)]
+    here = [spec_session.score_allocation(*job)[0] for job in jobs]
+    with EvaluationPool(spec_session, 2) as pool:
+        assert [acc for acc, _, _ in pool.accuracies(jobs)] == here
+        os.kill(pool.pids[0], signal.SIGKILL)
+        again = pool.accuracies(jobs)
+        assert [acc for acc, _, _ in again] == here and pool.restarts == 1
+        assert {worker for _, _, worker in again} == {0, 1}
+
+
+def test_random_search_with_two_workers_evaluates_what_one_does(spec_session):
+    one, two = (PruneEnv(session=spec_session, flops=0.5) for _ in range(2))
+    a = random_search(one, 200, seed=3, evaluations=7)
+    with evaluation_workers(two, 2):
+        b = random_search(two, 200, seed=3, evaluations=7)
+    assert len(one.cache) == len(two.cache) == 7 and a["episodes"] == b["episodes"]
+    assert a["kept"] == b["kept"] and a["reward"] == b["reward"]
+    assert {k: r for k, (r, _) in one.cache.items()} == {k: r for k, (r, _) in two.cache.items()}
+
+
+def test_train_with_two_workers_repeats_the_one_worker_run(tmp_path):
+    """PPO's actions within a rollout never depend on its rewards, so its episodes are evaluated together at the
+    rollout's end; with the same seed the run is the same episode for episode, and history names the worker."""
+    one = train(out=str(tmp_path / "one"), **TINY)
+    two = train(out=str(tmp_path / "two"), workers=2, **TINY)
+    h1, h2 = (json.loads((tmp_path / run / "history.json").read_text()) for run in ("one", "two"))
+    strip = ("wall_s", "worker")
+    assert [{k: v for k, v in h.items() if k not in strip} for h in h1] == \
+        [{k: v for k, v in h.items() if k not in strip} for h in h2]
+    assert {h["worker"] for h in h2 if not h["cached"]} == {0, 1} and all("worker" not in h for h in h1)
+    assert two["ratios"] == one["ratios"] and two["acc"] == one["acc"]
+    assert two["search"]["evaluations"] == one["search"]["evaluations"] and two["search"]["workers"] == 2
+
+
+def test_train_stops_at_its_evaluation_budget_with_workers(tmp_path):
+    """The budget counts the allocations of episodes still waiting for their evaluation, so the search stops at
+    the episode where one worker would: 9 evaluations (the uniform floor's among them)."""
+    config = {**TINY, "floor": ("uniform",), "evaluations": 9}
+    one = train(out=str(tmp_path / "one"), **config)
+    two = train(out=str(tmp_path / "two"), workers=2, **config)
+    h1, h2 = (json.loads((tmp_path / run / "history.json").read_text()) for run in ("one", "two"))
+    assert 1 + sum(not h["cached"] for h in h2) == 9 and len(h2) == len(h1) < TINY["episodes"]
+    assert two["search"]["evaluations"] == one["search"]["evaluations"]  # the policy's episode after it too
+
+
+def test_workers_need_a_session_built_from_specs(digits_session):
+    with pytest.raises(UserError, match="a session built from Python objects .* needs workers=1"):
+        EvaluationPool(digits_session, 2)
+
+
+def test_the_latency_reward_needs_one_worker(spec_session):
+    env = PruneEnv(session=spec_session, flops=0.5, reward="latency")
+    with pytest.raises(UserError, match="latency reward .* needs --workers 1"):
+        with evaluation_workers(env, 2):
+            pass
