@@ -39,7 +39,8 @@ def apply_policy(policy: str | Path | PortablePolicy, model: str | nn.Module, we
                  select_images: int = 1000, latency: str | None = None, latency_batch: int = 1,
                  max_latency: float | None = None, reconstruct: bool | None = None,
                  reconstruct_final: bool | None = None, val_data: str | None = None,
-                 inputs: dict | None = None, importance: str | None = None, workers: int = 1) -> dict:
+                 inputs: dict | None = None, importance: str | None = None, workers: int = 1,
+                 ray: str | None = None) -> dict:
     """Prune a new model with a learned policy and return the JSON report (``method: "rl-transfer"``).
 
     :param flops: FLOPs budget (default: the one the policy was trained for).
@@ -67,7 +68,8 @@ def apply_policy(policy: str | Path | PortablePolicy, model: str | nn.Module, we
         was trained with). Ignored when ``session`` is given.
     :param reconstruct_final: refit the kept model that way before it is evaluated and exported (default: unless
         ``finetune_epochs`` fine-tunes it; :meth:`PruningSession.build_final`).
-    :param workers: processes evaluating candidates in parallel (:func:`envs.evaluation_workers`).
+    :param workers: processes evaluating candidates in parallel (:func:`envs.evaluation_workers`), as Ray actors on
+        the cluster ``ray`` names if given.
     """
     started = time.perf_counter()
     policy = load_policy(policy) if not isinstance(policy, PortablePolicy) else policy
@@ -98,9 +100,9 @@ def apply_policy(policy: str | Path | PortablePolicy, model: str | nn.Module, we
     zero_shot, reward, info = policy_ratios(policy, env)
     transfer = {"policy_model": trained["model"], "policy_algo": policy.config["algorithm"],
                 "zero_shot_reward": reward, "zero_shot_acc_reward": info["acc"], "search_episodes": search_episodes,
-                "reconstruct": session.config.reconstruct, "workers": workers}
+                "reconstruct": session.config.reconstruct, "workers": workers, "ray": ray}
     refit = reconstruct_final if reconstruct_final is not None else refits_by_default(finetune_epochs)
-    with evaluation_workers(env, workers):
+    with evaluation_workers(env, workers, ray):
         if search_episodes > 0:
             config = replace(TrainConfig(), algo=policy.config["algorithm"], flops=flops, seed=seed,
                              max_ratio=trained["max_ratio"], reward=trained["reward"], warmup_episodes=0,
@@ -108,7 +110,8 @@ def apply_policy(policy: str | Path | PortablePolicy, model: str | nn.Module, we
                              noise_sigma=0.3, hidden=policy.config["network"]["extractor"]["hidden_channels"],
                              gnn_layers=policy.config["network"]["extractor"]["num_layers"],
                              net_arch=tuple(policy.config["network"]["hidden"]), progress=progress,
-                             episodes=search_episodes, checkpoint_every=max(1, search_episodes), workers=workers)
+                             episodes=search_episodes, checkpoint_every=max(1, search_episodes), workers=workers,
+                             ray=ray)
             search = Search(config, env)
             search.load_policy_weights(policy.state_dict())
             best = search.run(search_episodes)

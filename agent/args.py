@@ -96,6 +96,8 @@ def add_normalisation_args(p: argparse.ArgumentParser, defaults: bool = True) ->
 
 WORKERS_HELP = ("processes evaluating pruned models in parallel, each with its own copy of the model; the same seed "
                 "finds the same allocations with any number (default: 1)")
+RAY_HELP = "run the --workers as Ray actors on this cluster: auto (ray start), local, or HOST:PORT"
+
 
 
 def add_input_args(p: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:

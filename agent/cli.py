@@ -13,7 +13,15 @@ import sys
 import time
 from pathlib import Path
 
-from agent.args import WORKERS_HELP, add_model_args, add_output_args, check_flops, input_settings, positive_int
+from agent.args import (
+    RAY_HELP,
+    WORKERS_HELP,
+    add_model_args,
+    add_output_args,
+    check_flops,
+    input_settings,
+    positive_int,
+)
 from agent.commands import apply_command_parser, demo_command_parser, export_command_parser, train_command_parser
 from agent.finetune import finetune_command_parser
 from agent.outputs import add_latency, check_out, print_report, write_pruned
@@ -94,6 +102,7 @@ def prune_command_parser(subparsers) -> None:
                    help="--method random: distinct allocations to evaluate (default: 120)")
     p.add_argument("--workers", type=positive_int, default=1, metavar="N",
                    help="--method sensitivity|random: " + WORKERS_HELP)
+    p.add_argument("--ray", metavar="ADDRESS", help=RAY_HELP)
     p.add_argument("--ratios", help="JSON file {group: ratio} to use instead of --method")
     p.add_argument("--reconstruct", action=argparse.BooleanOptionalAction, default=None,
                    help="before adaptive BN, refit every conv and linear layer by least squares to the dense "
@@ -159,8 +168,9 @@ def search_allocation(session: PruningSession, args: argparse.Namespace,
                    latency_budget=budget, max_nodes=len(session.trace.nodes))
     progress = sys.stderr.isatty()
     t = time.perf_counter()
-    report: dict[str, object] = {"workers": args.workers}
-    with evaluation_workers(env, args.workers if args.method != "centre" else 1):
+    report: dict[str, object] = {"workers": args.workers, "ray": args.ray}
+    parallel = args.method != "centre"  # one evaluation
+    with evaluation_workers(env, args.workers if parallel else 1, args.ray if parallel else None):
         if args.method == "centre":
             ratios = env.evaluate(centre_allocation(env))[1]["ratios"]
         elif args.method == "sensitivity":

@@ -10,6 +10,7 @@ from pathlib import Path
 from agent.args import (
     DATA_HELP,
     MODEL_HELP,
+    RAY_HELP,
     ROUND_TO_HELP,
     WORKERS_HELP,
     add_input_args,
@@ -125,6 +126,7 @@ def train_command_parser(subparsers) -> None:
     search.add_argument("--episodes", type=int, help="episodes to run" + _default("episodes"))
     search.add_argument("--evaluations", type=int, help="stop after this many distinct pruned models")
     search.add_argument("--workers", type=positive_int, metavar="N", help=WORKERS_HELP)
+    search.add_argument("--ray", metavar="ADDRESS", help=RAY_HELP)
     search.add_argument("--seed", type=int, help="random seed (also draws the image splits)" + _default("seed"))
     search.add_argument("--round-to", type=round_to_arg, metavar="N|auto", help=ROUND_TO_HELP)
     search.add_argument("--drop-blocks", action=argparse.BooleanOptionalAction,
@@ -147,7 +149,7 @@ def train_command_parser(subparsers) -> None:
     p.set_defaults(func=train_command)
 
 
-RESUME_MAY_CHANGE = ("episodes", "evaluations", "device", "loader_workers", "workers")
+RESUME_MAY_CHANGE = ("episodes", "evaluations", "device", "loader_workers", "workers", "ray")
 
 
 def train_command(args: argparse.Namespace) -> dict:
@@ -161,7 +163,7 @@ def train_command(args: argparse.Namespace) -> dict:
                             f"{', '.join('--' + g.replace('_', '-') for g in RESUME_MAY_CHANGE)} may change)")
         report = resume(args.resume, episodes=args.episodes, progress=not args.no_progress and None,
                         evaluations=args.evaluations, redo_finish=args.redo_finish, device=args.device,
-                        loader_workers=args.loader_workers, workers=args.workers)
+                        loader_workers=args.loader_workers, workers=args.workers, ray=args.ray)
     else:
         if args.redo_finish:
             raise UserError("--redo-finish goes with --resume RUN_DIR")
@@ -213,6 +215,7 @@ def apply_command_parser(subparsers) -> None:
     p.add_argument("--search-episodes", type=int, default=0,
                    help="episodes of RL fine-tuning on the new model before applying (default: 0, zero-shot)")
     p.add_argument("--workers", type=positive_int, default=1, metavar="N", help=WORKERS_HELP)
+    p.add_argument("--ray", metavar="ADDRESS", help=RAY_HELP)
     p.add_argument("--round-to", type=round_to_arg, default=None,
                    help=ROUND_TO_HELP + " (default: the policy's own; 1: none)")
     p.add_argument("--reward-images", type=int, default=1000, help="training images in the reward split")
@@ -259,7 +262,7 @@ def apply_command(args: argparse.Namespace) -> dict:
                           rescore_top=args.rescore_top, select_images=args.select_images,
                           latency=args.latency, latency_batch=args.latency_batch, max_latency=args.max_latency,
                           reconstruct=args.reconstruct, reconstruct_final=args.reconstruct_final,
-                          importance=args.importance, workers=args.workers)
+                          importance=args.importance, workers=args.workers, ray=args.ray)
     print_report(report, args.json)
     return report
 

@@ -52,6 +52,9 @@ class TrainConfig:
     """Processes that evaluate pruned models in parallel, each with its own copy of the model and data: the floor's
     sensitivity table, random episodes and PPO's episodes of one rollout run together. The same seed finds the same
     allocations with any number."""
+    ray: str | None = None
+    """Run the ``workers`` as Ray actors on this cluster: ``auto`` (started with ``ray start``), ``local`` (started
+    in this process) or ``HOST:PORT``; None: processes on this machine."""
     algo: str = "ppo"
     """SB3 algorithm: ppo, ddpg (AMC's choice), td3 or sac."""
     reward: str = "acc"

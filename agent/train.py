@@ -107,7 +107,7 @@ def train(config: TrainConfig | None = None, session: PruningSession | None = No
 
 def resume(run_dir: str | Path, episodes: int | None = None, progress: bool | None = None,
            evaluations: int | None = None, redo_finish: bool = False, device: str | None = None,
-           loader_workers: int | None = None, workers: int | None = None) -> dict:
+           loader_workers: int | None = None, workers: int | None = None, ray: str | None = None) -> dict:
     """Continue a killed run from its last checkpoint; from a checkpoint, it repeats what the uninterrupted run
     would have done. A finished run is only extended by a larger ``episodes`` or ``evaluations`` budget.
 
@@ -118,7 +118,7 @@ def resume(run_dir: str | Path, episodes: int | None = None, progress: bool | No
     :param device: run the rest on this device instead (``SessionConfig.device``); a GPU's arithmetic may differ
         from the CPU's in the last bits, so only the same device repeats the run exactly.
     :param loader_workers: image-folder decoding processes (``SessionConfig.loader_workers``).
-    :param workers: evaluation processes (``TrainConfig.workers``).
+    :param workers: evaluation processes (``TrainConfig.workers``), as Ray actors on the cluster ``ray``.
     :raises UserError: no run, or a path the run was started with is gone.
     """
     run_dir = Path(run_dir)
@@ -143,6 +143,8 @@ def resume(run_dir: str | Path, episodes: int | None = None, progress: bool | No
         config.loader_workers = loader_workers
     if workers is not None:
         config.workers = workers
+    if ray is not None:
+        config.ray = ray
     config.validate()
     for what, spec in (("--weights", config.weights), ("--data", config.data), ("--val-data", config.val_data)):
         path = spec.partition(":")[2] if spec and spec.startswith(("cifar10:", "imagefolder:")) else spec
@@ -170,7 +172,7 @@ def final_refit(config: TrainConfig) -> bool:
 
 def _finish(config: TrainConfig, search: Search) -> dict:
     run_dir, env = Path(config.out), search.env
-    with evaluation_workers(env, config.workers) as pool:
+    with evaluation_workers(env, config.workers, config.ray) as pool:
         floor_started = time.perf_counter()
         floor = floor_allocations(env, config.floor, config.sensitivity_points, config.progress)
         floor_s = time.perf_counter() - floor_started  # cached on --resume
@@ -192,7 +194,8 @@ def _finish(config: TrainConfig, search: Search) -> dict:
         model = session.finetune(model, config.finetune_epochs, progress=config.progress)
     uniform = uniform_ratios(session.trace, config.flops, config.max_ratio, config.round_to, env.latency_budget)
     stats = {"episodes": search.episodes_done, "evaluations": search.evaluations_done,
-             "reexplorations": search.reexplorations, "workers": config.workers, "worker_restarts": restarts,
+             "reexplorations": search.reexplorations, "workers": config.workers, "ray": config.ray,
+             "worker_restarts": restarts,
              "search_s": round(search.search_s, 2),
              "episodes_per_min": round(60 * search.episodes_done / max(search.search_s, 1e-9), 2),
              "env_eval_s": round(eval_s, 2), "agent_share": round(max(0.0, 1 - eval_s / max(search.search_s,

@@ -26,7 +26,7 @@ from envs.prune_env import PruneEnv
 from pruning_core.allocate import threshold_allocation
 from pruning_core.errors import UserError
 from pruning_core.evaluate import accuracy
-from pruning_core.parallel import EvaluationPool
+from pruning_core.parallel import EvaluationPool, make_pool
 from pruning_core.prune import global_ratios, kept_counts, uniform_ratios
 
 __all__ = ["FLOOR_METHODS", "applied_actions", "centre_allocation", "evaluation_workers", "floor_allocations",
@@ -50,18 +50,19 @@ def run_episode(env: PruneEnv, act: Callable[[dict], np.ndarray]) -> tuple[float
 
 
 @contextmanager
-def evaluation_workers(env: PruneEnv, workers: int) -> Iterator[EvaluationPool | None]:
+def evaluation_workers(env: PruneEnv, workers: int, ray: str | None = None) -> Iterator[EvaluationPool | None]:
     """Within this block ``env`` evaluates on ``workers`` processes (:class:`~pruning_core.parallel.EvaluationPool`),
-    each holding its own copy of the session; with 1, in this process as always.
+    or Ray actors on the cluster ``ray`` names (``auto``, ``local`` or ``HOST:PORT``), each holding its own copy of
+    the session; with 1 and no Ray, in this process as always.
     """
     if workers < 1:
         raise UserError(f"--workers must be at least 1, got {workers}")
-    if workers == 1:
+    if workers == 1 and not ray:
         yield None
         return
     if env.reward_kind == "latency":
         raise UserError("the latency reward times every model on this machine; it needs --workers 1")
-    with EvaluationPool(env.session, workers) as pool:
+    with make_pool(env.session, workers, ray) as pool:
         env.use_pool(pool)
         try:
             yield pool

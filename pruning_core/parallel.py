@@ -5,6 +5,9 @@ are independent. :class:`EvaluationPool` runs them in ``N`` processes on this ma
 session once from the paths it was made from (model, weights, data) and takes the driver's channel scores, so every
 worker prunes exactly as the driver would. Torch threads are split among the workers, or with ``--device cuda`` each
 worker takes one GPU in turn. A worker that dies is replaced and its evaluation retried.
+
+:class:`RayPool` does the same with Ray actors on a cluster (``pip install prunepilot[ray]``); :func:`make_pool` picks
+one of the two.
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ import torch
 
 from pruning_core.errors import UserError
 
-__all__ = ["EvaluationPool", "Job", "Result", "usable_cores"]
+__all__ = ["EvaluationPool", "Job", "RayPool", "Result", "make_pool", "usable_cores"]
 
 log = logging.getLogger(__name__)
 
@@ -203,3 +206,123 @@ class EvaluationPool:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+class RayPool:
+    """``workers`` Ray actors that score allocations of ``session``, as :class:`EvaluationPool` does.
+
+    :param address: the cluster to join: ``auto`` (the one ``ray start`` runs on this machine), ``local`` (start one
+        inside this process), or ``HOST:PORT``. A Ray already initialised in this process is used as it is.
+    :param threads: torch threads (and Ray CPUs) per actor (default: the cluster's CPUs divided among the actors);
+        on a CUDA session each actor takes one GPU instead.
+
+    The actors rebuild the session from its paths; its scores reach them through Ray's object store. An actor that
+    dies is replaced and its evaluation retried, so the search loses no finished evaluation and counts none twice.
+    """
+
+    def __init__(self, session, workers: int, address: str = "auto", threads: int | None = None):
+        try:
+            import ray
+        except ImportError:
+            raise UserError("--ray needs Ray: pip install 'prunepilot[ray]'") from None
+        if workers < 1:
+            raise UserError(f"--workers must be at least 1, got {workers}")
+        settings = worker_settings(session)
+        if not ray.is_initialized():
+            try:
+                ray.init(address=None if address == "local" else address, include_dashboard=False,
+                         log_to_driver=False, logging_level=logging.WARNING)
+            except (ConnectionError, RuntimeError, ValueError) as e:
+                raise UserError(f"cannot join the Ray cluster at {address!r} ({e}); start one with "
+                                "`ray start --head`, or pass --ray local") from None
+        self._ray = ray
+        self.size = workers
+        gpu = session.device.type == "cuda"
+        cpus = int(ray.cluster_resources().get("CPU", 1))
+        self.threads = threads or max(1, cpus // workers)
+        resources = {"num_gpus": 1, "num_cpus": 1} if gpu else {"num_cpus": self.threads}
+        self._device = "cuda" if gpu else "cpu"
+        self._actor_class = ray.remote(max_restarts=0, **resources)(_EvaluationActor)
+        self._settings = ray.put(settings)
+        self.restarts = 0
+        self._actors = [self._actor_class.remote(self._settings, self._device, self.threads) for _ in range(workers)]
+        try:
+            self.pids = ray.get([a.pid.remote() for a in self._actors])
+        except ray.exceptions.RayError as e:
+            self.close()
+            raise UserError(f"a Ray evaluation actor could not load the model: {_cause(e)}") from None
+
+    def accuracies(self, jobs: list[Job]) -> list[Result]:
+        """Score every ``(ratios, round_to)`` job on the actors; results in the jobs' order.
+
+        :raises UserError: an evaluation failed, or its actor died more than :data:`RETRIES` times.
+        """
+        ray = self._ray
+        results: list[Result | None] = [None] * len(jobs)
+        queue, running, tries = deque(range(len(jobs))), {}, [0] * len(jobs)
+        while queue or running:
+            busy = {i for i, _ in running.values()}
+            for i in range(self.size):
+                if i not in busy and queue:
+                    j = queue.popleft()
+                    running[self._actors[i].score.remote(*jobs[j])] = (i, j)
+            done, _ = ray.wait(list(running), num_returns=1)
+            for ref in done:
+                i, j = running.pop(ref)
+                try:
+                    acc, timings = ray.get(ref)
+                except ray.exceptions.RayActorError:
+                    tries[j] += 1
+                    if tries[j] > RETRIES:
+                        raise UserError(f"Ray evaluation actors died {tries[j]} times on one allocation") from None
+                    self._replace(i)
+                    queue.appendleft(j)
+                    continue
+                except ray.exceptions.RayTaskError as e:
+                    raise UserError(f"Ray evaluation actor {i} failed: {_cause(e)}") from None
+                results[j] = (acc, timings, i)
+        return results  # type: ignore[return-value]
+
+    def _replace(self, i: int) -> None:
+        log.warning("Ray evaluation actor %d (pid %d) died; starting a new one", i, self.pids[i])
+        self._ray.kill(self._actors[i], no_restart=True)
+        self._actors[i] = self._actor_class.remote(self._settings, self._device, self.threads)
+        self.pids[i] = self._ray.get(self._actors[i].pid.remote())
+        self.restarts += 1
+
+    def close(self) -> None:
+        """Stop the actors (the cluster keeps running)."""
+        for actor in getattr(self, "_actors", []):
+            self._ray.kill(actor, no_restart=True)
+        self._actors = []
+
+    def __enter__(self) -> RayPool:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+class _EvaluationActor:
+    """A Ray actor holding one worker session (:func:`build_worker_session`)."""
+
+    def __init__(self, settings: dict, device: str, threads: int):
+        torch.set_num_threads(threads)
+        logging.disable(logging.WARNING)
+        self.session = build_worker_session(settings, device)
+
+    def pid(self) -> int:
+        return os.getpid()
+
+    def score(self, ratios: dict[str, float], round_to: int | None) -> tuple[float, dict[str, float]]:
+        return self.session.score_allocation(ratios, round_to)
+
+
+def _cause(error: Exception) -> str:
+    cause = getattr(error, "cause", None) or error
+    return f"{type(cause).__name__}: {cause}".splitlines()[0]
+
+
+def make_pool(session, workers: int, ray: str | None = None) -> EvaluationPool | RayPool:
+    """:class:`RayPool` on the cluster ``ray`` names, else :class:`EvaluationPool` on this machine."""
+    return RayPool(session, workers, ray) if ray else EvaluationPool(session, workers)

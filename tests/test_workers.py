@@ -80,3 +80,46 @@ def test_the_latency_reward_needs_one_worker(spec_session):
     with pytest.raises(UserError, match="latency reward .* needs --workers 1"):
         with evaluation_workers(env, 2):
             pass
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    ray = pytest.importorskip("ray")
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield ray
+    ray.shutdown()
+
+
+@pytest.mark.slow
+def test_a_search_on_ray_survives_a_killed_actor(spec_session, local_ray, monkeypatch):
+    """One actor is killed mid-search: it is replaced, its evaluation retried, and the search evaluates and keeps
+    exactly what a run without the kill does."""
+    from pruning_core.parallel import RayPool
+    plain = PruneEnv(session=spec_session, flops=0.5)
+    expected = random_search(plain, 200, seed=5, evaluations=8)
+    env = PruneEnv(session=spec_session, flops=0.5)
+    calls = []
+    accuracies = RayPool.accuracies
+
+    def kill_on_second_batch(pool, jobs):
+        calls.append(len(jobs))
+        if len(calls) == 2:
+            os.kill(pool.pids[0], signal.SIGKILL)
+        return accuracies(pool, jobs)
+
+    monkeypatch.setattr(RayPool, "accuracies", kill_on_second_batch)
+    with evaluation_workers(env, 2, ray="auto") as pool:
+        found = random_search(env, 200, seed=5, evaluations=8)
+        assert pool.restarts == 1 and len(calls) > 2
+    assert len(env.cache) == len(plain.cache) == 8
+    assert found["kept"] == expected["kept"] and found["reward"] == expected["reward"]
+    assert {k: r for k, (r, _) in env.cache.items()} == {k: r for k, (r, _) in plain.cache.items()}
+
+
+@pytest.mark.slow
+def test_train_on_ray_repeats_the_one_worker_run(tmp_path, local_ray):
+    one = train(out=str(tmp_path / "one"), **TINY)
+    on_ray = train(out=str(tmp_path / "ray"), workers=2, ray="auto", **TINY)
+    h1, h2 = (json.loads((tmp_path / run / "history.json").read_text()) for run in ("one", "ray"))
+    assert [h["reward"] for h in h1] == [h["reward"] for h in h2] and on_ray["ratios"] == one["ratios"]
+    assert on_ray["search"]["ray"] == "auto" and {h["worker"] for h in h2 if not h["cached"]} == {0, 1}
