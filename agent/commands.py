@@ -74,6 +74,7 @@ EXPERT_FLAGS = (
     ("learning_rate", float, "learning rate"),
     ("batch_size", int, "DDPG/TD3/SAC minibatch size"),
     ("gradient_steps", int, "DDPG/TD3/SAC updates per episode"),
+    ("rollout_episodes", int, "PPO episodes per update, evaluated together by the --workers"),
     ("checkpoint_every", int, "episodes between checkpoints"),
     ("max_nodes", int, "observation padding (grown to fit the model)"),
 )

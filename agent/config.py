@@ -156,9 +156,12 @@ class TrainConfig:
     """Off-policy updates after each episode (bounded so that the agent's share of wall time stays small)."""
     buffer_size: int = 4000
     """Replay buffer transitions (AMC: 2000)."""
+    rollout_episodes: int = 4
+    """PPO only: episodes per rollout (per policy update). Their evaluations run together, so more workers than
+    this wait; raising it changes the search itself, not only its speed."""
     checkpoint_every: int = 10
     """Episodes between checkpoints, each taken where the next rollout starts (every episode off-policy,
-    every 4 for PPO), so a resumed run repeats the uninterrupted one."""
+    every ``rollout_episodes`` for PPO), so a resumed run repeats the uninterrupted one."""
     max_nodes: int = 320
     """Observation padding: layer-graph nodes, grown to fit the model (changes only the padding)."""
     finetune_epochs: int = 0
@@ -180,6 +183,8 @@ class TrainConfig:
             raise UserError("--episodes must be at least 1")
         if self.workers < 1:
             raise UserError(f"--workers must be at least 1, got {self.workers}")
+        if self.rollout_episodes < 1:
+            raise UserError(f"--rollout-episodes must be at least 1, got {self.rollout_episodes}")
         if self.evaluations is not None and self.evaluations < 1:
             raise UserError(f"--evaluations must be at least 1, got {self.evaluations}")
         if not 0.0 < self.flops <= 1.0:

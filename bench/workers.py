@@ -5,6 +5,7 @@ Each row: episodes/min of the search, distinct evaluations, the workers' start-u
 evaluated the same allocations with the same rewards as the 1-worker run.
 
     python workers.py --workers 1 2 --ray 2 --episodes 24 --name workers_r56_amd
+    python workers.py --workers 1 --ray --threads 1 --episodes 24 --name workers_r56_1thread_amd  # per-core baseline
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import torch
 from common import CIFAR, WEIGHTS, write_result
 from methods import commit
 
@@ -44,15 +46,18 @@ def main() -> None:
     p.add_argument("--episodes", type=int, default=24)
     p.add_argument("--workers", type=int, nargs="+", default=[1, 2])
     p.add_argument("--ray", type=int, nargs="*", default=[2], help="Ray actor counts on a local cluster")
+    p.add_argument("--threads", type=int, help="torch threads of the driver (the 1-worker run evaluates there)")
     p.add_argument("--name", default="workers")
     args = p.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     rows = [run(args, n, None) for n in args.workers]
     if args.ray:
         import ray
         ray.init(include_dashboard=False, log_to_driver=False)  # a local cluster of this machine's cores
         rows += [run(args, n, "auto") for n in args.ray]
         ray.shutdown()
-    base = next(r for r in rows if r["workers"] == 1 and r["ray"] is None)
+    base = next((r for r in rows if r["workers"] == 1 and r["ray"] is None), rows[0])
     for r in rows:
         r["speedup"] = round(r["episodes_per_min"] / base["episodes_per_min"], 3)
         r["same_rewards_as_1"] = [h[:2] for h in r["history"]] == [h[:2] for h in base["history"]]

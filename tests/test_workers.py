@@ -70,6 +70,35 @@ def test_train_stops_at_its_evaluation_budget_with_workers(tmp_path):
     assert two["search"]["evaluations"] == one["search"]["evaluations"]  # the policy's episode after it too
 
 
+class _Killed(Exception):
+    pass
+
+
+@pytest.mark.slow
+def test_a_run_with_workers_killed_after_a_checkpoint_resumes_to_the_same_result(tmp_path, monkeypatch):
+    import agent.search
+    from agent import resume
+    whole = train(out=str(tmp_path / "whole"), workers=2, **TINY)
+    save, written = agent.search.save_checkpoint, []
+
+    def save_then_die(search, run_dir):
+        save(search, run_dir)
+        written.append(search.episodes_done)
+        if len(written) == 3:
+            raise _Killed
+
+    monkeypatch.setattr(agent.search, "save_checkpoint", save_then_die)
+    with pytest.raises(_Killed):
+        train(out=str(tmp_path / "killed"), workers=2, **TINY)
+    monkeypatch.setattr(agent.search, "save_checkpoint", save)
+    assert 0 < written[-1] < TINY["episodes"]
+    resumed = resume(tmp_path / "killed", workers=2)
+    h1, h2 = (json.loads((tmp_path / run / "history.json").read_text()) for run in ("whole", "killed"))
+    assert [{k: v for k, v in h.items() if k != "wall_s"} for h in h1] == \
+        [{k: v for k, v in h.items() if k != "wall_s"} for h in h2]
+    assert resumed["ratios"] == whole["ratios"] and resumed["acc"] == whole["acc"]
+
+
 def test_workers_need_a_session_built_from_specs(digits_session):
     with pytest.raises(UserError, match="a session built from Python objects .* needs workers=1"):
         EvaluationPool(digits_session, 2)
