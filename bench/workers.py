@@ -49,6 +49,7 @@ def main() -> None:
     p.add_argument("--threads", type=int, help="torch threads of the driver (the 1-worker run evaluates there)")
     p.add_argument("--name", default="workers")
     args = p.parse_args()
+    launched = commit()  # the code that runs; the tree may change while it does
     if args.threads:
         torch.set_num_threads(args.threads)
     rows = [run(args, n, None) for n in args.workers]
@@ -62,7 +63,7 @@ def main() -> None:
         r["speedup"] = round(r["episodes_per_min"] / base["episodes_per_min"], 3)
         r["same_rewards_as_1"] = [h[:2] for h in r["history"]] == [h[:2] for h in base["history"]]
         print({k: v for k, v in r.items() if k != "history"}, flush=True)
-    write_result(args.name, {"commit": commit(), "config": vars(args), "rows": rows})
+    write_result(args.name, {"commit": launched, "config": vars(args), "rows": rows})
 
 
 if __name__ == "__main__":
