@@ -112,6 +112,14 @@ def test_the_latency_reward_needs_one_worker(spec_session):
             pass
 
 
+def test_ray_without_a_cluster_is_one_line_that_says_how_to_start_one(tmp_path, capsys):
+    pytest.importorskip("ray")
+    from agent.cli import main
+    assert main(["prune", "--model", "digits_cnn", "--data", "digits", "--method", "random", "--evaluations", "2",
+                 "--workers", "2", "--ray", "auto", "--out", str(tmp_path / "run")]) == 2
+    assert "cannot join the Ray cluster at 'auto'" in capsys.readouterr().err and not (tmp_path / "run").exists()
+
+
 @pytest.fixture(scope="module")
 def local_ray():
     ray = pytest.importorskip("ray")
