@@ -188,7 +188,7 @@ class Search:
         :meth:`on_episode_end` would have, writing the reward the agent learns from into ``buffer``.
         """
         deferred, self._deferred = self._deferred, []
-        self.env.prefetch(info["kept"] for _, info, _ in deferred)
+        self.env.evaluator.prefetch(info["kept"] for _, info, _ in deferred)
         for position, info, actions in deferred:
             reward, result = resolve_episode(self.env, info)
             learned = self.wrapped.shift(reward, result["cached"])

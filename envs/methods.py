@@ -63,11 +63,11 @@ def evaluation_workers(env: PruneEnv, workers: int, ray: str | None = None) -> I
     if env.reward_kind == "latency":
         raise UserError("the latency reward times every model on this machine; it needs --workers 1")
     with make_pool(env.session, workers, ray) as pool:
-        env.use_pool(pool)
+        env.evaluator.use_pool(pool)
         try:
             yield pool
         finally:
-            env.use_pool(None)
+            env.evaluator.use_pool(None)
 
 
 def resolve_episode(env: PruneEnv, info: dict) -> tuple[float, dict]:
@@ -90,7 +90,7 @@ def run_episodes(env: PruneEnv, act: Callable[[dict], np.ndarray], count: int,
             ends.append(run_episode(env, act)[1])
     finally:
         env.defer = False
-    env.prefetch(info["kept"] for info in ends)
+    env.evaluator.prefetch(info["kept"] for info in ends)
     return [resolve_episode(env, info) for info in ends]
 
 
@@ -143,7 +143,7 @@ def sensitivity_table(env: PruneEnv, points: int = 10, progress: bool = False) -
     jobs = [(t, r) for t, grid in enumerate(env.ratio_grid) for r in _spread([g for g in grid if g > 0], points)]
     tables: list[list[tuple[float, float]]] = [[] for _ in env.ratio_grid]
     if env.pool is not None:  # all at once on the workers; the loop below reads them from the cache
-        env.prefetch(env.allocation([r if i == t else 0.0 for i in range(env.num_steps)]) for t, r in jobs)
+        env.evaluator.prefetch(env.allocation([r if i == t else 0.0 for i in range(env.num_steps)]) for t, r in jobs)
     for t, r in tqdm(jobs, desc="sensitivity", unit="eval", leave=False, disable=None if progress else True):
         ratios = [0.0] * env.num_steps
         ratios[t] = r
@@ -236,10 +236,10 @@ def select_best(env: PruneEnv, top: int, floor: dict[str, Kept] | None = None,
         acc_reward = accuracy(model, s.splits.reward) if reconstruct != s.config.reconstruct else info["acc"]
         acc_select = accuracy(model, select) if select is not None else None
         timings["eval_s"] = time.perf_counter() - t
-        env.add_timings(timings)
+        env.evaluator.add_timings(timings)
         n_r, n_s = len(s.splits.reward), len(select) if select is not None else 0
         acc = (acc_reward * n_r + (acc_select or 0.0) * n_s) / (n_r + n_s)
-        out.append({"source": source, "ratios": dict(info["ratios"]), "reward": env.reward_of(acc, info),
+        out.append({"source": source, "ratios": dict(info["ratios"]), "reward": env.evaluator.reward_of(acc, info),
                     "reward_search": reward_search, "acc": acc, "acc_reward": acc_reward, "acc_select": acc_select,
                     "flops_ratio": info["flops_ratio"], "params_ratio": info["params_ratio"]})
     out.sort(key=lambda c: c["reward"], reverse=True)

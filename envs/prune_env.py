@@ -13,10 +13,11 @@ import numpy as np
 from gymnasium import spaces
 from torch import nn
 
+from envs.evaluator import EVALUATION_TIMINGS, Evaluator
 from graph_encoder.features import DYNAMIC_FEATURES, NUM_FEATURES, STATIC_FEATURES, LayerGraph, observation_space
 from pruning_core.data import ImageData
 from pruning_core.errors import UserError
-from pruning_core.latency import LatencyBudget, measure_latency
+from pruning_core.latency import LatencyBudget
 from pruning_core.parallel import EvaluationPool
 from pruning_core.prune import branch_width, drop_order, fits_budget, kept_channels, uniform_ratios
 from pruning_core.session import PruningSession, SessionConfig
@@ -27,7 +28,6 @@ DEFAULT_MAX_NODES = 320  # ResNet-110 has 274 layer-graph nodes, MobileNetV2 116
 REWARDS = ("acc", "acc_flops", "latency")
 GRANULARITIES = ("group", "stage", "substage")
 ACTION_CENTERS = ("uniform", "remaining", "zero")
-EVALUATION_TIMINGS = ("prune_s", "reconstruct_s", "adapt_s", "eval_s")  # what scoring a pruned model costs
 
 
 class PruneEnv(gym.Env):
@@ -220,13 +220,10 @@ class PruneEnv(gym.Env):
         self._node_mask[:n] = 1
         self._graph_id = np.array([self.graph.fingerprint() % 2**24], np.int64)
         self._dyn = {name: len(STATIC_FEATURES) + i for i, name in enumerate(DYNAMIC_FEATURES)}
-        self.cache: dict[tuple[int, ...], tuple[float, dict]] = {}
+        self.evaluator = Evaluator(session, round_to, reward, latency_batch, latency_budget)
         self.episodes = 0
-        self.pool: EvaluationPool | None = None  # where prefetch() evaluates; None: in this process
         self.defer = False  # end episodes without evaluating them (a pending info); see step()
-        self._pending: set[tuple[int, ...]] = set()  # new allocations of deferred episodes, not yet evaluated
-        self._fresh: set[tuple[int, ...]] = set()  # prefetched, not yet returned by evaluate(): not a cache hit
-        self.timings = {"prune_s": 0.0, "reconstruct_s": 0.0, "adapt_s": 0.0, "eval_s": 0.0, "step_s": 0.0}
+        self._step_s = 0.0
         self._reset_state()
         if action_center == "zero":
             self.center = [max_ratio / 2] * self.num_steps
@@ -387,11 +384,6 @@ class PruneEnv(gym.Env):
                 "edge_mask": self._edge_mask.copy(), "node_mask": self._node_mask.copy(),
                 "cursor": np.array([cursor], np.int64), "graph_id": self._graph_id.copy()}
 
-    @property
-    def evaluation_s(self) -> float:
-        """Seconds spent building (pruning, reconstructing), recalibrating and evaluating pruned models so far."""
-        return sum(self.timings[k] for k in EVALUATION_TIMINGS)
-
     def action_to_ratio(self, t: int, a: float) -> float:
         """Map an action in [-1, 1] to a pruning ratio in [0, max_ratio] through step ``t``'s centre."""
         c = self.center[t]
@@ -430,91 +422,15 @@ class PruneEnv(gym.Env):
             ratio = 1.0 - sum(kept.values()) / sum(self.groups[self._index[name]].channels for name in kept)
         applied = {"action_applied": np.array([self.ratio_to_action(self.t, ratio)], np.float32)}
         self.t += 1
-        self.timings["step_s"] += time.perf_counter() - t0
+        self._step_s += time.perf_counter() - t0
         if self.t < self.num_steps:
             return self._observation(), 0.0, False, False, applied
         self.episodes += 1
         if self.defer:
-            key = self.key(self.kept)
-            info = {"pending": True, "kept": dict(self.kept), "cached": key in self.cache or key in self._pending}
-            if key not in self.cache:
-                self._pending.add(key)
+            info = {"pending": True, "kept": dict(self.kept), "cached": self.evaluator.hold(self.kept)}
             return self._observation(), 0.0, True, False, {**info, "episode": self.episodes, **applied}
         reward, info = self.evaluate(self.kept)
         return self._observation(), reward, True, False, {**info, "episode": self.episodes, **applied}
-
-    def key(self, kept: dict[str, int]) -> tuple[int, ...]:
-        """The allocation ``kept`` as a key of :attr:`cache`: kept channels in group order."""
-        return tuple(kept[g.name] for g in self.groups)
-
-    @property
-    def evaluations(self) -> int:
-        """Distinct allocations evaluated so far, those of deferred episodes included."""
-        return len(self.cache) + len(self._pending)
-
-    def evaluate(self, kept: dict[str, int]) -> tuple[float, dict]:
-        """Reward and info of the allocation keeping ``kept[group]`` channels in each group: pruned for real,
-        BN recalibrated and scored on the reward split, or the cached result of an earlier evaluation of the
-        same channel counts (``info["cached"]``). It is not checked against the budgets.
-
-        An allocation that :meth:`prefetch` evaluated counts as new the first time it is asked for, as it would
-        have been evaluated here then.
-        """
-        key = self.key(kept)
-        if key not in self.cache:
-            self.prefetch([kept])
-        reward, info = self.cache[key]
-        fresh = key in self._fresh
-        self._fresh.discard(key)
-        return reward, {**info, "cached": not fresh}
-
-    def prefetch(self, allocations: Iterable[dict[str, int]]) -> None:
-        """Evaluate every allocation not yet in :attr:`cache`, in parallel on :attr:`pool` if there is one; the
-        next :meth:`evaluate` of each returns its result as new.
-        """
-        todo: dict[tuple[int, ...], dict[str, int]] = {}
-        for kept in allocations:
-            key = self.key(kept)
-            if key not in self.cache:
-                todo.setdefault(key, dict(kept))
-        if not todo:
-            return
-        s = self.session
-        jobs = [({g.name: 1.0 - kept[g.name] / g.channels for g in self.groups}, self.round_to)
-                for kept in todo.values()]
-        if self.pool is not None:
-            results = self.pool.accuracies(jobs)
-        else:
-            results = []
-            for ratios, round_to in jobs:
-                acc, timings = s.score_allocation(ratios, round_to)
-                if self.reward_kind == "latency":
-                    model = s.build(ratios, round_to)
-                    timings["latency_ms"] = 1000 * measure_latency(model, s.data.input_shape, self.latency_batch,
-                                                                   min_run_time=0.2)
-                results.append((acc, timings, None))
-        for (key, kept), (ratios, _), (acc, timings, worker) in zip(todo.items(), jobs, results):
-            flops = self.trace.flops(kept)
-            info = {"acc": acc, "flops_ratio": flops / self.dense_flops,
-                    "params_ratio": self.trace.params(kept) / s.params_dense, "ratios": ratios, **timings}
-            if worker is not None:
-                info["worker"] = worker
-            if self.latency_budget is not None:
-                info["latency_ratio"] = self.latency_budget.table.ratio(self.trace, kept)
-            for k in EVALUATION_TIMINGS:
-                self.timings[k] += info[k]
-            self.cache[key] = (self.reward_of(acc, info), info)
-            self._pending.discard(key)
-            self._fresh.add(key)
-
-    def use_pool(self, pool: EvaluationPool | None) -> None:
-        """Evaluate on ``pool``'s worker processes from now on (None: in this process).
-
-        :raises UserError: the latency reward, which times each model on this machine, one at a time.
-        """
-        if pool is not None and self.reward_kind == "latency":
-            raise UserError("the latency reward times every model on this machine; it needs --workers 1")
-        self.pool = pool
 
     def feasible_allocations(self, limit: int = 10_000) -> list[dict[str, int]]:
         """Every allocation of the action space that meets the budgets: one of each decision's distinct widths
@@ -541,16 +457,43 @@ class PruneEnv(gym.Env):
         """Whether the allocation ``kept`` meets the FLOPs budget (and the predicted-latency budget, if any)."""
         return self._fits(kept)
 
-    def add_timings(self, timings: dict[str, float]) -> None:
-        """Count evaluation seconds spent outside :meth:`evaluate` (re-scoring) in :attr:`evaluation_s`."""
-        for k in EVALUATION_TIMINGS:
-            self.timings[k] += timings.get(k, 0.0)
+    # ---- evaluation, through the shared cached evaluator ------------------------------------------------
+    @property
+    def cache(self) -> dict[tuple[int, ...], tuple[float, dict]]:
+        """(reward, info) of every allocation evaluated, by :meth:`key` (:attr:`Evaluator.cache`)."""
+        return self.evaluator.cache
 
-    def reward_of(self, acc: float, info: dict) -> float:
-        """The final reward for accuracy ``acc`` (%) of the pruned model that ``info`` describes."""
-        err = 1.0 - acc / 100.0
-        if self.reward_kind == "acc":
-            return acc / 100.0
-        if self.reward_kind == "acc_flops":
-            return -err * math.log(info["flops_ratio"] * self.dense_flops)
-        return -err * math.log(max(1000 * info["latency_ms"], 1.0))  # microseconds, so the log stays positive
+    @cache.setter
+    def cache(self, value: dict[tuple[int, ...], tuple[float, dict]]) -> None:
+        self.evaluator.cache = value
+
+    @property
+    def pool(self) -> EvaluationPool | None:
+        """The worker pool evaluations run on, or None (:meth:`use_pool`)."""
+        return self.evaluator.pool
+
+    @property
+    def evaluations(self) -> int:
+        """Distinct allocations evaluated so far, those of deferred episodes included."""
+        return self.evaluator.evaluations
+
+    @property
+    def evaluation_s(self) -> float:
+        """Seconds spent building (pruning, reconstructing), recalibrating and evaluating pruned models so far."""
+        return self.evaluator.evaluation_s
+
+    @property
+    def timings(self) -> dict[str, float]:
+        """Seconds spent so far: the evaluator's (:data:`EVALUATION_TIMINGS`) and the steps' own (``step_s``)."""
+        return {**self.evaluator.timings, "step_s": self._step_s}
+
+    @timings.setter
+    def timings(self, value: dict[str, float]) -> None:
+        self.evaluator.timings = {k: value.get(k, 0.0) for k in EVALUATION_TIMINGS}
+        self._step_s = value.get("step_s", 0.0)
+
+    def evaluate(self, kept: dict[str, int]) -> tuple[float, dict]:
+        """Reward and info of an allocation, evaluated once (:meth:`Evaluator.evaluate`); not checked against the
+        budgets.
+        """
+        return self.evaluator.evaluate(kept)

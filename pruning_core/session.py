@@ -22,7 +22,7 @@ from pruning_core.evaluate import accuracy, adapt_bn, augment_batch, mean_loss
 from pruning_core.finetune import FinetuneConfig, concat_splits, finetune, holdout_split
 from pruning_core.graph import ModelTrace
 from pruning_core.importance import IMPORTANCES, DriveImportance, L1Importance, Taylor2Importance, TaylorImportance
-from pruning_core.latency import LatencyTable
+from pruning_core.latency import LatencyTable, measure_latency
 from pruning_core.prune import kept_counts, prune, removed_channels
 from pruning_core.reconstruct import Reconstruction
 from pruning_core.splits import FolderSplit, Split
@@ -280,15 +280,20 @@ class PruningSession:
             timings.update(times)
         return pruned.eval()
 
-    def score_allocation(self, ratios: dict[str, float], round_to: int | None = None) -> tuple[float, dict[str, float]]:
+    def score_allocation(self, ratios: dict[str, float], round_to: int | None = None,
+                         latency_batch: int | None = None) -> tuple[float, dict[str, float]]:
         """Accuracy (%) on the reward split of the allocation ``ratios`` built as :meth:`build` builds it, and the
         seconds each part took (``prune_s``, ``reconstruct_s``, ``adapt_s``, ``eval_s``): what a search evaluates.
+        With ``latency_batch``, the model's latency at that batch size is timed on the CPU too (``latency_ms``).
         """
         timings: dict[str, float] = {}
         model = self.build(ratios, round_to, timings=timings)
         t = time.perf_counter()
         acc = accuracy(model, self.splits.reward)
         timings["eval_s"] = time.perf_counter() - t
+        if latency_batch is not None:
+            timings["latency_ms"] = 1000 * measure_latency(model, self.data.input_shape, latency_batch,
+                                                           min_run_time=0.2)
         return acc, timings
 
     def build_final(self, ratios: dict[str, float], round_to: int | None = None, reconstruct: bool | None = None,
