@@ -232,9 +232,10 @@ class Search:
                                 reset_num_timesteps=False, tb_log_name="sb3")
                 self.env.defer = False
                 self.resolve()  # a rollout the budget cut short
-        finally:
+        finally:  # after an interruption the deferred episodes are redone from the last checkpoint
             self.env.defer = False
             self._deferred = []
+            self.env.evaluator.release()
             if handler is not None:
                 signal.signal(signal.SIGINT, handler)
             self.search_s = self.elapsed()

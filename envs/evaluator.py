@@ -62,6 +62,10 @@ class Evaluator:
             self._pending.add(key)
         return seen
 
+    def release(self) -> None:
+        """Forget the allocations :meth:`hold` counted and nobody evaluated (a search stopped mid-rollout)."""
+        self._pending.clear()
+
     def evaluate(self, kept: dict[str, int]) -> tuple[float, dict]:
         """Reward and info of the allocation keeping ``kept[group]`` channels in each group: pruned for real,
         BN recalibrated and scored on the reward split, or the cached result of an earlier evaluation of the

@@ -185,4 +185,5 @@ def test_resume_may_move_a_run_to_another_device_but_not_change_its_settings(tmp
     assert "holds no run to resume" in capsys.readouterr().err  # the device and workers flags were accepted
     assert main(["train", "--resume", str(tmp_path), "--image-size", "64"]) == 2
     err = capsys.readouterr().err
-    assert "drop --image-size (only --episodes, --evaluations, --device, --loader-workers, --workers, --ray may change)" in err
+    assert ("drop --image-size (only --episodes, --evaluations, --device, --loader-workers, --workers, --ray may "
+            "change)") in err
