@@ -15,6 +15,7 @@ from __future__ import annotations
 import logging
 import multiprocessing as mp
 import os
+import signal
 from collections import deque
 from dataclasses import asdict
 from multiprocessing.connection import Connection, wait
@@ -65,6 +66,7 @@ def build_worker_session(settings: dict, device: str):
 
 def _serve(conn: Connection, settings: dict, threads: int, device: str) -> None:
     """A worker process: rebuild the session, say so, then score ``(job id, ratios, round_to)`` until told to stop."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the driver's to handle; it stops the workers
     torch.set_num_threads(threads)
     logging.disable(logging.WARNING)  # the driver already warned about the session; failures go back to it
     try:
@@ -179,7 +181,7 @@ class EvaluationPool:
                     self._replace(i)
                     queue.appendleft(j)
                     continue
-                if msg[0] == "fail":
+                if msg[0] == "fail":  # the command ends; the pool is closed with the other workers' jobs unread
                     raise UserError(f"evaluation worker {i} failed: {msg[2]}")
                 results[j] = (msg[2], msg[3], i)
         return results  # type: ignore[return-value]
@@ -238,9 +240,14 @@ class RayPool:
         self._ray = ray
         self.size = workers
         gpu = session.device.type == "cuda"
-        cpus = int(ray.cluster_resources().get("CPU", 1))
-        self.threads = threads or max(1, cpus // workers)
-        resources = {"num_gpus": 1, "num_cpus": 1} if gpu else {"num_cpus": self.threads}
+        cluster = ray.cluster_resources()
+        cpus, gpus = cluster.get("CPU", 1.0), cluster.get("GPU", 0.0)
+        self.threads = threads or max(1, int(cpus) // workers)
+        # more actors than the cluster holds share it (fractional resources) instead of waiting forever
+        if gpu:
+            resources = {"num_gpus": min(1.0, gpus / workers), "num_cpus": min(1.0, cpus / workers)}
+        else:
+            resources = {"num_cpus": min(float(self.threads), cpus / workers)}
         self._device = "cuda" if gpu else "cpu"
         self._actor_class = ray.remote(max_restarts=0, **resources)(_EvaluationActor)
         self._settings = ray.put(settings)

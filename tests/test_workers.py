@@ -161,3 +161,22 @@ def test_train_on_ray_repeats_the_one_worker_run(tmp_path, local_ray):
     h1, h2 = (json.loads((tmp_path / run / "history.json").read_text()) for run in ("one", "ray"))
     assert [h["reward"] for h in h1] == [h["reward"] for h in h2] and on_ray["ratios"] == one["ratios"]
     assert on_ray["search"]["ray"] == "auto" and {h["worker"] for h in h2 if not h["cached"]} == {0, 1}
+
+
+@pytest.mark.slow
+def test_more_ray_actors_than_cpus_share_them(spec_session, local_ray):
+    env = PruneEnv(session=spec_session, flops=0.5)
+    with evaluation_workers(env, 3, ray="auto") as pool:  # the local cluster has 2 CPUs
+        random_search(env, 50, seed=1, evaluations=4)
+        assert len(set(pool.pids)) == 3
+    assert len(env.cache) == 4
+
+
+def test_rollout_episodes_sets_how_many_episodes_a_ppo_update_takes(digits_session):
+    from agent import TrainConfig
+    from agent.algos import build_algo
+    env = PruneEnv(session=digits_session, flops=0.5)
+    algo = build_algo(TrainConfig(rollout_episodes=6, hidden=16, gnn_layers=1, net_arch=(32, 32)), env, env.num_steps)
+    assert algo.n_steps == 6 * env.num_steps
+    with pytest.raises(UserError, match="--rollout-episodes must be at least 1"):
+        TrainConfig(model="digits_cnn", rollout_episodes=0).validate()
