@@ -24,7 +24,7 @@ import time
 from common import CIFAR, ROOT, WEIGHTS, cifar_session, write_result
 
 from agent.train import train
-from envs import PruneEnv, floor_allocations, random_search, select_best
+from envs import PruneEnv, evaluation_workers, floor_allocations, random_search, select_best
 from pruning_core import accuracy, uniform_ratios
 from pruning_core.latency import compare_latency
 
@@ -57,7 +57,8 @@ def run_target(model: str, target: float, args: argparse.Namespace) -> dict:
     if "uniform" not in args.skip:
         rows["uniform"] = row(session, uniform_ratios(session.trace, target, 0.8), args.latency)
     t = time.perf_counter()
-    floor = floor_allocations(env, points=args.sensitivity_points)
+    with evaluation_workers(env, args.workers):
+        floor = floor_allocations(env, points=args.sensitivity_points)
     sens_evals = len(env.cache) - 3  # the sensitivity table and its allocation (the other three cost one each)
     floor_s = time.perf_counter() - t
     for name, kept in floor.items():
@@ -73,7 +74,8 @@ def run_target(model: str, target: float, args: argparse.Namespace) -> dict:
             for seed in args.random_seeds:
                 renv = PruneEnv(session=session, flops=target)
                 t = time.perf_counter()
-                random_search(renv, 100 * budget, seed, budget)
+                with evaluation_workers(renv, args.workers):
+                    random_search(renv, 100 * budget, seed, budget)
                 kept, _ = select_best(renv, 5)
                 runs.append(row(session, kept["ratios"], args.latency, seed=seed, evaluations=len(renv.cache),
                                 search_s=time.perf_counter() - t))
@@ -87,7 +89,7 @@ def run_target(model: str, target: float, args: argparse.Namespace) -> dict:
             s = session if seed == 0 else cifar_session(model, select_images=1000, seed=seed, reconstruct=True)
             with tempfile.TemporaryDirectory() as out:
                 report = train(session=s, model=model, weights=WEIGHTS[model], data=CIFAR, flops=target,
-                               seed=seed, out=out, progress=False, **flags)
+                               seed=seed, out=out, progress=False, workers=args.workers, **flags)
             search = report["search"]
             r = row(s, report["ratios"], args.latency, seed=seed, chosen=search["chosen"],
                     evaluations=search["evaluations"], search_s=search["search_s"], time_s=report["time_s"],
@@ -110,6 +112,7 @@ def main() -> None:
     p.add_argument("--sensitivity-points", type=int, default=10)
     p.add_argument("--skip", nargs="*", default=[], choices=METHODS)
     p.add_argument("--no-latency", dest="latency", action="store_false")
+    p.add_argument("--workers", type=int, default=1, help="evaluation workers (the results do not depend on it)")
     p.add_argument("--name", required=True)
     args = p.parse_args()
     config = {k: v for k, v in vars(args).items() if k != "name"}
