@@ -108,13 +108,15 @@ class Evaluator:
             self._pending.discard(key)
             self._fresh.add(key)
 
-    def use_pool(self, pool: EvaluationPool | None) -> None:
-        """Evaluate on ``pool``'s workers from now on (None: in this process).
-
-        :raises UserError: the latency reward, which times each model on this machine, one at a time.
-        """
-        if pool is not None and self.reward_kind == "latency":
+    def check_parallel(self) -> None:
+        """:raises UserError: the latency reward, which times each model on this machine, one at a time."""
+        if self.reward_kind == "latency":
             raise UserError("the latency reward times every model on this machine; it needs --workers 1")
+
+    def use_pool(self, pool: EvaluationPool | None) -> None:
+        """Evaluate on ``pool``'s workers from now on (None: in this process); see :meth:`check_parallel`."""
+        if pool is not None:
+            self.check_parallel()
         self.pool = pool
 
     def add_timings(self, timings: dict[str, float]) -> None:

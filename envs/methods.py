@@ -60,8 +60,7 @@ def evaluation_workers(env: PruneEnv, workers: int, ray: str | None = None) -> I
     if workers == 1 and not ray:
         yield None
         return
-    if env.reward_kind == "latency":
-        raise UserError("the latency reward times every model on this machine; it needs --workers 1")
+    env.evaluator.check_parallel()  # before any worker starts
     with make_pool(env.session, workers, ray) as pool:
         env.evaluator.use_pool(pool)
         try:

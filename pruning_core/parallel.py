@@ -17,6 +17,7 @@ import multiprocessing as mp
 import os
 import signal
 from collections import deque
+from collections.abc import Iterator
 from dataclasses import asdict
 from multiprocessing.connection import Connection, wait
 
@@ -91,7 +92,66 @@ def _serve(conn: Connection, settings: dict, threads: int, device: str) -> None:
             conn.send(("ok", job, acc, timings))
 
 
-class EvaluationPool:
+class _Pool:
+    """What both pools share: jobs go to idle workers, a worker that died is replaced and its job retried, and
+    results come back in the jobs' order. Subclasses say how a job is sent (:meth:`_submit`), how finished ones
+    are collected (:meth:`_finished`) and how a worker is replaced (:meth:`_replace`).
+    """
+
+    size: int
+    what = "evaluation worker"  # how errors name a worker
+
+    def accuracies(self, jobs: list[Job]) -> list[Result]:
+        """Score every ``(ratios, round_to)`` job, in parallel; results in the jobs' order.
+
+        :raises UserError: an evaluation failed, or its worker died more than :data:`RETRIES` times.
+        """
+        results: list[Result | None] = [None] * len(jobs)
+        queue, busy, tries = deque(range(len(jobs))), {}, [0] * len(jobs)  # busy: worker -> (job, token)
+        while queue or busy:
+            for i in range(self.size):
+                if i not in busy and queue:
+                    j = queue.popleft()
+                    busy[i] = (j, self._submit(i, j, jobs[j]))
+            for i, outcome in self._finished({i: token for i, (_, token) in busy.items()}):
+                j, _ = busy.pop(i)
+                if outcome is None:  # the worker died
+                    tries[j] += 1
+                    if tries[j] > RETRIES:
+                        raise UserError(f"{self.what}s died {tries[j]} times on one allocation")
+                    self._replace(i)
+                    queue.appendleft(j)
+                elif isinstance(outcome, str):  # the command ends; the other workers' jobs stay unread
+                    raise UserError(f"{self.what} {i} failed: {outcome}")
+                else:
+                    results[j] = (*outcome, i)
+        return results  # type: ignore[return-value]
+
+    def _submit(self, i: int, j: int, job: Job):
+        """Send job ``j`` to worker ``i``; returns a token :meth:`_finished` receives back."""
+        raise NotImplementedError
+
+    def _finished(self, busy: dict[int, object]) -> Iterator[tuple[int, tuple[float, dict] | str | None]]:
+        """Wait for at least one of the ``busy`` workers (worker -> token); yield ``(worker, outcome)`` for each
+        that is done: ``(accuracy, timings)``, an error line, or None if the worker died.
+        """
+        raise NotImplementedError
+
+    def _replace(self, i: int) -> None:
+        """Start a new worker ``i`` in place of one that died."""
+        raise NotImplementedError
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        raise NotImplementedError
+
+
+class EvaluationPool(_Pool):
     """``workers`` processes that score allocations of ``session`` (:meth:`PruningSession.score_allocation`).
 
     :param session: the driver's session; it must have been built from specs (:attr:`PruningSession.rebuildable`).
@@ -152,39 +212,21 @@ class EvaluationPool:
         self.restarts += 1
         self._start(i)
 
-    def accuracies(self, jobs: list[Job]) -> list[Result]:
-        """Score every ``(ratios, round_to)`` job, in parallel; results in the jobs' order.
+    def _submit(self, i: int, j: int, job: Job) -> None:
+        try:
+            self._conns[i].send((j, *job))
+        except (BrokenPipeError, OSError):
+            pass  # it died; _finished sees EOF
 
-        :raises UserError: an evaluation failed, or its worker died more than :data:`RETRIES` times.
-        """
-        results: list[Result | None] = [None] * len(jobs)
-        queue, busy, tries = deque(range(len(jobs))), {}, [0] * len(jobs)
-        while queue or busy:
-            for i in range(self.size):
-                if i in busy or not queue:
-                    continue
-                j = queue.popleft()
-                busy[i] = j
-                try:
-                    self._conns[i].send((j, *jobs[j]))
-                except (BrokenPipeError, OSError):
-                    pass  # it died; the receive below sees EOF
-            for conn in wait([self._conns[i] for i in busy]):
-                i = self._conns.index(conn)
-                j = busy.pop(i)
-                try:
-                    msg = conn.recv()
-                except (EOFError, OSError):
-                    tries[j] += 1
-                    if tries[j] > RETRIES:
-                        raise UserError(f"evaluation workers died {tries[j]} times on one allocation") from None
-                    self._replace(i)
-                    queue.appendleft(j)
-                    continue
-                if msg[0] == "fail":  # the command ends; the pool is closed with the other workers' jobs unread
-                    raise UserError(f"evaluation worker {i} failed: {msg[2]}")
-                results[j] = (msg[2], msg[3], i)
-        return results  # type: ignore[return-value]
+    def _finished(self, busy: dict[int, object]) -> Iterator[tuple[int, tuple[float, dict] | str | None]]:
+        for conn in wait([self._conns[i] for i in busy]):
+            i = self._conns.index(conn)
+            try:
+                msg = conn.recv()
+            except (EOFError, OSError):
+                yield i, None
+                continue
+            yield i, msg[2] if msg[0] == "fail" else (msg[2], msg[3])
 
     def close(self) -> None:
         """Stop the workers."""
@@ -203,14 +245,7 @@ class EvaluationPool:
         self._conns = [None] * self.size
         self._procs = [None] * self.size
 
-    def __enter__(self) -> EvaluationPool:
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
-
-
-class RayPool:
+class RayPool(_Pool):
     """``workers`` Ray actors that score allocations of ``session``, as :class:`EvaluationPool` does.
 
     :param address: the cluster to join: ``auto`` (the one ``ray start`` runs on this machine), ``local`` (start one
@@ -221,6 +256,8 @@ class RayPool:
     The actors rebuild the session from its paths; its scores reach them through Ray's object store. An actor that
     dies is replaced and its evaluation retried, so the search loses no finished evaluation and counts none twice.
     """
+
+    what = "Ray evaluation actor"
 
     def __init__(self, session, workers: int, address: str = "auto", threads: int | None = None):
         try:
@@ -259,36 +296,21 @@ class RayPool:
             self.close()
             raise UserError(f"a Ray evaluation actor could not load the model: {_cause(e)}") from None
 
-    def accuracies(self, jobs: list[Job]) -> list[Result]:
-        """Score every ``(ratios, round_to)`` job on the actors; results in the jobs' order.
+    def _submit(self, i: int, j: int, job: Job):
+        return self._actors[i].score.remote(*job)
 
-        :raises UserError: an evaluation failed, or its actor died more than :data:`RETRIES` times.
-        """
+    def _finished(self, busy: dict[int, object]) -> Iterator[tuple[int, tuple[float, dict] | str | None]]:
         ray = self._ray
-        results: list[Result | None] = [None] * len(jobs)
-        queue, running, tries = deque(range(len(jobs))), {}, [0] * len(jobs)
-        while queue or running:
-            busy = {i for i, _ in running.values()}
-            for i in range(self.size):
-                if i not in busy and queue:
-                    j = queue.popleft()
-                    running[self._actors[i].score.remote(*jobs[j])] = (i, j)
-            done, _ = ray.wait(list(running), num_returns=1)
-            for ref in done:
-                i, j = running.pop(ref)
-                try:
-                    acc, timings = ray.get(ref)
-                except ray.exceptions.RayActorError:
-                    tries[j] += 1
-                    if tries[j] > RETRIES:
-                        raise UserError(f"Ray evaluation actors died {tries[j]} times on one allocation") from None
-                    self._replace(i)
-                    queue.appendleft(j)
-                    continue
-                except ray.exceptions.RayTaskError as e:
-                    raise UserError(f"Ray evaluation actor {i} failed: {_cause(e)}") from None
-                results[j] = (acc, timings, i)
-        return results  # type: ignore[return-value]
+        worker_of = {ref: i for i, ref in busy.items()}
+        done, _ = ray.wait(list(worker_of), num_returns=1)
+        for ref in done:
+            try:
+                outcome = ray.get(ref)
+            except ray.exceptions.RayActorError:
+                outcome = None
+            except ray.exceptions.RayTaskError as e:
+                outcome = _cause(e)
+            yield worker_of[ref], outcome
 
     def _replace(self, i: int) -> None:
         log.warning("Ray evaluation actor %d (pid %d) died; starting a new one", i, self.pids[i])
@@ -302,13 +324,6 @@ class RayPool:
         for actor in getattr(self, "_actors", []):
             self._ray.kill(actor, no_restart=True)
         self._actors = []
-
-    def __enter__(self) -> RayPool:
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
-
 
 class _EvaluationActor:
     """A Ray actor holding one worker session (:func:`build_worker_session`)."""
