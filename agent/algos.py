@@ -113,8 +113,8 @@ def build_algo(config: TrainConfig, env: gym.Env, steps_per_episode: int,
                tensorboard_log: str | None = None) -> BaseAlgorithm:
     """A fresh SB3 algorithm (``config.algo``) with the GNN extractor on ``env``, seeded with ``config.seed``.
 
-    PPO collects rollouts of ``rollout_episodes`` episodes with gamma = lambda = 1 (every step's advantage is the
-    final reward minus the value, AMC's assignment) and, with ``sde``, a fresh noise matrix every episode. The
+    PPO collects rollouts of ``rollout_episodes * screen`` episodes with gamma = lambda = 1 (every step's advantage
+    is the final reward minus the value, AMC's assignment) and, with ``sde``, a fresh noise matrix every episode. The
     off-policy algorithms learn after ``warmup_episodes`` random episodes, once per episode, from
     :class:`FinalRewardReplayBuffer`.
     """
@@ -128,9 +128,11 @@ def build_algo(config: TrainConfig, env: gym.Env, steps_per_episode: int,
     if c.algo == "ppo":
         kwargs["policy_kwargs"]["net_arch"] = dict(pi=list(c.net_arch), vf=list(c.net_arch))
         sde = dict(use_sde=True, sde_sample_freq=n) if c.sde else {}
-        # minibatches of one episode, or the whole rollout when episodes are short
+        # a rollout holds the screened proposals of rollout_episodes evaluations; minibatches of rollout_episodes
+        # episodes when they are short, else of one episode
         k = c.rollout_episodes
-        return ALGO_CLASSES["ppo"]("MultiInputPolicy", env, n_steps=k * n, batch_size=k * n if k * n <= 64 else n,
+        return ALGO_CLASSES["ppo"]("MultiInputPolicy", env, n_steps=k * c.screen * n,
+                                   batch_size=k * n if k * n <= 64 else n,
                                    n_epochs=4, gamma=1.0, gae_lambda=1.0, rollout_buffer_class=DeferredRewardBuffer,
                                    **sde, **kwargs)
     off = dict(buffer_size=c.buffer_size, learning_starts=c.warmup_episodes * n, batch_size=c.batch_size,

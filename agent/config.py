@@ -159,6 +159,10 @@ class TrainConfig:
     rollout_episodes: int = 4
     """PPO only: episodes per rollout (per policy update). Their evaluations run together, so more workers than
     this wait; raising it changes the search itself, not only its speed."""
+    screen: int = 8
+    """PPO only: episodes the agent proposes per evaluation. A reward model fitted to every evaluation so far picks
+    which to evaluate (highest upper confidence bound), and the agent learns from its predicted reward for the rest;
+    1 evaluates every episode."""
     checkpoint_every: int = 10
     """Episodes between checkpoints, each taken where the next rollout starts (every episode off-policy,
     every ``rollout_episodes`` for PPO), so a resumed run repeats the uninterrupted one."""
@@ -185,6 +189,8 @@ class TrainConfig:
             raise UserError(f"--workers must be at least 1, got {self.workers}")
         if self.rollout_episodes < 1:
             raise UserError(f"--rollout-episodes must be at least 1, got {self.rollout_episodes}")
+        if self.screen < 1:
+            raise UserError(f"--screen must be at least 1, got {self.screen}")
         if self.evaluations is not None and self.evaluations < 1:
             raise UserError(f"--evaluations must be at least 1, got {self.evaluations}")
         if not 0.0 < self.flops <= 1.0:

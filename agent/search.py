@@ -5,6 +5,7 @@ exploration schedule, TensorBoard charts and checkpoints. ``train`` and ``apply 
 from __future__ import annotations
 
 import logging
+import math
 import signal
 import threading
 import time
@@ -23,6 +24,7 @@ from agent.checkpoint import save as save_checkpoint
 from agent.config import TrainConfig
 from agent.outputs import write_json
 from envs import PruneEnv, resolve_episode
+from envs.reward_model import RewardModel
 from pruning_core.errors import Interrupted
 
 __all__ = ["MovingAverageBaseline", "Search"]
@@ -30,6 +32,7 @@ __all__ = ["MovingAverageBaseline", "Search"]
 log = logging.getLogger("prunepilot")
 
 REEXPLORE_MAX_STD = 1.0  # SB3's initial std: wider mostly samples the clipped ends of the [-1, 1] action
+LOCAL_STD = 0.15  # std of the action noise of a screened candidate drawn around the best episode
 CLONE_TOLERANCE = 0.02  # a fit whose deterministic actions are all this close to the target's stops
 
 
@@ -64,6 +67,10 @@ class MovingAverageBaseline(gym.Wrapper):
         self.average += self.alpha * (reward - self.average)
         reward = shifted if self.enabled else reward
         return reward - self.repeat_penalty if cached else reward
+
+    def relative(self, reward: float) -> float:
+        """What :meth:`shift` would give for an allocation not evaluated now, leaving the average as it is."""
+        return reward - self.average if self.enabled and self.average is not None else reward
 
 
 class _EpisodeCallback(BaseCallback):
@@ -104,6 +111,9 @@ class Search:
         self.wrapped = MovingAverageBaseline(env, enabled=config.baseline, repeat_penalty=config.repeat_penalty)
         self.algo = self._build_algo()
         self.noise: DecayingNormalNoise | None = getattr(self.algo, "action_noise", None)
+        # PPO proposes ``screen`` episodes per evaluation; a reward model picks which to evaluate
+        self.screen = config.screen if isinstance(self.algo, PPO) else 1
+        self.proposals = 0  # PPO episodes sampled, evaluated or not
         self.best: dict | None = None
         self.history: list[dict] = []
         self.episodes_done = 0
@@ -164,12 +174,27 @@ class Search:
     @property
     def evaluations_done(self) -> int:
         """Distinct allocations evaluated so far (the env's cache of rewards), deferred ones included."""
+        if self.screening:
+            return len(self.env.cache) + self._planned(new=True)
         return self.env.evaluations
 
     def budget_spent(self) -> bool:
         """Whether the episodes, or the distinct evaluations if there is a budget on them, are used up."""
-        return self.episodes_done + len(self._deferred) >= self.target_episodes or (
+        return self.episodes_done + self._planned() >= self.target_episodes or (
             self.target_evaluations is not None and self.evaluations_done >= self.target_evaluations)
+
+    def _planned(self, new: bool = False) -> int:
+        """Episodes the deferred ones will record: every warm-up episode, one per ``screen`` proposals; with
+        ``new``, only those that evaluate an allocation not in the cache.
+        """
+        cache, key = self.env.cache, self.env.evaluator.key
+        warmup = [info["kept"] for position, info, _ in self._deferred if position is None]
+        proposals = [info["kept"] for position, info, _ in self._deferred if position is not None]
+        count = math.ceil(len(proposals) / self.screen)
+        if not new:
+            return len(warmup) + count
+        fresh = {key(kept) for kept in warmup} - cache.keys()
+        return len(fresh) + min(count, len({key(kept) for kept in proposals} - cache.keys() - fresh))
 
     @property
     def parallel(self) -> bool:
@@ -178,6 +203,11 @@ class Search:
         """
         return isinstance(self.algo, PPO) and self.env.pool is not None and self.env.pool.size > 1
 
+    @property
+    def screening(self) -> bool:
+        """Whether PPO's episodes are screened by a reward model before evaluation (``screen`` > 1)."""
+        return self.screen > 1
+
     def defer_episode(self, info: dict, position: int | None) -> None:
         """Hold an episode that ended without evaluation (``info["pending"]``) until :meth:`resolve`."""
         self._deferred.append((position, info, self._actions))
@@ -185,17 +215,99 @@ class Search:
 
     def resolve(self, buffer=None) -> None:
         """Evaluate the deferred episodes together (in parallel on the env's pool), then record each in order as
-        :meth:`on_episode_end` would have, writing the reward the agent learns from into ``buffer``.
+        :meth:`on_episode_end` would have, writing the reward the agent learns from into ``buffer``. When
+        screening, only the proposals :meth:`_screen` picks are evaluated and recorded.
         """
         deferred, self._deferred = self._deferred, []
-        self.env.evaluator.prefetch(info["kept"] for _, info, _ in deferred)
-        for position, info, actions in deferred:
-            reward, result = resolve_episode(self.env, info)
-            learned = self.wrapped.shift(reward, result["cached"])
-            if buffer is not None and position is not None:
-                buffer.rewards[position, 0] = learned
-            self._actions = actions
-            self.on_episode_end({**result, "reward_raw": reward})
+        evaluated, predicted = self._screen(deferred) if self.screening else (set(range(len(deferred))), {})
+        self.env.evaluator.prefetch(deferred[i][1]["kept"] for i in sorted(evaluated))
+        learned, rewards = {}, []
+        for i in sorted(evaluated):
+            reward, result = resolve_episode(self.env, deferred[i][1])
+            learned[i] = self.wrapped.shift(reward, result["cached"])
+            rewards.append(reward)
+            self._actions = deferred[i][2]
+            self.on_episode_end({**result, "reward_raw": reward, "predicted": predicted.get(i),
+                                 "proposer": deferred[i][1].get("proposer") or (
+                                     "agent" if self.screening and deferred[i][0] is not None else None)})
+        for i, (position, info, _) in enumerate(deferred):
+            if i not in evaluated and position is not None and position >= 0:
+                # its reward if an episode evaluated it, else the prediction (else this batch's mean)
+                key = self.env.evaluator.key(info["kept"])
+                value = self.env.cache[key][0] if key in self.env.cache else predicted.get(i, np.mean(rewards))
+                learned[i] = self.wrapped.relative(value)
+        if buffer is not None:
+            for i, (position, _, _) in enumerate(deferred):
+                if position is not None and position >= 0:
+                    buffer.rewards[position, 0] = learned[i]
+
+    def _screen(self, deferred: list) -> tuple[set[int], dict[int, float]]:
+        """Which of the deferred episodes to evaluate: every warm-up episode, and one per ``screen`` proposals of
+        the agent, those of the reward model's highest upper confidence bound among the allocations not yet
+        evaluated that the agent proposed or :meth:`_candidates` adds to ``deferred`` (topped up with the best
+        repeats when too few are new). Returns (their indices, the predicted reward of each new allocation).
+        """
+        ev = self.env.evaluator
+        ev.release()  # nothing is evaluated until chosen here
+        chosen = {i for i, (position, _, _) in enumerate(deferred) if position is None}
+        proposals = [i for i in range(len(deferred)) if i not in chosen]
+        count = math.ceil(len(proposals) / self.screen)
+        self.proposals += len(proposals)
+        if proposals and len(self.env.cache) >= 2:
+            deferred.extend(self._candidates(len(proposals)))
+        keys = [ev.key(info["kept"]) for _, info, _ in deferred]
+        new: dict[tuple, int] = {}
+        for i in range(len(deferred)):
+            if i not in chosen and keys[i] not in self.env.cache:
+                new.setdefault(keys[i], i)
+        predicted: dict[int, float] = {}
+        first = list(new.values())
+        if len(self.env.cache) < 2:  # nothing to fit yet: the first new allocations
+            chosen.update(first[:count])
+        elif first and count:
+            model = RewardModel(self.env).fit([self._kept_of(key) for key in self.env.cache],
+                                              [reward for reward, _ in self.env.cache.values()])
+            candidates = [deferred[i][1]["kept"] for i in first]
+            means, _ = model.predict(candidates)
+            by_key = {keys[i]: float(m) for i, m in zip(first, means)}
+            predicted = {j: by_key[keys[j]] for j in range(len(deferred)) if keys[j] in by_key}
+            chosen.update(first[j] for j in model.pick(candidates, count))
+        short = count - len(chosen.intersection(proposals))
+        if short > 0:  # too few new allocations: record the best repeats, as cached episodes
+            picked = {keys[i] for i in chosen}  # repeats of a pick first, then of the best evaluated allocations
+            cache = self.env.cache
+            repeats = sorted((i for i in proposals if i not in chosen and (keys[i] in picked or keys[i] in cache)),
+                             key=lambda i: (keys[i] in picked, cache.get(keys[i], (0.0,))[0]), reverse=True)
+            chosen.update(repeats[:short])
+        return chosen, predicted
+
+    def _candidates(self, n: int) -> list[tuple[int, dict, list[float]]]:
+        """``n`` episodes beside the agent's for the reward model to screen (never in PPO's rollout): half of
+        uniformly random actions, half of the best episode's actions plus Gaussian noise (:data:`LOCAL_STD`).
+        Drawn from ``seed`` and the proposals so far, so a resumed search draws the same.
+        """
+        env, rng = self.env, np.random.default_rng([self.config.seed, self.proposals])
+        best = (self.best or {}).get("actions")
+        episodes, defer, out = env.episodes, env.defer, []
+        env.defer = True
+        for j in range(n):
+            local = bool(best) and j % 2 == 1
+            actions = (np.clip(np.asarray(best) + rng.normal(0.0, LOCAL_STD, len(best)), -1, 1) if local
+                       else rng.uniform(-1, 1, env.num_steps))
+            env.reset()
+            applied = []
+            for a in actions:
+                *_, info = env.step(np.array([a], np.float32))
+                applied.append(float(info["action_applied"][0]))
+            out.append((-1, {**info, "proposer": "local" if local else "random"}, applied))
+        env.evaluator.release()  # only the picks are evaluated
+        env.episodes, env.defer = episodes, defer  # not episodes of the search
+        env.reset()  # back at the first step, where the agent's next episode starts
+        return out
+
+    def _kept_of(self, key: tuple) -> dict[str, int]:
+        """The allocation of a key of the env's cache."""
+        return dict(zip((g.name for g in self.env.groups), key))
 
     def run(self, episodes: int, evaluations: int | None = None) -> dict:
         """Search until ``episodes`` episodes are done in total, or ``evaluations`` distinct allocations have been
@@ -219,7 +331,7 @@ class Search:
         if isinstance(self.algo, PPO):
             self.algo.rollout_buffer.before_returns = self.resolve
         handler = self._catch_ctrl_c()
-        self.env.defer = self.parallel
+        self.env.defer = self.parallel or self.screening
         try:
             if isinstance(self.algo, PPO) and (self.start or (self.config.clone_warmup and
                                                               self.config.warmup_episodes > 0)):
@@ -228,7 +340,7 @@ class Search:
             if not self.budget_spent():
                 if self.noise is not None and self.algo.num_timesteps > 0:
                     self.noise.hold()  # learn() resets the noise as it starts; it decayed at the episode's end
-                self.algo.learn(remaining * self.steps_per_episode, callback=_EpisodeCallback(self),
+                self.algo.learn(remaining * self.steps_per_episode * self.screen, callback=_EpisodeCallback(self),
                                 reset_num_timesteps=False, tb_log_name="sb3")
                 self.env.defer = False
                 self.resolve()  # a rollout the budget cut short
@@ -379,6 +491,10 @@ class Search:
                   "flops_ratio": info["flops_ratio"], "params_ratio": info["params_ratio"],
                   "cached": bool(info.get("cached")), "noise_sigma": self.noise.sigma if self.noise else None,
                   "wall_s": round(self.elapsed(), 3)}
+        if info.get("predicted") is not None:  # the reward model's prediction, when it picked this episode
+            record["predicted"] = round(info["predicted"], 5)
+        if info.get("proposer"):  # a screened candidate that was not the agent's own episode
+            record["proposer"] = info["proposer"]
         if "worker" in info:  # the evaluation process that scored this allocation
             record["worker"] = info["worker"]
         self.history.append(record)
@@ -425,7 +541,7 @@ class Search:
         return {"episodes_done": self.episodes_done, "best": self.best, "history": self.history,
                 "search_s": self.elapsed(), "noise_sigma": self.noise.sigma if self.noise else None,
                 "baseline": self.wrapped.average, "cloned": self.cloned, "reexplorations": self.reexplorations,
-                "stalls": self._stalls}
+                "stalls": self._stalls, "proposals": self.proposals}
 
     def load_state(self, state: dict) -> None:
         """Set the counters :meth:`state` wrote."""
@@ -435,6 +551,7 @@ class Search:
         self.episodes_done, self.best, self.history = state["episodes_done"], state["best"], state["history"]
         self.search_s, self.cloned = state["search_s"], state["cloned"]
         self.reexplorations, self._stalls = state["reexplorations"], state["stalls"]
+        self.proposals = state.get("proposals", 0)
 
     @classmethod
     def resume(cls, config: TrainConfig, env: PruneEnv, run_dir: str | Path) -> Search:

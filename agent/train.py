@@ -194,7 +194,8 @@ def _finish(config: TrainConfig, search: Search) -> dict:
         model = session.finetune(model, config.finetune_epochs, progress=config.progress)
     uniform = uniform_ratios(session.trace, config.flops, config.max_ratio, config.round_to, env.latency_budget)
     stats = {"episodes": search.episodes_done, "evaluations": search.evaluations_done,
-             "reexplorations": search.reexplorations, "workers": config.workers, "ray": config.ray,
+             "reexplorations": search.reexplorations, "proposals": search.proposals, "workers": config.workers,
+             "ray": config.ray,
              "worker_restarts": restarts,
              "search_s": round(search.search_s, 2),
              "episodes_per_min": round(60 * search.episodes_done / max(search.search_s, 1e-9), 2),

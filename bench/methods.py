@@ -17,9 +17,12 @@ Example (from bench/, PYTHONPATH=..):
 from __future__ import annotations
 
 import argparse
+import json
 import subprocess
 import tempfile
 import time
+from collections import Counter
+from pathlib import Path
 
 from common import CIFAR, ROOT, WEIGHTS, cifar_session, write_result
 
@@ -52,7 +55,14 @@ def row(session, ratios: dict[str, float], latency: bool, **extra) -> dict:
 
 def run_target(model: str, target: float, args: argparse.Namespace) -> dict:
     rows: dict[str, object] = {}
-    session = cifar_session(model, select_images=1000, reconstruct=True)  # as train scores candidates
+    sessions: dict[int, object] = {}
+
+    def session_of(seed: int):  # a seed draws the reward, calibration and select images, as train's --seed does
+        if seed not in sessions:
+            sessions[seed] = cifar_session(model, select_images=1000, seed=seed, reconstruct=True)
+        return sessions[seed]
+
+    session = session_of(0)
     env = PruneEnv(session=session, flops=target)  # train's default action space
     if "uniform" not in args.skip:
         rows["uniform"] = row(session, uniform_ratios(session.trace, target, 0.8), args.latency)
@@ -72,12 +82,12 @@ def run_target(model: str, target: float, args: argparse.Namespace) -> dict:
         for budget in sorted({sens_evals, args.evaluations}):
             runs = []
             for seed in args.random_seeds:
-                renv = PruneEnv(session=session, flops=target)
+                renv = PruneEnv(session=session_of(seed), flops=target)
                 t = time.perf_counter()
                 with evaluation_workers(renv, args.workers):
                     random_search(renv, 100 * budget, seed, budget)
                 kept, _ = select_best(renv, 5)
-                runs.append(row(session, kept["ratios"], args.latency, seed=seed, evaluations=len(renv.cache),
+                runs.append(row(session_of(seed), kept["ratios"], args.latency, seed=seed, evaluations=len(renv.cache),
                                 search_s=time.perf_counter() - t))
                 print(f"   random-{budget} seed {seed}: {runs[-1]['acc_test']:.2f}", flush=True)
             rows[f"random-{budget}"] = {"runs": runs}
@@ -86,14 +96,18 @@ def run_target(model: str, target: float, args: argparse.Namespace) -> dict:
             continue
         runs = []
         for seed in args.seeds:
-            s = session if seed == 0 else cifar_session(model, select_images=1000, seed=seed, reconstruct=True)
+            s = session_of(seed)
             with tempfile.TemporaryDirectory() as out:
                 report = train(session=s, model=model, weights=WEIGHTS[model], data=CIFAR, flops=target,
                                seed=seed, out=out, progress=False, workers=args.workers, **flags)
+                history = json.loads((Path(out) / "history.json").read_text())
             search = report["search"]
+            # who proposed each evaluated episode: warm-up, the agent, or the screen's random and local candidates
+            proposers = Counter(h.get("proposer", "warm-up") for h in history)
             r = row(s, report["ratios"], args.latency, seed=seed, chosen=search["chosen"],
                     evaluations=search["evaluations"], search_s=search["search_s"], time_s=report["time_s"],
-                    rescored=search["rescored"])
+                    rescored=search["rescored"], proposers=dict(proposers),
+                    best_reward=search["best_reward"])
             assert abs(r["acc_test"] - report["acc"]) < 1e-9, (r["acc_test"], report["acc"])  # the CLI's own model
             runs.append(r)
             print(f"   {method} seed {seed}: {r['acc_test']:.2f} (chosen {r['chosen']}, {r['evaluations']} "

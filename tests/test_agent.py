@@ -182,7 +182,8 @@ def test_ppo_warmup_is_random_then_the_actor_starts_from_its_best_episode(digits
     assert done and info["ratios"] == best["ratios"]
     plain = Search(tiny_config(algo="ppo", episodes=4, warmup_episodes=5, flops=0.6), env)
     plain.run(4)
-    assert not plain.cloned and plain.algo.num_timesteps == 4 * env.num_steps
+    assert not plain.cloned and plain.episodes_done == 4  # no warm-up: every step was PPO's
+    assert plain.algo.num_timesteps == plain.proposals * env.num_steps
 
 
 @pytest.mark.parametrize("start_wins", [True, False])

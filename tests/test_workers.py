@@ -176,7 +176,11 @@ def test_rollout_episodes_sets_how_many_episodes_a_ppo_update_takes(digits_sessi
     from agent import TrainConfig
     from agent.algos import build_algo
     env = PruneEnv(session=digits_session, flops=0.5)
-    algo = build_algo(TrainConfig(rollout_episodes=6, hidden=16, gnn_layers=1, net_arch=(32, 32)), env, env.num_steps)
-    assert algo.n_steps == 6 * env.num_steps
+    for screen in (1, 3):  # a rollout holds the proposals of rollout_episodes evaluations
+        algo = build_algo(TrainConfig(rollout_episodes=6, screen=screen, hidden=16, gnn_layers=1, net_arch=(32, 32)),
+                          env, env.num_steps)
+        assert algo.n_steps == 6 * screen * env.num_steps
     with pytest.raises(UserError, match="--rollout-episodes must be at least 1"):
         TrainConfig(model="digits_cnn", rollout_episodes=0).validate()
+    with pytest.raises(UserError, match="--screen must be at least 1"):
+        TrainConfig(model="digits_cnn", screen=0).validate()
