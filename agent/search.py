@@ -5,26 +5,24 @@ exploration schedule, TensorBoard charts and checkpoints. ``train`` and ``apply 
 from __future__ import annotations
 
 import logging
-import math
 import signal
 import threading
 import time
 from pathlib import Path
 
-import gymnasium as gym
 import numpy as np
-import torch
-import torch.nn.functional as F
 from stable_baselines3 import PPO
 from stable_baselines3.common.callbacks import BaseCallback
 
 from agent.algos import DecayingNormalNoise, build_algo, policy_modules
+from agent.baseline import MovingAverageBaseline
 from agent.checkpoint import find_checkpoint, restore
 from agent.checkpoint import save as save_checkpoint
+from agent.cloning import calibrate_sde, clone_actor, set_std
 from agent.config import TrainConfig
 from agent.outputs import write_json
+from agent.screen import Screen
 from envs import PruneEnv, resolve_episode
-from envs.reward_model import RewardModel
 from pruning_core.errors import Interrupted
 
 __all__ = ["MovingAverageBaseline", "Search"]
@@ -32,45 +30,6 @@ __all__ = ["MovingAverageBaseline", "Search"]
 log = logging.getLogger("prunepilot")
 
 REEXPLORE_MAX_STD = 1.0  # SB3's initial std: wider mostly samples the clipped ends of the [-1, 1] action
-LOCAL_STD = 0.15  # std of the action noise of a screened candidate drawn around the best episode
-CLONE_TOLERANCE = 0.02  # a fit whose deterministic actions are all this close to the target's stops
-
-
-class MovingAverageBaseline(gym.Wrapper):
-    """Subtract a moving average of past final rewards from each final reward (AMC's variance reduction), and
-    ``repeat_penalty`` from the final reward of an episode that repeated an allocation already evaluated
-    (``info["cached"]``).
-
-    The unshifted reward is always kept in ``info["reward_raw"]`` (the search keeps its best by it), and the
-    average is over raw rewards; with ``enabled=False`` nothing is shifted.
-    """
-
-    def __init__(self, env: gym.Env, alpha: float = 0.1, enabled: bool = True, repeat_penalty: float = 0.0):
-        super().__init__(env)
-        self.alpha = alpha
-        self.enabled = enabled
-        self.repeat_penalty = repeat_penalty
-        self.average: float | None = None
-
-    def step(self, action):
-        obs, reward, terminated, truncated, info = self.env.step(action)
-        if (terminated or truncated) and not info.get("pending"):  # a deferred episode is shifted when resolved
-            info = {**info, "reward_raw": reward}
-            reward = self.shift(reward, bool(info.get("cached")))
-        return obs, reward, terminated, truncated, info
-
-    def shift(self, reward: float, cached: bool) -> float:
-        """The reward the agent learns from for a final reward ``reward`` (updating the average)."""
-        if self.average is None:
-            self.average = reward
-        shifted = reward - self.average
-        self.average += self.alpha * (reward - self.average)
-        reward = shifted if self.enabled else reward
-        return reward - self.repeat_penalty if cached else reward
-
-    def relative(self, reward: float) -> float:
-        """What :meth:`shift` would give for an allocation not evaluated now, leaving the average as it is."""
-        return reward - self.average if self.enabled and self.average is not None else reward
 
 
 class _EpisodeCallback(BaseCallback):
@@ -112,8 +71,8 @@ class Search:
         self.algo = self._build_algo()
         self.noise: DecayingNormalNoise | None = getattr(self.algo, "action_noise", None)
         # PPO proposes ``screen`` episodes per evaluation; a reward model picks which to evaluate
-        self.screen = config.screen if isinstance(self.algo, PPO) else 1
-        self.proposals = 0  # PPO episodes sampled, evaluated or not
+        self.screen = Screen(env, config.screen, config.seed) if isinstance(self.algo, PPO) and config.screen > 1 \
+            else None
         self.best: dict | None = None
         self.history: list[dict] = []
         self.episodes_done = 0
@@ -141,22 +100,8 @@ class Search:
                           str(self.run_dir / "tb") if self.run_dir else None)
         algo.boundary = self._boundary
         if self.config.algo == "ppo" and self.config.sde:
-            self._calibrate_sde(algo, self.config.init_std)
+            calibrate_sde(algo, self.env, self.config.init_std)
         return algo
-
-    def _calibrate_sde(self, ppo: PPO, std: float) -> None:
-        """Scale gSDE's noise so that the initial action std is ``std``.
-
-        gSDE's action noise is ``latent @ eps`` with ``eps ~ N(0, sigma^2)`` per entry, so its std is
-        ``sigma * |latent|``; sigma is set from the policy latent of the first observation.
-        """
-        policy = ppo.policy
-        obs, _ = self.env.reset()
-        with torch.no_grad():
-            obs_t, _ = policy.obs_to_tensor(obs)
-            latent = policy.mlp_extractor.forward_actor(policy.extract_features(obs_t, policy.pi_features_extractor))
-            policy.log_std.fill_(float(np.log(std / max(float(latent.norm()), 1e-6))))
-        policy.reset_noise()
 
     def load_policy_weights(self, state: dict) -> None:
         """Warm-start the actor (and target networks) from a portable policy's state dict."""
@@ -168,7 +113,7 @@ class Search:
             if hasattr(self.algo, target):
                 getattr(self.algo, target).load_state_dict(getattr(self.algo, online).state_dict())
         if getattr(self.algo, "use_sde", False):
-            self._calibrate_sde(self.algo, self.config.init_std)  # the loaded latent has its own scale
+            calibrate_sde(self.algo, self.env, self.config.init_std)  # the loaded latent has its own scale
 
     # ---- the loop ------------------------------------------------------------------------------------
     @property
@@ -184,17 +129,10 @@ class Search:
             self.target_evaluations is not None and self.evaluations_done >= self.target_evaluations)
 
     def _planned(self, new: bool = False) -> int:
-        """Episodes the deferred ones will record: every warm-up episode, one per ``screen`` proposals; with
-        ``new``, only those that evaluate an allocation not in the cache.
-        """
-        cache, key = self.env.cache, self.env.evaluator.key
-        warmup = [info["kept"] for position, info, _ in self._deferred if position is None]
-        proposals = [info["kept"] for position, info, _ in self._deferred if position is not None]
-        count = math.ceil(len(proposals) / self.screen)
-        if not new:
-            return len(warmup) + count
-        fresh = {key(kept) for kept in warmup} - cache.keys()
-        return len(fresh) + min(count, len({key(kept) for kept in proposals} - cache.keys() - fresh))
+        """Episodes the deferred ones will record (with ``new``, only those that evaluate a new allocation)."""
+        if self.screen is not None:
+            return self.screen.planned(self._deferred, new)
+        return len(self._deferred)
 
     @property
     def parallel(self) -> bool:
@@ -206,7 +144,12 @@ class Search:
     @property
     def screening(self) -> bool:
         """Whether PPO's episodes are screened by a reward model before evaluation (``screen`` > 1)."""
-        return self.screen > 1
+        return self.screen is not None
+
+    @property
+    def proposals(self) -> int:
+        """PPO episodes screened so far, evaluated or not."""
+        return self.screen.proposals if self.screen is not None else 0
 
     def defer_episode(self, info: dict, position: int | None) -> None:
         """Hold an episode that ended without evaluation (``info["pending"]``) until :meth:`resolve`."""
@@ -216,10 +159,11 @@ class Search:
     def resolve(self, buffer=None) -> None:
         """Evaluate the deferred episodes together (in parallel on the env's pool), then record each in order as
         :meth:`on_episode_end` would have, writing the reward the agent learns from into ``buffer``. When
-        screening, only the proposals :meth:`_screen` picks are evaluated and recorded.
+        screening, only the episodes :meth:`Screen.choose <agent.screen.Screen.choose>` picks are.
         """
         deferred, self._deferred = self._deferred, []
-        evaluated, predicted = self._screen(deferred) if self.screening else (set(range(len(deferred))), {})
+        evaluated, predicted = (self.screen.choose(deferred, (self.best or {}).get("actions")) if self.screening
+                                else (set(range(len(deferred))), {}))
         self.env.evaluator.prefetch(deferred[i][1]["kept"] for i in sorted(evaluated))
         learned, rewards = {}, []
         for i in sorted(evaluated):
@@ -240,74 +184,6 @@ class Search:
             for i, (position, _, _) in enumerate(deferred):
                 if position is not None and position >= 0:
                     buffer.rewards[position, 0] = learned[i]
-
-    def _screen(self, deferred: list) -> tuple[set[int], dict[int, float]]:
-        """Which of the deferred episodes to evaluate: every warm-up episode, and one per ``screen`` proposals of
-        the agent, those of the reward model's highest upper confidence bound among the allocations not yet
-        evaluated that the agent proposed or :meth:`_candidates` adds to ``deferred`` (topped up with the best
-        repeats when too few are new). Returns (their indices, the predicted reward of each new allocation).
-        """
-        ev = self.env.evaluator
-        ev.release()  # nothing is evaluated until chosen here
-        chosen = {i for i, (position, _, _) in enumerate(deferred) if position is None}
-        proposals = [i for i in range(len(deferred)) if i not in chosen]
-        count = math.ceil(len(proposals) / self.screen)
-        self.proposals += len(proposals)
-        if proposals and len(self.env.cache) >= 2:
-            deferred.extend(self._candidates(len(proposals)))
-        keys = [ev.key(info["kept"]) for _, info, _ in deferred]
-        new: dict[tuple, int] = {}
-        for i in range(len(deferred)):
-            if i not in chosen and keys[i] not in self.env.cache:
-                new.setdefault(keys[i], i)
-        predicted: dict[int, float] = {}
-        first = list(new.values())
-        if len(self.env.cache) < 2:  # nothing to fit yet: the first new allocations
-            chosen.update(first[:count])
-        elif first and count:
-            model = RewardModel(self.env).fit([self._kept_of(key) for key in self.env.cache],
-                                              [reward for reward, _ in self.env.cache.values()])
-            candidates = [deferred[i][1]["kept"] for i in first]
-            means, _ = model.predict(candidates)
-            by_key = {keys[i]: float(m) for i, m in zip(first, means)}
-            predicted = {j: by_key[keys[j]] for j in range(len(deferred)) if keys[j] in by_key}
-            chosen.update(first[j] for j in model.pick(candidates, count))
-        short = count - len(chosen.intersection(proposals))
-        if short > 0:  # too few new allocations: record the best repeats, as cached episodes
-            picked = {keys[i] for i in chosen}  # repeats of a pick first, then of the best evaluated allocations
-            cache = self.env.cache
-            repeats = sorted((i for i in proposals if i not in chosen and (keys[i] in picked or keys[i] in cache)),
-                             key=lambda i: (keys[i] in picked, cache.get(keys[i], (0.0,))[0]), reverse=True)
-            chosen.update(repeats[:short])
-        return chosen, predicted
-
-    def _candidates(self, n: int) -> list[tuple[int, dict, list[float]]]:
-        """``n`` episodes beside the agent's for the reward model to screen (never in PPO's rollout): half of
-        uniformly random actions, half of the best episode's actions plus Gaussian noise (:data:`LOCAL_STD`).
-        Drawn from ``seed`` and the proposals so far, so a resumed search draws the same.
-        """
-        env, rng = self.env, np.random.default_rng([self.config.seed, self.proposals])
-        best = (self.best or {}).get("actions")
-        episodes, defer, out = env.episodes, env.defer, []
-        env.defer = True
-        for j in range(n):
-            local = bool(best) and j % 2 == 1
-            actions = (np.clip(np.asarray(best) + rng.normal(0.0, LOCAL_STD, len(best)), -1, 1) if local
-                       else rng.uniform(-1, 1, env.num_steps))
-            env.reset()
-            applied = []
-            for a in actions:
-                *_, info = env.step(np.array([a], np.float32))
-                applied.append(float(info["action_applied"][0]))
-            out.append((-1, {**info, "proposer": "local" if local else "random"}, applied))
-        env.evaluator.release()  # only the picks are evaluated
-        env.episodes, env.defer = episodes, defer  # not episodes of the search
-        env.reset()  # back at the first step, where the agent's next episode starts
-        return out
-
-    def _kept_of(self, key: tuple) -> dict[str, int]:
-        """The allocation of a key of the env's cache."""
-        return dict(zip((g.name for g in self.env.groups), key))
 
     def run(self, episodes: int, evaluations: int | None = None) -> dict:
         """Search until ``episodes`` episodes are done in total, or ``evaluations`` distinct allocations have been
@@ -336,12 +212,13 @@ class Search:
             if isinstance(self.algo, PPO) and (self.start or (self.config.clone_warmup and
                                                               self.config.warmup_episodes > 0)):
                 self._ppo_warmup()
-            remaining = episodes - self.episodes_done
+            # PPO's steps: the remaining episodes' proposals (the callback stops at the budget)
+            factor = self.screen.factor if self.screen else 1
+            steps = (episodes - self.episodes_done) * self.steps_per_episode * factor
             if not self.budget_spent():
                 if self.noise is not None and self.algo.num_timesteps > 0:
                     self.noise.hold()  # learn() resets the noise as it starts; it decayed at the episode's end
-                self.algo.learn(remaining * self.steps_per_episode * self.screen, callback=_EpisodeCallback(self),
-                                reset_num_timesteps=False, tb_log_name="sb3")
+                self.algo.learn(steps, callback=_EpisodeCallback(self), reset_num_timesteps=False, tb_log_name="sb3")
                 self.env.defer = False
                 self.resolve()  # a rollout the budget cut short
         finally:  # after an interruption the deferred episodes are redone from the last checkpoint
@@ -415,40 +292,11 @@ class Search:
                 self.checkpoint()
 
     def _clone(self, actions: list[float], steps: int = 200, std: float | None = None) -> int:
-        """Fit PPO's deterministic actor to one episode's applied ``actions`` (MSE, Adam; at most ``steps``
-        steps, stopping as soon as every action is within :data:`CLONE_TOLERANCE`), then set its action std to
-        ``std`` (default ``init_std``; with gSDE, re-scaled for the new latent). Returns the Adam steps taken.
-
-        An actor already on those actions takes no step (each step is a GNN forward and backward pass), as when
-        a re-centring follows one on the same best episode with no PPO update in between.
+        """Fit PPO's actor to one episode's applied ``actions`` (:func:`~agent.cloning.clone_actor`), then set its
+        action std to ``std`` (default ``init_std``). Returns the Adam steps taken.
         """
-        observations, obs = [], self.env.reset()[0]
-        episodes, defer = self.env.episodes, self.env.defer
-        self.env.defer = False
-        for a in actions:  # the observations along that episode: the env is deterministic, its evaluation cached
-            observations.append(obs)
-            obs, *_ = self.env.step(np.array([a], dtype=np.float32))
-        self.env.episodes, self.env.defer = episodes, defer  # a replay, not an episode of the search
-        self.env.reset()  # back at the first step, where the algorithm's next episode starts
-        batch = {k: torch.as_tensor(np.stack([o[k] for o in observations])).float() for k in observations[0]}
-        target = torch.tensor(actions, dtype=torch.float32).unsqueeze(1)
-        extractor, mlp, head, _ = policy_modules(self.algo, "ppo")
-        params = [p for m in (extractor, mlp, head) for p in m.parameters()]
-        opt = torch.optim.Adam(params, lr=self.config.learning_rate)
-        for taken in range(steps + 1):  # steps >= 0, so the loop always binds taken
-            predicted = head(mlp(extractor(batch)))
-            if taken == steps or float((predicted.detach() - target).abs().max()) < CLONE_TOLERANCE:
-                break
-            loss = F.mse_loss(predicted, target)
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-        std = self.config.init_std if std is None else std
-        if self.config.sde:
-            self._calibrate_sde(self.algo, std)
-        else:
-            with torch.no_grad():
-                self.algo.policy.log_std.fill_(float(np.log(std)))
+        taken = clone_actor(self.algo, self.env, actions, self.config.learning_rate, steps)
+        set_std(self.algo, self.env, self.config.init_std if std is None else std, self.config.sde)
         return taken
 
     def on_rollout_start(self) -> None:
@@ -551,7 +399,8 @@ class Search:
         self.episodes_done, self.best, self.history = state["episodes_done"], state["best"], state["history"]
         self.search_s, self.cloned = state["search_s"], state["cloned"]
         self.reexplorations, self._stalls = state["reexplorations"], state["stalls"]
-        self.proposals = state.get("proposals", 0)
+        if self.screen is not None:
+            self.screen.proposals = state.get("proposals", 0)
 
     @classmethod
     def resume(cls, config: TrainConfig, env: PruneEnv, run_dir: str | Path) -> Search:

@@ -1,0 +1,75 @@
+"""The reward model (envs.reward_model) and PPO's screened search (agent.search.Search with ``screen`` > 1)."""
+
+import numpy as np
+import pytest
+from scipy.stats import spearmanr
+
+from agent import Search, TrainConfig
+from envs import PruneEnv
+from envs.reward_model import RewardModel
+
+
+def tiny_config(**kw):
+    base = dict(episodes=8, warmup_episodes=4, hidden=16, gnn_layers=1, net_arch=(32, 32), progress=False,
+                reward_images=64, calib_batches=1, rollout_episodes=2, screen=4, clone_warmup=True)
+    return TrainConfig(**{**base, **kw})
+
+
+def random_allocations(env: PruneEnv, n: int, seed: int) -> list[dict[str, int]]:
+    rng = np.random.default_rng(seed)
+    return [env.allocation(rng.uniform(0, env.max_ratio, env.num_steps)) for _ in range(n)]
+
+
+def test_reward_model_learns_a_smooth_reward_and_picks_a_spread_batch_near_its_top(digits_session):
+    env = PruneEnv(session=digits_session, flops=0.6)
+    model = RewardModel(env)
+
+    def reward(allocs):  # a smooth reward of the decisions' ratios, best where every ratio is 0.3
+        return -((model.features(allocs) - 0.3) ** 2).sum(axis=1)
+
+    seen, unseen = random_allocations(env, 30, 0), random_allocations(env, 40, 1)
+    model.fit(seen, reward(seen))
+    mean, std = model.predict(unseen)
+    assert spearmanr(mean, reward(unseen))[0] > 0.9 and (std > 0).all()
+    picks = model.pick(unseen, 3)
+    assert len(set(picks)) == 3  # the kriging believer spreads the batch
+    assert picks[0] in np.argsort(-reward(unseen))[:5]
+    with pytest.raises(RuntimeError, match="fit"):
+        RewardModel(env).predict(unseen)
+
+
+def test_screened_ppo_evaluates_one_allocation_per_screen_proposals(digits_session):
+    """Each PPO rollout proposes rollout_episodes * screen episodes and records rollout_episodes of them: the
+    reward model's picks among the agent's proposals and the random and local candidates, with their predictions.
+    """
+    cfg = tiny_config()
+    search = Search(cfg, PruneEnv(session=digits_session, flops=0.6))
+    search.run(cfg.episodes)
+    assert search.episodes_done == cfg.episodes == len(search.history)
+    assert search.evaluations_done == len(search.env.cache) <= cfg.episodes
+    assert search.proposals == (cfg.episodes - cfg.warmup_episodes) * cfg.screen
+    assert search.algo.num_timesteps == search.proposals * search.env.num_steps
+    screened = search.history[cfg.warmup_episodes:]
+    assert all(h.get("proposer") in ("agent", "random", "local") for h in screened)
+    assert all("predicted" in h for h in screened if not h["cached"])
+    assert not any("proposer" in h for h in search.history[:cfg.warmup_episodes])
+    again = Search(cfg, PruneEnv(session=digits_session, flops=0.6))
+    again.run(cfg.episodes)  # the same seed screens the same way
+    assert [(h["acc"], h.get("proposer")) for h in again.history] == [(h["acc"], h.get("proposer"))
+                                                                      for h in search.history]
+
+
+def test_screen_one_evaluates_every_episode_of_the_agent(digits_session):
+    cfg = tiny_config(screen=1)
+    search = Search(cfg, PruneEnv(session=digits_session, flops=0.6))
+    search.run(cfg.episodes)
+    assert search.episodes_done == cfg.episodes and search.proposals == 0 and not search.screening
+    assert search.algo.num_timesteps == (cfg.episodes - cfg.warmup_episodes) * search.env.num_steps
+    assert not any("proposer" in h for h in search.history)
+
+
+def test_the_evaluation_budget_holds_while_screening(digits_session):
+    cfg = tiny_config(episodes=40, evaluations=9)
+    search = Search(cfg, PruneEnv(session=digits_session, flops=0.6))
+    search.run(cfg.episodes, cfg.evaluations)
+    assert search.evaluations_done == len(search.env.cache) == 9
