@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import itertools
-import math
 import time
 from collections.abc import Iterable
 from typing import Any
@@ -13,21 +11,19 @@ import numpy as np
 from gymnasium import spaces
 from torch import nn
 
+from envs.decisions import ACTION_CENTERS, GRANULARITIES, DecisionSpace
 from envs.evaluator import EVALUATION_TIMINGS, Evaluator
 from graph_encoder.features import DYNAMIC_FEATURES, NUM_FEATURES, STATIC_FEATURES, LayerGraph, observation_space
 from pruning_core.data import ImageData
 from pruning_core.errors import UserError
 from pruning_core.latency import LatencyBudget
 from pruning_core.parallel import EvaluationPool
-from pruning_core.prune import branch_width, drop_order, fits_budget, kept_channels, uniform_ratios
 from pruning_core.session import PruningSession, SessionConfig
 
 __all__ = ["ACTION_CENTERS", "DEFAULT_MAX_NODES", "GRANULARITIES", "REWARDS", "PruneEnv"]
 
 DEFAULT_MAX_NODES = 320  # ResNet-110 has 274 layer-graph nodes, MobileNetV2 116, ResNet-56 139
 REWARDS = ("acc", "acc_flops", "latency")
-GRANULARITIES = ("group", "stage", "substage")
-ACTION_CENTERS = ("uniform", "remaining", "zero")
 
 
 class PruneEnv(gym.Env):
@@ -150,8 +146,6 @@ class PruneEnv(gym.Env):
         super().__init__()
         if reward not in REWARDS:
             raise UserError(f"unknown reward {reward!r}; use one of {', '.join(REWARDS)}")
-        if not 0.0 < max_ratio < 1.0:
-            raise UserError(f"max_ratio {max_ratio} must be in (0, 1)")
         if session is None:
             if model is None or data is None:
                 raise UserError("PruneEnv needs model= and data= (or session=)")
@@ -171,41 +165,14 @@ class PruneEnv(gym.Env):
         if self.graph.num_edges > self.max_edges:
             raise UserError(f"{name} has {self.graph.num_edges} layer-graph edges but max_edges={self.max_edges}; "
                             f"pass max_edges >= {self.graph.num_edges}")
-        self.groups = self.trace.groups
-        if drop and not (round_to and round_to > 1):
-            raise UserError("dropping residual branches needs round_to (--round-to), the channel block that a "
-                            "width is rounded to, e.g. 16 on an AVX-512 CPU: a branch drops under half a block")
-        self.drop = drop
-        self._drops = self.trace.droppable if drop else frozenset()
-        if granularity not in GRANULARITIES:
-            raise UserError(f"unknown granularity {granularity!r}; use one of {', '.join(GRANULARITIES)}")
-        self.granularity = granularity
-        self._staged = drop and granularity != "group"  # each run of groups gets a drop step after its width step
-        self._index = {g.name: i for i, g in enumerate(self.groups)}
-        self._min_width = {g.name: self._kept(g, max_ratio) for g in self.groups}
-        self.decisions, self.drop_steps = self._steps(granularity)
-        self.ratio_grid = []  # per decision: the ratios that give distinct allocations, up to max_ratio
-        for t, d in enumerate(self.decisions):
-            self.ratio_grid.append([k / len(d) for k in range(self._drop_count(len(d), max_ratio) + 1)]
-                                   if self.drop_steps[t] else self._width_grid(d))
-        self.dense_flops = session.flops_dense
-        self.budget = flops * self.dense_flops
-        self.min_kept = {g.name: g.channels for g in self.groups}  # every decision at max_ratio
-        for t in range(len(self.decisions)):
-            self.min_kept.update(self._apply(self.min_kept, t, max_ratio))
-        floor = self.trace.flops(self.min_kept)
-        if floor > self.budget:
-            raise UserError(f"FLOPs target {flops:.3f} is unreachable for {name}: with every prunable group at "
-                            f"max_ratio {max_ratio} it keeps {floor / self.dense_flops:.3f}; raise the target or "
-                            "max_ratio")
-        if latency_budget is not None and not latency_budget.fits(self.trace, self.min_kept):
-            raise UserError(f"latency budget {latency_budget.fraction:.3f} is unreachable for {name}: with every "
-                            f"prunable group at max_ratio {max_ratio} it keeps "
-                            f"{latency_budget.table.ratio(self.trace, self.min_kept):.3f} of its predicted latency; "
-                            "raise the budget or max_ratio")
-        if action_center not in ACTION_CENTERS:
-            raise UserError(f"unknown action_center {action_center!r}; use one of {', '.join(ACTION_CENTERS)}")
-        self.action_center = action_center
+        self.space = space = DecisionSpace(session, flops, max_ratio, round_to, granularity, action_center,
+                                           latency_budget, drop)
+        self.groups, self.granularity, self.action_center, self.drop = space.groups, granularity, action_center, drop
+        # fixed for the env's life; center's entries change at each step with action_center "remaining"
+        self.decisions, self.drop_steps, self.ratio_grid, self.center = (space.decisions, space.drop_steps,
+                                                                         space.ratio_grid, space.center)
+        self.dense_flops, self.budget, self.min_kept = space.dense_flops, space.budget, space.min_kept
+        self._index = space.index
 
         self.action_space = spaces.Box(-1.0, 1.0, (1,), np.float32)
         self.observation_space = observation_space(self.max_nodes, self.max_edges)
@@ -225,53 +192,6 @@ class PruneEnv(gym.Env):
         self.defer = False  # end episodes without evaluating them (a pending info); see step()
         self._step_s = 0.0
         self._reset_state()
-        if action_center == "zero":
-            self.center = [max_ratio / 2] * self.num_steps
-        elif self._staged:  # the one ratio for every width and drop step that spends the budget
-            self.center = [self._fill_ratio_now(0)] * self.num_steps
-        else:  # "remaining" recomputes it at each step
-            center = uniform_ratios(self.trace, flops, max_ratio, round_to, latency_budget)
-            self.center = [float(np.mean([center[self.groups[i].name] for i in d])) for d in self.decisions]
-
-    def _steps(self, granularity: str) -> tuple[list[list[int]], list[bool]]:
-        """Group indices decided by each step, and whether it is a drop step. Width steps decide the runs of
-        :meth:`_runs`. When staged, each run's width step is followed by a drop step over its residual branches,
-        cheapest first (:func:`drop_order`), and a width step with one choice is left out (ResNet-56's
-        16-wide stage 1 on 16-channel blocks).
-        """
-        runs = self._runs(granularity)
-        if not self._staged:
-            return runs, [False] * len(runs)
-        rank = {name: k for k, name in enumerate(drop_order(self.trace, self.session.drop_costs()))}
-        decisions, drop_steps = [], []
-        for run in runs:
-            if len(self._width_grid(run)) > 1:
-                decisions.append(run)
-                drop_steps.append(False)
-            branches = sorted((i for i in run if self.groups[i].name in rank), key=lambda i: rank[self.groups[i].name])
-            if branches:
-                decisions.append(branches)
-                drop_steps.append(True)
-        return decisions, drop_steps
-
-    def _runs(self, granularity: str) -> list[list[int]]:
-        """Group indices of each run: one group each, or runs of equal (width, resolution); with ``substage``, a
-        group whose producing layer is strided is a run of its own.
-        """
-        if granularity == "group":
-            return [[i] for i in range(len(self.groups))]
-        out: list[list[int]] = []
-        last, last_alone = None, False
-        for i, g in enumerate(self.groups):
-            layer = self.trace.layers[g.name]
-            key = (g.channels, layer.out_hw)
-            alone = granularity == "substage" and layer.stride > 1
-            if out and key == last and not alone and not last_alone:
-                out[-1].append(i)
-            else:
-                out.append([i])
-            last, last_alone = key, alone
-        return out
 
     @property
     def num_steps(self) -> int:
@@ -285,81 +205,6 @@ class PruneEnv(gym.Env):
         self.ratios = {g.name: 0.0 for g in self.groups}
         self._x[:, len(STATIC_FEATURES):] = 0.0
 
-    def _groups_of(self, decisions: list[list[int]]) -> list:
-        """The channel groups that ``decisions`` set, in order."""
-        return [self.groups[i] for d in decisions for i in d]
-
-    def _kept(self, group, ratio: float) -> int:
-        """Channels ``group`` keeps at ``ratio`` on a width step (rounding, and dropping where allowed; when staged,
-        a residual branch keeps at least one block, and only its drop step removes it).
-        """
-        if self._staged and group.name in self._drops:
-            return branch_width(group.channels, ratio, self.round_to, group.step)
-        return kept_channels(group.channels, ratio, self.round_to, group.name in self._drops, group.step)
-
-    def _width_grid(self, decision: list[int]) -> list[float]:
-        """The ratios that give distinct widths to the groups of width step ``decision``, up to max_ratio."""
-        grid = {1 - k / g.channels for g in (self.groups[i] for i in decision)
-                for k in {self._kept(g, 1 - j / g.channels) for j in range(1, g.channels + 1)}
-                if k >= self._min_width[g.name]}
-        return sorted(grid)
-
-    @staticmethod
-    def _drop_count(branches: int, ratio: float) -> int:
-        """Branches a drop step over ``branches`` removes at ``ratio`` (the nearest whole number)."""
-        return int(math.floor(ratio * branches + 0.5 + 1e-9))
-
-    def _apply(self, kept: dict[str, int], t: int, ratio: float) -> dict[str, int]:
-        """Channels kept by the groups of decision ``t`` at ``ratio``, from allocation ``kept``: a width step
-        narrows them (never below max_ratio), a drop step removes the first ``ratio`` share of its branches.
-        """
-        mine = self.decisions[t]
-        if self.drop_steps[t]:
-            k = self._drop_count(len(mine), ratio)
-            return {self.groups[i].name: 0 if j < k else kept[self.groups[i].name] for j, i in enumerate(mine)}
-        if ratio >= self.max_ratio:
-            return {self.groups[i].name: self._min_width[self.groups[i].name] for i in mine}
-        return {g.name: max(self._min_width[g.name], self._kept(g, ratio)) for g in self._groups_of([mine])}
-
-    def _rollout(self, t: int, ratio: float, rest: float) -> dict[str, int]:
-        """The allocation with decision ``t`` at ``ratio`` and every later decision at ``rest``."""
-        kept = dict(self.kept)
-        for u in range(t, self.num_steps):
-            kept.update(self._apply(kept, u, ratio if u == t else rest))
-        return kept
-
-    def _fits(self, kept: dict[str, int]) -> bool:
-        """Whether ``kept`` meets the FLOPs budget (and the predicted-latency budget, if there is one)."""
-        return fits_budget(self.trace, kept, self.budget, self.latency_budget)
-
-    def _min_ratio_now(self, t: int) -> float:
-        """Smallest ratio for decision ``t`` that keeps the budget reachable with every later group at max.
-
-        FLOPs fall as the ratio grows, so this is a binary search over the decision's distinct widths.
-        """
-        grid = self.ratio_grid[t]
-        lo, hi = 0, len(grid) - 1  # grid[-1] fits: the constructor checked the all-max floor
-        while lo < hi:
-            mid = (lo + hi) // 2
-            if self._fits(self._rollout(t, grid[mid], self.max_ratio)):
-                hi = mid
-            else:
-                lo = mid + 1
-        return grid[lo]
-
-    def _fill_ratio_now(self, t: int) -> float:
-        """The one ratio that, applied to decision ``t`` and every later one, spends exactly the budget left."""
-        def fits(r: float) -> bool:
-            return self._fits(self._rollout(t, r, r))
-
-        if fits(0.0):
-            return 0.0
-        lo, hi = 0.0, self.max_ratio  # hi fits: every reachable state keeps the all-max floor within budget
-        for _ in range(20):
-            mid = (lo + hi) / 2
-            lo, hi = (lo, mid) if fits(mid) else (mid, hi)
-        return hi
-
     def _observation(self) -> dict[str, np.ndarray]:
         d = self._dyn
         flops_now = self.trace.flops(self.kept)
@@ -372,9 +217,9 @@ class PruneEnv(gym.Env):
             for i in decision:
                 self._x[self.graph.group_nodes[i], d["is_current"]] = 1.0
             self._x[:self.graph.num_nodes, d["drop_step"]] = float(self.drop_steps[self.t])
-            self._min_ratio = self._min_ratio_now(self.t)
+            self._min_ratio = self.space.min_ratio(self.kept, self.t)
             if self.action_center == "remaining":
-                self.center[self.t] = self._fill_ratio_now(self.t)
+                self.center[self.t] = self.space.fill_ratio(self.kept, self.t)
             self._x[:self.graph.num_nodes, d["min_ratio_now"]] = self._min_ratio / self.max_ratio
             cursor = int(self.graph.group_roots[min(decision)])
         else:
@@ -386,15 +231,11 @@ class PruneEnv(gym.Env):
 
     def action_to_ratio(self, t: int, a: float) -> float:
         """Map an action in [-1, 1] to a pruning ratio in [0, max_ratio] through step ``t``'s centre."""
-        c = self.center[t]
-        return c * (1.0 + a) if a < 0 else c + a * (self.max_ratio - c)
+        return self.space.action_to_ratio(t, a)
 
     def ratio_to_action(self, t: int, ratio: float) -> float:
         """The inverse of :meth:`action_to_ratio` (clipped to the action box)."""
-        c, r = self.center[t], min(ratio, self.max_ratio)
-        if r < c:
-            return float(np.clip(r / c - 1.0, -1.0, 0.0))
-        return float(np.clip((r - c) / (self.max_ratio - c), 0.0, 1.0)) if self.max_ratio > c else 0.0
+        return self.space.ratio_to_action(t, ratio)
 
     # ---- gymnasium API -------------------------------------------------------------------------------
     def reset(self, *, seed: int | None = None, options: dict[str, Any] | None = None):
@@ -407,7 +248,7 @@ class PruneEnv(gym.Env):
             raise RuntimeError("step() called after the episode ended; call reset()")
         t0 = time.perf_counter()
         a = float(np.clip(np.asarray(action, dtype=np.float64).reshape(-1)[0], -1.0, 1.0))
-        kept = self._apply(self.kept, self.t, max(self.action_to_ratio(self.t, a), self._min_ratio))
+        kept = self.space.apply(self.kept, self.t, max(self.action_to_ratio(self.t, a), self._min_ratio))
         d = self._dyn
         for name, k in kept.items():
             i = self._index[name]
@@ -433,29 +274,20 @@ class PruneEnv(gym.Env):
         return self._observation(), reward, True, False, {**info, "episode": self.episodes, **applied}
 
     def feasible_allocations(self, limit: int = 10_000) -> list[dict[str, int]]:
-        """Every allocation of the action space that meets the budgets: one of each decision's distinct widths
-        (``ratio_grid``) per decision, as kept channels per group. A compact space (``substage`` with
-        ``round_to`` 8 on ResNet-56: 1,568 allocations, 186 within 50% FLOPs) can be searched exhaustively;
-        a :class:`UserError` if the space holds more than ``limit`` allocations.
+        """Every allocation of the action space that meets the budgets
+        (:meth:`DecisionSpace.feasible_allocations <envs.decisions.DecisionSpace.feasible_allocations>`).
         """
-        size = math.prod(len(grid) for grid in self.ratio_grid)
-        if size > limit:
-            raise UserError(f"the action space holds {size} allocations, more than {limit}; use a coarser "
-                            "granularity or round_to")
-        return [kept for kept in map(self.allocation, itertools.product(*self.ratio_grid)) if self.fits(kept)]
+        return self.space.feasible_allocations(limit)
 
     def allocation(self, step_ratios: Iterable[float]) -> dict[str, int]:
         """Channels kept per group with decision ``t`` at ``step_ratios[t]``, as the steps apply them, without the
         budget clamp (check it with :meth:`fits`).
         """
-        kept = {g.name: g.channels for g in self.groups}
-        for t, r in enumerate(step_ratios):
-            kept.update(self._apply(kept, t, r))
-        return kept
+        return self.space.allocation(step_ratios)
 
     def fits(self, kept: dict[str, int]) -> bool:
         """Whether the allocation ``kept`` meets the FLOPs budget (and the predicted-latency budget, if any)."""
-        return self._fits(kept)
+        return self.space.fits(kept)
 
     # ---- evaluation, through the shared cached evaluator ------------------------------------------------
     @property
