@@ -21,6 +21,7 @@ from agent.checkpoint import save as save_checkpoint
 from agent.cloning import calibrate_sde, clone_actor, set_std
 from agent.config import TrainConfig
 from agent.outputs import write_json
+from agent.progress import SearchProgress
 from agent.screen import Screen
 from envs import PruneEnv, resolve_episode
 from pruning_core.errors import Interrupted
@@ -88,8 +89,7 @@ class Search:
         # PPO with evaluation workers: episodes ended without evaluation, (buffer position, info, actions); their
         # evaluations run in parallel before the rollout's returns are computed (:meth:`resolve`)
         self._deferred: list[tuple[int | None, dict, list[float]]] = []
-        self._bar = None
-        self._writer = None
+        self._progress: SearchProgress | None = None  # while run() runs
         self._checkpoint_due = False
         self._stop_requested = False  # Ctrl-C: stop at the next checkpoint boundary
         self._run_started: float | None = None
@@ -192,16 +192,8 @@ class Search:
         self.target_episodes, self.target_evaluations = episodes, evaluations
         if self.budget_spent():
             return self.best
-        if self.config.progress:
-            from tqdm.auto import tqdm
-            total, done, unit = ((evaluations, self.evaluations_done, "eval") if evaluations is not None
-                                 else (episodes, self.episodes_done, "ep"))
-            self._bar = tqdm(total=total, initial=done, desc=f"search {self.config.algo}", unit=unit,
-                             dynamic_ncols=True, disable=None)
-        if self.run_dir:
-            from torch.utils.tensorboard import SummaryWriter
-            # a resumed run redoes the episodes after its checkpoint: drop their charts instead of drawing them twice
-            self._writer = SummaryWriter(str(self.run_dir / "tb" / "episodes"), purge_step=self.episodes_done + 1)
+        self._progress = SearchProgress(self.config.algo, self.config.progress, self.run_dir, episodes, evaluations,
+                                        self.episodes_done, self.evaluations_done)
         self._run_started = time.perf_counter()
         self.algo._last_obs = None  # start from a fresh episode even if the env was used in between
         if isinstance(self.algo, PPO):
@@ -229,10 +221,8 @@ class Search:
                 signal.signal(signal.SIGINT, handler)
             self.search_s = self.elapsed()
             self._run_started = None
-            if self._bar is not None:
-                self._bar.close()
-            if self._writer is not None:
-                self._writer.close()
+            self._progress.close()
+            self._progress = None
         if self.run_dir:
             self.checkpoint()
         return self.best
@@ -350,21 +340,10 @@ class Search:
             self.best = {**record, "ratios": info["ratios"], "actions": actions}
             if self.run_dir:
                 write_json(self.run_dir / "best.json", self.best)
-        if self._writer is not None:
-            for key in ("reward", "acc", "flops_ratio"):
-                self._writer.add_scalar(f"charts/episode_{key}", record[key], self.episodes_done)
-            self._writer.add_scalar("charts/best_reward", self.best["reward"], self.episodes_done)
-            if self.noise:
-                self._writer.add_scalar("charts/noise_sigma", self.noise.sigma, self.episodes_done)
+        if self._progress is not None:
+            self._progress.episode(record, self.best, self.noise.sigma if self.noise else None, self.evaluations_done)
         if self.noise is not None and self.episodes_done <= self.config.warmup_episodes:
             self.noise.sigma = self.config.noise_sigma  # no decay while actions are still random
-        if self._bar is not None:
-            if self.target_evaluations is None:
-                self._bar.update(1)
-            else:
-                self._bar.update(self.evaluations_done - self._bar.n)
-            self._bar.set_postfix(best=f"{self.best['reward']:.4f}", acc=f"{self.best['acc']:.2f}",
-                                  flops=f"{self.best['flops_ratio']:.3f}", ep=self.episodes_done)
         if self.episodes_done % self.config.checkpoint_every == 0:
             self._checkpoint_due = True
 
