@@ -12,6 +12,9 @@ ALGOS = ("ddpg", "td3", "sac", "ppo")
 WARM_STARTS = ("sensitivity", "none")
 
 
+BEFORE_FIELD = {"screen": 1}  # fields added after runs were recorded, at the value those runs used
+
+
 @dataclass
 class TrainConfig:
     """Everything ``prunepilot train`` needs; saved as ``config.json`` in the run folder for ``--resume``."""
@@ -225,7 +228,8 @@ class TrainConfig:
     @classmethod
     def from_dict(cls, d: dict) -> TrainConfig:
         known = {f.name for f in fields(cls)}
-        cfg = cls(**{k: v for k, v in d.items() if k in known})
+        # a run recorded before a field existed ran without it: the value that reproduces that behaviour
+        cfg = cls(**{**BEFORE_FIELD, **{k: v for k, v in d.items() if k in known}})
         cfg.net_arch = tuple(cfg.net_arch)
         cfg.floor = tuple(cfg.floor)
         cfg.mean, cfg.std = (tuple(v) if v is not None else None for v in (cfg.mean, cfg.std))

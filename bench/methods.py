@@ -91,7 +91,8 @@ def run_target(model: str, target: float, args: argparse.Namespace) -> dict:
                                 search_s=time.perf_counter() - t))
                 print(f"   random-{budget} seed {seed}: {runs[-1]['acc_test']:.2f}", flush=True)
             rows[f"random-{budget}"] = {"runs": runs}
-    for method, flags in (("train", {}), ("agent-alone", {"floor": (), "warm_start": "none"})):
+    budget = {"evaluations": args.train_evaluations} if args.train_evaluations else {}
+    for method, flags in (("train", budget), ("agent-alone", {"floor": (), "warm_start": "none", **budget})):
         if method in args.skip:
             continue
         runs = []
@@ -123,6 +124,8 @@ def main() -> None:
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1])
     p.add_argument("--random-seeds", nargs="+", type=int, default=[0])
     p.add_argument("--evaluations", type=int, default=120, help="random search's other evaluation budget")
+    p.add_argument("--train-evaluations", type=int, default=None,
+                   help="cap train's distinct evaluations, floor and sensitivity table included (default: its own)")
     p.add_argument("--sensitivity-points", type=int, default=10)
     p.add_argument("--skip", nargs="*", default=[], choices=METHODS)
     p.add_argument("--no-latency", dest="latency", action="store_false")

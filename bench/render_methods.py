@@ -1,5 +1,6 @@
 """Render bench/methods.py results as one markdown table: test accuracy (refitted, before fine-tuning) and ONNX
-Runtime speed-up at batch 1 per method, model and FLOPs target; seeded methods as mean (min-max).
+Runtime speed-up at batch 1 per method, model and FLOPs target; seeded methods as mean (min-max). Where two files
+hold the same model and target, the later one's rows replace the earlier's.
 
 Example (from bench/): python render_methods.py methods_r20_amd methods_r56_amd --write ../README.md ../docs/results.md
 """
@@ -9,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+from collections import Counter
 from pathlib import Path
 
 from common import RESULTS
@@ -22,8 +24,9 @@ def cell(entry: dict) -> tuple[str, str]:
     speed = [r["ort_speedup_b1"] for r in runs if "ort_speedup_b1" in r]
     acc = f"{accs[0]:.2f}" if len(accs) == 1 else f"{statistics.mean(accs):.2f} ({min(accs):.2f}-{max(accs):.2f})"
     extra = ""
-    if "chosen" in runs[0]:
-        extra = " [" + ", ".join(r["chosen"] for r in runs) + "]"
+    if "chosen" in runs[0]:  # what train kept: its search's candidate or a floor method, with counts over seeds
+        counts = Counter(r["chosen"] for r in runs)
+        extra = " [" + ", ".join(f"{n}x {c}" if n > 1 else c for c, n in counts.items()) + "]"
     return acc + extra, f"{statistics.mean(speed):.2f}x" if speed else "-"
 
 
@@ -48,20 +51,23 @@ def rows(names: list[str]) -> list[str]:
     """The table's markdown lines, header first."""
     lines = ["| model | FLOPs | method | evaluations | test acc % | ORT speed-up b1 | commit |",
              "|---|---|---|---|---|---|---|"]
+    blocks: dict[tuple[str, str], tuple[dict, str]] = {}  # (model, target) -> (rows, commit); later files win
     for name in names:
         res = json.loads((RESULTS / f"{name}.json").read_text())
         for model, targets in res["models"].items():
-            for target, rows in targets.items():
-                def key(m: str) -> tuple:
-                    base, _, n = m.partition("-")
-                    return ORDER.index(base) if base in ORDER else len(ORDER), int(n) if n.isdigit() else 0, m
+            for target, methods in targets.items():
+                blocks[model, target] = methods, res["commit"][:7]
 
-                for method in sorted(rows, key=key):
-                    entry = rows[method]
-                    runs = entry.get("runs", [entry])
-                    evals = runs[0].get("evaluations", "")
-                    acc, speed = cell(entry)
-                    lines.append(f"| {model} | {target} | {method} | {evals} | {acc} | {speed} | {res['commit'][:7]} |")
+    def key(m: str) -> tuple:
+        base, _, n = m.partition("-")
+        return ORDER.index(base) if base in ORDER else len(ORDER), int(n) if n.isdigit() else 0, m
+
+    for (model, target), (methods, commit) in blocks.items():
+        for method in sorted(methods, key=key):
+            entry = methods[method]
+            evals = entry.get("runs", [entry])[0].get("evaluations", "")
+            acc, speed = cell(entry)
+            lines.append(f"| {model} | {target} | {method} | {evals} | {acc} | {speed} | {commit} |")
     return lines
 
 

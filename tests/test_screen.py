@@ -73,3 +73,9 @@ def test_the_evaluation_budget_holds_while_screening(digits_session):
     search = Search(cfg, PruneEnv(session=digits_session, flops=0.6))
     search.run(cfg.episodes, cfg.evaluations)
     assert search.evaluations_done == len(search.env.cache) == 9
+
+
+def test_a_run_recorded_before_screening_resumes_without_it():
+    assert TrainConfig().screen > 1
+    assert TrainConfig.from_dict({"model": "digits_cnn"}).screen == 1
+    assert TrainConfig.from_dict({"model": "digits_cnn", "screen": 4}).screen == 4
