@@ -1,6 +1,8 @@
 """Render bench/methods.py results as one markdown table: test accuracy (refitted, before fine-tuning) and ONNX
 Runtime speed-up at batch 1 per method, model and FLOPs target; seeded methods as mean (min-max). Where two files
-hold the same model and target, the later one's rows replace the earlier's.
+hold the same method, model and target, the later one's row replaces the earlier's; train capped by
+methods.py --train-evaluations N is the row train-N. Speed-ups re-timed alone by
+methods_latency.py (NAME_latency.json) replace those timed during the run.
 
 Example (from bench/): python render_methods.py methods_r20_amd methods_r56_amd --write ../README.md ../docs/results.md
 """
@@ -18,10 +20,11 @@ from common import RESULTS
 ORDER = ("uniform", "centre", "global", "sensitivity", "random", "train", "agent-alone")
 
 
-def cell(entry: dict) -> tuple[str, str]:
+def cell(entry: dict, retimed: dict[int, float]) -> tuple[str, str]:
     runs = entry.get("runs", [entry])
     accs = [r["acc_test"] for r in runs]
-    speed = [r["ort_speedup_b1"] for r in runs if "ort_speedup_b1" in r]
+    speed = [retimed.get(i, r.get("ort_speedup_b1")) for i, r in enumerate(runs)]
+    speed = [x for x in speed if x is not None]
     acc = f"{accs[0]:.2f}" if len(accs) == 1 else f"{statistics.mean(accs):.2f} ({min(accs):.2f}-{max(accs):.2f})"
     extra = ""
     if "chosen" in runs[0]:  # what train kept: its search's candidate or a floor method, with counts over seeds
@@ -51,22 +54,32 @@ def rows(names: list[str]) -> list[str]:
     """The table's markdown lines, header first."""
     lines = ["| model | FLOPs | method | evaluations | test acc % | ORT speed-up b1 | commit |",
              "|---|---|---|---|---|---|---|"]
-    blocks: dict[tuple[str, str], tuple[dict, str]] = {}  # (model, target) -> (rows, commit); later files win
+    # (model, target) -> method -> (entry, commit, re-timed speed-up per run); later files win
+    blocks: dict[tuple[str, str], dict[str, tuple[dict, str, dict[int, float]]]] = {}
     for name in names:
         res = json.loads((RESULTS / f"{name}.json").read_text())
+        latency = RESULTS / f"{name}_latency.json"
+        timed = json.loads(latency.read_text())["models"] if latency.is_file() else {}
+        capped = res["config"].get("train_evaluations")
         for model, targets in res["models"].items():
             for target, methods in targets.items():
-                blocks[model, target] = methods, res["commit"][:7]
+                block = blocks.setdefault((model, target), {})
+                for method, entry in methods.items():
+                    retimed = {int(k.rpartition("/")[2]): v["speedup"]
+                               for k, v in timed.get(model, {}).get(target, {}).items()
+                               if k.rpartition("/")[0] == method}
+                    label = f"{method}-{capped}" if capped and method == "train" else method
+                    block[label] = entry, res["commit"][:7], retimed
 
     def key(m: str) -> tuple:
         base, _, n = m.partition("-")
         return ORDER.index(base) if base in ORDER else len(ORDER), int(n) if n.isdigit() else 0, m
 
-    for (model, target), (methods, commit) in blocks.items():
+    for (model, target), methods in blocks.items():
         for method in sorted(methods, key=key):
-            entry = methods[method]
+            entry, commit, retimed = methods[method]
             evals = entry.get("runs", [entry])[0].get("evaluations", "")
-            acc, speed = cell(entry)
+            acc, speed = cell(entry, retimed)
             lines.append(f"| {model} | {target} | {method} | {evals} | {acc} | {speed} | {commit} |")
     return lines
 

@@ -27,6 +27,7 @@ def main() -> None:
     p.add_argument("--workers", type=int, default=1)
     p.add_argument("--name", default=None)
     args = p.parse_args()
+    sha = commit()  # at launch: the code that runs
     session = cifar_session(args.model, select_images=1000, seed=args.seed, reconstruct=True)
     env = PruneEnv(session=session, flops=args.flops)  # train's default action space
     rng = np.random.default_rng(args.seed)
@@ -46,7 +47,7 @@ def main() -> None:
         print(f"fit on {n}: Spearman {rows[-1]['spearman']:.3f} on the other {len(kept) - n}; its top pick "
               f"{rows[-1]['top_predicted_reward']:.4f} (best held out {rows[-1]['best_held_out']:.4f})", flush=True)
     name = args.name or f"reward_model_{args.model}_{args.flops}"
-    write_result(name, {"commit": commit(), "config": vars(args), "steps": env.num_steps,
+    write_result(name, {"commit": sha, "config": vars(args), "steps": env.num_steps,
                         "evaluate_s": time.perf_counter() - started, "rows": rows})
 
 
