@@ -72,8 +72,7 @@ class Screen:
         if len(env.cache) < 2:  # nothing to fit yet: the first new allocations
             chosen.update(first[:count])
         elif first and count:
-            order = [g.name for g in env.groups]
-            model = RewardModel(env).fit([dict(zip(order, key)) for key in env.cache],
+            model = RewardModel(env).fit([env.evaluator.allocation(key) for key in env.cache],
                                          [reward for reward, _ in env.cache.values()])
             candidates = [deferred[i][1]["kept"] for i in first]
             means, _ = model.predict(candidates)

@@ -174,11 +174,12 @@ class Search:
             self.on_episode_end({**result, "reward_raw": reward, "predicted": predicted.get(i),
                                  "proposer": deferred[i][1].get("proposer") or (
                                      "agent" if self.screening and deferred[i][0] is not None else None)})
+        fallback = float(np.mean(rewards)) if rewards else 0.0  # for a proposal the model did not predict
         for i, (position, info, _) in enumerate(deferred):
             if i not in evaluated and position is not None and position >= 0:
                 # its reward if an episode evaluated it, else the prediction (else this batch's mean)
                 key = self.env.evaluator.key(info["kept"])
-                value = self.env.cache[key][0] if key in self.env.cache else predicted.get(i, np.mean(rewards))
+                value = self.env.cache[key][0] if key in self.env.cache else predicted.get(i, fallback)
                 learned[i] = self.wrapped.relative(value)
         if buffer is not None:
             for i, (position, _, _) in enumerate(deferred):

@@ -44,6 +44,10 @@ class Evaluator:
         """The allocation ``kept`` as a key of :attr:`cache`: kept channels in group order."""
         return tuple(kept[g.name] for g in self.groups)
 
+    def allocation(self, key: Key) -> dict[str, int]:
+        """The allocation a key of :attr:`cache` stands for (the inverse of :meth:`key`)."""
+        return {g.name: k for g, k in zip(self.groups, key)}
+
     @property
     def evaluations(self) -> int:
         """Distinct allocations evaluated so far, those held for a later evaluation included."""

@@ -217,15 +217,14 @@ def select_best(env: PruneEnv, top: int, floor: dict[str, Kept] | None = None,
     """
     s = env.session
     select = s.splits.select
-    order = [g.name for g in env.groups]
     reconstruct = s.config.reconstruct if reconstruct is None else reconstruct
     if among is None:  # the cache also holds allocations off the budget (a sensitivity table's single units)
-        among = [key for key in env.cache if env.fits(dict(zip(order, key)))]
+        among = [key for key in env.cache if env.fits(env.evaluator.allocation(key))]
     ranked = sorted(among, key=lambda key: env.cache[key][0], reverse=True)[:max(top, 1)]
     sources = dict.fromkeys(ranked, "search")
     for name, kept in (floor or {}).items():
         env.evaluate(kept)  # cached when the floor was evaluated already
-        sources[tuple(kept[n] for n in order)] = name
+        sources[env.evaluator.key(kept)] = name
     out = []
     for key, source in sources.items():
         reward_search, info = env.cache[key]
