@@ -15,8 +15,8 @@ from agent.policy import PortablePolicy, load_policy
 from agent.search import Search
 from envs import FLOOR_METHODS, PruneEnv, evaluation_workers, floor_allocations, run_episode, select_best
 from pruning_core import ImageData, LatencyBudget, PruningSession, SessionConfig, accuracy, kept_counts
-from pruning_core.latency import check_max_latency
-from pruning_core.session import refits_by_default
+from pruning_core.latency_table import check_max_latency
+from pruning_core.session_config import refits_by_default
 
 __all__ = ["apply_policy", "policy_ratios", "run_episode"]  # run_episode: from envs
 
@@ -74,17 +74,47 @@ def apply_policy(policy: str | Path | PortablePolicy, model: str | nn.Module, we
     started = time.perf_counter()
     policy = load_policy(policy) if not isinstance(policy, PortablePolicy) else policy
     trained = policy.train_config
+    flops, round_to, max_latency = _targets(trained, flops, round_to, max_latency)
+    if session is None:
+        session = _new_session(trained, model, weights, data, val_data, reconstruct, importance, inputs,
+                               reward_images=reward_images, calib_batches=calib_batches, select_images=select_images,
+                               seed=seed)
+    env, budget = _transfer_env(policy, session, flops, round_to, max_latency, progress)
+    refit = reconstruct_final if reconstruct_final is not None else refits_by_default(finetune_epochs)
+    ratios, transfer = _choose(policy, env, flops, seed, search_episodes, refit, floor, sensitivity_points,
+                               rescore_top, workers, ray, progress)
+    pruned, report = _keep(session, ratios, round_to, refit, finetune_epochs, budget, seed, started, transfer,
+                           progress)
+    if latency:
+        add_latency(report, session, pruned, latency, latency_batch)
+    return write_pruned(out, pruned, report, session.data.input_shape) if out is not None else report
+
+
+def _targets(trained: dict, flops: float | None, round_to: int | None,
+             max_latency: float | None) -> tuple[float, int | None, float | None]:
+    """The FLOPs budget, channel rounding and latency cap asked for, else the ones the policy was trained with."""
     flops = flops if flops is not None else trained["flops"]
     round_to = round_to if round_to is not None else trained.get("round_to")
     max_latency = max_latency if max_latency is not None else trained.get("max_latency")
     if max_latency is not None:
         check_max_latency(max_latency)
-    if session is None:
-        reconstruct = reconstruct if reconstruct is not None else trained.get("reconstruct", False)
-        session = PruningSession(model, weights, data, SessionConfig(
-            reward_images=reward_images, calib_batches=calib_batches, select_images=select_images, seed=seed,
-            reconstruct=reconstruct, importance=importance or trained.get("importance", "taylor"),
-            **(inputs or {})), val_data)
+    return flops, round_to, max_latency
+
+
+def _new_session(trained: dict, model: str | nn.Module, weights: str | None, data: str | ImageData,
+                 val_data: str | None, reconstruct: bool | None, importance: str | None, inputs: dict | None,
+                 **settings: object) -> PruningSession:
+    """Load the new model and its data, refitting and scoring as the policy was trained unless told otherwise."""
+    reconstruct = reconstruct if reconstruct is not None else trained.get("reconstruct", False)
+    return PruningSession(model, weights, data, SessionConfig(
+        **settings, reconstruct=reconstruct, importance=importance or trained.get("importance", "taylor"),
+        **(inputs or {})), val_data)
+
+
+def _transfer_env(policy: PortablePolicy, session: PruningSession, flops: float, round_to: int | None,
+                  max_latency: float | None, progress: bool) -> tuple[PruneEnv, LatencyBudget | None]:
+    """The env the policy acts in on the new model (as it was trained), and its latency budget if it has one."""
+    trained = policy.train_config
     budget = None
     if max_latency is not None and max_latency < 1.0:
         table = session.latency_table(trained.get("latency_backend", "onnxruntime"),
@@ -97,31 +127,52 @@ def apply_policy(policy: str | Path | PortablePolicy, model: str | nn.Module, we
                                                     len(session.trace.nodes)),
                    granularity=trained["granularity"], action_center=trained["action_center"], latency_budget=budget,
                    drop=trained.get("drop_blocks", False))
+    return env, budget
+
+
+def _choose(policy: PortablePolicy, env: PruneEnv, flops: float, seed: int, search_episodes: int, refit: bool,
+            floor: tuple[str, ...], sensitivity_points: int, rescore_top: int, workers: int, ray: str | None,
+            progress: bool) -> tuple[dict[str, float], dict]:
+    """The policy's own allocation, a warm-started search's and the floor's, the best of them chosen as ``train``
+    chooses; returns its ratios and the report's ``transfer`` fields.
+    """
     zero_shot, reward, info = policy_ratios(policy, env)
-    transfer = {"policy_model": trained["model"], "policy_algo": policy.config["algorithm"],
+    transfer = {"policy_model": policy.train_config["model"], "policy_algo": policy.config["algorithm"],
                 "zero_shot_reward": reward, "zero_shot_acc_reward": info["acc"], "search_episodes": search_episodes,
-                "reconstruct": session.config.reconstruct, "workers": workers, "ray": ray}
-    refit = reconstruct_final if reconstruct_final is not None else refits_by_default(finetune_epochs)
+                "reconstruct": env.session.config.reconstruct, "workers": workers, "ray": ray}
     with evaluation_workers(env, workers, ray):
         if search_episodes > 0:
-            config = replace(TrainConfig(), algo=policy.config["algorithm"], flops=flops, seed=seed,
-                             max_ratio=trained["max_ratio"], reward=trained["reward"], warmup_episodes=0,
-                             granularity=env.granularity, action_center=env.action_center,
-                             noise_sigma=0.3, hidden=policy.config["network"]["extractor"]["hidden_channels"],
-                             gnn_layers=policy.config["network"]["extractor"]["num_layers"],
-                             net_arch=tuple(policy.config["network"]["hidden"]), progress=progress,
-                             episodes=search_episodes, checkpoint_every=max(1, search_episodes), workers=workers,
-                             ray=ray)
-            search = Search(config, env)
-            search.load_policy_weights(policy.state_dict())
-            best = search.run(search_episodes)
-            transfer["search_best_reward"] = best["reward"]
-            transfer["search_s"] = round(search.search_s, 2)
+            transfer.update(_warm_search(policy, env, flops, seed, search_episodes, workers, ray, progress))
         floor_kept = floor_allocations(env, floor, sensitivity_points, progress)
         kept, transfer["rescored"] = select_best(env, rescore_top, floor_kept, reconstruct=refit)
     transfer["floor"] = sorted(floor_kept)
     ratios = kept["ratios"]
     transfer["chosen"] = kept["source"] if kept["source"] != "search" else "policy" if ratios == zero_shot else "search"
+    return ratios, transfer
+
+
+def _warm_search(policy: PortablePolicy, env: PruneEnv, flops: float, seed: int, search_episodes: int, workers: int,
+                 ray: str | None, progress: bool) -> dict:
+    """Search ``search_episodes`` episodes on the new model from the policy's weights; its ``transfer`` fields."""
+    trained = policy.train_config
+    config = replace(TrainConfig(), algo=policy.config["algorithm"], flops=flops, seed=seed,
+                     max_ratio=trained["max_ratio"], reward=trained["reward"], warmup_episodes=0,
+                     granularity=env.granularity, action_center=env.action_center,
+                     noise_sigma=0.3, hidden=policy.config["network"]["extractor"]["hidden_channels"],
+                     gnn_layers=policy.config["network"]["extractor"]["num_layers"],
+                     net_arch=tuple(policy.config["network"]["hidden"]), progress=progress,
+                     episodes=search_episodes, checkpoint_every=max(1, search_episodes), workers=workers,
+                     ray=ray)
+    search = Search(config, env)
+    search.load_policy_weights(policy.state_dict())
+    best = search.run(search_episodes)
+    return {"search_best_reward": best["reward"], "search_s": round(search.search_s, 2)}
+
+
+def _keep(session: PruningSession, ratios: dict[str, float], round_to: int | None, refit: bool,
+          finetune_epochs: int, budget: LatencyBudget | None, seed: int, started: float, transfer: dict,
+          progress: bool) -> tuple[nn.Module, dict]:
+    """Build (and fine-tune) the kept model; return it with its ``rl-transfer`` report."""
     pruned, built = session.build_final(ratios, round_to, refit, finetune_epochs)
     acc_before = accuracy(pruned, session.splits.test)
     if finetune_epochs > 0:
@@ -131,6 +182,4 @@ def apply_policy(policy: str | Path | PortablePolicy, model: str | nn.Module, we
     report = session.report(pruned, ratios, "rl-transfer", seed, time.perf_counter() - started, round_to=round_to,
                             acc_before_finetune=acc_before, finetune_epochs=finetune_epochs, transfer=transfer,
                             **built)
-    if latency:
-        add_latency(report, session, pruned, latency, latency_batch)
-    return write_pruned(out, pruned, report, session.data.input_shape) if out is not None else report
+    return pruned, report

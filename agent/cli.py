@@ -37,9 +37,9 @@ from pruning_core import (
 )
 from pruning_core.errors import Interrupted
 from pruning_core.importance import IMPORTANCES
-from pruning_core.latency import check_max_latency
+from pruning_core.latency_table import check_max_latency
 from pruning_core.prune import check_ratios
-from pruning_core.session import refits_by_default
+from pruning_core.session_config import refits_by_default
 
 log = logging.getLogger("prunepilot")
 

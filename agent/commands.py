@@ -20,7 +20,7 @@ from agent.args import (
     positive_int,
     round_to_arg,
 )
-from agent.config import ALGOS, WARM_STARTS, TrainConfig
+from agent.config import ALGOS, PRESETS, WARM_STARTS, TrainConfig
 from agent.outputs import print_report
 from envs import ACTION_CENTERS, FLOOR_METHODS, GRANULARITIES, REWARDS
 from pruning_core import UserError
@@ -39,6 +39,13 @@ def floor_arg(value: str) -> tuple[str, ...]:
     if bad or not methods:
         raise argparse.ArgumentTypeError(f"use any of {', '.join(FLOOR_METHODS)}, comma-separated, or none")
     return methods
+
+
+def _preset_help() -> str:
+    def flags(settings: dict) -> str:
+        return ", ".join(f"--{k.replace('_', '-')} {v}" for k, v in settings.items()) or "the defaults"
+    return "named budget; flags given beside it win. " + "; ".join(f"{n}: {flags(s)}" for n, s in PRESETS.items())
+
 
 
 # train's flags beyond the main ones: (field, type or choices, one-line help); shown by --help-all
@@ -125,6 +132,7 @@ def train_command_parser(subparsers) -> None:
     problem.add_argument("--max-latency", type=float, metavar="F",
                          help="also keep latency within F of dense, as a table measured on this machine predicts")
     search = p.add_argument_group("search")
+    search.add_argument("--preset", choices=PRESETS, help=_preset_help())
     search.add_argument("--episodes", type=int, help="episodes to run" + _default("episodes"))
     search.add_argument("--evaluations", type=int, help="stop after this many distinct pruned models")
     search.add_argument("--workers", type=positive_int, metavar="N", help=WORKERS_HELP)

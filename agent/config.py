@@ -6,7 +6,8 @@ from dataclasses import asdict, dataclass, fields
 
 from envs import ACTION_CENTERS, FLOOR_METHODS, GRANULARITIES
 from pruning_core.errors import UserError
-from pruning_core.latency import BACKENDS, check_max_latency
+from pruning_core.latency import BACKENDS
+from pruning_core.latency_table import check_max_latency
 
 ALGOS = ("ddpg", "td3", "sac", "ppo")
 WARM_STARTS = ("sensitivity", "none")
@@ -14,11 +15,20 @@ WARM_STARTS = ("sensitivity", "none")
 
 BEFORE_FIELD = {"screen": 1}  # fields added after runs were recorded, at the value those runs used
 
+# named budgets for train: the settings each changes from the defaults (flags given beside --preset win)
+PRESETS: dict[str, dict[str, object]] = {
+    "fast": {"episodes": 40, "sensitivity_points": 5, "rescore_top": 3},
+    "default": {},
+    "thorough": {"episodes": 300, "rescore_top": 10},
+}
+
 
 @dataclass
 class TrainConfig:
     """Everything ``prunepilot train`` needs; saved as ``config.json`` in the run folder for ``--resume``."""
 
+    preset: str = "default"
+    """The named budget the other fields started from (``PRESETS``): fast, default or thorough."""
     model: str = "digits_cnn"
     """Zoo name, ``torchvision:NAME``, ``timm:NAME`` or ``package.module:factory``."""
     weights: str | None = None
@@ -98,9 +108,8 @@ class TrainConfig:
     reconstruct: bool = True
     """Score every candidate as the kept model is built: before adaptive BN, refit its conv and linear layers by least
     squares to the dense model's outputs on 256 calibration images (He et al. 2017; ``pruning_core.Reconstruction``).
-    The refit reorders candidates, so a search without it ranks them by a proxy; it costs about a second per
-    evaluation on a CIFAR ResNet, no labels or gradients. Off when ``finetune_epochs`` fine-tunes the kept model
-    instead of refitting it."""
+    The refit reorders candidates, so a search without it ranks them by a proxy; it needs no labels or gradients.
+    Off when ``finetune_epochs`` fine-tunes the kept model instead of refitting it."""
     reconstruct_final: bool | None = None
     """Refit the kept model the same way before it is evaluated on the test split and exported. None (the default):
     yes, unless ``finetune_epochs`` fine-tunes it, which after the refit gave lower accuracy than without it; the
@@ -176,7 +185,16 @@ class TrainConfig:
     progress: bool = True
     """Show a progress bar with the best reward so far."""
 
+    @classmethod
+    def from_preset(cls, preset: str = "default", **overrides) -> TrainConfig:
+        """The defaults with ``preset``'s settings (``PRESETS``), then ``overrides``."""
+        if preset not in PRESETS:
+            raise UserError(f"unknown preset {preset!r}; use one of {', '.join(PRESETS)}")
+        return cls(**{**PRESETS[preset], **overrides, "preset": preset})
+
     def validate(self) -> None:
+        if self.preset not in PRESETS:
+            raise UserError(f"unknown preset {self.preset!r}; use one of {', '.join(PRESETS)}")
         if not isinstance(self.model, str):
             raise UserError(f"model must be a zoo name or 'package.module:factory', not a {type(self.model).__name__} "
                             "object: a run records it so that --resume can rebuild the model")

@@ -15,8 +15,8 @@ from pathlib import Path
 from agent.args import positive_int
 from agent.outputs import add_latency, check_out, print_report, write_pruned
 from pruning_core import FinetuneConfig, PruningSession, SessionConfig, UserError, accuracy
+from pruning_core.augment import AUGMENTS
 from pruning_core.data import absolute_spec
-from pruning_core.finetune import AUGMENTS
 from pruning_core.latency import BACKENDS
 from pruning_core.schedules import SCHEDULES, make_schedule
 

@@ -84,6 +84,9 @@ def export_policy(run_dir: str | Path, out: str | Path) -> Path:
     return save_policy(algo, config, best, out)
 
 
+LOCAL_SETTINGS = ("out", "progress", "workers", "ray", "device", "loader_workers")  # this machine's, not the policy's
+
+
 def save_policy(algo, config: TrainConfig, best: dict | None, out: str | Path) -> Path:
     """Write an SB3 model's actor as a portable policy (see :func:`export_policy`)."""
     extractor, mlp, head, squash = policy_modules(algo, config.algo)
@@ -111,7 +114,10 @@ def save_policy(algo, config: TrainConfig, best: dict | None, out: str | Path) -
                      "max_latency": config.max_latency, "latency_backend": config.latency_backend,
                      "latency_batch": config.latency_batch,
                      # how its rewards were scored: apply scores its candidates the same way by default
-                     "reconstruct": config.reconstruct},
+                     "reconstruct": config.reconstruct,
+                     # every setting the run resolved, its preset included, for the record
+                     "preset": config.preset,
+                     "settings": {k: v for k, v in config.to_dict().items() if k not in LOCAL_SETTINGS}},
         "best": best,
     }
     state = {f"extractor.{k}": v for k, v in extractor.state_dict().items()}

@@ -12,7 +12,6 @@ from pathlib import Path
 
 import numpy as np
 from stable_baselines3 import PPO
-from stable_baselines3.common.callbacks import BaseCallback
 
 from agent.algos import DecayingNormalNoise, build_algo, policy_modules
 from agent.baseline import MovingAverageBaseline
@@ -22,8 +21,9 @@ from agent.cloning import calibrate_sde, clone_actor, set_std
 from agent.config import TrainConfig
 from agent.outputs import write_json
 from agent.progress import SearchProgress
+from agent.rollout import EpisodeCallback, episode_record, random_episodes, resolve_deferred
 from agent.screen import Screen
-from envs import PruneEnv, resolve_episode
+from envs import PruneEnv
 from pruning_core.errors import Interrupted
 
 __all__ = ["MovingAverageBaseline", "Search"]
@@ -31,28 +31,6 @@ __all__ = ["MovingAverageBaseline", "Search"]
 log = logging.getLogger("prunepilot")
 
 REEXPLORE_MAX_STD = 1.0  # SB3's initial std: wider mostly samples the clipped ends of the [-1, 1] action
-
-
-class _EpisodeCallback(BaseCallback):
-    def __init__(self, search: Search):
-        super().__init__()
-        self.search = search
-
-    def _on_step(self) -> bool:
-        for done, info in zip(self.locals["dones"], self.locals["infos"]):
-            self.search.on_step(info)
-            if done and info.get("pending"):  # this step's reward goes into the buffer at its position
-                self.search.defer_episode(info, self.locals["rollout_buffer"].pos)
-            elif done:
-                self.search.on_episode_end(info)
-        return not self.search.budget_spent()
-
-    def _on_rollout_start(self) -> None:
-        # after the previous rollout's update: widening the policy then leaves that update's ratios intact
-        self.search.on_rollout_start()
-
-    def _on_rollout_end(self) -> None:
-        self.search.on_rollout_end()
 
 
 class Search:
@@ -162,29 +140,7 @@ class Search:
         screening, only the episodes :meth:`Screen.choose <agent.screen.Screen.choose>` picks are.
         """
         deferred, self._deferred = self._deferred, []
-        evaluated, predicted = (self.screen.choose(deferred, (self.best or {}).get("actions")) if self.screening
-                                else (set(range(len(deferred))), {}))
-        self.env.evaluator.prefetch(deferred[i][1]["kept"] for i in sorted(evaluated))
-        learned, rewards = {}, []
-        for i in sorted(evaluated):
-            reward, result = resolve_episode(self.env, deferred[i][1])
-            learned[i] = self.wrapped.shift(reward, result["cached"])
-            rewards.append(reward)
-            self._actions = deferred[i][2]
-            self.on_episode_end({**result, "reward_raw": reward, "predicted": predicted.get(i),
-                                 "proposer": deferred[i][1].get("proposer") or (
-                                     "agent" if self.screening and deferred[i][0] is not None else None)})
-        fallback = float(np.mean(rewards)) if rewards else 0.0  # for a proposal the model did not predict
-        for i, (position, info, _) in enumerate(deferred):
-            if i not in evaluated and position is not None and position >= 0:
-                # its reward if an episode evaluated it, else the prediction (else this batch's mean)
-                key = self.env.evaluator.key(info["kept"])
-                value = self.env.cache[key][0] if key in self.env.cache else predicted.get(i, fallback)
-                learned[i] = self.wrapped.relative(value)
-        if buffer is not None:
-            for i, (position, _, _) in enumerate(deferred):
-                if position is not None and position >= 0:
-                    buffer.rewards[position, 0] = learned[i]
+        resolve_deferred(self, deferred, buffer)
 
     def run(self, episodes: int, evaluations: int | None = None) -> dict:
         """Search until ``episodes`` episodes are done in total, or ``evaluations`` distinct allocations have been
@@ -211,7 +167,7 @@ class Search:
             if not self.budget_spent():
                 if self.noise is not None and self.algo.num_timesteps > 0:
                     self.noise.hold()  # learn() resets the noise as it starts; it decayed at the episode's end
-                self.algo.learn(steps, callback=_EpisodeCallback(self), reset_num_timesteps=False, tb_log_name="sb3")
+                self.algo.learn(steps, callback=EpisodeCallback(self), reset_num_timesteps=False, tb_log_name="sb3")
                 self.env.defer = False
                 self.resolve()  # a rollout the budget cut short
         finally:  # after an interruption the deferred episodes are redone from the last checkpoint
@@ -254,20 +210,7 @@ class Search:
         """
         batch = self.env.pool.size if self.parallel else 1
         while self.episodes_done < self.config.warmup_episodes and not self.budget_spent():
-            for _ in range(batch):  # evaluated together, then recorded one by one
-                if self.episodes_done + len(self._deferred) >= self.config.warmup_episodes or self.budget_spent():
-                    break
-                rng = np.random.default_rng([self.config.seed, self.episodes_done + len(self._deferred)])
-                self.wrapped.reset()
-                done = False
-                while not done:
-                    _, _, terminated, truncated, info = self.wrapped.step(rng.uniform(-1, 1, 1).astype(np.float32))
-                    self.on_step(info)
-                    done = terminated or truncated
-                if info.get("pending"):
-                    self.defer_episode(info, None)
-                else:
-                    self.on_episode_end(info)
+            random_episodes(self, batch)
             self.resolve()
             self._boundary()
         if self.episodes_done < self.config.warmup_episodes or self.cloned:
@@ -326,16 +269,7 @@ class Search:
         self.episodes_done += 1
         actions, self._actions = self._actions, []
         reward = float(info["reward_raw"])
-        record = {"episode": self.episodes_done, "reward": reward, "acc": info["acc"],
-                  "flops_ratio": info["flops_ratio"], "params_ratio": info["params_ratio"],
-                  "cached": bool(info.get("cached")), "noise_sigma": self.noise.sigma if self.noise else None,
-                  "wall_s": round(self.elapsed(), 3)}
-        if info.get("predicted") is not None:  # the reward model's prediction, when it picked this episode
-            record["predicted"] = round(info["predicted"], 5)
-        if info.get("proposer"):  # a screened candidate that was not the agent's own episode
-            record["proposer"] = info["proposer"]
-        if "worker" in info:  # the evaluation process that scored this allocation
-            record["worker"] = info["worker"]
+        record = episode_record(info, self.episodes_done, self.noise.sigma if self.noise else None, self.elapsed())
         self.history.append(record)
         if self.best is None or reward > self.best["reward"]:
             self.best = {**record, "ratios": info["ratios"], "actions": actions}

@@ -34,7 +34,7 @@ from pruning_core import (
     uniform_ratios,
 )
 from pruning_core.data import absolute_spec
-from pruning_core.session import refits_by_default
+from pruning_core.session_config import refits_by_default
 
 __all__ = ["build_env", "final_refit", "finish_search", "resume", "train"]
 
@@ -72,11 +72,11 @@ def build_env(config: TrainConfig, session: PruningSession | None = None,
 def train(config: TrainConfig | None = None, session: PruningSession | None = None, **overrides) -> dict:
     """Train the agent, keep the best candidate after re-scoring, and write the run folder; return the report.
 
-    ``overrides`` replace fields of ``config`` (``train(model="resnet20", episodes=50, ...)``). The run folder
-    records the config with absolute paths at once, so ``--resume`` can continue it from any folder, even after a
-    kill before the first checkpoint.
+    ``overrides`` replace fields of ``config`` (``train(model="resnet20", episodes=50, ...)``); without a
+    ``config``, ``preset=NAME`` starts from that preset. The run folder records the config with absolute paths at
+    once, so ``--resume`` can continue it from any folder, even after a kill before the first checkpoint.
     """
-    config = replace(config or TrainConfig(), **overrides)
+    config = replace(config, **overrides) if config else TrainConfig.from_preset(**overrides)
     config.validate()
     if session is not None and session.model_name != config.model:
         raise UserError(f"the session's model is {session.model_name}, not config.model {config.model}: build the "

@@ -11,9 +11,10 @@ from collections.abc import Iterable
 
 import numpy as np
 
+from pruning_core.allocate import fits_budget, uniform_ratios
 from pruning_core.errors import UserError
-from pruning_core.latency import LatencyBudget
-from pruning_core.prune import branch_width, drop_order, fits_budget, kept_channels, uniform_ratios
+from pruning_core.latency_table import LatencyBudget
+from pruning_core.prune import branch_width, drop_order, kept_channels
 from pruning_core.session import PruningSession
 
 __all__ = ["ACTION_CENTERS", "GRANULARITIES", "DecisionSpace"]

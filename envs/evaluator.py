@@ -8,7 +8,7 @@ import math
 from collections.abc import Iterable
 
 from pruning_core.errors import UserError
-from pruning_core.latency import LatencyBudget
+from pruning_core.latency_table import LatencyBudget
 from pruning_core.parallel import EvaluationPool
 from pruning_core.session import PruningSession
 

@@ -23,11 +23,11 @@ from contextlib import contextmanager
 import numpy as np
 
 from envs.prune_env import PruneEnv
-from pruning_core.allocate import threshold_allocation
+from pruning_core.allocate import global_ratios, threshold_allocation, uniform_ratios
 from pruning_core.errors import UserError
 from pruning_core.evaluate import accuracy
 from pruning_core.parallel import EvaluationPool, make_pool
-from pruning_core.prune import global_ratios, kept_counts, uniform_ratios
+from pruning_core.prune import kept_counts
 
 __all__ = ["FLOOR_METHODS", "applied_actions", "centre_allocation", "evaluation_workers", "floor_allocations",
            "random_search", "resolve_episode", "run_episode", "run_episodes", "select_best", "sensitivity_search",

@@ -16,9 +16,10 @@ from envs.evaluator import EVALUATION_TIMINGS, Evaluator
 from graph_encoder.features import DYNAMIC_FEATURES, NUM_FEATURES, STATIC_FEATURES, LayerGraph, observation_space
 from pruning_core.data import ImageData
 from pruning_core.errors import UserError
-from pruning_core.latency import LatencyBudget
+from pruning_core.latency_table import LatencyBudget
 from pruning_core.parallel import EvaluationPool
-from pruning_core.session import PruningSession, SessionConfig
+from pruning_core.session import PruningSession
+from pruning_core.session_config import SessionConfig
 
 __all__ = ["ACTION_CENTERS", "DEFAULT_MAX_NODES", "GRANULARITIES", "REWARDS", "PruneEnv"]
 

@@ -3,6 +3,7 @@
 Nothing here imports RL, gym or PyG code.
 """
 
+from pruning_core.allocate import global_ratios, uniform_ratios
 from pruning_core.data import ImageData, load_data, make_splits
 from pruning_core.errors import UserError
 from pruning_core.evaluate import accuracy, adapt_bn
@@ -10,20 +11,20 @@ from pruning_core.export import export_model, load_exported
 from pruning_core.finetune import FinetuneConfig, finetune
 from pruning_core.graph import ModelTrace, layer_macs, measure_flops
 from pruning_core.importance import L1Importance, TaylorImportance
-from pruning_core.latency import LatencyBudget, LatencyTable, compare_latency, measure_latency
+from pruning_core.latency import compare_latency, measure_latency
+from pruning_core.latency_table import LatencyBudget, LatencyTable
 from pruning_core.prune import (
     branch_width,
     check_ratios,
     drop_order,
-    global_ratios,
     kept_channels,
     kept_counts,
     prune,
     removed_channels,
-    uniform_ratios,
 )
 from pruning_core.reconstruct import Reconstruction
-from pruning_core.session import DROP_CRITERIA, PruningSession, SessionConfig
+from pruning_core.session import PruningSession
+from pruning_core.session_config import DROP_CRITERIA, SessionConfig
 from pruning_core.splits import FolderSplit, Split
 from pruning_core.tracer import trace_model
 from pruning_core.zoo import MODELS, build_model, load_weights

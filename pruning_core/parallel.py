@@ -59,7 +59,7 @@ def worker_settings(session) -> dict:
 
 def build_worker_session(settings: dict, device: str):
     """The session a worker evaluates with (:func:`worker_settings`, on ``device``)."""
-    from pruning_core.session import PruningSession, SessionConfig
+    from pruning_core import PruningSession, SessionConfig
     config = {k: tuple(v) if isinstance(v, list) else v for k, v in settings["config"].items()}
     return PruningSession(settings["model"], settings["weights"], settings["data"],
                           SessionConfig(**{**config, "device": device}), settings["val_data"], settings["scores"])

@@ -1,10 +1,12 @@
 """Splits of labelled images: :class:`Split` holds its images in memory, :class:`FolderSplit` streams them from an
 image folder, decoding minibatches on demand through a ``DataLoader`` so that memory stays bounded whatever the
-folder's size. Both yield normalised ``(x, y)`` minibatches and give in-memory subsets.
+folder's size. Both yield normalised ``(x, y)`` minibatches and give in-memory subsets. Fine-tuning holds some
+training images out and may train on several splits at once.
 """
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,7 +17,7 @@ import torch.nn.functional as F
 from pruning_core.errors import UserError
 from pruning_core.folder import decode
 
-__all__ = ["FolderSplit", "Split", "normalise"]
+__all__ = ["FolderSplit", "Split", "concat_splits", "holdout_split", "normalise"]
 
 
 def normalise(x: torch.Tensor, mean: tuple[float, ...], std: tuple[float, ...], scale: float) -> torch.Tensor:
@@ -137,3 +139,39 @@ class FolderSplit:
         xs = [x for x, _ in self._raw(idx, 256)]
         x = torch.cat(xs) if xs else torch.zeros(0, *self.shape, dtype=torch.uint8)
         return Split(x, self.y[idx], self.mean, self.std, self.scale)
+
+
+def holdout_split(train: Split | FolderSplit, images: int, seed: int = 0) -> tuple[Split | FolderSplit, Split | None]:
+    """``train`` without a seeded random ``images`` of its images (at most a fifth of them), and those images
+    (decoded into memory), or ``(train, None)`` for 0 images.
+    """
+    images = min(images, len(train) // 5)
+    if images <= 0:
+        return train, None
+    perm = torch.randperm(len(train), generator=torch.Generator().manual_seed(seed + 7919))
+    held, rest = perm[:images], perm[images:].sort().values
+    if isinstance(train, FolderSplit):
+        kept = copy.copy(train)
+        kept.files = [train.files[i] for i in rest.tolist()]
+        kept.y = train.y[rest]
+        return kept, train.subset(held)
+    return train.subset(rest), train.subset(held)
+
+
+def concat_splits(splits: list[Split | FolderSplit]) -> Split | FolderSplit:
+    """One training split of several: in-memory splits are concatenated (shapes must match); a streamed folder can
+    only be used alone.
+
+    :raises UserError: image shapes differ, or a streamed folder is combined with other images.
+    """
+    if len(splits) == 1:
+        return splits[0]
+    if any(isinstance(s, FolderSplit) for s in splits):
+        raise UserError("an image folder too large to hold in memory can only be fine-tuned on alone")
+    first = splits[0]
+    for s in splits[1:]:
+        if s.shape != first.shape:
+            raise UserError(f"fine-tuning images of shape {s.shape} and {first.shape} cannot be mixed: "
+                            "pass --image-size")
+    return Split(torch.cat([s.x for s in splits]), torch.cat([s.y for s in splits]), first.mean, first.std,
+                 first.scale)

@@ -213,6 +213,9 @@ def test_policy_file_errors(digits_session, tmp_path):
     good = save_policy(search.algo, cfg, search.best, tmp_path / "p")
     zipped = save_policy(search.algo, cfg, search.best, tmp_path / "p.zip")
     assert load_policy(zipped).config == load_policy(good).config
+    recorded = load_policy(good).train_config  # every resolved setting but this machine's
+    assert recorded["preset"] == "default" and recorded["settings"]["episodes"] == 3
+    assert "out" not in recorded["settings"]
 
     weights = good / "policy.safetensors"
     blob = weights.read_bytes()

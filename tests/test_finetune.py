@@ -23,9 +23,11 @@ from pruning_core import (
     uniform_ratios,
 )
 from pruning_core.actgrad import ActGradPruner
-from pruning_core.finetune import _plan, crop_flip, holdout_split
+from pruning_core.augment import crop_flip
 from pruning_core.importance import L1Importance
+from pruning_core.recipe import plan_epochs
 from pruning_core.schedules import ChannelMasks, SPPSchedule, make_schedule
+from pruning_core.splits import holdout_split
 
 
 @pytest.fixture(scope="module")
@@ -51,9 +53,9 @@ def test_crop_flip_moves_each_image_on_its_own():
 
 def test_minutes_budget_plans_whole_epochs():
     cfg = FinetuneConfig(epochs=10, minutes=1.0)
-    assert _plan(cfg, steps=20, seconds=2.0, steps_per_epoch=100) == 5  # 10.3 s per epoch: 60 // 10.3
-    assert _plan(cfg, steps=20, seconds=200.0, steps_per_epoch=100) == 1  # never 0
-    assert _plan(FinetuneConfig(epochs=3, minutes=60.0), 20, 1.0, 10) == 3  # never more than asked
+    assert plan_epochs(cfg, steps=20, seconds=2.0, steps_per_epoch=100) == 5  # 10.3 s per epoch: 60 // 10.3
+    assert plan_epochs(cfg, steps=20, seconds=200.0, steps_per_epoch=100) == 1  # never 0
+    assert plan_epochs(FinetuneConfig(epochs=3, minutes=60.0), 20, 1.0, 10) == 3  # never more than asked
 
 
 @pytest.mark.parametrize(("schedule", "killed_in"), [("oneshot", 2), ("spp", 2), ("drive", 3)])

@@ -18,7 +18,8 @@ from pruning_core import (
     trace_model,
     uniform_ratios,
 )
-from pruning_core.latency import _grid, cpu_channel_block
+from pruning_core.latency import cpu_channel_block
+from pruning_core.latency_table import _grid
 
 
 def macs_table(trace, block: int = 8) -> LatencyTable:
@@ -41,7 +42,7 @@ def test_offset_fits_the_probe(monkeypatch):
     """The table is fitted to two whole-model timings: dense and the half-width probe. A probe that saves less
     than its layers' entries do gets a positive offset (time that does not shrink with the widths), and then the
     table predicts the probe exactly; one that saves more, or that barely beats dense, leaves it proportional."""
-    import pruning_core.latency as latency
+    import pruning_core.latency_table as latency_table
 
     model = build_model("resnet20").eval()
     trace = trace_model(model, (3, 32, 32))
@@ -50,7 +51,8 @@ def test_offset_fits_the_probe(monkeypatch):
     share = LatencyTable._sum(entries.shapes, entries.layers, trace, kept) / entries._sum(entries.shapes,
                                                                                            entries.layers, None, None)
     for speedup, offset in ((1.5, True), (1.2 / share, False), (1.05, False)):
-        monkeypatch.setattr(latency, "compare_latency", lambda *a, s=speedup, **k: {"dense_ms": 100.0, "speedup": s})
+        monkeypatch.setattr(latency_table, "compare_latency",
+                            lambda *a, s=speedup, **k: {"dense_ms": 100.0, "speedup": s})
         table = LatencyTable.calibrated(model, trace, "torch", 1, 8, entries.layers, entries.shapes)
         assert table.probe == {"kept": kept, "speedup": speedup}
         assert table.ratio(trace, trace.dense_kept()) == pytest.approx(1.0)

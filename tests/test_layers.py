@@ -85,3 +85,24 @@ def test_no_import_cycles():
         if v not in index:
             strongconnect(v)
     assert not cycles, cycles
+
+
+MAX_FILE_LINES = 350
+MAX_FUNCTION_LINES = 60
+LONG_FUNCTIONS: dict[str, str] = {}  # "module.function": why it stays long
+
+
+def test_library_files_and_functions_stay_short():
+    """One job per file: no library module over MAX_FILE_LINES lines, no function over MAX_FUNCTION_LINES unless
+    LONG_FUNCTIONS says why."""
+    long_files, long_functions = [], []
+    for name, path in _modules().items():
+        text = path.read_text()
+        if len(text.splitlines()) > MAX_FILE_LINES:
+            long_files.append(f"{name}: {len(text.splitlines())} lines")
+        for node in ast.walk(ast.parse(text)):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                length = node.end_lineno - node.lineno + 1
+                if length > MAX_FUNCTION_LINES and f"{name}.{node.name}" not in LONG_FUNCTIONS:
+                    long_functions.append(f"{name}.{node.name}: {length} lines")
+    assert not long_files and not long_functions, long_files + long_functions

@@ -26,10 +26,11 @@ from pruning_core import (
     trace_model,
     uniform_ratios,
 )
+from pruning_core.blocks import DroppedBranch
 from pruning_core.data import Split
 from pruning_core.importance import TaylorImportance
 from pruning_core.latency import deploy_form
-from pruning_core.prune import DroppedBranch, kept_indices, removed_channels
+from pruning_core.prune import kept_indices, removed_channels
 from pruning_core.reconstruct import Reconstruction, _patches
 
 

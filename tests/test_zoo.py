@@ -83,9 +83,9 @@ def test_train_only_auxiliary_heads_are_left_out_and_their_weights_ignored(name,
 
 def test_randaugment_fine_tuning_changes_images_per_image(digits):
     from pruning_core import FinetuneConfig, build_model, finetune
-    from pruning_core.finetune import _randaugment
+    from pruning_core.augment import randaugment
     x, _ = next(digits.train.batches(16))
-    out = _randaugment(digits.train)(x)
+    out = randaugment(digits.train)(x)
     assert out.shape == x.shape and not torch.allclose(out, x)
     model = finetune(build_model("digits_cnn"), digits.train, FinetuneConfig(epochs=1, augment="randaugment",
                                                                              holdout_images=0))
