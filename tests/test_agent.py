@@ -1,13 +1,16 @@
 import json
 import zipfile
+from functools import partial
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from helpers import tiny_config, tiny_session
 
-from agent import Search, TrainConfig, apply_policy, load_policy, save_policy
+from agent import Search, apply_policy, load_policy, save_policy
 from agent.cli import main
+from agent.cloning import clone_actor
 from agent.search import MovingAverageBaseline
 from envs import PruneEnv
 from pruning_core import UserError
@@ -15,15 +18,12 @@ from pruning_core import UserError
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def tiny_config(**kw):
-    base = dict(episodes=6, warmup_episodes=2, gradient_steps=2, batch_size=16, hidden=16, gnn_layers=1,
-                net_arch=(32, 32), progress=False, reward_images=64, calib_batches=1)
-    return TrainConfig(**{**base, **kw})
+short_config = partial(tiny_config, episodes=6, warmup_episodes=2, gradient_steps=2, batch_size=16)
 
 
 @pytest.mark.parametrize("algo", ["ddpg", "td3", "sac", "ppo"])
 def test_short_runs_respect_budget_and_round_trip(algo, digits_session, tmp_path):
-    cfg = tiny_config(algo=algo, flops=0.6, episodes=12 if algo == "ppo" else 8)
+    cfg = short_config(algo=algo, flops=0.6, episodes=12 if algo == "ppo" else 8)
     env = PruneEnv(session=digits_session, flops=0.6)
     search = Search(cfg, env)
     best = search.run(cfg.episodes)
@@ -44,7 +44,7 @@ def test_short_runs_respect_budget_and_round_trip(algo, digits_session, tmp_path
 def test_ppo_exploration_std_and_per_episode_noise(sde, digits_session):
     """gSDE's noise is scaled to init_std and drawn once per episode: within an episode the same observation
     gets the same action; across episodes the actions spread with std near init_std (as without gSDE)."""
-    cfg = tiny_config(algo="ppo", sde=sde, init_std=0.3)
+    cfg = short_config(algo="ppo", sde=sde, init_std=0.3)
     env = PruneEnv(session=digits_session, flops=0.6)
     algo = Search(cfg, env).algo
     obs, _ = env.reset()
@@ -64,19 +64,19 @@ def test_ppo_exploration_std_and_per_episode_noise(sde, digits_session):
 def test_evaluation_budget_counts_distinct_allocations_only(digits_session):
     """With ``evaluations``, a search stops at that many distinct evaluated allocations: episodes that repeat
     one (cache hits) are free, and ``episodes`` still caps the search when repeats are all it finds."""
-    varied = Search(tiny_config(algo="ppo", init_std=0.5, episodes=50, evaluations=3),
+    varied = Search(short_config(algo="ppo", init_std=0.5, episodes=50, evaluations=3),
                     PruneEnv(session=digits_session, flops=0.6))
     varied.run(50, 3)
     assert varied.evaluations_done == 3 == len(varied.env.cache) and not varied.history[-1]["cached"]
     assert varied.episodes_done == len(varied.history) < 50
     # a near-deterministic policy repeats one allocation: the cap on episodes ends the search
-    stuck = Search(tiny_config(algo="ppo", init_std=1e-4, episodes=8, evaluations=5, reexplore=False),
+    stuck = Search(short_config(algo="ppo", init_std=1e-4, episodes=8, evaluations=5, reexplore=False),
                    PruneEnv(session=digits_session, flops=0.6))
     stuck.run(8, 5)
     assert stuck.episodes_done == 8 and stuck.evaluations_done < 5
     assert sum(h["cached"] for h in stuck.history) == 8 - stuck.evaluations_done > 0
     with pytest.raises(UserError, match="--evaluations"):
-        tiny_config(evaluations=0).validate()
+        short_config(evaluations=0).validate()
 
 
 def test_repeat_penalty_lowers_only_the_reward_of_repeated_allocations(digits_session):
@@ -102,7 +102,7 @@ def test_repeat_penalty_lowers_only_the_reward_of_repeated_allocations(digits_se
         assert env.average == pytest.approx(average)
     assert raw[0] == raw[1] != raw[2]
     with pytest.raises(UserError, match="--repeat-penalty"):
-        tiny_config(repeat_penalty=-0.1).validate()
+        short_config(repeat_penalty=-0.1).validate()
 
 
 def test_train_refuses_a_model_its_run_cannot_record(digits_session, tmp_path):
@@ -125,7 +125,7 @@ def test_ppo_reexplores_after_rollouts_of_repeats(sde, digits_session):
     the policy's mean where it is, so only the widening can move the search.)"""
     counts = {}
     for reexplore in (True, False):
-        search = Search(tiny_config(algo="ppo", sde=sde, init_std=0.3, episodes=12, reexplore=reexplore,
+        search = Search(short_config(algo="ppo", sde=sde, init_std=0.3, episodes=12, reexplore=reexplore,
                                     learning_rate=0.0),
                         PruneEnv(session=digits_session, flops=0.6))
         with torch.no_grad():
@@ -143,7 +143,7 @@ def test_reexploring_recentres_on_the_best_episode_and_widens(sde, digits_sessio
     """After k stalled rollouts in a row, the deterministic policy replays the best episode's applied actions
     and its action std is init_std * 2**k, at most 1."""
     env = PruneEnv(session=digits_session, flops=0.6)
-    search = Search(tiny_config(algo="ppo", sde=sde, init_std=0.3, episodes=8), env)
+    search = Search(short_config(algo="ppo", sde=sde, init_std=0.3, episodes=8), env)
     search.run(8)
     for stalls, std in ((1, 0.6), (3, 1.0)):
         search._stalls = stalls
@@ -158,14 +158,15 @@ def test_reexploring_recentres_on_the_best_episode_and_widens(sde, digits_sessio
             obs, _, done, _, info = env.step(np.array([target], dtype=np.float32))
         assert done and info["ratios"] == search.best["ratios"]
     assert search.reexplorations == 2
-    assert search._clone(search.best["actions"]) == 0  # the actor is still on the best episode: no Adam step
+    # the actor is still on the best episode: no Adam step
+    assert clone_actor(search.algo, env, search.best["actions"], search.config.learning_rate) == 0
 
 
 def test_ppo_warmup_is_random_then_the_actor_starts_from_its_best_episode(digits_session):
     """With clone_warmup, PPO's warm-up episodes are uniformly random, seeded by episode index; then the actor is
     fitted to the best of them, so that before any PPO update its deterministic episode replays that allocation.
     Without it, PPO starts learning at once (the default)."""
-    cfg = tiny_config(algo="ppo", episodes=5, warmup_episodes=5, flops=0.6, clone_warmup=True)
+    cfg = short_config(algo="ppo", episodes=5, warmup_episodes=5, flops=0.6, clone_warmup=True)
     env = PruneEnv(session=digits_session, flops=0.6)
     search = Search(cfg, env)
     best = search.run(5)
@@ -180,7 +181,7 @@ def test_ppo_warmup_is_random_then_the_actor_starts_from_its_best_episode(digits
         assert abs(float(action[0]) - target) < 0.05, (t, float(action[0]), target)
         obs, _, done, _, info = env.step(np.array([target], dtype=np.float32))
     assert done and info["ratios"] == best["ratios"]
-    plain = Search(tiny_config(algo="ppo", episodes=4, warmup_episodes=5, flops=0.6), env)
+    plain = Search(short_config(algo="ppo", episodes=4, warmup_episodes=5, flops=0.6), env)
     plain.run(4)
     assert not plain.cloned and plain.episodes_done == 4  # no warm-up: every step was PPO's
     assert plain.algo.num_timesteps == plain.proposals * env.num_steps
@@ -194,7 +195,7 @@ def test_ppo_starts_from_the_better_of_its_warmup_and_a_given_allocation(digits_
     env = PruneEnv(session=digits_session, flops=0.6)
     found = sensitivity_search(env, points=2)
     actions = applied_actions(env, found["step_ratios"])
-    search = Search(tiny_config(algo="ppo", episodes=3, warmup_episodes=3, flops=0.6), env)
+    search = Search(short_config(algo="ppo", episodes=3, warmup_episodes=3, flops=0.6), env)
     search.start = actions, (2.0 if start_wins else -1.0)  # a reward above (below) any warm-up episode's
     search.run(3)
     assert search.cloned and search.episodes_done == 3 and not search.algo.num_timesteps
@@ -207,7 +208,7 @@ def test_ppo_starts_from_the_better_of_its_warmup_and_a_given_allocation(digits_
 
 
 def test_policy_file_errors(digits_session, tmp_path):
-    cfg = tiny_config(episodes=3)
+    cfg = short_config(episodes=3)
     search = Search(cfg, PruneEnv(session=digits_session, flops=0.6))
     search.run(3)
     good = save_policy(search.algo, cfg, search.best, tmp_path / "p")
@@ -251,7 +252,7 @@ def test_apply_keeps_the_policys_channel_rounding(digits_session, tmp_path):
     """A policy searched with round_to=8 is replayed with it (the ratios alone do not fix the widths);
     round_to=1 asks for no rounding."""
     from pruning_core import kept_counts
-    cfg = tiny_config(episodes=2, flops=0.6, round_to=8)
+    cfg = short_config(episodes=2, flops=0.6, round_to=8)
     search = Search(cfg, PruneEnv(session=digits_session, flops=0.6, round_to=8))
     search.run(2)
     path = save_policy(search.algo, cfg, search.best, tmp_path / "p")
@@ -273,7 +274,7 @@ def test_apply_scores_candidates_as_the_policy_was_trained(digits_session, digit
     """A policy searched with reconstruction records it, and apply scores its candidates the same way unless
     told otherwise. The kept model is refitted either way unless it is fine-tuned or told not to be, and the
     report says what the refit bought."""
-    cfg = tiny_config(episodes=2, flops=0.6, reconstruct=True)
+    cfg = short_config(episodes=2, flops=0.6, reconstruct=True)
     search = Search(cfg, PruneEnv(session=digits_session, flops=0.6))
     search.run(2)
     path = save_policy(search.algo, cfg, search.best, tmp_path / "p")
@@ -339,16 +340,12 @@ def test_cli_train_export_apply_to_other_architecture(digits_weights, tmp_path, 
 
 @pytest.mark.slow
 def test_apply_to_other_models_meets_budget(digits_session, tmp_path):
-    from test_graph_encoder import _tiny_cifar
-
-    from pruning_core import PruningSession, SessionConfig, build_model
-    cfg = tiny_config(episodes=3, flops=0.6)
+    cfg = short_config(episodes=3, flops=0.6)
     search = Search(cfg, PruneEnv(session=digits_session, flops=0.6))
     search.run(3)
     path = save_policy(search.algo, cfg, search.best, tmp_path / "p")
     for name, flops in (("resnet20", 0.5), ("mobilenetv2", 0.45)):
-        session = PruningSession(build_model(name), None, _tiny_cifar(), SessionConfig(
-            reward_images=8, calib_batches=1, taylor_batches=1, batch_size=8))
+        session = tiny_session(name)
         report = apply_policy(path, name, flops=flops, session=session, search_episodes=2 if name == "resnet20" else 0,
                               reconstruct_final=False)  # the candidates score unrefitted, and so is the kept one here
         assert report["flops_ratio"] <= flops
@@ -365,15 +362,12 @@ def test_apply_to_other_models_meets_budget(digits_session, tmp_path):
 def test_drop_policy_transfers_from_resnet20_to_resnet56(tmp_path):
     """A policy learned with dropped blocks (substage, 16-channel blocks) records its action space, and applied
     to a deeper ResNet replays it: whole blocks or none, within the budget."""
-    from test_graph_encoder import _tiny_cifar
-
-    from pruning_core import PruningSession, SessionConfig, build_model, kept_counts
+    from pruning_core import kept_counts
 
     def session(name):
-        return PruningSession(build_model(name), None, _tiny_cifar(), SessionConfig(
-            reward_images=8, calib_batches=1, taylor_batches=1, batch_size=8))
+        return tiny_session(name)
 
-    cfg = tiny_config(algo="ppo", episodes=3, warmup_episodes=1, flops=0.5, round_to=16, granularity="substage",
+    cfg = short_config(algo="ppo", episodes=3, warmup_episodes=1, flops=0.5, round_to=16, granularity="substage",
                       drop_blocks=True)
     env = PruneEnv(session=session("resnet20"), flops=0.5, round_to=16, granularity="substage", drop=True)
     search = Search(cfg, env)

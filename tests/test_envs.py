@@ -4,17 +4,17 @@ import gymnasium
 import numpy as np
 import pytest
 from gymnasium.utils.env_checker import check_env as gym_check_env
+from helpers import BudgetOnlyEnv, tiny_session
 from stable_baselines3.common.env_checker import check_env as sb3_check_env
 
 from envs import ENV_ID, PruneEnv, select_best
+from graph_encoder import DYNAMIC_FEATURES, STATIC_FEATURES
 from pruning_core import UserError, kept_channels
 
 
-class BudgetOnlyEnv(PruneEnv):
-    """Skips the (slow) model evaluation so the clamp can be exercised over many episodes."""
-
-    def evaluate(self, kept):
-        return 0.0, {"flops_ratio": self.trace.flops(kept) / self.dense_flops, "ratios": dict(self.ratios)}
+def column(feature: str) -> int:
+    """The column of a dynamic feature in an observation's node features (static features first)."""
+    return len(STATIC_FEATURES) + DYNAMIC_FEATURES.index(feature)
 
 
 def reached_allocations(env, rng, episodes: int) -> set[tuple[int, ...]]:
@@ -53,11 +53,7 @@ def test_registered_make_with_cli_keywords(digits_session):
 @pytest.mark.parametrize("model", ["resnet56", "mobilenetv2", "vgg16_bn"])
 @pytest.mark.slow
 def test_budget_holds_over_hundreds_of_random_episodes(model, granularity):
-    from test_graph_encoder import _tiny_cifar
-
-    from pruning_core import PruningSession, SessionConfig, build_model
-    session = PruningSession(build_model(model), None, _tiny_cifar(),
-                             SessionConfig(reward_images=8, calib_batches=1, taylor_batches=1, batch_size=8))
+    session = tiny_session(model)
     rng = np.random.default_rng(0)
     for target in (0.3, 0.5, 0.8):
         env = BudgetOnlyEnv(session=session, flops=target, round_to=8 if model == "vgg16_bn" else None,
@@ -76,11 +72,8 @@ def test_budget_holds_over_hundreds_of_random_episodes(model, granularity):
 
 
 def test_stage_granularity_shares_one_ratio_per_stage():
-    from test_graph_encoder import _tiny_cifar
-
-    from pruning_core import PruningSession, SessionConfig, build_model, uniform_ratios
-    session = PruningSession(build_model("resnet56"), None, _tiny_cifar(),
-                             SessionConfig(reward_images=8, calib_batches=1, taylor_batches=1, batch_size=8))
+    from pruning_core import uniform_ratios
+    session = tiny_session("resnet56")
     env = BudgetOnlyEnv(session=session, flops=0.5, granularity="stage")
     assert [len(d) for d in env.decisions] == [9, 9, 9]  # the block-internal convs of the three stages
     assert [env.groups[d[0]].name for d in env.decisions] == ["layer1.0.conv1", "layer2.0.conv1", "layer3.0.conv1"]
@@ -88,7 +81,7 @@ def test_stage_granularity_shares_one_ratio_per_stage():
     for actions in ([0.0] * 3, [0.6, 0.2, -0.9], [-1.0, -1.0, -1.0]):
         obs, _ = env.reset()
         for a in actions:
-            current = obs["x"].reshape(env.max_nodes, -1)[:, env._dyn["is_current"]]
+            current = obs["x"].reshape(env.max_nodes, -1)[:, column("is_current")]
             assert current.sum() > 9  # every group of the stage is current
             obs, _, done, _, info = env.step(np.array([a], np.float32))
         assert done and info["flops_ratio"] <= 0.5
@@ -111,11 +104,7 @@ def test_stage_granularity_shares_one_ratio_per_stage():
 @pytest.mark.parametrize("granularity", ["group", "stage"])
 def test_remaining_center_spends_the_budget(granularity):
     """With action_center="remaining", action 0 fills the budget, and an early deviation is paid back later."""
-    from test_graph_encoder import _tiny_cifar
-
-    from pruning_core import PruningSession, SessionConfig, build_model
-    session = PruningSession(build_model("resnet56"), None, _tiny_cifar(),
-                             SessionConfig(reward_images=8, calib_batches=1, taylor_batches=1, batch_size=8))
+    session = tiny_session("resnet56")
     rng = np.random.default_rng(0)
     for target in (0.3, 0.5, 0.7):
         env = BudgetOnlyEnv(session=session, flops=target, granularity=granularity, action_center="remaining")
@@ -135,11 +124,7 @@ def test_remaining_center_spends_the_budget(granularity):
 def test_feasible_allocations_are_exactly_what_episodes_can_reach():
     """The space an exhaustive search enumerates: every allocation meets the budget, and every allocation a
     clamped episode reaches is among them (ResNet-56, substage, widths in multiples of 8)."""
-    from test_graph_encoder import _tiny_cifar
-
-    from pruning_core import PruningSession, SessionConfig, build_model
-    session = PruningSession(build_model("resnet56"), None, _tiny_cifar(),
-                             SessionConfig(reward_images=8, calib_batches=1, taylor_batches=1, batch_size=8))
+    session = tiny_session("resnet56")
     env = BudgetOnlyEnv(session=session, flops=0.5, round_to=8, granularity="substage")
     feasible = env.feasible_allocations()
     keys = {tuple(k[g.name] for g in env.groups) for k in feasible}
@@ -154,11 +139,7 @@ def test_feasible_allocations_are_exactly_what_episodes_can_reach():
 def test_drop_blocks_removes_residual_branches_within_the_budget():
     """With drop, ResNet-56's residual branches keep whole 16-channel blocks or none; every episode meets the
     budget, and those that drop a branch are evaluated on a model without it."""
-    from test_graph_encoder import _tiny_cifar
-
-    from pruning_core import PruningSession, SessionConfig, build_model
-    session = PruningSession(build_model("resnet56"), None, _tiny_cifar(),
-                             SessionConfig(reward_images=8, calib_batches=1, taylor_batches=1, batch_size=8))
+    session = tiny_session("resnet56")
     with pytest.raises(UserError, match="needs round_to"):
         PruneEnv(session=session, flops=0.5, drop=True)
     env = BudgetOnlyEnv(session=session, flops=0.5, round_to=16, granularity="group", drop=True)
@@ -187,11 +168,8 @@ def test_staged_drop_steps_remove_the_cheapest_branches_of_each_run():
     """With drop and a stage-wise granularity, each run's width step (whole 16-channel blocks, never none) is
     followed by a drop step that removes its cheapest branches (``session.drop_costs``); the observation flags
     drop steps, every episode meets the budget, and the enumerated space is exactly what episodes reach."""
-    from test_graph_encoder import _tiny_cifar
-
-    from pruning_core import PruningSession, SessionConfig, build_model, drop_order
-    session = PruningSession(build_model("resnet56"), None, _tiny_cifar(),
-                             SessionConfig(reward_images=8, calib_batches=1, taylor_batches=1, batch_size=8))
+    from pruning_core import drop_order
+    session = tiny_session("resnet56")
     env = BudgetOnlyEnv(session=session, flops=0.5, round_to=16, granularity="substage", drop=True)
     names = [[env.groups[i].name for i in d] for d in env.decisions]
     # stage 1 (16 channels: one block) has no width step; the other four runs have both
@@ -207,7 +185,7 @@ def test_staged_drop_steps_remove_the_cheapest_branches_of_each_run():
         obs, _ = env.reset(seed=episode)
         done, t = False, 0
         while not done:
-            flag = obs["x"].reshape(env.max_nodes, -1)[:env.graph.num_nodes, env._dyn["drop_step"]]
+            flag = obs["x"].reshape(env.max_nodes, -1)[:env.graph.num_nodes, column("drop_step")]
             assert set(flag.tolist()) == {float(env.drop_steps[t])}
             obs, _, done, _, info = env.step(np.array([rng.uniform(-1, 1)], np.float32))
             t += 1
@@ -236,11 +214,7 @@ def test_staged_drop_steps_remove_the_cheapest_branches_of_each_run():
 def test_staged_drop_steps_keep_the_budget_on_mobilenetv2(granularity):
     """MobileNetV2's runs mix residual branches with groups that cannot be dropped: only the branches get a drop
     step, and every episode, whatever its actions, meets the budget with widths in whole blocks."""
-    from test_graph_encoder import _tiny_cifar
-
-    from pruning_core import PruningSession, SessionConfig, build_model
-    session = PruningSession(build_model("mobilenetv2"), None, _tiny_cifar(),
-                             SessionConfig(reward_images=8, calib_batches=1, taylor_batches=1, batch_size=8))
+    session = tiny_session("mobilenetv2")
     rng = np.random.default_rng(0)
     for target in (0.3, 0.6):
         env = BudgetOnlyEnv(session=session, flops=target, round_to=16, granularity=granularity, drop=True)

@@ -1,10 +1,11 @@
 import numpy as np
 import pytest
 import torch
+from helpers import tiny_session
 
 from envs import PruneEnv
 from graph_encoder import GraphFeaturesExtractor, LayerGraph, LayerGraphEncoder, batch_observations
-from pruning_core import PruningSession, SessionConfig, UserError, build_model, trace_model
+from pruning_core import UserError, build_model, trace_model
 
 
 def test_encoder_shapes_and_repr():
@@ -61,17 +62,8 @@ def test_mobilenetv2_depthwise_coupled_with_producer():
 
 @pytest.fixture(scope="module")
 def r20_env():
-    session = PruningSession(build_model("resnet20"), None, _tiny_cifar(), SessionConfig(
-        reward_images=8, calib_batches=1, taylor_batches=1, batch_size=8))
+    session = tiny_session("resnet20")
     return PruneEnv(session=session)
-
-
-def _tiny_cifar():
-    from pruning_core.data import CIFAR_MEAN, CIFAR_STD, ImageData, Split
-    g = torch.Generator().manual_seed(0)
-    x = torch.randint(0, 256, (32, 3, 32, 32), dtype=torch.uint8, generator=g)
-    y = torch.randint(0, 10, (32,), generator=g)
-    return ImageData("random", Split(x, y, CIFAR_MEAN, CIFAR_STD), Split(x, y, CIFAR_MEAN, CIFAR_STD), 10)
 
 
 def to_batch(*observations):
@@ -79,8 +71,7 @@ def to_batch(*observations):
 
 
 def test_extractor_alone_equals_in_batch_and_mixes_models(r20_env):
-    session56 = PruningSession(build_model("resnet56"), None, _tiny_cifar(), SessionConfig(
-        reward_images=8, calib_batches=1, taylor_batches=1, batch_size=8))
+    session56 = tiny_session("resnet56")
     env56 = PruneEnv(session=session56)
     assert env56.observation_space == r20_env.observation_space
     o20, _ = r20_env.reset(seed=0)

@@ -1,8 +1,11 @@
 """Importance criteria against what they estimate, computed exactly on a small model."""
 
+import copy
+
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import needs_assets
 
 from pruning_core import build_model, trace_model
 from pruning_core.importance import Taylor2Importance, TaylorImportance
@@ -45,3 +48,26 @@ def test_second_order_taylor_estimates_the_gate_expansion(digits_weights, digits
         assert first[i] == pytest.approx(d1 ** 2, rel=1e-3)  # the first-order score is the gate gradient, squared
         assert second[i] == pytest.approx((-d1 + d2 / 2) ** 2, rel=0.5)  # Hutchinson's estimate of h, 300 probes
         assert first[i] < 0.25 * (-d1 + d2 / 2) ** 2  # ...which the first-order score misses
+
+
+@needs_assets
+@pytest.mark.slow
+def test_taylor_quality_against_oracle(cifar, resnet20):
+    """Spearman(Taylor, oracle loss increase of removing each channel alone) on layer1.0.conv1."""
+    from scipy.stats import spearmanr
+    trace = trace_model(resnet20, (3, 32, 32))
+    x, y = cifar.train.normalise(cifar.train.x[:1024]), cifar.train.y[:1024]
+    batches = [(x[i:i + 128], y[i:i + 128]) for i in range(0, 1024, 128)]
+    scores = TaylorImportance(8)(resnet20, batches, trace)["layer1.0.conv1"]
+    net = copy.deepcopy(resnet20)
+    bn = net.layer1[0].bn1
+    with torch.no_grad():
+        base = sum(F.cross_entropy(net(a), b).item() for a, b in batches)
+        oracle = []
+        for c in range(16):
+            w, b_ = bn.weight[c].item(), bn.bias[c].item()
+            bn.weight[c], bn.bias[c] = 0.0, 0.0
+            oracle.append(sum(F.cross_entropy(net(a), b).item() for a, b in batches) - base)
+            bn.weight[c], bn.bias[c] = w, b_
+    rho = spearmanr(scores.numpy(), oracle).correlation
+    assert rho >= 0.5, rho

@@ -3,8 +3,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from test_envs import BudgetOnlyEnv
-from test_pruning_core import randomise
+from helpers import BudgetOnlyEnv, Grouped, randomise, tiny_session
 
 from agent.cli import main
 from pruning_core import (
@@ -48,8 +47,7 @@ def test_offset_fits_the_probe(monkeypatch):
     trace = trace_model(model, (3, 32, 32))
     entries = macs_table(trace)
     kept = kept_counts(trace, {g.name: 0.5 for g in trace.groups}, 8)
-    share = LatencyTable._sum(entries.shapes, entries.layers, trace, kept) / entries._sum(entries.shapes,
-                                                                                           entries.layers, None, None)
+    share = entries.ratio(trace, kept)  # the probe's share of the summed entries (the table is proportional)
     for speedup, offset in ((1.5, True), (1.2 / share, False), (1.05, False)):
         monkeypatch.setattr(latency_table, "compare_latency",
                             lambda *a, s=speedup, **k: {"dense_ms": 100.0, "speedup": s})
@@ -128,11 +126,8 @@ def test_measured_table_predicts_dense_and_round_trips(tmp_path):
 def test_budget_helpers_and_env_keep_both_budgets():
     """With a latency budget tighter than the FLOPs one, uniform, global and hundreds of random episodes of the
     env's clamp all keep both, in every granularity."""
-    from test_graph_encoder import _tiny_cifar
 
-    from pruning_core import PruningSession, SessionConfig
-    session = PruningSession(build_model("resnet56"), None, _tiny_cifar(),
-                             SessionConfig(reward_images=8, calib_batches=1, taylor_batches=1, batch_size=8))
+    session = tiny_session("resnet56")
     trace = session.trace
     table = macs_table(trace)
     budget = LatencyBudget(table, 0.45)
@@ -207,12 +202,8 @@ def test_cpu_channel_block_follows_the_simd_width(capability, block, monkeypatch
 def test_grouped_convs_in_the_table_and_the_env():
     """A grouped conv is timed with its conv groups at widths that are multiples of them, and the env's episodes
     keep every group's blocks even while both budgets hold."""
-    from test_graph_encoder import _tiny_cifar
-    from test_pruning_core import Grouped
 
-    from pruning_core import PruningSession, SessionConfig
-    session = PruningSession(randomise(Grouped()), None, _tiny_cifar(),
-                             SessionConfig(reward_images=8, calib_batches=1, taylor_batches=1, batch_size=8))
+    session = tiny_session(randomise(Grouped()))
     trace = session.trace
     table = LatencyTable.measure(session.model, trace, "torch", 1, block=8, min_run_time=0.002)
     grouped = {k: e for k, e in table.layers.items() if " g" in k}

@@ -2,6 +2,7 @@
 
 import numpy as np
 import pytest
+from helpers import tiny_cifar
 
 from envs import (
     PruneEnv,
@@ -139,11 +140,10 @@ def test_val_data_supplies_the_reward_and_select_images(tmp_path):
     """--val-data: the reward and select splits come from the validation folder, calibration stays on training
     images, and the report says where the reward images came from."""
     import torch
-    from test_graph_encoder import _tiny_cifar
 
     from pruning_core import PruningSession, SessionConfig
     from pruning_core.data import make_splits
-    data = _tiny_cifar()
+    data = tiny_cifar()
     classes = [f"c{i}" for i in range(10)]
     g = torch.Generator().manual_seed(1)
     x = torch.randint(0, 256, (60, 3, 32, 32), dtype=torch.uint8, generator=g)

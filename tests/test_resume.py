@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import TINY_SEARCH
 
 import agent.search
 from agent import export_policy, resume, train
@@ -20,8 +21,7 @@ from pruning_core import UserError, build_model
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = dict(model="digits_cnn", data="digits", episodes=14, warmup_episodes=3, gradient_steps=2, batch_size=16,
-            hidden=16, gnn_layers=1, net_arch=(32, 32), progress=False, reward_images=64, calib_batches=1,
-            checkpoint_every=2, sensitivity_points=3)
+            checkpoint_every=2, sensitivity_points=3, **TINY_SEARCH)
 CLI = [sys.executable, "-m", "agent.cli", "train", "--model", "digits_cnn", "--data", "digits", "--reward-images",
        "64", "--calib-batches", "1", "--warmup-episodes", "3", "--hidden", "16", "--gradient-steps", "2",
        "--sensitivity-points", "3", "--checkpoint-every", "4", "--no-progress"]

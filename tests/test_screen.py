@@ -1,18 +1,17 @@
 """The reward model (envs.reward_model) and PPO's screened search (agent.search.Search with ``screen`` > 1)."""
 
+from functools import partial
+
 import numpy as np
 import pytest
+from helpers import tiny_config
 from scipy.stats import spearmanr
 
 from agent import Search, TrainConfig
 from envs import PruneEnv
 from envs.reward_model import RewardModel
 
-
-def tiny_config(**kw):
-    base = dict(episodes=8, warmup_episodes=4, hidden=16, gnn_layers=1, net_arch=(32, 32), progress=False,
-                reward_images=64, calib_batches=1, rollout_episodes=2, screen=4, clone_warmup=True)
-    return TrainConfig(**{**base, **kw})
+screened_config = partial(tiny_config, episodes=8, warmup_episodes=4, rollout_episodes=2, screen=4, clone_warmup=True)
 
 
 def random_allocations(env: PruneEnv, n: int, seed: int) -> list[dict[str, int]]:
@@ -42,7 +41,7 @@ def test_screened_ppo_evaluates_one_allocation_per_screen_proposals(digits_sessi
     """Each PPO rollout proposes rollout_episodes * screen episodes and records rollout_episodes of them: the
     reward model's picks among the agent's proposals and the random and local candidates, with their predictions.
     """
-    cfg = tiny_config()
+    cfg = screened_config()
     search = Search(cfg, PruneEnv(session=digits_session, flops=0.6))
     search.run(cfg.episodes)
     assert search.episodes_done == cfg.episodes == len(search.history)
@@ -60,7 +59,7 @@ def test_screened_ppo_evaluates_one_allocation_per_screen_proposals(digits_sessi
 
 
 def test_screen_one_evaluates_every_episode_of_the_agent(digits_session):
-    cfg = tiny_config(screen=1)
+    cfg = screened_config(screen=1)
     search = Search(cfg, PruneEnv(session=digits_session, flops=0.6))
     search.run(cfg.episodes)
     assert search.episodes_done == cfg.episodes and search.proposals == 0 and not search.screening
@@ -69,7 +68,7 @@ def test_screen_one_evaluates_every_episode_of_the_agent(digits_session):
 
 
 def test_the_evaluation_budget_holds_while_screening(digits_session):
-    cfg = tiny_config(episodes=40, evaluations=9)
+    cfg = screened_config(episodes=40, evaluations=9)
     search = Search(cfg, PruneEnv(session=digits_session, flops=0.6))
     search.run(cfg.episodes, cfg.evaluations)
     assert search.evaluations_done == len(search.env.cache) == 9

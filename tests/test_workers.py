@@ -6,15 +6,15 @@ import os
 import signal
 
 import pytest
+from helpers import TINY_SEARCH
 
 from agent import train
 from envs import PruneEnv, evaluation_workers, random_search
 from pruning_core import PruningSession, SessionConfig, UserError, uniform_ratios
 from pruning_core.parallel import EvaluationPool
 
-TINY = dict(model="digits_cnn", data="digits", episodes=20, warmup_episodes=4, hidden=16, gnn_layers=1,
-            net_arch=(32, 32), progress=False, reward_images=64, calib_batches=1, checkpoint_every=4,
-            sensitivity_points=3)
+TINY = dict(model="digits_cnn", data="digits", episodes=20, warmup_episodes=4, checkpoint_every=4, sensitivity_points=3,
+            **TINY_SEARCH)
 
 
 @pytest.fixture(scope="module")

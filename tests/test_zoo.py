@@ -5,7 +5,7 @@ Needs torchvision (``make test-zoo`` builds its venv); skipped without it.
 
 import pytest
 import torch
-from test_pruning_core import masked, randomise
+from helpers import masked, randomise
 
 from pruning_core import (
     UserError,

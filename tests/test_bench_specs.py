@@ -1,0 +1,38 @@
+"""The benchmark specs in bench/experiments/ parse and name scripts that exist (bench/run.py)."""
+
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).resolve().parents[1] / "bench"
+sys.path.insert(0, str(BENCH))
+import run  # noqa: E402 - bench/run.py, not a package
+
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10
+    tomllib = None
+
+
+def test_flags_follow_argparse_conventions():
+    assert run.flags({"models": ["resnet20"], "random_seeds": [0, 1], "latency": False, "json": True,
+                      "workers": 2, "skip": []}) == ["--models", "resnet20", "--random-seeds", "0", "1",
+                                                     "--no-latency", "--json", "--workers", "2", "--skip"]
+
+
+@pytest.mark.skipif(tomllib is None, reason="tomllib needs Python 3.11")
+@pytest.mark.parametrize("spec", sorted((BENCH / "experiments").glob("*.toml")), ids=lambda p: p.stem)
+def test_every_spec_builds_a_command(spec):
+    data = tomllib.loads(spec.read_text())
+    cmd = run.command(data, spec)
+    assert (BENCH / cmd[1]).is_file()
+    for name in data.get("render", []):  # the rendered table's result files exist
+        assert (BENCH / "results" / f"{name}.json").is_file(), name
+
+
+def test_a_spec_with_unknown_keys_is_refused():
+    with pytest.raises(SystemExit, match="unknown keys"):
+        run.command({"script": "methods", "name": "x", "arg": {}}, Path("bad.toml"))
+    with pytest.raises(SystemExit, match="script must name a benchmark"):
+        run.command({"script": "nope", "name": "x"}, Path("bad.toml"))
