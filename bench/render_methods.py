@@ -1,7 +1,7 @@
 """Render bench/methods.py results as one markdown table: test accuracy (refitted, before fine-tuning) and ONNX
 Runtime speed-up at batch 1 per method, model and FLOPs target; seeded methods as mean (min-max). Where two files
 hold the same method, model and target, the later one's row replaces the earlier's; train capped by
-methods.py --train-evaluations N is the row train-N. Speed-ups re-timed alone by
+methods.py --train-evaluations N is the row train-N, --train-preset fast the row train-fast. Speed-ups re-timed alone by
 methods_latency.py (NAME_latency.json) replace those timed during the run.
 
 Example (from bench/): python render_methods.py methods_r20_amd methods_r56_amd --write ../README.md ../docs/results.md
@@ -61,6 +61,8 @@ def rows(names: list[str]) -> list[str]:
         latency = RESULTS / f"{name}_latency.json"
         timed = json.loads(latency.read_text())["models"] if latency.is_file() else {}
         capped = res["config"].get("train_evaluations")
+        preset = res["config"].get("train_preset", "default")
+        suffix = f"-{capped}" if capped else f"-{preset}" if preset != "default" else ""
         for model, targets in res["models"].items():
             for target, methods in targets.items():
                 block = blocks.setdefault((model, target), {})
@@ -68,7 +70,7 @@ def rows(names: list[str]) -> list[str]:
                     retimed = {int(k.rpartition("/")[2]): v["speedup"]
                                for k, v in timed.get(model, {}).get(target, {}).items()
                                if k.rpartition("/")[0] == method}
-                    label = f"{method}-{capped}" if capped and method == "train" else method
+                    label = method + suffix if method == "train" else method
                     block[label] = entry, res["commit"][:7], retimed
 
     def key(m: str) -> tuple:

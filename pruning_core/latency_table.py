@@ -106,7 +106,7 @@ class LatencyTable:
     bisected.
 
     This is NetAdapt's and AMC's latency lookup table. It predicts runtimes that fuse the non-conv work into the
-    convs well, such as ONNX Runtime (its accuracy is measured in ``docs/benchmarks.md``). Widths that are not
+    convs well, such as ONNX Runtime (its accuracy is measured in ``docs/latency-tables.md``). Widths that are not
     multiples of ``block`` predict as the next multiple, while ORT runs them on slower kernels, so search with
     ``round_to=block`` when budgeting latency.
 

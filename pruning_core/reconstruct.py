@@ -61,7 +61,7 @@ class Reconstruction:
         the model in one forward pass.
     :param positions: output positions sampled per image for each conv (a linear layer uses every image).
     :param ridge: the pull towards the pruned weights, relative to the mean diagonal of the inputs' Gram matrix.
-        The default was chosen on held-out training images among 0.01, 0.1 and 1 (``bench/FINDINGS.md``).
+        The default was chosen on held-out training images among 0.01, 0.1 and 1 (``docs/refit.md``).
     """
 
     def __init__(self, dense: nn.Module, images: torch.Tensor, positions: int = 16, ridge: float = 0.1,

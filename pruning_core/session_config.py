@@ -36,7 +36,7 @@ class SessionConfig:
     """What it costs to remove a residual branch whole (:meth:`PruningSession.drop_costs`): ``loss``, the
     calibration images' cross-entropy with that branch alone removed and BN recalibrated (one evaluation per
     branch), or ``taylor``, the branch's summed channel scores (free, but it ranked blocks worse in
-    ``bench/FINDINGS.md``)."""
+    ``docs/drop-blocks.md``)."""
     mean: tuple[float, ...] | None = None
     """Per-channel mean subtracted from ``pixel * scale`` (one value for all channels); None: the data set's
     default (ImageNet's for cifar10 and image folders)."""
