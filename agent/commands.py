@@ -47,7 +47,6 @@ def _preset_help() -> str:
     return "named budget; flags given beside it win. " + "; ".join(f"{n}: {flags(s)}" for n, s in PRESETS.items())
 
 
-
 # train's flags beyond the main ones: (field, type or choices, one-line help); shown by --help-all
 EXPERT_FLAGS = (
     ("algo", ALGOS, "SB3 algorithm"),

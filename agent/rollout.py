@@ -47,9 +47,10 @@ def random_episodes(search: Search, batch: int) -> None:
     ``seed`` and ``i`` alone.
     """
     for _ in range(batch):  # evaluated together, then recorded one by one
-        if search.episodes_done + len(search._deferred) >= search.config.warmup_episodes or search.budget_spent():
+        episode = search.episodes_done + len(search._deferred)  # this episode's index, deferred ones counted
+        if episode >= search.config.warmup_episodes or search.budget_spent():
             break
-        rng = np.random.default_rng([search.config.seed, search.episodes_done + len(search._deferred)])
+        rng = np.random.default_rng([search.config.seed, episode])
         search.wrapped.reset()
         done = False
         while not done:

@@ -275,8 +275,6 @@ def _plots(run_dir: Path, history: list[dict], best: dict[str, float], uniform: 
     plt.close(fig)
 
 
-
-
 def pareto_plot(path: Path, candidates: list[dict], history: list[dict]) -> None:
     """Accuracy against FLOPs speed-up: every search episode (reward split, as searched) and the re-scored
     candidates by source (reward and select splits, built as kept), with the candidates' Pareto front.
