@@ -27,7 +27,7 @@ $(VENV)/.installed-dev: $(VENV)/.installed
 $(ZOO)/.installed:
 	$(PY) -m venv $(ZOO)
 	$(ZOO)/bin/python -m pip install -q --upgrade pip
-	$(ZOO)/bin/python -m pip install -q $(ZOO_TORCH)
+	$(ZOO)/bin/python -m pip install -q --no-cache-dir $(ZOO_TORCH)
 	$(ZOO)/bin/python -m pip install -q timm -e '.[dev,export]'
 	touch $@
 
