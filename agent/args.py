@@ -14,8 +14,8 @@ __all__ = ["DATA_HELP", "INPUT_SETTINGS", "MODEL_HELP", "ROUND_TO_HELP", "add_in
            "add_normalisation_args", "add_output_args", "check_flops", "floats_arg", "input_settings", "positive_int",
            "round_to_arg"]
 
-MODEL_HELP = ("zoo name (resnet20/32/44/56/110, vgg11_bn, vgg16_bn, mobilenetv2, digits_cnn, digits_cnn_wide), "
-              "torchvision:NAME, timm:NAME or package.module:factory")
+MODEL_HELP = ("zoo name (resnet20/32/44/56/110, vgg11_bn, vgg16_bn, mobilenetv2, digits_cnn, digits_cnn_wide, "
+              "digits_bottleneck, digits_bottleneck_deep), torchvision:NAME, timm:NAME or package.module:factory")
 DATA_HELP = "cifar10:DIR, imagefolder:DIR (train/ and test/ or val/, streamed) or digits"
 # SessionConfig fields these flags set, shared by every command that loads a model
 INPUT_SETTINGS = ("mean", "std", "scale", "image_size", "loader_workers", "num_classes", "trust_pickle", "device")

@@ -1,4 +1,6 @@
-"""The built-in demo: digits CNN -> agent search -> export -> apply to another CNN -> a side-by-side table."""
+"""The built-in demo: a digits CNN with unequal layers -> agent search -> export -> apply to another CNN -> a
+side-by-side table of dense, uniform and the search, with measured speed-ups.
+"""
 
 from __future__ import annotations
 
@@ -18,6 +20,7 @@ from pruning_core import (
     UserError,
     accuracy,
     build_model,
+    compare_latency,
     finetune,
     load_data,
     uniform_ratios,
@@ -25,7 +28,9 @@ from pruning_core import (
 
 __all__ = ["run_demo"]
 
-SOURCE, TARGET = "digits_cnn", "digits_cnn_wide"
+# an 8-channel layer between wide ones: a uniform ratio cuts it as deep as the rest, a per-layer search need not
+SOURCE, TARGET = "digits_bottleneck", "digits_bottleneck_deep"
+LATENCY = ("onnxruntime", 64)  # backend and batch the speed-ups are timed at (one 8x8 digit is too little work)
 MARKER = ".prunepilot-demo"
 WRITTEN = (MARKER, f"{SOURCE}.pt", f"{TARGET}.pt", "train", "policy", "apply", "summary.json")  # all the demo writes
 
@@ -49,8 +54,8 @@ def _clear_earlier_demo(out: Path) -> None:
             p.unlink()
 
 
-def run_demo(out: str | Path = "runs/demo", episodes: int = 60, flops: float = 0.5, seed: int = 0) -> list[dict]:
-    """Run the whole job on scikit-learn's digits and print dense, uniform and RL side by side.
+def run_demo(out: str | Path = "runs/demo", episodes: int = 60, flops: float = 0.25, seed: int = 0) -> list[dict]:
+    """Run the whole job on scikit-learn's digits and print dense, uniform, the search and its transfer side by side.
 
     Everything goes under ``out``: the two trained CNNs, the training run, the exported policy, the pruned models
     and ``summary.json``. An earlier demo's files there are replaced; a folder holding anything else is refused.
@@ -61,13 +66,7 @@ def run_demo(out: str | Path = "runs/demo", episodes: int = 60, flops: float = 0
     (out / MARKER).write_text("written by prunepilot demo\n")
     data = load_data("digits")
     cfg = SessionConfig(reward_images=500, calib_batches=4, seed=seed)
-    sessions = {}
-    for i, name in enumerate((SOURCE, TARGET)):
-        print(f"[demo] training {name} on digits ...", flush=True)
-        torch.manual_seed(seed + i)
-        model = finetune(build_model(name), data.train, FinetuneConfig.plain(10, seed=seed))
-        torch.save(model.state_dict(), out / f"{name}.pt")
-        sessions[name] = PruningSession(name, str(out / f"{name}.pt"), data, cfg)
+    sessions = {name: _trained_session(name, i, data, cfg, out) for i, name in enumerate((SOURCE, TARGET))}
     print(f"[demo] searching a policy on {SOURCE} at {flops:.0%} FLOPs ({episodes} episodes) ...", flush=True)
     rl = train(session=sessions[SOURCE], model=SOURCE, weights=str(out / f"{SOURCE}.pt"), data="digits", flops=flops,
                episodes=episodes, warmup_episodes=max(1, episodes // 4), out=str(out / "train"),
@@ -75,26 +74,50 @@ def run_demo(out: str | Path = "runs/demo", episodes: int = 60, flops: float = 0
     export_policy(out / "train", out / "policy")
     print(f"[demo] applying the policy to {TARGET} (zero-shot) ...", flush=True)
     transfer = apply_policy(out / "policy", TARGET, data=data, out=out / "apply", seed=seed, session=sessions[TARGET])
-    rows = []
-    for name, report in ((SOURCE, rl), (TARGET, transfer)):
-        s = sessions[name]
-        ratios = uniform_ratios(s.trace, flops, 0.8)
-        uniform, built = s.build_final(ratios)  # refitted like the kept models, so the rows compare
-        rows += [
-            {"model": name, "method": "dense", "flops_ratio": 1.0, "acc": s.dense_accuracy("test")},
-            {"model": name, "method": "uniform", "flops_ratio": s.measure(ratios)["flops_ratio"],
-             "acc": accuracy(uniform, s.splits.test), "acc_before_reconstruct": built["acc_before_reconstruct"]},
-            {"model": name, "method": f"{report['method']} ({(report.get('transfer') or report['search'])['chosen']})",
-             "flops_ratio": report["flops_ratio"], "acc": report["acc"],
-             "acc_before_reconstruct": report["acc_before_reconstruct"]},
-        ]
+    print(f"[demo] timing the pruned models against dense ({LATENCY[0]}, batch {LATENCY[1]}) ...", flush=True)
+    rows = _rows(sessions[SOURCE], rl, flops) + _rows(sessions[TARGET], transfer, flops)
     write_json(out / "summary.json", rows)
-    print(f"\n{'model':<16} {'method':<26} {'FLOPs':>6} {'test acc':>9} {'not refitted':>13}")
-    for r in rows:
-        plain = f"{r['acc_before_reconstruct']:>12.2f}%" if "acc_before_reconstruct" in r else f"{'':>13}"
-        print(f"{r['model']:<16} {r['method']:<26} {r['flops_ratio']:>6.3f} {r['acc']:>8.2f}% {plain}")
-    print("(pruned models are refitted to the dense model by least squares before adaptive BN; 'not refitted' is the "
-          "same model without it. rl and rl-transfer keep the best of their own candidates and the floor allocations "
-          "(uniform, centre, global, sensitivity) on the reward and select images; the brackets name the winner)")
+    _print_table(rows)
     print(f"\n[demo] everything is under {out}/ (policy: {out / 'policy'}, plots: {out / 'train'}/*.png)")
     return rows
+
+
+def _trained_session(name: str, index: int, data, cfg: SessionConfig, out: Path) -> PruningSession:
+    """Train zoo model ``name`` on digits, save its weights in ``out`` and open a pruning session on them."""
+    print(f"[demo] training {name} on digits ...", flush=True)
+    torch.manual_seed(cfg.seed + index)
+    model = finetune(build_model(name), data.train, FinetuneConfig.plain(10, seed=cfg.seed))
+    torch.save(model.state_dict(), out / f"{name}.pt")
+    return PruningSession(name, str(out / f"{name}.pt"), data, cfg)
+
+
+def _rows(s: PruningSession, report: dict, flops: float) -> list[dict]:
+    """Dense, uniform and ``report``'s kept model for one session: test accuracy, FLOPs and measured speed-up.
+
+    Both pruned models are built by :meth:`PruningSession.build_final` (refitted), as the commands keep them.
+    """
+    uniform = uniform_ratios(s.trace, flops, 0.8)
+    found = (report.get("transfer") or report["search"])["chosen"]
+    rows = [{"model": s.model_name, "method": "dense", "flops_ratio": 1.0, "acc": s.dense_accuracy("test"),
+             "speedup": 1.0}]
+    for method, ratios, round_to in (("uniform", uniform, None), (f"{report['method']} ({found})",
+                                                                   report["ratios"], report["round_to"])):
+        model, built = s.build_final(ratios, round_to)
+        timed = compare_latency(s.model, model, s.data.input_shape, LATENCY[1], LATENCY[0])
+        rows.append({"model": s.model_name, "method": method, "flops_ratio": s.measure(ratios, round_to)["flops_ratio"],
+                     "acc": accuracy(model, s.splits.test), "speedup": timed["speedup"],
+                     "acc_before_reconstruct": built.get("acc_before_reconstruct")})
+    return rows
+
+
+def _print_table(rows: list[dict]) -> None:
+    print(f"\n{'model':<24} {'method':<26} {'FLOPs':>6} {'speed-up':>9} {'test acc':>9} {'not refitted':>13}")
+    for r in rows:
+        plain = r.get("acc_before_reconstruct")
+        plain = f"{plain:>12.2f}%" if plain is not None else f"{'':>13}"
+        print(f"{r['model']:<24} {r['method']:<26} {r['flops_ratio']:>6.3f} {r['speedup']:>8.2f}x {r['acc']:>8.2f}% "
+              f"{plain}")
+    print(f"(speed-ups measured with {LATENCY[0]} at batch {LATENCY[1]} on this machine. Pruned models are refitted "
+          "to the dense model by least squares after adaptive BN; 'not refitted' is the same model without it. rl "
+          "and rl-transfer keep the best of their own candidates and the floor allocations (uniform, centre, global, "
+          "sensitivity) on training images; the brackets name the winner)")

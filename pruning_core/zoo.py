@@ -46,6 +46,8 @@ MODELS: dict[str, Callable[..., nn.Module]] = {  # each takes num_classes
     "mobilenetv2": MobileNetV2,
     "digits_cnn": lambda **kw: SmallCNN((32, 64, 64), (1,), **kw),
     "digits_cnn_wide": lambda **kw: SmallCNN((48, 48, 96, 96), (1,), **kw),
+    "digits_bottleneck": lambda **kw: SmallCNN((64, 8, 64), (1,), **kw),  # unequal layers: the demo's model
+    "digits_bottleneck_deep": lambda **kw: SmallCNN((48, 48, 8, 64), (1,), **kw),
 }
 
 

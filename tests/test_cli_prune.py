@@ -284,3 +284,19 @@ def test_odd_round_to_warns_and_omitted_weights_are_reported(capsys, caplog):
     assert code == 0, err
     assert "--round-to 7 is not a power of two" in caplog.text and "random initial weights" in caplog.text
     assert json.loads(out)["random_weights"] is True
+
+
+@pytest.mark.slow
+def test_demo_search_beats_uniform(tmp_path, capsys):
+    """The demo's bottleneck CNNs are where uniform ratios lose: the search and its zero-shot transfer keep clearly
+    more test accuracy than uniform at the same budget, and the table, summary.json and the policy are written."""
+    code, out, _ = run(capsys, ["demo", "--out", str(tmp_path / "demo")])
+    assert code == 0 and "speed-up" in out and "rl-transfer (" in out
+    summary = json.loads((tmp_path / "demo/summary.json").read_text())
+    rows = {(r["model"], r["method"].split(" ")[0]): r for r in summary}
+    assert len(rows) == 6 and (tmp_path / "demo/policy").is_dir()
+    for model, method in (("digits_bottleneck", "rl"), ("digits_bottleneck_deep", "rl-transfer")):
+        found, uniform = rows[model, method], rows[model, "uniform"]
+        assert found["flops_ratio"] <= 0.25 + 1e-6 and uniform["flops_ratio"] <= 0.25 + 1e-6
+        assert found["acc"] >= uniform["acc"] + 3, (found, uniform)
+        assert found["speedup"] > 0 and uniform["speedup"] > 0
