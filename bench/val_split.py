@@ -8,8 +8,9 @@ global allocations, all at one FLOPs target. Each is scored as the kept model is
 - ``reward_plain``: the reward split without the refit, what the search itself optimises;
 - ``reward_refit``: the reward split, refitted;
 
-and the Spearman correlation of each with the accuracy on the 1,017 exact test images is reported, with the test
-accuracy of each proxy's top candidate.
+and the Spearman correlation of each with the accuracy on the 1,017 exact test images is reported, over all
+candidates and over the ten best on test (the finalists a search's selection has to order), with the test accuracy
+of each proxy's top candidate.
 
 Example (from bench/, PYTHONPATH=..): python val_split.py --models resnet20 resnet56 --name val_split_amd
 """
@@ -43,14 +44,18 @@ def measure(model: str, target: float, args: argparse.Namespace) -> dict:
                      "train": accuracy(refit, session.splits.select), "unseen": accuracy(refit, unseen),
                      "test": accuracy(refit, session.splits.test), "flops_ratio": info["flops_ratio"]})
     test = [r["test"] for r in rows]
+    finalists = sorted(range(len(rows)), key=test.__getitem__)[-10:]
     out = {"candidates": len(rows), "unseen_images": len(unseen), "rows": rows}
     for proxy in PROXIES:
         values = [r[proxy] for r in rows]
         out[proxy] = {"spearman": float(spearmanr(values, test).statistic),
+                      "spearman_top10": float(spearmanr([values[i] for i in finalists],
+                                                        [test[i] for i in finalists]).statistic),
                       "top_test": test[max(range(len(rows)), key=values.__getitem__)]}
     out["best_test"] = max(test)
-    print(f"== {model} {target}: " + "  ".join(f"{p} rho {out[p]['spearman']:.3f} top {out[p]['top_test']:.2f}"
-                                              for p in PROXIES) + f"  (best {out['best_test']:.2f})", flush=True)
+    print(f"== {model} {target}: " + "  ".join(f"{p} rho {out[p]['spearman']:.3f} top10 {out[p]['spearman_top10']:.3f} "
+                                              f"top {out[p]['top_test']:.2f}" for p in PROXIES)
+          + f"  (best {out['best_test']:.2f})", flush=True)
     return out
 
 
