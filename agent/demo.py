@@ -4,6 +4,7 @@ side-by-side table of dense, uniform and the search, with measured speed-ups.
 
 from __future__ import annotations
 
+import importlib.util
 import shutil
 from pathlib import Path
 
@@ -30,7 +31,8 @@ __all__ = ["run_demo"]
 
 # an 8-channel layer between wide ones: a uniform ratio cuts it as deep as the rest, a per-layer search need not
 SOURCE, TARGET = "digits_bottleneck", "digits_bottleneck_deep"
-LATENCY = ("onnxruntime", 64)  # backend and batch the speed-ups are timed at (one 8x8 digit is too little work)
+# backend and batch the speed-ups are timed at (one 8x8 digit is too little work); eager torch without the export extra
+LATENCY = ("onnxruntime" if importlib.util.find_spec("onnxruntime") else "torch", 64)
 MARKER = ".prunepilot-demo"
 WRITTEN = (MARKER, f"{SOURCE}.pt", f"{TARGET}.pt", "train", "policy", "apply", "summary.json")  # all the demo writes
 
