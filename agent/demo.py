@@ -67,7 +67,7 @@ def run_demo(out: str | Path = "runs/demo", episodes: int = 60, flops: float = 0
     out.mkdir(parents=True, exist_ok=True)
     (out / MARKER).write_text("written by prunepilot demo\n")
     data = load_data("digits")
-    cfg = SessionConfig(reward_images=500, calib_batches=4, seed=seed)
+    cfg = SessionConfig(reward_images=500, calib_batches=4, seed=seed, reconstruct=True)  # as train's CLI
     sessions = {name: _trained_session(name, i, data, cfg, out) for i, name in enumerate((SOURCE, TARGET))}
     print(f"[demo] searching a policy on {SOURCE} at {flops:.0%} FLOPs ({episodes} episodes) ...", flush=True)
     rl = train(session=sessions[SOURCE], model=SOURCE, weights=str(out / f"{SOURCE}.pt"), data="digits", flops=flops,

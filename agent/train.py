@@ -75,12 +75,19 @@ def train(config: TrainConfig | None = None, session: PruningSession | None = No
     ``overrides`` replace fields of ``config`` (``train(model="resnet20", episodes=50, ...)``); without a
     ``config``, ``preset=NAME`` starts from that preset. The run folder records the config with absolute paths at
     once, so ``--resume`` can continue it from any folder, even after a kill before the first checkpoint.
+
+    A given ``session`` is used as it is: its :class:`SessionConfig` sets the reward, calibration and select images
+    and whether candidates are refitted while searching (the CLI builds it with ``reconstruct=True``).
     """
     config = replace(config, **overrides) if config else TrainConfig.from_preset(**overrides)
     config.validate()
     if session is not None and session.model_name != config.model:
         raise UserError(f"the session's model is {session.model_name}, not config.model {config.model}: build the "
                         "session from the same model spec, which the run records for --resume")
+    if session is not None and session.config.reconstruct != (config.reconstruct and
+                                                              refits_by_default(config.finetune_epochs)):
+        log.warning("the session %s candidates while searching, unlike config.reconstruct: the session's setting "
+                    "holds", "refits" if session.config.reconstruct else "does not refit")
     run_dir = Path(config.out)
     check_out(run_dir, overwrite=True)  # writable; a run folder is never written over, which the checks below say
     if (run_dir / "config.json").exists():
