@@ -105,9 +105,10 @@ def test_repeat_penalty_lowers_only_the_reward_of_repeated_allocations(digits_se
         short_config(repeat_penalty=-0.1).validate()
 
 
-def test_train_refuses_a_model_its_run_cannot_record(digits_session, tmp_path):
+def test_train_refuses_a_model_its_run_cannot_record(digits_session, tmp_path, caplog):
     """A run records its model spec for --resume, so train() takes a spec, and a session built from that spec;
-    either mistake is a clear error before anything is written."""
+    either mistake is a clear error before anything is written. A session that does not refit, given to a config
+    that does, is used as it is, with a warning."""
     from agent import train
     from pruning_core import build_model
     with pytest.raises(UserError, match="not a SmallCNN object"):
@@ -115,6 +116,12 @@ def test_train_refuses_a_model_its_run_cannot_record(digits_session, tmp_path):
     with pytest.raises(UserError, match="session's model is digits_cnn, not config.model digits_cnn_wide"):
         train(session=digits_session, model="digits_cnn_wide", out=str(tmp_path / "b"))
     assert not any(tmp_path.iterdir())
+    held = tmp_path / "held"
+    held.mkdir()
+    (held / "config.json").write_text("{}")
+    with caplog.at_level("WARNING", logger="agent.train"), pytest.raises(UserError, match="already holds a run"):
+        train(session=digits_session, model="digits_cnn", out=str(held))
+    assert "session does not refit candidates while searching, unlike config.reconstruct" in caplog.text
 
 
 @pytest.mark.parametrize("sde", [True, False])
