@@ -4,6 +4,9 @@ hold the same method, model and target, the later one's row replaces the earlier
 methods.py --train-evaluations N is the row train-N, --train-preset fast the row train-fast. Speed-ups re-timed alone by
 methods_latency.py (NAME_latency.json) replace those timed during the run.
 
+With ``--plot DIR`` it also draws, per model, test accuracy against the measured speed-up of every run, with the
+Pareto front over all of them, into ``DIR/pareto_MODEL.png``.
+
 Example (from bench/): python render_methods.py methods_r20_amd methods_r56_amd --write ../README.md ../docs/results.md
 """
 
@@ -41,7 +44,10 @@ def main() -> None:
     p.add_argument("names", nargs="+", help="results files in bench/results/, without .json")
     p.add_argument("--write", nargs="*", default=[], metavar="FILE",
                    help="replace the table between the methods markers of these markdown files")
+    p.add_argument("--plot", metavar="DIR", help="also draw DIR/pareto_MODEL.png per model")
     args = p.parse_args()
+    if args.plot:
+        plot(merged(args.names), Path(args.plot))
     table = "\n".join(rows(args.names))
     print(table)
     for path in map(Path, args.write):
@@ -50,12 +56,12 @@ def main() -> None:
         path.write_text(body[:start] + "\n" + table + "\n" + body[end:])
 
 
-def rows(names: list[str]) -> list[str]:
-    """The table's markdown lines, header first."""
-    lines = ["| model | FLOPs | method | evaluations | test acc % | ORT speed-up b1 | commit |",
-             "|---|---|---|---|---|---|---|"]
-    # (model, target) -> method -> (entry, commit, re-timed speed-up per run); later files win
-    blocks: dict[tuple[str, str], dict[str, tuple[dict, str, dict[int, float]]]] = {}
+Blocks = dict[tuple[str, str], dict[str, tuple[dict, str, dict[int, float]]]]
+
+
+def merged(names: list[str]) -> Blocks:
+    """(model, target) -> method label -> (entry, commit, re-timed speed-up per run), later files winning."""
+    blocks: Blocks = {}
     for name in names:
         res = json.loads((RESULTS / f"{name}.json").read_text())
         latency = RESULTS / f"{name}_latency.json"
@@ -72,6 +78,14 @@ def rows(names: list[str]) -> list[str]:
                                if k.rpartition("/")[0] == method}
                     label = method + suffix if method == "train" else method
                     block[label] = entry, res["commit"][:7], retimed
+    return blocks
+
+
+def rows(names: list[str]) -> list[str]:
+    """The table's markdown lines, header first."""
+    lines = ["| model | FLOPs | method | evaluations | test acc % | ORT speed-up b1 | commit |",
+             "|---|---|---|---|---|---|---|"]
+    blocks = merged(names)
 
     def key(m: str) -> tuple:
         base, _, n = m.partition("-")
@@ -84,6 +98,48 @@ def rows(names: list[str]) -> list[str]:
             acc, speed = cell(entry, retimed)
             lines.append(f"| {model} | {target} | {method} | {evals} | {acc} | {speed} | {commit} |")
     return lines
+
+
+def pareto(points: list[tuple[float, float]]) -> list[tuple[float, float]]:
+    """The (speed-up, accuracy) points that no other point beats on both, fastest first."""
+    front: list[tuple[float, float]] = []
+    for speed, acc in sorted(points, key=lambda p: (-p[0], -p[1])):
+        if not front or acc > front[-1][1]:
+            front.append((speed, acc))
+    return front
+
+
+def plot(blocks: Blocks, folder: Path) -> None:
+    """One figure per model, one panel per FLOPs target: every run's test accuracy against its measured speed-up,
+    coloured by method, with the Pareto front over all runs of the panel."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    for model in sorted({m for m, _ in blocks}):
+        targets = sorted(t for m, t in blocks if m == model)
+        colour = {m: plt.cm.tab10(i % 10) for i, m in enumerate(sorted({m for t in targets for m in blocks[model, t]}))}
+        fig, axes = plt.subplots(1, len(targets), figsize=(5.5 * len(targets), 4.5), squeeze=False)
+        for ax, target in zip(axes[0], targets):
+            points = []
+            for method, (entry, _, retimed) in sorted(blocks[model, target].items()):
+                runs = [(retimed.get(j, r.get("ort_speedup_b1")), r["acc_test"])
+                        for j, r in enumerate(entry.get("runs", [entry]))]
+                runs = [(s, a) for s, a in runs if s is not None]
+                if runs:
+                    ax.scatter(*zip(*runs), label=method, color=colour[method], alpha=0.8, s=30)
+                    points += runs
+            front = pareto(points)
+            ax.plot(*zip(*front), color="black", lw=1, ls="--", marker="o", ms=10, mfc="none", label="Pareto front")
+            ax.set(title=f"{model} at {target} FLOPs", xlabel="ONNX Runtime speed-up, batch 1",
+                   ylabel="test accuracy % (refitted, before fine-tuning)")
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=7)
+        fig.tight_layout()
+        path = folder / f"pareto_{model}.png"
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        print(f"wrote {path}")
 
 
 if __name__ == "__main__":

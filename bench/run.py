@@ -45,7 +45,8 @@ def command(spec: dict, path: Path) -> list[str]:
     """The script invocation a spec describes: ``script``, its ``positional`` arguments, ``[args]`` as flags and
     ``--name NAME`` (the result file); or ``render_methods.py`` for a spec with ``render`` and ``write``."""
     if "render" in spec:
-        return [sys.executable, "render_methods.py", *spec["render"], "--write", *spec.get("write", [])]
+        plot = ["--plot", spec["plot"]] if "plot" in spec else []
+        return [sys.executable, "render_methods.py", *spec["render"], "--write", *spec.get("write", []), *plot]
     unknown = set(spec) - {"description", "script", "name", "positional", "args", "measured"}
     if unknown:
         raise SystemExit(f"{path}: unknown keys {sorted(unknown)} (a spec has script, name, positional, args, "

@@ -36,3 +36,9 @@ def test_a_spec_with_unknown_keys_is_refused():
         run.command({"script": "methods", "name": "x", "arg": {}}, Path("bad.toml"))
     with pytest.raises(SystemExit, match="script must name a benchmark"):
         run.command({"script": "nope", "name": "x"}, Path("bad.toml"))
+
+
+def test_pareto_front_keeps_the_points_no_other_beats_on_both():
+    import render_methods
+    points = [(1.0, 80.0), (1.2, 79.0), (1.1, 78.0), (1.2, 81.0), (0.9, 85.0), (0.9, 84.0)]
+    assert render_methods.pareto(points) == [(1.2, 81.0), (0.9, 85.0)]
