@@ -1,6 +1,7 @@
 """Render bench/methods.py results as one markdown table: test accuracy (refitted, before fine-tuning) and ONNX
 Runtime speed-up at batch 1 per method, model and FLOPs target; seeded methods as mean (min-max). Where two files
-hold the same method, model and target, the later one's row replaces the earlier's; train capped by
+hold the same method, model and target, the later one's row replaces the earlier's, unless both hold runs of
+different seeds, which are pooled; train capped by
 methods.py --train-evaluations N is the row train-N, --train-preset fast the row train-fast. Speed-ups re-timed alone by
 methods_latency.py (NAME_latency.json) replace those timed during the run.
 
@@ -60,7 +61,8 @@ Blocks = dict[tuple[str, str], dict[str, tuple[dict, str, dict[int, float]]]]
 
 
 def merged(names: list[str]) -> Blocks:
-    """(model, target) -> method label -> (entry, commit, re-timed speed-up per run), later files winning."""
+    """(model, target) -> method label -> (entry, commit, re-timed speed-up per run), later files winning, or pooled
+    with an earlier file's runs where their seeds differ."""
     blocks: Blocks = {}
     for name in names:
         res = json.loads((RESULTS / f"{name}.json").read_text())
@@ -77,8 +79,21 @@ def merged(names: list[str]) -> Blocks:
                                for k, v in timed.get(model, {}).get(target, {}).items()
                                if k.rpartition("/")[0] == method}
                     label = method + suffix if method == "train" else method
-                    block[label] = entry, res["commit"][:7], retimed
+                    block[label] = pooled(block.get(label), (entry, res["commit"][:7], retimed))
     return blocks
+
+
+def pooled(earlier: tuple | None, later: tuple) -> tuple:
+    """``later`` with ``earlier``'s runs before its own where both are seeded runs of different seeds; else
+    ``later``. Commits join with ``+``; re-timed speed-ups keep their runs."""
+    if earlier is None or "runs" not in earlier[0] or "runs" not in later[0]:
+        return later
+    (old, old_commit, old_timed), (new, new_commit, new_timed) = earlier, later
+    if {r.get("seed") for r in old["runs"]} & {r.get("seed") for r in new["runs"]}:
+        return later
+    offset = len(old["runs"])
+    return ({"runs": old["runs"] + new["runs"]}, f"{old_commit}+{new_commit}",
+            {**old_timed, **{i + offset: v for i, v in new_timed.items()}})
 
 
 def rows(names: list[str]) -> list[str]:

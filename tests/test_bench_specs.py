@@ -42,3 +42,13 @@ def test_pareto_front_keeps_the_points_no_other_beats_on_both():
     import render_methods
     points = [(1.0, 80.0), (1.2, 79.0), (1.1, 78.0), (1.2, 81.0), (0.9, 85.0), (0.9, 84.0)]
     assert render_methods.pareto(points) == [(1.2, 81.0), (0.9, 85.0)]
+
+
+def test_runs_of_other_seeds_are_pooled_and_the_same_seeds_replaced():
+    import render_methods
+    early = ({"runs": [{"seed": 0, "acc_test": 60.0}, {"seed": 1, "acc_test": 62.0}]}, "aaaaaaa", {1: 1.5})
+    late = ({"runs": [{"seed": 2, "acc_test": 64.0}]}, "bbbbbbb", {0: 1.2})
+    entry, commit, timed = render_methods.pooled(early, late)
+    assert [r["seed"] for r in entry["runs"]] == [0, 1, 2] and commit == "aaaaaaa+bbbbbbb" and timed == {1: 1.5, 2: 1.2}
+    assert render_methods.pooled(early, ({"runs": [{"seed": 1, "acc_test": 1.0}]}, "c", {}))[1] == "c"
+    assert render_methods.pooled(({"acc_test": 1.0}, "d", {}), late) == late
