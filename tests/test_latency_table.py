@@ -211,15 +211,25 @@ def test_grouped_convs_in_the_table_and_the_env():
                             "conv k3 s1 g24 24x48* @32x32"}, list(table.layers)
     assert grouped["conv k3 s1 g4 24*x48* @32x32"]["out"] == [8, 16, 24, 32, 40, 48]  # lcm(8, 4) = 8
     assert grouped["conv k3 s1 g24 24x48* @32x32"]["out"] == [24, 48]  # multiples of its 24 groups
-    budget = LatencyBudget(table, 0.8)
-    rng = np.random.default_rng(0)
-    for granularity, round_to in (("group", None), ("substage", 8)):
-        env = BudgetOnlyEnv(session=session, flops=0.5, round_to=round_to, granularity=granularity,
-                            latency_budget=budget)
-        for episode in range(20):
-            env.reset(seed=episode)
-            done = False
-            while not done:
-                _, _, done, _, info = env.step(np.array([rng.uniform(-1, 1)], np.float32))
-            assert all(env.kept[g.name] % g.blocks == 0 for g in trace.groups), env.kept
-            assert info["flops_ratio"] <= 0.5 + 1e-12 and table.ratio(trace, env.kept) <= 0.8 + 1e-12
+    # the budget is checked on entries proportional to in x out widths, not on timings this machine's load can
+    # reorder, so that it binds the same way on every run
+    synthetic = {k: {**e, "ms": [[i * o / 1000 for o in e["out"]] for i in e["in"]]} for k, e in table.layers.items()}
+    table = LatencyTable(table.backend, table.batch_size, table.block, 1.0, synthetic, table.shapes)
+
+    def episodes(latency_budget: LatencyBudget | None) -> list[float]:
+        """The table's latency ratio of 20 random episodes per action space, each checked for blocks and FLOPs."""
+        rng, ratios = np.random.default_rng(0), []
+        for granularity, round_to in (("group", None), ("substage", 8)):
+            env = BudgetOnlyEnv(session=session, flops=0.5, round_to=round_to, granularity=granularity,
+                                latency_budget=latency_budget)
+            for episode in range(20):
+                env.reset(seed=episode)
+                done = False
+                while not done:
+                    _, _, done, _, info = env.step(np.array([rng.uniform(-1, 1)], np.float32))
+                assert all(env.kept[g.name] % g.blocks == 0 for g in trace.groups), env.kept
+                assert info["flops_ratio"] <= 0.5 + 1e-12
+                ratios.append(table.ratio(trace, env.kept))
+        return ratios
+
+    assert max(episodes(LatencyBudget(table, 0.45))) <= 0.45 + 1e-12 < max(episodes(None))
