@@ -56,7 +56,7 @@ def build_env(config: TrainConfig, session: PruningSession | None = None,
             mean=config.mean, std=config.std, scale=config.scale, image_size=config.image_size,
             loader_workers=config.loader_workers, num_classes=config.num_classes, trust_pickle=config.trust_pickle,
             device=config.device,
-            reconstruct=config.reconstruct and refits_by_default(config.finetune_epochs)), config.val_data)
+            reconstruct=search_refit(config)), config.val_data)
     budget = None
     if config.max_latency is not None:
         table = latency_table or session.latency_table(config.latency_backend, config.latency_batch, config.progress)
@@ -84,8 +84,7 @@ def train(config: TrainConfig | None = None, session: PruningSession | None = No
     if session is not None and session.model_name != config.model:
         raise UserError(f"the session's model is {session.model_name}, not config.model {config.model}: build the "
                         "session from the same model spec, which the run records for --resume")
-    if session is not None and session.config.reconstruct != (config.reconstruct and
-                                                              refits_by_default(config.finetune_epochs)):
+    if session is not None and session.config.reconstruct != search_refit(config):
         log.warning("the session %s candidates while searching, unlike config.reconstruct: the session's setting "
                     "holds", "refits" if session.config.reconstruct else "does not refit")
     run_dir = Path(config.out)
@@ -168,6 +167,11 @@ def resume(run_dir: str | Path, episodes: int | None = None, progress: bool | No
     search = Search.resume(config, build_env(config, latency_table=table), run_dir)
     log.info("resuming %s at episode %d of %d", run_dir, search.episodes_done, config.episodes)
     return _finish(config, search)
+
+
+def search_refit(config: TrainConfig) -> bool:
+    """Whether candidates are refitted while searching (``SessionConfig.reconstruct`` of the session it builds)."""
+    return config.reconstruct and refits_by_default(config.finetune_epochs)
 
 
 def final_refit(config: TrainConfig) -> bool:

@@ -24,11 +24,15 @@ from common import RESULTS
 ORDER = ("uniform", "centre", "global", "sensitivity", "random", "train", "agent-alone")
 
 
+def speedups(entry: dict, retimed: dict[int, float]) -> list[float | None]:
+    """Each run's ORT speed-up: re-timed alone where it was, else as timed in the run (None where not timed)."""
+    return [retimed.get(i, r.get("ort_speedup_b1")) for i, r in enumerate(entry.get("runs", [entry]))]
+
+
 def cell(entry: dict, retimed: dict[int, float]) -> tuple[str, str]:
     runs = entry.get("runs", [entry])
     accs = [r["acc_test"] for r in runs]
-    speed = [retimed.get(i, r.get("ort_speedup_b1")) for i, r in enumerate(runs)]
-    speed = [x for x in speed if x is not None]
+    speed = [x for x in speedups(entry, retimed) if x is not None]
     acc = f"{accs[0]:.2f}" if len(accs) == 1 else f"{statistics.mean(accs):.2f} ({min(accs):.2f}-{max(accs):.2f})"
     extra = ""
     if "chosen" in runs[0]:  # what train kept: its search's candidate or a floor method, with counts over seeds
@@ -138,9 +142,8 @@ def plot(blocks: Blocks, folder: Path) -> None:
         for ax, target in zip(axes[0], targets):
             points = []
             for method, (entry, _, retimed) in sorted(blocks[model, target].items()):
-                runs = [(retimed.get(j, r.get("ort_speedup_b1")), r["acc_test"])
-                        for j, r in enumerate(entry.get("runs", [entry]))]
-                runs = [(s, a) for s, a in runs if s is not None]
+                runs = [(s, r["acc_test"]) for s, r in zip(speedups(entry, retimed), entry.get("runs", [entry]))
+                        if s is not None]
                 if runs:
                     ax.scatter(*zip(*runs), label=method, color=colour[method], alpha=0.8, s=30)
                     points += runs
