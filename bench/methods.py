@@ -68,11 +68,13 @@ def run_target(model: str, target: float, args: argparse.Namespace) -> dict:
     env = PruneEnv(session=session, flops=target)  # train's default action space
     if "uniform" not in args.skip:
         rows["uniform"] = row(session, uniform_ratios(session.trace, target, 0.8), args.latency)
-    t = time.perf_counter()
-    with evaluation_workers(env, args.workers):
-        floor = floor_allocations(env, points=args.sensitivity_points)
-    sens_evals = len(env.cache) - 3  # the sensitivity table and its allocation (the other three cost one each)
-    floor_s = time.perf_counter() - t
+    floor, sens_evals, floor_s = {}, None, 0.0
+    if {"centre", "global", "sensitivity"} - set(args.skip) or "sensitivity" in args.random_budgets:
+        t = time.perf_counter()
+        with evaluation_workers(env, args.workers):
+            floor = floor_allocations(env, points=args.sensitivity_points)
+        sens_evals = len(env.cache) - 3  # the sensitivity table and its allocation (the other three cost one each)
+        floor_s = time.perf_counter() - t
     for name, kept in floor.items():
         if name in args.skip:
             continue
@@ -81,7 +83,8 @@ def run_target(model: str, target: float, args: argparse.Namespace) -> dict:
                                                            if name == "sensitivity" else {}))
     print(f"== {model} {target}: " + "  ".join(f"{k} {v['acc_test']:.2f}" for k, v in rows.items()), flush=True)
     if "random" not in args.skip:
-        for budget in sorted({sens_evals, args.evaluations}):
+        budgets = {sens_evals if b == "sensitivity" else args.evaluations for b in args.random_budgets}
+        for budget in sorted(budgets):
             runs = []
             for seed in args.random_seeds:
                 renv = PruneEnv(session=session_of(seed), flops=target)
@@ -128,6 +131,9 @@ def main() -> None:
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1])
     p.add_argument("--random-seeds", nargs="+", type=int, default=[0])
     p.add_argument("--evaluations", type=int, default=120, help="random search's other evaluation budget")
+    p.add_argument("--random-budgets", nargs="+", choices=("sensitivity", "evaluations"),
+                   default=["sensitivity", "evaluations"], help="random search's budgets: the sensitivity method's "
+                   "evaluation count and --evaluations (without sensitivity and the floor rows, no floor is run)")
     p.add_argument("--train-evaluations", type=int, default=None,
                    help="cap train's distinct evaluations, floor and sensitivity table included (default: its own)")
     p.add_argument("--train-preset", choices=PRESETS, default="default", help="train's --preset (row train-fast, ...)")
