@@ -39,8 +39,12 @@ def main() -> None:
                 if (model, seed) not in sessions:
                     sessions[(model, seed)] = cifar_session(model, select_images=1000, seed=seed, reconstruct=True)
                 session = sessions[(model, seed)]
-                if model not in unseen:
+                if model not in unseen:  # and the dense network's accuracy there, for scale
                     unseen[model] = unseen_split(session)
+                    out[model]["dense"] = {"acc_test": accuracy(session.model, session.splits.test),
+                                           "acc_unseen": accuracy(session.model, unseen[model])}
+                    print(f"{model} dense test {out[model]['dense']['acc_test']:.2f}  "
+                          f"unseen {out[model]['dense']['acc_unseen']:.2f}", flush=True)
                 kept, _ = session.build_final(run["ratios"])
                 test = accuracy(kept, session.splits.test)
                 assert abs(test - run["acc_test"]) < 1e-6, (model, target, method, seed, test, run["acc_test"])
