@@ -3,7 +3,9 @@ Runtime speed-up at batch 1 per method, model and FLOPs target; seeded methods a
 hold the same method, model and target, the later one's row replaces the earlier's, unless both hold runs of
 different seeds, which are pooled; train capped by
 methods.py --train-evaluations N is the row train-N, --train-preset fast the row train-fast. Speed-ups re-timed alone by
-methods_latency.py (NAME_latency.json) replace those timed during the run.
+methods_latency.py (NAME_latency.json) replace those timed during the run. With ``--unseen NAME``, a column holds
+the same kept models' accuracy on the ~9,000 unseen JPEG images that unseen_check.py measured (``-`` where its seeds
+are not the row's).
 
 With ``--plot DIR`` it also draws, per model, test accuracy against the measured speed-up of every run, with the
 Pareto front over all of them, into ``DIR/pareto_MODEL.png``.
@@ -50,10 +52,12 @@ def main() -> None:
     p.add_argument("--write", nargs="*", default=[], metavar="FILE",
                    help="replace the table between the methods markers of these markdown files")
     p.add_argument("--plot", metavar="DIR", help="also draw DIR/pareto_MODEL.png per model")
+    p.add_argument("--unseen", metavar="NAME", help="unseen_check.py's results file: add its accuracy column")
     args = p.parse_args()
     if args.plot:
         plot(merged(args.names), Path(args.plot))
-    table = "\n".join(rows(args.names))
+    unseen = json.loads((RESULTS / f"{args.unseen}.json").read_text())["models"] if args.unseen else None
+    table = "\n".join(rows(args.names, unseen))
     print(table)
     for path in map(Path, args.write):
         body = path.read_text()
@@ -100,10 +104,20 @@ def pooled(earlier: tuple | None, later: tuple) -> tuple:
             {**old_timed, **{i + offset: v for i, v in new_timed.items()}})
 
 
-def rows(names: list[str]) -> list[str]:
-    """The table's markdown lines, header first."""
-    lines = ["| model | FLOPs | method | evaluations | test acc % | ORT speed-up b1 | commit |",
-             "|---|---|---|---|---|---|---|"]
+def unseen_cell(entry: dict, checked: dict | None) -> str:
+    """Mean accuracy on the unseen images of ``checked`` (unseen_check.py's entry for the row), ``-`` unless it
+    measured the row's seeds."""
+    runs = entry.get("runs", [entry])
+    if checked is None or sorted(r.get("seed", 0) for r in runs) != sorted(r["seed"] for r in checked["runs"]):
+        return "-"
+    return f"{checked['acc_unseen']:.2f}"
+
+
+def rows(names: list[str], unseen: dict | None = None) -> list[str]:
+    """The table's markdown lines, header first; with ``unseen`` (unseen_check.py's models), its accuracy column."""
+    extra = (" unseen acc % |", "---|") if unseen is not None else ("", "")
+    lines = [f"| model | FLOPs | method | evaluations | test acc % |{extra[0]} ORT speed-up b1 | commit |",
+             f"|---|---|---|---|---|{extra[1]}---|---|"]
     blocks = merged(names)
 
     def key(m: str) -> tuple:
@@ -115,6 +129,8 @@ def rows(names: list[str]) -> list[str]:
             entry, commit, retimed = methods[method]
             evals = entry.get("runs", [entry])[0].get("evaluations", "")
             acc, speed = cell(entry, retimed)
+            if unseen is not None:
+                acc += " | " + unseen_cell(entry, unseen.get(model, {}).get(target, {}).get(method))
             lines.append(f"| {model} | {target} | {method} | {evals} | {acc} | {speed} | {commit} |")
     return lines
 

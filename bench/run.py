@@ -46,7 +46,9 @@ def command(spec: dict, path: Path) -> list[str]:
     ``--name NAME`` (the result file); or ``render_methods.py`` for a spec with ``render`` and ``write``."""
     if "render" in spec:
         plot = ["--plot", spec["plot"]] if "plot" in spec else []
-        return [sys.executable, "render_methods.py", *spec["render"], "--write", *spec.get("write", []), *plot]
+        unseen = ["--unseen", spec["unseen"]] if "unseen" in spec else []
+        return [sys.executable, "render_methods.py", *spec["render"], "--write", *spec.get("write", []), *plot,
+                *unseen]
     unknown = set(spec) - {"description", "script", "name", "positional", "args", "measured"}
     if unknown:
         raise SystemExit(f"{path}: unknown keys {sorted(unknown)} (a spec has script, name, positional, args, "

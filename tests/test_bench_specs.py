@@ -52,3 +52,13 @@ def test_runs_of_other_seeds_are_pooled_and_the_same_seeds_replaced():
     assert [r["seed"] for r in entry["runs"]] == [0, 1, 2] and commit == "aaaaaaa+bbbbbbb" and timed == {1: 1.5, 2: 1.2}
     assert render_methods.pooled(early, ({"runs": [{"seed": 1, "acc_test": 1.0}]}, "c", {}))[1] == "c"
     assert render_methods.pooled(({"acc_test": 1.0}, "d", {}), late) == late
+
+
+def test_the_unseen_column_shows_only_a_check_of_the_rows_own_seeds():
+    import render_methods
+    entry = {"runs": [{"seed": 0, "acc_test": 60.0}, {"seed": 1, "acc_test": 62.0}]}
+    checked = {"acc_unseen": 55.5, "runs": [{"seed": 1}, {"seed": 0}]}
+    assert render_methods.unseen_cell(entry, checked) == "55.50"
+    assert render_methods.unseen_cell(entry, {"acc_unseen": 55.5, "runs": [{"seed": 0}]}) == "-"
+    assert render_methods.unseen_cell({"acc_test": 60.0}, {"acc_unseen": 50.0, "runs": [{"seed": 0}]}) == "50.00"
+    assert render_methods.unseen_cell(entry, None) == "-"
