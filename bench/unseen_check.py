@@ -4,8 +4,10 @@ The 1,017 exact test images resolve about 1.3 points per model; two methods that
 there. This rebuilds each kept model of the methods runs as ``bench/methods.py`` built it (the run's seed draws its
 calibration images, so the same refitted model; its test accuracy is checked against the file) and scores it on
 the JPEG test images minus the twins of the exact test images (``common.unseen_split``, all of them), the
-validation images the protocol allows choices on. Per method it reports the mean test and unseen accuracy, and per
-seed the paired difference of ``train`` rows against random search.
+validation images the protocol allows choices on. Per method it reports the mean test and unseen accuracy, and
+for ``train`` rows against random search the paired difference per seed, and over seeds with its standard error
+from the images (per image, the difference in correctness averaged over the seeds: how far another draw of as
+many images could move it).
 
 Example (from bench/, PYTHONPATH=..): python unseen_check.py methods_r20_05_screen_amd methods_r56_05_screen_amd \
     --name unseen_check_amd
@@ -16,11 +18,28 @@ from __future__ import annotations
 import argparse
 import statistics
 
+import torch
 from common import cifar_session, unseen_split, write_result
 from methods import commit
 from render_methods import merged
 
-from pruning_core import accuracy
+SPLITS = ("test", "unseen")
+
+
+@torch.no_grad()
+def correct(model: torch.nn.Module, split) -> torch.Tensor:
+    """Per image of ``split``, whether ``model`` classifies it right (batches as ``accuracy`` takes them)."""
+    model.eval()
+    return torch.cat([model(x).argmax(1) == y for x, y in split.batches(256)]).double()
+
+
+def paired(mine: dict[int, dict], other: dict[int, dict], split: str) -> dict:
+    """``mine`` minus ``other`` (per seed: correctness vectors) on ``split`` over their common seeds: per seed, the
+    mean, and its standard error from the images."""
+    seeds = sorted(mine.keys() & other.keys())
+    per_image = torch.stack([mine[s][split] - other[s][split] for s in seeds]).mean(0)
+    return {"seeds": seeds, "per_seed": [100 * float((mine[s][split] - other[s][split]).mean()) for s in seeds],
+            "mean": 100 * float(per_image.mean()), "se": 100 * float(per_image.std() / len(per_image) ** 0.5)}
 
 
 def main() -> None:
@@ -31,9 +50,9 @@ def main() -> None:
     args = p.parse_args()
     sessions, unseen, out = {}, {}, {}
     for (model, target), methods in merged(args.names).items():
-        block = out.setdefault(model, {}).setdefault(target, {})
+        block, vectors = out.setdefault(model, {}).setdefault(target, {}), {}
         for method, (entry, run_commit, _) in methods.items():
-            runs = []
+            runs, vectors[method] = [], {}
             for run in entry.get("runs", [entry]):
                 seed = run.get("seed", 0)
                 if (model, seed) not in sessions:
@@ -41,28 +60,27 @@ def main() -> None:
                 session = sessions[(model, seed)]
                 if model not in unseen:  # and the dense network's accuracy there, for scale
                     unseen[model] = unseen_split(session)
-                    out[model]["dense"] = {"acc_test": accuracy(session.model, session.splits.test),
-                                           "acc_unseen": accuracy(session.model, unseen[model])}
-                    print(f"{model} dense test {out[model]['dense']['acc_test']:.2f}  "
-                          f"unseen {out[model]['dense']['acc_unseen']:.2f}", flush=True)
+                    out[model]["dense"] = {split: 100 * float(correct(session.model, images).mean()) for split, images
+                                           in zip(SPLITS, (session.splits.test, unseen[model]))}
+                    print(f"{model} dense: {out[model]['dense']}", flush=True)
                 kept, _ = session.build_final(run["ratios"])
-                test = accuracy(kept, session.splits.test)
-                assert abs(test - run["acc_test"]) < 1e-6, (model, target, method, seed, test, run["acc_test"])
-                runs.append({"seed": seed, "acc_test": test, "acc_unseen": accuracy(kept, unseen[model])})
+                vectors[method][seed] = {split: correct(kept, images) for split, images
+                                         in zip(SPLITS, (session.splits.test, unseen[model]))}
+                runs.append({"seed": seed, **{f"acc_{split}": 100 * float(v.mean())
+                                              for split, v in vectors[method][seed].items()}})
+                assert abs(runs[-1]["acc_test"] - run["acc_test"]) < 1e-6, (model, target, method, seed, run)
             block[method] = {"commit": run_commit, "runs": runs,
-                             "acc_test": statistics.mean(r["acc_test"] for r in runs),
-                             "acc_unseen": statistics.mean(r["acc_unseen"] for r in runs)}
+                             **{f"acc_{split}": statistics.mean(r[f"acc_{split}"] for r in runs) for split in SPLITS}}
             print(f"{model} {target} {method:16s} test {block[method]['acc_test']:.2f}  "
                   f"unseen {block[method]['acc_unseen']:.2f}  ({len(runs)} runs)", flush=True)
         for method in [m for m in block if m.startswith("train")]:
             for other in [m for m in block if m.startswith("random")]:
-                mine = {r["seed"]: r for r in block[method]["runs"]}
-                diffs = [mine[r["seed"]]["acc_unseen"] - r["acc_unseen"] for r in block[other]["runs"]
-                         if r["seed"] in mine]
-                if diffs:
-                    block[method][f"minus_{other}_unseen"] = diffs
-                    print(f"   {method} - {other} on unseen, per seed: " + " ".join(f"{d:+.2f}" for d in diffs)
-                          + f"  (mean {statistics.mean(diffs):+.2f})", flush=True)
+                if vectors[method].keys() & vectors[other].keys():
+                    block[method][f"minus_{other}"] = diff = {split: paired(vectors[method], vectors[other], split)
+                                                              for split in SPLITS}
+                    print(f"   {method} - {other}: " + "; ".join(
+                        f"{split} {d['mean']:+.2f} +- {d['se']:.2f} (per seed " +
+                        " ".join(f"{x:+.2f}" for x in d["per_seed"]) + ")" for split, d in diff.items()), flush=True)
         write_result(args.name, {"commit": commit(), "config": {"names": args.names,
                                                                 "unseen_images": len(next(iter(unseen.values())).y)},
                                  "models": out})
