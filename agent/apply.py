@@ -174,8 +174,9 @@ def _keep(session: PruningSession, ratios: dict[str, float], round_to: int | Non
           progress: bool) -> tuple[nn.Module, dict]:
     """Build (and fine-tune) the kept model; return it with its ``rl-transfer`` report."""
     pruned, built = session.build_final(ratios, round_to, refit, finetune_epochs)
-    acc_before = accuracy(pruned, session.splits.test)
+    acc_before = None  # the report's acc unless fine-tuned
     if finetune_epochs > 0:
+        acc_before = accuracy(pruned, session.splits.test)
         pruned = session.finetune(pruned, finetune_epochs, progress=progress)
     if budget is not None:
         transfer["latency_budget"] = budget.report(session.trace, kept_counts(session.trace, ratios, round_to))

@@ -200,8 +200,9 @@ def _finish(config: TrainConfig, search: Search) -> dict:
     kept = done["kept"]
     model, built = session.build_final(kept["ratios"], config.round_to, final_refit(config),
                                        config.finetune_epochs)
-    acc_before = accuracy(model, session.splits.test)
+    acc_before = None  # the report's acc unless fine-tuned
     if config.finetune_epochs > 0:
+        acc_before = accuracy(model, session.splits.test)
         model = session.finetune(model, config.finetune_epochs, progress=config.progress)
     uniform = uniform_ratios(session.trace, config.flops, config.max_ratio, config.round_to, env.latency_budget)
     stats = {"episodes": search.episodes_done, "evaluations": search.evaluations_done,
