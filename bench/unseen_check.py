@@ -48,6 +48,7 @@ def main() -> None:
                                             "render_methods.py merges them)")
     p.add_argument("--name", required=True)
     args = p.parse_args()
+    at = commit()  # before this run writes its own (tracked) results file
     sessions, unseen, out = {}, {}, {}
     for (model, target), methods in merged(args.names).items():
         block, vectors = out.setdefault(model, {}).setdefault(target, {}), {}
@@ -81,7 +82,7 @@ def main() -> None:
                     print(f"   {method} - {other}: " + "; ".join(
                         f"{split} {d['mean']:+.2f} +- {d['se']:.2f} (per seed " +
                         " ".join(f"{x:+.2f}" for x in d["per_seed"]) + ")" for split, d in diff.items()), flush=True)
-        write_result(args.name, {"commit": commit(), "config": {"names": args.names,
+        write_result(args.name, {"commit": at, "config": {"names": args.names,
                                                                 "unseen_images": len(next(iter(unseen.values())).y)},
                                  "models": out})
 
