@@ -33,6 +33,11 @@ def correct(model: torch.nn.Module, split) -> torch.Tensor:
     return torch.cat([model(x).argmax(1) == y for x, y in split.batches(256)]).double()
 
 
+def scored(model: torch.nn.Module, session, unseen) -> dict[str, torch.Tensor]:
+    """``correct`` on the session's test images and on ``unseen``, keyed by :data:`SPLITS`."""
+    return {split: correct(model, images) for split, images in zip(SPLITS, (session.splits.test, unseen))}
+
+
 def paired(mine: dict[int, dict], other: dict[int, dict], split: str) -> dict:
     """``mine`` minus ``other`` (per seed: correctness vectors) on ``split`` over their common seeds: per seed, the
     mean, and its standard error from the images."""
@@ -61,12 +66,11 @@ def main() -> None:
                 session = sessions[(model, seed)]
                 if model not in unseen:  # and the dense network's accuracy there, for scale
                     unseen[model] = unseen_split(session)
-                    out[model]["dense"] = {split: 100 * float(correct(session.model, images).mean()) for split, images
-                                           in zip(SPLITS, (session.splits.test, unseen[model]))}
+                    out[model]["dense"] = {split: 100 * float(v.mean())
+                                           for split, v in scored(session.model, session, unseen[model]).items()}
                     print(f"{model} dense: {out[model]['dense']}", flush=True)
                 kept, _ = session.build_final(run["ratios"])
-                vectors[method][seed] = {split: correct(kept, images) for split, images
-                                         in zip(SPLITS, (session.splits.test, unseen[model]))}
+                vectors[method][seed] = scored(kept, session, unseen[model])
                 runs.append({"seed": seed, **{f"acc_{split}": 100 * float(v.mean())
                                               for split, v in vectors[method][seed].items()}})
                 assert abs(runs[-1]["acc_test"] - run["acc_test"]) < 1e-6, (model, target, method, seed, run)
@@ -82,9 +86,8 @@ def main() -> None:
                     print(f"   {method} - {other}: " + "; ".join(
                         f"{split} {d['mean']:+.2f} +- {d['se']:.2f} (per seed " +
                         " ".join(f"{x:+.2f}" for x in d["per_seed"]) + ")" for split, d in diff.items()), flush=True)
-        write_result(args.name, {"commit": at, "config": {"names": args.names,
-                                                                "unseen_images": len(next(iter(unseen.values())).y)},
-                                 "models": out})
+        config = {"names": args.names, "unseen_images": len(next(iter(unseen.values())).y)}
+        write_result(args.name, {"commit": at, "config": config, "models": out})
 
 
 if __name__ == "__main__":
