@@ -8,7 +8,8 @@ images before fine-tuning, and timed against dense in ONNX Runtime at batch 1:
   (``prune --method centre|global|sensitivity``); sensitivity's evaluation count sets random search's budget;
 - ``random-N``: ``prune --method random --evaluations N`` (per seed), N = sensitivity's count and ``--evaluations``;
 - ``train``: ``prunepilot train`` with default flags (per seed: the seed also draws the splits, as on the CLI);
-  ``train-N`` with ``--train-evaluations N``, ``train-fast`` with ``--train-preset fast``;
+  ``train-N`` with ``--train-evaluations N``, ``train-fast`` with ``--train-preset fast``, ``train-group`` with
+  ``--train-granularity group``;
 - ``agent-alone``: ``train --floor none --warm-start none`` (per seed), what the agent finds by itself.
 
 Example (from bench/, PYTHONPATH=..):
@@ -28,6 +29,7 @@ from pathlib import Path
 from common import CIFAR, ROOT, WEIGHTS, cifar_session, write_result
 
 from agent.config import PRESETS
+from envs.decisions import GRANULARITIES
 from agent.train import train
 from envs import PruneEnv, evaluation_workers, floor_allocations, random_search, select_best
 from pruning_core import accuracy, uniform_ratios
@@ -99,6 +101,8 @@ def run_target(model: str, target: float, args: argparse.Namespace) -> dict:
     budget = {"evaluations": args.train_evaluations} if args.train_evaluations else {}
     if args.train_preset != "default":
         budget["preset"] = args.train_preset
+    if args.train_granularity != "substage":
+        budget["granularity"] = args.train_granularity
     for method, flags in (("train", budget), ("agent-alone", {"floor": (), "warm_start": "none", **budget})):
         if method in args.skip:
             continue
@@ -137,6 +141,8 @@ def main() -> None:
     p.add_argument("--train-evaluations", type=int, default=None,
                    help="cap train's distinct evaluations, floor and sensitivity table included (default: its own)")
     p.add_argument("--train-preset", choices=PRESETS, default="default", help="train's --preset (row train-fast, ...)")
+    p.add_argument("--train-granularity", choices=GRANULARITIES, default="substage",
+                   help="train's --granularity (row train-group, ...)")
     p.add_argument("--sensitivity-points", type=int, default=10)
     p.add_argument("--skip", nargs="*", default=[], choices=METHODS)
     p.add_argument("--no-latency", dest="latency", action="store_false")

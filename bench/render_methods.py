@@ -78,7 +78,9 @@ def merged(names: list[str]) -> Blocks:
         timed = json.loads(latency.read_text())["models"] if latency.is_file() else {}
         capped = res["config"].get("train_evaluations")
         preset = res["config"].get("train_preset", "default")
-        suffix = f"-{capped}" if capped else f"-{preset}" if preset != "default" else ""
+        granularity = res["config"].get("train_granularity", "substage")
+        suffix = (f"-{capped}" if capped else f"-{preset}" if preset != "default" else "") + \
+            (f"-{granularity}" if granularity != "substage" else "")
         for model, targets in res["models"].items():
             for target, methods in targets.items():
                 block = blocks.setdefault((model, target), {})
