@@ -29,9 +29,8 @@ from pathlib import Path
 from common import CIFAR, ROOT, WEIGHTS, cifar_session, write_result
 
 from agent.config import PRESETS
-from envs.decisions import GRANULARITIES
 from agent.train import train
-from envs import PruneEnv, evaluation_workers, floor_allocations, random_search, select_best
+from envs import GRANULARITIES, PruneEnv, evaluation_workers, floor_allocations, random_search, select_best
 from pruning_core import accuracy, uniform_ratios
 from pruning_core.latency import compare_latency
 
@@ -71,7 +70,8 @@ def run_target(model: str, target: float, args: argparse.Namespace) -> dict:
     if "uniform" not in args.skip:
         rows["uniform"] = row(session, uniform_ratios(session.trace, target, 0.8), args.latency)
     floor, sens_evals, floor_s = {}, None, 0.0
-    if {"centre", "global", "sensitivity"} - set(args.skip) or "sensitivity" in args.random_budgets:
+    if {"centre", "global", "sensitivity"} - set(args.skip) or ("random" not in args.skip
+                                                                and "sensitivity" in args.random_budgets):
         t = time.perf_counter()
         with evaluation_workers(env, args.workers):
             floor = floor_allocations(env, points=args.sensitivity_points)

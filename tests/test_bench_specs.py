@@ -54,6 +54,18 @@ def test_runs_of_other_seeds_are_pooled_and_the_same_seeds_replaced():
     assert render_methods.pooled(({"acc_test": 1.0}, "d", {}), late) == late
 
 
+def test_train_run_with_other_flags_gets_its_own_row(tmp_path, monkeypatch):
+    import json
+
+    import render_methods
+    monkeypatch.setattr(render_methods, "RESULTS", tmp_path)
+    for name, config in (("a", {}), ("b", {"train_granularity": "group"}), ("c", {"train_evaluations": 120})):
+        runs = {"train": {"runs": [{"seed": 0, "acc_test": 70.0}]}}
+        (tmp_path / f"{name}.json").write_text(json.dumps({"commit": "abc1234", "config": config,
+                                                            "models": {"m": {"0.5": runs}}}))
+    assert list(render_methods.merged(["a", "b", "c"])[("m", "0.5")]) == ["train", "train-group", "train-120"]
+
+
 def test_the_unseen_column_shows_only_a_check_of_the_rows_own_seeds():
     import render_methods
     entry = {"runs": [{"seed": 0, "acc_test": 60.0}, {"seed": 1, "acc_test": 62.0}]}
