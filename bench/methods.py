@@ -28,7 +28,7 @@ from pathlib import Path
 
 from common import CIFAR, ROOT, WEIGHTS, cifar_session, write_result
 
-from agent.config import PRESETS
+from agent.config import PRESETS, TrainConfig
 from agent.train import train
 from envs import GRANULARITIES, PruneEnv, evaluation_workers, floor_allocations, random_search, select_best
 from pruning_core import accuracy, uniform_ratios
@@ -101,8 +101,7 @@ def run_target(model: str, target: float, args: argparse.Namespace) -> dict:
     budget = {"evaluations": args.train_evaluations} if args.train_evaluations else {}
     if args.train_preset != "default":
         budget["preset"] = args.train_preset
-    if args.train_granularity != "substage":
-        budget["granularity"] = args.train_granularity
+    budget["granularity"] = args.train_granularity
     for method, flags in (("train", budget), ("agent-alone", {"floor": (), "warm_start": "none", **budget})):
         if method in args.skip:
             continue
@@ -141,7 +140,7 @@ def main() -> None:
     p.add_argument("--train-evaluations", type=int, default=None,
                    help="cap train's distinct evaluations, floor and sensitivity table included (default: its own)")
     p.add_argument("--train-preset", choices=PRESETS, default="default", help="train's --preset (row train-fast, ...)")
-    p.add_argument("--train-granularity", choices=GRANULARITIES, default="substage",
+    p.add_argument("--train-granularity", choices=GRANULARITIES, default=TrainConfig.granularity,
                    help="train's --granularity (row train-group, ...)")
     p.add_argument("--sensitivity-points", type=int, default=10)
     p.add_argument("--skip", nargs="*", default=[], choices=METHODS)
