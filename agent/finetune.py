@@ -42,8 +42,8 @@ def finetune_command_parser(subparsers) -> None:
     p.add_argument("--minutes", type=float, help="wall-clock budget: as many of --epochs as fit, planned from the "
                                                  "first steps' speed (default: none)")
     p.add_argument("--finetune-data", action="append", default=[], metavar="SPEC",
-                   help="more training images beside the run's own: a data spec whose training split is added "
-                        "(repeatable; its test split is never read)")
+                   help="more training images beside the run's own: a data spec's training split, or a folder of "
+                        "class folders taken whole (repeatable; no test split is read)")
     p.add_argument("--schedule", choices=SCHEDULES, default="oneshot",
                    help="oneshot: prune, then fine-tune; spp: probabilistic masks converging to the allocation in "
                         "the first half of the budget; drive: DRIVE-ranked pruning in 5 rounds after a dense phase "

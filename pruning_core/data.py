@@ -228,24 +228,31 @@ def read_folder(folder: Path, classes: list[str], keep=None, size: int | None = 
 
 def load_val(spec: str | Split, data: ImageData, workers: int = 0) -> Split | FolderSplit:
     """Validation images for the reward and select splits: a :class:`Split`, or a folder ``DIR/<class>/*.jpg``
-    with one class folder per class of the data, labelled in sorted name order as ImageFolder does (CIFAR-10's
-    names sort in its label order), normalised like the training images and decoded at their size.
+    (:func:`class_folder`).
     """
     if isinstance(spec, (Split, FolderSplit)):
         return spec
+    return class_folder(spec, data, workers, "validation")
+
+
+def class_folder(spec: str, data: ImageData, workers: int = 0, role: str = "image") -> FolderSplit:
+    """The images of a folder ``DIR/<class>/*.jpg`` with one class folder per class of ``data``, labelled in sorted
+    name order as ImageFolder does (CIFAR-10's names sort in its label order), normalised like the training images
+    and decoded at their size. ``role`` names the folder in errors.
+    """
     root = Path(spec.removeprefix("imagefolder:")).expanduser()
     if not root.is_dir():
-        raise UserError(f"validation folder not found: {root}")
+        raise UserError(f"{role} folder not found: {root}")
     classes = class_names(root)
     if len(classes) != data.num_classes:
         raise UserError(f"{root} has {len(classes)} class folders but {data.name} has {data.num_classes} classes")
     t = data.train
     files, y = list_images(root, classes)
     size = t.shape[1] if t.shape[1] == t.shape[2] else None  # square training images: resize these to match
-    val = FolderSplit(files, y, t.mean, t.std, t.scale, size=size, workers=workers)
-    if val.shape != t.shape:
-        raise UserError(f"images in {root} are {val.shape}, the training images {t.shape}")
-    return val
+    split = FolderSplit(files, y, t.mean, t.std, t.scale, size=size, workers=workers)
+    if split.shape != t.shape:
+        raise UserError(f"images in {root} are {split.shape}, the training images {t.shape}")
+    return split
 
 
 def _digits() -> ImageData:

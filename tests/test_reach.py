@@ -187,3 +187,21 @@ def test_resume_may_move_a_run_to_another_device_but_not_change_its_settings(tmp
     err = capsys.readouterr().err
     assert ("drop --image-size (only --episodes, --evaluations, --device, --loader-workers, --workers, --ray may "
             "change)") in err
+
+
+def test_finetune_data_adds_a_training_split_a_train_only_folder_or_a_folder_of_class_folders(tmp_path):
+    from pruning_core.finetune_data import finetune_images
+
+    data = load_data(f"imagefolder:{_folder(tmp_path / 'own')}", image_size=8)
+    _folder(tmp_path / "full", per_class=2, splits=("train", "test"), seed=1)
+    _folder(tmp_path / "train_only", per_class=3, splits=("train",), seed=2)
+    bare = _folder(tmp_path / "bare", per_class=4, splits=("train",), seed=3) / "train"  # DIR/<class>/*.jpg
+    images = finetune_images(data, [f"imagefolder:{tmp_path / 'full'}", f"imagefolder:{tmp_path / 'train_only'}",
+                                    str(bare)], image_size=8, loader_workers=0)
+    assert len(images) == 3 * (6 + 2 + 3 + 4)
+    x, y = images.x, images.y  # small enough to be held in memory
+    assert x.shape[1:] == (3, 8, 8) and sorted(y.tolist()) == sorted([0, 1, 2] * 15)
+    (tmp_path / "two" / "cat").mkdir(parents=True)
+    (tmp_path / "two" / "dog").mkdir()
+    with pytest.raises(UserError, match="has 2 class folders but"):
+        finetune_images(data, [str(tmp_path / "two")], loader_workers=0)
