@@ -4,7 +4,8 @@ A search spends nearly all its time evaluating allocations (prune, refit, recali
 are independent. :class:`EvaluationPool` runs them in ``N`` processes on this machine; each worker rebuilds the
 session once from the paths it was made from (model, weights, data) and takes the driver's channel scores, so every
 worker prunes exactly as the driver would. Torch threads are split among the workers, or with ``--device cuda`` each
-worker takes one GPU in turn. A worker that dies is replaced and its evaluation retried.
+worker takes one GPU in turn. A worker that dies, or hangs (no result in :attr:`_Pool.hang_limit` seconds), is
+replaced and its evaluation retried.
 
 :class:`RayPool` does the same with Ray actors on a cluster (``pip install prunepilot[ray]``); :func:`make_pool` picks
 one of the two.
@@ -16,6 +17,7 @@ import logging
 import multiprocessing as mp
 import os
 import signal
+import time
 from collections import deque
 from collections.abc import Iterator
 from dataclasses import asdict
@@ -30,6 +32,9 @@ __all__ = ["EvaluationPool", "Job", "RayPool", "Result", "make_pool", "usable_co
 log = logging.getLogger(__name__)
 
 RETRIES = 2  # a job whose worker died this many times is reported as a failure
+HANG_FACTOR = 20  # a worker is hung after this many times the slowest evaluation so far ...
+HANG_MIN_S = 300.0  # ... and at least this long
+HANG_FIRST_S = 3600.0  # before any evaluation has finished (the first ones warm up)
 
 Job = tuple[dict[str, float], "int | None"]  # (ratios per group, round_to)
 Result = tuple[float, dict[str, float], int]  # (reward-split accuracy %, timings, index of the worker that ran it)
@@ -93,52 +98,74 @@ def _serve(conn: Connection, settings: dict, threads: int, device: str) -> None:
 
 
 class _Pool:
-    """What both pools share: jobs go to idle workers, a worker that died is replaced and its job retried, and
-    results come back in the jobs' order. Subclasses say how a job is sent (:meth:`_submit`), how finished ones
+    """What both pools share: jobs go to idle workers, a worker that died or hung is replaced and its job retried,
+    and results come back in the jobs' order. Subclasses say how a job is sent (:meth:`_submit`), how finished ones
     are collected (:meth:`_finished`) and how a worker is replaced (:meth:`_replace`).
     """
 
     size: int
     what = "evaluation worker"  # how errors name a worker
+    hang_s: float | None = None  # a fixed hang limit; None: :attr:`hang_limit`'s rule
+    _slowest: float | None = None  # seconds of the slowest evaluation finished so far
+
+    @property
+    def hang_limit(self) -> float:
+        """Seconds after which a worker with no result counts as hung: ``hang_s`` if set, else :data:`HANG_FACTOR`
+        times the slowest evaluation so far and at least :data:`HANG_MIN_S` (:data:`HANG_FIRST_S` before any).
+        """
+        if self.hang_s is not None:
+            return self.hang_s
+        return HANG_FIRST_S if self._slowest is None else max(HANG_MIN_S, HANG_FACTOR * self._slowest)
 
     def accuracies(self, jobs: list[Job]) -> list[Result]:
         """Score every ``(ratios, round_to)`` job, in parallel; results in the jobs' order.
 
-        :raises UserError: an evaluation failed, or its worker died more than :data:`RETRIES` times.
+        :raises UserError: an evaluation failed, or its worker died or hung more than :data:`RETRIES` times.
         """
         results: list[Result | None] = [None] * len(jobs)
-        queue, busy, tries = deque(range(len(jobs))), {}, [0] * len(jobs)  # busy: worker -> (job, token)
+        queue, busy, tries = deque(range(len(jobs))), {}, [0] * len(jobs)  # busy: worker -> (job, token, start)
         while queue or busy:
             for i in range(self.size):
                 if i not in busy and queue:
                     j = queue.popleft()
-                    busy[i] = (j, self._submit(i, j, jobs[j]))
-            for i, outcome in self._finished({i: token for i, (_, token) in busy.items()}):
-                j, _ = busy.pop(i)
-                if outcome is None:  # the worker died
-                    tries[j] += 1
-                    if tries[j] > RETRIES:
-                        raise UserError(f"{self.what}s died {tries[j]} times on one allocation")
-                    self._replace(i)
-                    queue.appendleft(j)
+                    busy[i] = (j, self._submit(i, j, jobs[j]), time.monotonic())
+            now = time.monotonic()
+            wait_s = max(0.0, min(start + self.hang_limit - now for _, _, start in busy.values()))
+            lost = []  # workers that died or hung, and why
+            for i, outcome in self._finished({i: token for i, (_, token, _) in busy.items()}, wait_s):
+                j, _, start = busy.pop(i)
+                if outcome is None:
+                    lost.append((i, j, "died"))
                 elif isinstance(outcome, str):  # the command ends; the other workers' jobs stay unread
                     raise UserError(f"{self.what} {i} failed: {outcome}")
                 else:
                     results[j] = (*outcome, i)
+                    self._slowest = max(self._slowest or 0.0, time.monotonic() - start)
+            now = time.monotonic()
+            lost += [(i, busy.pop(i)[0], f"gave no result in {self.hang_limit:.0f} s")
+                     for i in [i for i, (_, _, start) in busy.items() if now - start >= self.hang_limit]]
+            for i, j, why in lost:
+                tries[j] += 1
+                if tries[j] > RETRIES:
+                    raise UserError(f"{self.what}s died or hung {tries[j]} times on one allocation")
+                log.warning("%s %d (pid %d) %s; starting a new one", self.what, i, self.pids[i], why)
+                self._replace(i)
+                queue.appendleft(j)
         return results  # type: ignore[return-value]
 
     def _submit(self, i: int, j: int, job: Job):
         """Send job ``j`` to worker ``i``; returns a token :meth:`_finished` receives back."""
         raise NotImplementedError
 
-    def _finished(self, busy: dict[int, object]) -> Iterator[tuple[int, tuple[float, dict] | str | None]]:
-        """Wait for at least one of the ``busy`` workers (worker -> token); yield ``(worker, outcome)`` for each
-        that is done: ``(accuracy, timings)``, an error line, or None if the worker died.
+    def _finished(self, busy: dict[int, object], timeout: float
+                  ) -> Iterator[tuple[int, tuple[float, dict] | str | None]]:
+        """Wait up to ``timeout`` seconds for one of the ``busy`` workers (worker -> token); yield ``(worker,
+        outcome)`` for each that is done: ``(accuracy, timings)``, an error line, or None if the worker died.
         """
         raise NotImplementedError
 
     def _replace(self, i: int) -> None:
-        """Start a new worker ``i`` in place of one that died."""
+        """Stop worker ``i`` (dead or hung) and start a new one in its place."""
         raise NotImplementedError
 
     def __enter__(self):
@@ -157,14 +184,16 @@ class EvaluationPool(_Pool):
     :param session: the driver's session; it must have been built from specs (:attr:`PruningSession.rebuildable`).
     :param workers: processes to start (at least 1).
     :param threads: torch threads per worker (default: this machine's cores divided among the workers).
+    :param hang_s: seconds without a result after which a worker is replaced (default: :attr:`hang_limit`'s rule).
 
     Use it as a context manager, or call :meth:`close`.
     """
 
-    def __init__(self, session, workers: int, threads: int | None = None):
+    def __init__(self, session, workers: int, threads: int | None = None, hang_s: float | None = None):
         if workers < 1:
             raise UserError(f"--workers must be at least 1, got {workers}")
         self.settings = worker_settings(session)
+        self.hang_s = hang_s
         self.size = workers
         self.threads = threads or max(1, usable_cores() // workers)
         device = session.device
@@ -206,8 +235,8 @@ class EvaluationPool(_Pool):
         self.pids[i] = msg[1]
 
     def _replace(self, i: int) -> None:
-        log.warning("evaluation worker %d (pid %d) died; starting a new one", i, self.pids[i])
         self._conns[i].close()
+        self._procs[i].kill()  # a hung worker does not exit on its own
         self._procs[i].join(timeout=5)
         self.restarts += 1
         self._start(i)
@@ -218,8 +247,9 @@ class EvaluationPool(_Pool):
         except (BrokenPipeError, OSError):
             pass  # it died; _finished sees EOF
 
-    def _finished(self, busy: dict[int, object]) -> Iterator[tuple[int, tuple[float, dict] | str | None]]:
-        for conn in wait([self._conns[i] for i in busy]):
+    def _finished(self, busy: dict[int, object], timeout: float
+                  ) -> Iterator[tuple[int, tuple[float, dict] | str | None]]:
+        for conn in wait([self._conns[i] for i in busy], timeout):
             i = self._conns.index(conn)
             try:
                 msg = conn.recv()
@@ -254,7 +284,8 @@ class RayPool(_Pool):
         on a CUDA session each actor takes one GPU instead.
 
     The actors rebuild the session from its paths; its scores reach them through Ray's object store. An actor that
-    dies is replaced and its evaluation retried, so the search loses no finished evaluation and counts none twice.
+    dies or hangs is replaced and its evaluation retried, so the search loses no finished evaluation and counts none
+    twice.
     """
 
     what = "Ray evaluation actor"
@@ -299,10 +330,11 @@ class RayPool(_Pool):
     def _submit(self, i: int, j: int, job: Job):
         return self._actors[i].score.remote(*job)
 
-    def _finished(self, busy: dict[int, object]) -> Iterator[tuple[int, tuple[float, dict] | str | None]]:
+    def _finished(self, busy: dict[int, object], timeout: float
+                  ) -> Iterator[tuple[int, tuple[float, dict] | str | None]]:
         ray = self._ray
         worker_of = {ref: i for i, ref in busy.items()}
-        done, _ = ray.wait(list(worker_of), num_returns=1)
+        done, _ = ray.wait(list(worker_of), num_returns=1, timeout=timeout)
         for ref in done:
             try:
                 outcome = ray.get(ref)
@@ -313,7 +345,6 @@ class RayPool(_Pool):
             yield worker_of[ref], outcome
 
     def _replace(self, i: int) -> None:
-        log.warning("Ray evaluation actor %d (pid %d) died; starting a new one", i, self.pids[i])
         self._ray.kill(self._actors[i], no_restart=True)
         self._actors[i] = self._actor_class.remote(self._settings, self._device, self.threads)
         self.pids[i] = self._ray.get(self._actors[i].pid.remote())

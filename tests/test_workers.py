@@ -11,7 +11,7 @@ from helpers import TINY_SEARCH
 from agent import train
 from envs import PruneEnv, evaluation_workers, random_search
 from pruning_core import PruningSession, SessionConfig, UserError, uniform_ratios
-from pruning_core.parallel import EvaluationPool
+from pruning_core.parallel import HANG_FIRST_S, HANG_MIN_S, EvaluationPool
 
 TINY = dict(model="digits_cnn", data="digits", episodes=20, warmup_episodes=4, checkpoint_every=4, sensitivity_points=3,
             **TINY_SEARCH)
@@ -33,6 +33,21 @@ def test_workers_score_as_the_driver_and_a_killed_one_is_replaced(spec_session):
         again = pool.accuracies(jobs)
         assert [acc for acc, _, _ in again] == here and pool.restarts == 1
         assert {worker for _, _, worker in again} == {0, 1}
+
+
+
+def test_a_hung_worker_is_replaced_after_the_hang_limit_and_its_evaluation_retried(spec_session):
+    jobs = [(uniform_ratios(spec_session.trace, f, 0.8), None) for f in (0.3, 0.5, 0.7)]
+    here = [spec_session.score_allocation(*job)[0] for job in jobs]
+    with EvaluationPool(spec_session, 2, hang_s=3.0) as pool:
+        stopped = pool.pids[0]
+        os.kill(stopped, signal.SIGSTOP)  # alive, but never answers
+        assert [acc for acc, _, _ in pool.accuracies(jobs)] == here
+        assert pool.restarts == 1 and pool.pids[0] != stopped
+    with EvaluationPool(spec_session, 1) as pool:  # the default limit follows the evaluations' own speed
+        assert pool.hang_limit == HANG_FIRST_S
+        pool.accuracies(jobs[:1])
+        assert pool.hang_limit == HANG_MIN_S
 
 
 def test_random_search_with_two_workers_evaluates_what_one_does(spec_session):
