@@ -3,9 +3,9 @@ Runtime speed-up at batch 1 per method, model and FLOPs target; seeded methods a
 hold the same method, model and target, the later one's row replaces the earlier's, unless both hold runs of
 different seeds, which are pooled; train capped by
 methods.py --train-evaluations N is the row train-N, --train-preset fast the row train-fast. Speed-ups re-timed alone by
-methods_latency.py (NAME_latency.json) replace those timed during the run. With ``--unseen NAME``, a column holds
-the same kept models' accuracy on the ~9,000 unseen JPEG images that unseen_check.py measured (``-`` where its seeds
-are not the row's).
+methods_latency.py (NAME_latency.json) replace those timed during the run. With ``--unseen NAME [NAME ...]``, a
+column holds the same kept models' accuracy on the ~9,000 unseen JPEG images that unseen_check.py measured (``-``
+where its seeds are not the row's; a later check's model and target replace an earlier one's).
 
 With ``--plot DIR`` it also draws, per model, test accuracy against the measured speed-up of every run, with the
 Pareto front over all of them, into ``DIR/pareto_MODEL.png``.
@@ -52,11 +52,12 @@ def main() -> None:
     p.add_argument("--write", nargs="*", default=[], metavar="FILE",
                    help="replace the table between the methods markers of these markdown files")
     p.add_argument("--plot", metavar="DIR", help="also draw DIR/pareto_MODEL.png per model")
-    p.add_argument("--unseen", metavar="NAME", help="unseen_check.py's results file: add its accuracy column")
+    p.add_argument("--unseen", nargs="+", metavar="NAME",
+                   help="unseen_check.py's results files: add their accuracy column (later files win per block)")
     args = p.parse_args()
     if args.plot:
         plot(merged(args.names), Path(args.plot))
-    unseen = json.loads((RESULTS / f"{args.unseen}.json").read_text())["models"] if args.unseen else None
+    unseen = unseen_checks(args.unseen) if args.unseen else None
     table = "\n".join(rows(args.names, unseen))
     print(table)
     for path in map(Path, args.write):
@@ -104,6 +105,16 @@ def pooled(earlier: tuple | None, later: tuple) -> tuple:
     offset = len(old["runs"])
     return ({"runs": old["runs"] + new["runs"]}, f"{old_commit}+{new_commit}",
             {**old_timed, **{i + offset: v for i, v in new_timed.items()}})
+
+
+def unseen_checks(names: list[str]) -> dict:
+    """unseen_check.py's models of these results files, merged: a later file's (model, target) block replaces an
+    earlier one's."""
+    out: dict[str, dict] = {}
+    for name in names:
+        for model, targets in json.loads((RESULTS / f"{name}.json").read_text())["models"].items():
+            out.setdefault(model, {}).update(targets)
+    return out
 
 
 def unseen_cell(entry: dict, checked: dict | None) -> str:

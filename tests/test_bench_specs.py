@@ -1,5 +1,6 @@
 """The benchmark specs in bench/experiments/ parse and name scripts that exist (bench/run.py)."""
 
+import json
 import sys
 from pathlib import Path
 
@@ -55,8 +56,6 @@ def test_runs_of_other_seeds_are_pooled_and_the_same_seeds_replaced():
 
 
 def test_train_run_with_other_flags_gets_its_own_row(tmp_path, monkeypatch):
-    import json
-
     import render_methods
     monkeypatch.setattr(render_methods, "RESULTS", tmp_path)
     for name, config in (("a", {}), ("b", {"train_granularity": "group"}), ("c", {"train_evaluations": 120})):
@@ -74,3 +73,15 @@ def test_the_unseen_column_shows_only_a_check_of_the_rows_own_seeds():
     assert render_methods.unseen_cell(entry, {"acc_unseen": 55.5, "runs": [{"seed": 0}]}) == "-"
     assert render_methods.unseen_cell({"acc_test": 60.0}, {"acc_unseen": 50.0, "runs": [{"seed": 0}]}) == "50.00"
     assert render_methods.unseen_cell(entry, None) == "-"
+
+
+def test_a_later_unseen_check_replaces_an_earlier_ones_block_and_keeps_the_rest(tmp_path, monkeypatch):
+    import render_methods
+    monkeypatch.setattr(render_methods, "RESULTS", tmp_path)
+    old = {"m": {"0.3": {"train": {"acc_unseen": 1.0}}, "0.5": {"train": {"acc_unseen": 2.0}}}}
+    new = {"m": {"0.3": {"train": {"acc_unseen": 3.0}}}, "n": {"0.5": {"train": {"acc_unseen": 4.0}}}}
+    for name, models in (("old", old), ("new", new)):
+        (tmp_path / f"{name}.json").write_text(json.dumps({"models": models}))
+    merged = render_methods.unseen_checks(["old", "new"])
+    assert merged == {"m": {"0.3": {"train": {"acc_unseen": 3.0}}, "0.5": {"train": {"acc_unseen": 2.0}}},
+                      "n": {"0.5": {"train": {"acc_unseen": 4.0}}}}
