@@ -16,7 +16,7 @@ from common import cifar_session, write_result
 from methods import commit
 
 from envs import PruneEnv, evaluation_workers, random_search
-from pruning_core.parallel import RayPool
+from pruning_core.ray_pool import RayPool
 
 
 def main() -> None:

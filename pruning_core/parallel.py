@@ -4,11 +4,11 @@ A search spends nearly all its time evaluating allocations (prune, refit, recali
 are independent. :class:`EvaluationPool` runs them in ``N`` processes on this machine; each worker rebuilds the
 session once from the paths it was made from (model, weights, data) and takes the driver's channel scores, so every
 worker prunes exactly as the driver would. Torch threads are split among the workers, or with ``--device cuda`` each
-worker takes one GPU in turn. A worker that dies, or hangs (no result in :attr:`_Pool.hang_limit` seconds), is
+worker takes one GPU in turn. A worker that dies, or hangs (no result in :attr:`WorkerPool.hang_limit` seconds), is
 replaced and its evaluation retried.
 
-:class:`RayPool` does the same with Ray actors on a cluster (``pip install prunepilot[ray]``); :func:`make_pool` picks
-one of the two.
+:class:`~pruning_core.ray_pool.RayPool` does the same with Ray actors on a cluster (``pip install prunepilot[ray]``);
+:func:`make_pool` picks one of the two.
 """
 
 from __future__ import annotations
@@ -27,7 +27,8 @@ import torch
 
 from pruning_core.errors import UserError
 
-__all__ = ["EvaluationPool", "Job", "RayPool", "Result", "make_pool", "usable_cores"]
+__all__ = ["EvaluationPool", "Job", "Result", "WorkerPool", "build_worker_session", "make_pool", "usable_cores",
+           "worker_settings"]
 
 log = logging.getLogger(__name__)
 
@@ -97,7 +98,7 @@ def _serve(conn: Connection, settings: dict, threads: int, device: str) -> None:
             conn.send(("ok", job, acc, timings))
 
 
-class _Pool:
+class WorkerPool:
     """What both pools share: jobs go to idle workers, a worker that died or hung is replaced and its job retried,
     and results come back in the jobs' order. Subclasses say how a job is sent (:meth:`_submit`), how finished ones
     are collected (:meth:`_finished`) and how a worker is replaced (:meth:`_replace`).
@@ -178,7 +179,7 @@ class _Pool:
         raise NotImplementedError
 
 
-class EvaluationPool(_Pool):
+class EvaluationPool(WorkerPool):
     """``workers`` processes that score allocations of ``session`` (:meth:`PruningSession.score_allocation`).
 
     :param session: the driver's session; it must have been built from specs (:attr:`PruningSession.rebuildable`).
@@ -275,107 +276,11 @@ class EvaluationPool(_Pool):
         self._conns = [None] * self.size
         self._procs = [None] * self.size
 
-class RayPool(_Pool):
-    """``workers`` Ray actors that score allocations of ``session``, as :class:`EvaluationPool` does.
-
-    :param address: the cluster to join: ``auto`` (the one ``ray start`` runs on this machine), ``local`` (start one
-        inside this process), or ``HOST:PORT``. A Ray already initialised in this process is used as it is.
-    :param threads: torch threads (and Ray CPUs) per actor (default: the cluster's CPUs divided among the actors);
-        on a CUDA session each actor takes one GPU instead.
-
-    The actors rebuild the session from its paths; its scores reach them through Ray's object store. An actor that
-    dies or hangs is replaced and its evaluation retried, so the search loses no finished evaluation and counts none
-    twice.
+def make_pool(session, workers: int, ray: str | None = None) -> WorkerPool:
+    """:class:`~pruning_core.ray_pool.RayPool` on the cluster ``ray`` names, else :class:`EvaluationPool` on this
+    machine.
     """
-
-    what = "Ray evaluation actor"
-
-    def __init__(self, session, workers: int, address: str = "auto", threads: int | None = None):
-        try:
-            import ray
-        except ImportError:
-            raise UserError("--ray needs Ray: pip install 'prunepilot[ray]'") from None
-        if workers < 1:
-            raise UserError(f"--workers must be at least 1, got {workers}")
-        settings = worker_settings(session)
-        if not ray.is_initialized():
-            try:
-                ray.init(address=None if address == "local" else address, include_dashboard=False,
-                         log_to_driver=False, logging_level=logging.WARNING)
-            except (ConnectionError, RuntimeError, ValueError) as e:
-                raise UserError(f"cannot join the Ray cluster at {address!r} ({e}); start one with "
-                                "`ray start --head`, or pass --ray local") from None
-        self._ray = ray
-        self.size = workers
-        gpu = session.device.type == "cuda"
-        cluster = ray.cluster_resources()
-        cpus, gpus = cluster.get("CPU", 1.0), cluster.get("GPU", 0.0)
-        self.threads = threads or max(1, int(cpus) // workers)
-        # more actors than the cluster holds share it (fractional resources) instead of waiting forever
-        if gpu:
-            resources = {"num_gpus": min(1.0, gpus / workers), "num_cpus": min(1.0, cpus / workers)}
-        else:
-            resources = {"num_cpus": min(float(self.threads), cpus / workers)}
-        self._device = "cuda" if gpu else "cpu"
-        self._actor_class = ray.remote(max_restarts=0, **resources)(_EvaluationActor)
-        self._settings = ray.put(settings)
-        self.restarts = 0
-        self._actors = [self._actor_class.remote(self._settings, self._device, self.threads) for _ in range(workers)]
-        try:
-            self.pids = ray.get([a.pid.remote() for a in self._actors])
-        except ray.exceptions.RayError as e:
-            self.close()
-            raise UserError(f"a Ray evaluation actor could not load the model: {_cause(e)}") from None
-
-    def _submit(self, i: int, j: int, job: Job):
-        return self._actors[i].score.remote(*job)
-
-    def _finished(self, busy: dict[int, object], timeout: float
-                  ) -> Iterator[tuple[int, tuple[float, dict] | str | None]]:
-        ray = self._ray
-        worker_of = {ref: i for i, ref in busy.items()}
-        done, _ = ray.wait(list(worker_of), num_returns=1, timeout=timeout)
-        for ref in done:
-            try:
-                outcome = ray.get(ref)
-            except ray.exceptions.RayActorError:
-                outcome = None
-            except ray.exceptions.RayTaskError as e:
-                outcome = _cause(e)
-            yield worker_of[ref], outcome
-
-    def _replace(self, i: int) -> None:
-        self._ray.kill(self._actors[i], no_restart=True)
-        self._actors[i] = self._actor_class.remote(self._settings, self._device, self.threads)
-        self.pids[i] = self._ray.get(self._actors[i].pid.remote())
-        self.restarts += 1
-
-    def close(self) -> None:
-        """Stop the actors (the cluster keeps running)."""
-        for actor in getattr(self, "_actors", []):
-            self._ray.kill(actor, no_restart=True)
-        self._actors = []
-
-class _EvaluationActor:
-    """A Ray actor holding one worker session (:func:`build_worker_session`)."""
-
-    def __init__(self, settings: dict, device: str, threads: int):
-        torch.set_num_threads(threads)
-        logging.disable(logging.WARNING)
-        self.session = build_worker_session(settings, device)
-
-    def pid(self) -> int:
-        return os.getpid()
-
-    def score(self, ratios: dict[str, float], round_to: int | None) -> tuple[float, dict[str, float]]:
-        return self.session.score_allocation(ratios, round_to)
-
-
-def _cause(error: Exception) -> str:
-    cause = getattr(error, "cause", None) or error
-    return f"{type(cause).__name__}: {cause}".splitlines()[0]
-
-
-def make_pool(session, workers: int, ray: str | None = None) -> EvaluationPool | RayPool:
-    """:class:`RayPool` on the cluster ``ray`` names, else :class:`EvaluationPool` on this machine."""
-    return RayPool(session, workers, ray) if ray else EvaluationPool(session, workers)
+    if ray:
+        from pruning_core.ray_pool import RayPool
+        return RayPool(session, workers, ray)
+    return EvaluationPool(session, workers)

@@ -39,11 +39,11 @@ def test_workers_score_as_the_driver_and_a_killed_one_is_replaced(spec_session):
 def test_a_hung_worker_is_replaced_after_the_hang_limit_and_its_evaluation_retried(spec_session):
     jobs = [(uniform_ratios(spec_session.trace, f, 0.8), None) for f in (0.3, 0.5, 0.7)]
     here = [spec_session.score_allocation(*job)[0] for job in jobs]
-    with EvaluationPool(spec_session, 2, hang_s=3.0) as pool:
+    with EvaluationPool(spec_session, 2, hang_s=10.0) as pool:
         stopped = pool.pids[0]
         os.kill(stopped, signal.SIGSTOP)  # alive, but never answers
         assert [acc for acc, _, _ in pool.accuracies(jobs)] == here
-        assert pool.restarts == 1 and pool.pids[0] != stopped
+        assert pool.restarts >= 1 and pool.pids[0] != stopped  # more only if a loaded machine stalls a healthy one
     with EvaluationPool(spec_session, 1) as pool:  # the default limit follows the evaluations' own speed
         assert pool.hang_limit == HANG_FIRST_S
         pool.accuracies(jobs[:1])
@@ -147,7 +147,7 @@ def local_ray():
 def test_a_search_on_ray_survives_a_killed_actor(spec_session, local_ray, monkeypatch):
     """One actor is killed mid-search: it is replaced, its evaluation retried, and the search evaluates and keeps
     exactly what a run without the kill does."""
-    from pruning_core.parallel import RayPool
+    from pruning_core.ray_pool import RayPool
     plain = PruneEnv(session=spec_session, flops=0.5)
     expected = random_search(plain, 200, seed=5, evaluations=8)
     env = PruneEnv(session=spec_session, flops=0.5)
