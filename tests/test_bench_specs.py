@@ -28,8 +28,11 @@ def test_every_spec_builds_a_command(spec):
     data = tomllib.loads(spec.read_text())
     cmd = run.command(data, spec)
     assert (BENCH / cmd[1]).is_file()
-    for name in data.get("render", []):  # the rendered table's result files exist
-        assert (BENCH / "results" / f"{name}.json").is_file(), name
+    checks = data.get("unseen", [])
+    for name in data.get("render", []) + ([checks] if isinstance(checks, str) else checks):
+        assert (BENCH / "results" / f"{name}.json").is_file(), name  # the rendered table's result files exist
+    if checks:
+        assert cmd[cmd.index("--unseen") + 1:] == ([checks] if isinstance(checks, str) else checks)
 
 
 def test_a_spec_with_unknown_keys_is_refused():
