@@ -47,7 +47,7 @@ def random_episodes(search: Search, batch: int) -> None:
     ``seed`` and ``i`` alone.
     """
     for _ in range(batch):  # evaluated together, then recorded one by one
-        episode = search.episodes_done + len(search._deferred)  # this episode's index, deferred ones counted
+        episode = search.episodes_done + search.pending_episodes  # this episode's index, deferred ones counted
         if episode >= search.config.warmup_episodes or search.budget_spent():
             break
         rng = np.random.default_rng([search.config.seed, episode])
@@ -77,10 +77,10 @@ def resolve_deferred(search: Search, deferred: list[tuple[int | None, dict, list
         reward, result = resolve_episode(env, deferred[i][1])
         learned[i] = search.wrapped.shift(reward, result["cached"])
         rewards.append(reward)
-        search._actions = deferred[i][2]
         search.on_episode_end({**result, "reward_raw": reward, "predicted": predicted.get(i),
                                "proposer": deferred[i][1].get("proposer") or (
-                                   "agent" if search.screening and deferred[i][0] is not None else None)})
+                                   "agent" if search.screening and deferred[i][0] is not None else None)},
+                              deferred[i][2])
     fallback = float(np.mean(rewards)) if rewards else 0.0  # for a proposal the model did not predict
     for i, (position, info, _) in enumerate(deferred):
         if i not in evaluated and position is not None and position >= 0:

@@ -129,6 +129,11 @@ class Search:
         """PPO episodes screened so far, evaluated or not."""
         return self.screen.proposals if self.screen is not None else 0
 
+    @property
+    def pending_episodes(self) -> int:
+        """Episodes ended without evaluation, waiting for :meth:`resolve`."""
+        return len(self._deferred)
+
     def defer_episode(self, info: dict, position: int | None) -> None:
         """Hold an episode that ended without evaluation (``info["pending"]``) until :meth:`resolve`."""
         self._deferred.append((position, info, self._actions))
@@ -264,10 +269,11 @@ class Search:
     def on_step(self, info: dict) -> None:
         self._actions.append(float(np.asarray(info["action_applied"]).reshape(-1)[0]))
 
-    def on_episode_end(self, info: dict) -> None:
-        """Record a finished episode (after its last :meth:`on_step`)."""
+    def on_episode_end(self, info: dict, actions: list[float] | None = None) -> None:
+        """Record a finished episode: after its last :meth:`on_step`, or a deferred one with its applied ``actions``."""
         self.episodes_done += 1
-        actions, self._actions = self._actions, []
+        if actions is None:
+            actions, self._actions = self._actions, []
         reward = float(info["reward_raw"])
         record = episode_record(info, self.episodes_done, self.noise.sigma if self.noise else None, self.elapsed())
         self.history.append(record)
