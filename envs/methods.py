@@ -26,7 +26,7 @@ from envs.prune_env import PruneEnv
 from pruning_core.allocate import global_ratios, threshold_allocation, uniform_ratios
 from pruning_core.errors import UserError
 from pruning_core.evaluate import accuracy
-from pruning_core.parallel import EvaluationPool, make_pool
+from pruning_core.parallel import EvaluationPool, WorkerPool
 from pruning_core.prune import kept_counts
 
 __all__ = ["FLOOR_METHODS", "applied_actions", "centre_allocation", "evaluation_workers", "floor_allocations",
@@ -50,10 +50,11 @@ def run_episode(env: PruneEnv, act: Callable[[dict], np.ndarray]) -> tuple[float
 
 
 @contextmanager
-def evaluation_workers(env: PruneEnv, workers: int, ray: str | None = None) -> Iterator[EvaluationPool | None]:
+def evaluation_workers(env: PruneEnv, workers: int, ray: str | None = None) -> Iterator[WorkerPool | None]:
     """Within this block ``env`` evaluates on ``workers`` processes (:class:`~pruning_core.parallel.EvaluationPool`),
-    or Ray actors on the cluster ``ray`` names (``auto``, ``local`` or ``HOST:PORT``), each holding its own copy of
-    the session; with 1 and no Ray, in this process as always.
+    or Ray actors on the cluster ``ray`` names (``auto``, ``local`` or ``HOST:PORT``;
+    :class:`~pruning_core.ray_pool.RayPool`), each holding its own copy of the session; with 1 and no Ray, in this
+    process as always.
     """
     if workers < 1:
         raise UserError(f"--workers must be at least 1, got {workers}")
@@ -61,7 +62,12 @@ def evaluation_workers(env: PruneEnv, workers: int, ray: str | None = None) -> I
         yield None
         return
     env.evaluator.check_parallel()  # before any worker starts
-    with make_pool(env.session, workers, ray) as pool:
+    if ray:
+        from pruning_core.ray_pool import RayPool  # Ray is an optional extra
+        pool = RayPool(env.session, workers, ray)
+    else:
+        pool = EvaluationPool(env.session, workers)
+    with pool:
         env.evaluator.use_pool(pool)
         try:
             yield pool

@@ -8,7 +8,7 @@ worker takes one GPU in turn. A worker that dies, or hangs (no result in :attr:`
 replaced and its evaluation retried.
 
 :class:`~pruning_core.ray_pool.RayPool` does the same with Ray actors on a cluster (``pip install prunepilot[ray]``);
-:func:`make_pool` picks one of the two.
+:func:`envs.evaluation_workers` picks one of the two.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ import torch
 
 from pruning_core.errors import UserError
 
-__all__ = ["EvaluationPool", "Job", "Result", "WorkerPool", "build_worker_session", "make_pool", "usable_cores",
+__all__ = ["EvaluationPool", "Job", "Result", "WorkerPool", "build_worker_session", "usable_cores",
            "worker_settings"]
 
 log = logging.getLogger(__name__)
@@ -275,12 +275,3 @@ class EvaluationPool(WorkerPool):
                     proc.kill()
         self._conns = [None] * self.size
         self._procs = [None] * self.size
-
-def make_pool(session, workers: int, ray: str | None = None) -> WorkerPool:
-    """:class:`~pruning_core.ray_pool.RayPool` on the cluster ``ray`` names, else :class:`EvaluationPool` on this
-    machine.
-    """
-    if ray:
-        from pruning_core.ray_pool import RayPool
-        return RayPool(session, workers, ray)
-    return EvaluationPool(session, workers)
