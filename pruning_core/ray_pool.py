@@ -17,7 +17,8 @@ __all__ = ["RayPool"]
 
 
 class RayPool(WorkerPool):
-    """``workers`` Ray actors that score allocations of ``session``, as :class:`EvaluationPool` does.
+    """``workers`` Ray actors that score allocations of ``session``, as :class:`~pruning_core.parallel.EvaluationPool`
+    does.
 
     :param address: the cluster to join: ``auto`` (the one ``ray start`` runs on this machine), ``local`` (start one
         inside this process), or ``HOST:PORT``. A Ray already initialised in this process is used as it is.
