@@ -46,8 +46,7 @@ def command(spec: dict, path: Path) -> list[str]:
     ``--name NAME`` (the result file); or ``render_methods.py`` for a spec with ``render`` and ``write``."""
     if "render" in spec:
         plot = ["--plot", spec["plot"]] if "plot" in spec else []
-        checks = spec.get("unseen", [])
-        unseen = ["--unseen", *([checks] if isinstance(checks, str) else checks)] if checks else []
+        unseen = ["--unseen", *spec["unseen"]] if spec.get("unseen") else []
         return [sys.executable, "render_methods.py", *spec["render"], "--write", *spec.get("write", []), *plot,
                 *unseen]
     unknown = set(spec) - {"description", "script", "name", "positional", "args", "measured"}
