@@ -19,6 +19,7 @@ Example (from bench/, PYTHONPATH=..): python selection.py --model resnet56 --tar
 from __future__ import annotations
 
 import argparse
+import importlib
 import tempfile
 import time
 
@@ -26,10 +27,11 @@ import torch
 from common import CIFAR, WEIGHTS, cifar_session, unseen_split, write_result
 from methods import commit
 
-import agent.train as train_module
 from envs import PruneEnv, evaluation_workers, random_search
 from envs.reward_model import RewardModel
 from pruning_core import accuracy
+
+train_module = importlib.import_module("agent.train")  # the package's ``train`` names the function
 
 SPLITS = ("select", "spare", "unseen", "test")
 
@@ -63,7 +65,8 @@ def searched_env(method: str, session, args, seed: int) -> tuple[PruneEnv, dict,
     try:
         with tempfile.TemporaryDirectory() as out:
             report = train_module.train(session=session, model=args.model, weights=WEIGHTS[args.model], data=CIFAR,
-                                        flops=args.target, seed=seed, out=out, progress=False, workers=args.workers)
+                                        flops=args.target, seed=seed, out=out, progress=False, workers=args.workers,
+                                        **({"episodes": args.episodes} if args.episodes else {}))
     finally:
         train_module.finish_search = finish
     env = captured["env"]
@@ -129,6 +132,7 @@ def main() -> None:
     p.add_argument("--methods", nargs="+", choices=("train", "random"), default=["train"])
     p.add_argument("--seeds", nargs="+", type=int, default=[0])
     p.add_argument("--evaluations", type=int, default=120, help="random search's budget")
+    p.add_argument("--episodes", type=int, default=None, help="train's --episodes (default: its own)")
     p.add_argument("--top", type=int, default=20, help="finalists scored, best by reward (the floor's beside them)")
     p.add_argument("--unseen-images", type=int, default=4000)
     p.add_argument("--workers", type=int, default=2)
