@@ -4,7 +4,8 @@ Per seed, a search runs as the CLI runs it (``train`` with default flags, or ``p
 N``); then the ``top`` best distinct allocations of its cache by reward, and the floor allocations train scored, are
 built as the kept model is (refitted) and scored on:
 
-- ``reward``: the search's reward split (1,000 training images), what the search optimised;
+- ``reward``: the search's reward split (``--reward-images`` training images, 1,000 as in train), what the search
+  optimised;
 - ``select``: the select split (1,000 more training images), what ``select_best`` re-scores the top 5 on;
 - ``spare``: every other training image (2,445 on the CIFAR-10 subset), which no search or selection saw;
 - ``unseen``: unseen JPEG test images (``common.unseen_split``), the protocol's validation images;
@@ -93,7 +94,7 @@ def rules(rows: list[dict], kept_index: int) -> dict[str, int]:
 
 
 def measure(method: str, seed: int, args: argparse.Namespace) -> dict:
-    session = cifar_session(args.model, select_images=1000, seed=seed, reconstruct=True)
+    session = cifar_session(args.model, select_images=1000, seed=seed, reconstruct=True, reward_images=args.reward_images)
     t = time.perf_counter()
     env, kept_ratios, floor = searched_env(method, session, args, seed)
     search_s = time.perf_counter() - t
@@ -133,6 +134,7 @@ def main() -> None:
     p.add_argument("--seeds", nargs="+", type=int, default=[0])
     p.add_argument("--evaluations", type=int, default=120, help="random search's budget")
     p.add_argument("--episodes", type=int, default=None, help="train's --episodes (default: its own)")
+    p.add_argument("--reward-images", type=int, default=1000, help="the reward split's training images")
     p.add_argument("--top", type=int, default=20, help="finalists scored, best by reward (the floor's beside them)")
     p.add_argument("--unseen-images", type=int, default=4000)
     p.add_argument("--workers", type=int, default=2)
