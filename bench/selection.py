@@ -28,14 +28,11 @@ import torch
 from common import CIFAR, WEIGHTS, cifar_session, unseen_split, write_result
 from methods import commit
 
-from envs import PruneEnv, evaluation_workers, random_search
+from envs import PruneEnv, evaluation_workers, random_search, select_best
 from envs.reward_model import RewardModel
 from pruning_core import accuracy
 
 train_module = importlib.import_module("agent.train")  # the package's ``train`` names the function
-
-SPLITS = ("select", "spare", "unseen", "test")
-
 
 def spare_split(session):
     """The training images outside the reward, calibration and select splits (``make_splits``' draw, repeated)."""
@@ -52,7 +49,6 @@ def searched_env(method: str, session, args, seed: int) -> tuple[PruneEnv, dict,
         env = PruneEnv(session=session, flops=args.target)
         with evaluation_workers(env, args.workers):
             random_search(env, 100 * args.evaluations, seed, args.evaluations)
-        from envs import select_best
         kept, _ = select_best(env, 5)
         return env, kept["ratios"], {}
     captured = {}
@@ -94,7 +90,8 @@ def rules(rows: list[dict], kept_index: int) -> dict[str, int]:
 
 
 def measure(method: str, seed: int, args: argparse.Namespace) -> dict:
-    session = cifar_session(args.model, select_images=1000, seed=seed, reconstruct=True, reward_images=args.reward_images)
+    session = cifar_session(args.model, select_images=1000, seed=seed, reconstruct=True,
+                            reward_images=args.reward_images)
     t = time.perf_counter()
     env, kept_ratios, floor = searched_env(method, session, args, seed)
     search_s = time.perf_counter() - t
