@@ -34,6 +34,7 @@ from pruning_core import accuracy
 
 train_module = importlib.import_module("agent.train")  # the package's ``train`` names the function
 
+
 def spare_split(session):
     """The training images outside the reward, calibration and select splits (``make_splits``' draw, repeated)."""
     s, n = session.splits, len(session.splits.train)
