@@ -31,16 +31,17 @@ from methods import commit
 from envs import PruneEnv, evaluation_workers, random_search, select_best
 from envs.reward_model import RewardModel
 from pruning_core import accuracy
+from pruning_core.data import make_splits
 
 train_module = importlib.import_module("agent.train")  # the package's ``train`` names the function
 
 
 def spare_split(session):
-    """The training images outside the reward, calibration and select splits (``make_splits``' draw, repeated)."""
-    s, n = session.splits, len(session.splits.train)
-    perm = torch.randperm(n, generator=torch.Generator().manual_seed(session.config.seed))
-    used = len(s.reward) + len(s.calib) + (len(s.select) if s.select is not None else 0)
-    return s.train.subset(perm[used:])
+    """The training images outside the reward, calibration and select splits: ``make_splits``' own draw with a
+    select split of every image left, less the session's select images at its start."""
+    s = session.splits
+    left = make_splits(session.data, len(s.reward), len(s.calib), session.config.seed, len(s.train)).select
+    return left.subset(torch.arange(len(s.select) if s.select is not None else 0, len(left)))
 
 
 def searched_env(method: str, session, args, seed: int) -> tuple[PruneEnv, dict, dict[str, tuple]]:
