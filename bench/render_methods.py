@@ -127,7 +127,8 @@ def unseen_cell(entry: dict, checked: dict | None) -> str:
 
 
 def rows(names: list[str], unseen: dict | None = None) -> list[str]:
-    """The table's markdown lines, header first; with ``unseen`` (unseen_check.py's models), its accuracy column."""
+    """The table's markdown lines, header first, blocks by model and FLOPs target; with ``unseen`` (unseen_check.py's
+    models), its accuracy column."""
     extra = (" unseen acc % |", "---|") if unseen is not None else ("", "")
     lines = [f"| model | FLOPs | method | evaluations | test acc % |{extra[0]} ORT speed-up b1 | commit |",
              f"|---|---|---|---|---|{extra[1]}---|---|"]
@@ -137,7 +138,7 @@ def rows(names: list[str], unseen: dict | None = None) -> list[str]:
         base, _, n = m.partition("-")
         return ORDER.index(base) if base in ORDER else len(ORDER), int(n) if n.isdigit() else 0, m
 
-    for (model, target), methods in blocks.items():
+    for (model, target), methods in sorted(blocks.items(), key=lambda b: (b[0][0], float(b[0][1]))):
         for method in sorted(methods, key=key):
             entry, commit, retimed = methods[method]
             evals = entry.get("runs", [entry])[0].get("evaluations", "")

@@ -68,6 +68,16 @@ def test_train_run_with_other_flags_gets_its_own_row(tmp_path, monkeypatch):
     assert list(render_methods.merged(["a", "b", "c"])[("m", "0.5")]) == ["train", "train-group", "train-120"]
 
 
+def test_the_table_orders_blocks_by_model_then_budget_whatever_the_file_order(tmp_path, monkeypatch):
+    import render_methods
+    monkeypatch.setattr(render_methods, "RESULTS", tmp_path)
+    for name, (model, target) in (("a", ("m56", "0.5")), ("b", ("m56", "0.3")), ("c", ("m20", "0.4"))):
+        models = {model: {target: {"uniform": {"acc_test": 70.0}}}}
+        (tmp_path / f"{name}.json").write_text(json.dumps({"commit": "abc1234", "config": {}, "models": models}))
+    blocks = [line.split(" | ")[:2] for line in render_methods.rows(["a", "b", "c"])[2:]]
+    assert blocks == [["| m20", "0.4"], ["| m56", "0.3"], ["| m56", "0.5"]]
+
+
 def test_the_unseen_column_shows_only_a_check_of_the_rows_own_seeds():
     import render_methods
     entry = {"runs": [{"seed": 0, "acc_test": 60.0}, {"seed": 1, "acc_test": 62.0}]}
