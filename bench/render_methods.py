@@ -71,7 +71,7 @@ Blocks = dict[tuple[str, str], dict[str, tuple[dict, str, dict[int, float]]]]
 
 def merged(names: list[str]) -> Blocks:
     """(model, target) -> method label -> (entry, commit, re-timed speed-up per run), later files winning, or pooled
-    with an earlier file's runs where their seeds differ."""
+    with an earlier file's runs where their seeds differ; blocks ordered by model, then FLOPs target."""
     blocks: Blocks = {}
     for name in names:
         res = json.loads((RESULTS / f"{name}.json").read_text())
@@ -91,7 +91,7 @@ def merged(names: list[str]) -> Blocks:
                                if k.rpartition("/")[0] == method}
                     label = method + suffix if method == "train" else method
                     block[label] = pooled(block.get(label), (entry, res["commit"][:7], retimed))
-    return blocks
+    return dict(sorted(blocks.items(), key=lambda b: (b[0][0], float(b[0][1]))))
 
 
 def pooled(earlier: tuple | None, later: tuple) -> tuple:
@@ -127,8 +127,7 @@ def unseen_cell(entry: dict, checked: dict | None) -> str:
 
 
 def rows(names: list[str], unseen: dict | None = None) -> list[str]:
-    """The table's markdown lines, header first, blocks by model and FLOPs target; with ``unseen`` (unseen_check.py's
-    models), its accuracy column."""
+    """The table's markdown lines, header first; with ``unseen`` (unseen_check.py's models), its accuracy column."""
     extra = (" unseen acc % |", "---|") if unseen is not None else ("", "")
     lines = [f"| model | FLOPs | method | evaluations | test acc % |{extra[0]} ORT speed-up b1 | commit |",
              f"|---|---|---|---|---|{extra[1]}---|---|"]
@@ -138,7 +137,7 @@ def rows(names: list[str], unseen: dict | None = None) -> list[str]:
         base, _, n = m.partition("-")
         return ORDER.index(base) if base in ORDER else len(ORDER), int(n) if n.isdigit() else 0, m
 
-    for (model, target), methods in sorted(blocks.items(), key=lambda b: (b[0][0], float(b[0][1]))):
+    for (model, target), methods in blocks.items():
         for method in sorted(methods, key=key):
             entry, commit, retimed = methods[method]
             evals = entry.get("runs", [entry])[0].get("evaluations", "")
@@ -166,7 +165,7 @@ def plot(blocks: Blocks, folder: Path) -> None:
     import matplotlib.pyplot as plt
 
     for model in sorted({m for m, _ in blocks}):
-        targets = sorted(t for m, t in blocks if m == model)
+        targets = [t for m, t in blocks if m == model]  # merged() orders them
         colour = {m: plt.cm.tab10(i % 10) for i, m in enumerate(sorted({m for t in targets for m in blocks[model, t]}))}
         fig, axes = plt.subplots(1, len(targets), figsize=(5.5 * len(targets), 4.5), squeeze=False)
         for ax, target in zip(axes[0], targets):
