@@ -102,6 +102,8 @@ def run_target(model: str, target: float, args: argparse.Namespace) -> dict:
     if args.train_preset != "default":
         budget["preset"] = args.train_preset
     budget["granularity"] = args.train_granularity
+    if args.train_sensitivity_points != TrainConfig.sensitivity_points:
+        budget["sensitivity_points"] = args.train_sensitivity_points
     for method, flags in (("train", budget), ("agent-alone", {"floor": (), "warm_start": "none", **budget})):
         if method in args.skip:
             continue
@@ -142,6 +144,8 @@ def main() -> None:
     p.add_argument("--train-preset", choices=PRESETS, default="default", help="train's --preset (row train-fast, ...)")
     p.add_argument("--train-granularity", choices=GRANULARITIES, default=TrainConfig.granularity,
                    help="train's --granularity (row train-group, ...)")
+    p.add_argument("--train-sensitivity-points", type=int, default=TrainConfig.sensitivity_points,
+                   help="train's --sensitivity-points (row train-120-5pt, ...)")
     p.add_argument("--sensitivity-points", type=int, default=10)
     p.add_argument("--skip", nargs="*", default=[], choices=METHODS)
     p.add_argument("--no-latency", dest="latency", action="store_false")

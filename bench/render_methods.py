@@ -1,11 +1,11 @@
-"""Render bench/methods.py results as one markdown table: test accuracy (refitted, before fine-tuning) and ONNX
-Runtime speed-up at batch 1 per method, model and FLOPs target; seeded methods as mean (min-max). Where two files
-hold the same method, model and target, the later one's row replaces the earlier's, unless both hold runs of
-different seeds, which are pooled; train capped by
-methods.py --train-evaluations N is the row train-N, --train-preset fast the row train-fast. Speed-ups re-timed alone by
-methods_latency.py (NAME_latency.json) replace those timed during the run. With ``--unseen NAME [NAME ...]``, a
-column holds the same kept models' accuracy on the ~9,000 unseen JPEG images that unseen_check.py measured (``-``
-where its seeds are not the row's; a later check's model and target replace an earlier one's).
+"""Render bench/methods.py results as one markdown table: test accuracy (refitted, before fine-tuning) and ONNX Runtime
+speed-up at batch 1 per method, model and FLOPs target; seeded methods as mean (min-max). Where two files hold the same
+method, model and target, the later one's row replaces the earlier's, unless both hold runs of different seeds, which
+are pooled; train capped by methods.py --train-evaluations N is the row train-N, --train-preset fast the row train-fast,
+and --train-sensitivity-points 5 adds the suffix -5pt. Speed-ups re-timed alone by methods_latency.py
+(NAME_latency.json) replace those timed during the run. With ``--unseen NAME [NAME ...]``, a column holds the same kept
+models' accuracy on the ~9,000 unseen JPEG images that unseen_check.py measured (``-`` where its seeds are not the
+row's; a later check's model and target replace an earlier one's).
 
 With ``--plot DIR`` it also draws, per model, test accuracy against the measured speed-up of every run, with the
 Pareto front over all of them, into ``DIR/pareto_MODEL.png``.
@@ -80,8 +80,9 @@ def merged(names: list[str]) -> Blocks:
         capped = res["config"].get("train_evaluations")
         preset = res["config"].get("train_preset", "default")
         granularity = res["config"].get("train_granularity", "substage")
+        points = res["config"].get("train_sensitivity_points", 10)
         suffix = (f"-{capped}" if capped else f"-{preset}" if preset != "default" else "") + \
-            (f"-{granularity}" if granularity != "substage" else "")
+            (f"-{granularity}" if granularity != "substage" else "") + (f"-{points}pt" if points != 10 else "")
         for model, targets in res["models"].items():
             for target, methods in targets.items():
                 block = blocks.setdefault((model, target), {})

@@ -61,11 +61,13 @@ def test_runs_of_other_seeds_are_pooled_and_the_same_seeds_replaced():
 def test_train_run_with_other_flags_gets_its_own_row(tmp_path, monkeypatch):
     import render_methods
     monkeypatch.setattr(render_methods, "RESULTS", tmp_path)
-    for name, config in (("a", {}), ("b", {"train_granularity": "group"}), ("c", {"train_evaluations": 120})):
+    for name, config in (("a", {}), ("b", {"train_granularity": "group"}), ("c", {"train_evaluations": 120}),
+                         ("d", {"train_evaluations": 120, "train_sensitivity_points": 5})):
         runs = {"train": {"runs": [{"seed": 0, "acc_test": 70.0}]}}
         (tmp_path / f"{name}.json").write_text(json.dumps({"commit": "abc1234", "config": config,
                                                             "models": {"m": {"0.5": runs}}}))
-    assert list(render_methods.merged(["a", "b", "c"])[("m", "0.5")]) == ["train", "train-group", "train-120"]
+    assert list(render_methods.merged(["a", "b", "c", "d"])[("m", "0.5")]) == ["train", "train-group", "train-120",
+                                                                               "train-120-5pt"]
 
 
 def test_the_table_orders_blocks_by_model_then_budget_whatever_the_file_order(tmp_path, monkeypatch):
