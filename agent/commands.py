@@ -133,7 +133,8 @@ def train_command_parser(subparsers) -> None:
     search = p.add_argument_group("search")
     search.add_argument("--preset", choices=PRESETS, help=_preset_help())
     search.add_argument("--episodes", type=int, help="episodes to run" + _default("episodes"))
-    search.add_argument("--evaluations", type=int, help="stop after this many distinct pruned models")
+    search.add_argument("--evaluations", type=int,
+                        help="evaluate at most this many distinct pruned models, the floor's included")
     search.add_argument("--workers", type=positive_int, metavar="N", help=WORKERS_HELP)
     search.add_argument("--ray", metavar="ADDRESS", help=RAY_HELP)
     search.add_argument("--seed", type=int, help="random seed (also draws the image splits)" + _default("seed"))

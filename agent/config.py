@@ -59,8 +59,9 @@ class TrainConfig:
     episodes: int = 120
     """Episodes (one pruned-model evaluation each, cached repeats included); with ``evaluations``, their cap."""
     evaluations: int | None = None
-    """Stop once this many distinct pruned models have been evaluated (``episodes`` still caps the episodes).
-    An episode that repeats an evaluated allocation reuses its cached reward, so evaluations are what a search costs."""
+    """A cap on the distinct pruned models evaluated, the floor's and the learned policy's final episode included
+    (``episodes`` still caps the episodes). An episode that repeats an evaluated allocation reuses its cached reward,
+    so evaluations are what a search costs."""
     workers: int = 1
     """Processes that evaluate pruned models in parallel, each with its own copy of the model and data: the floor's
     sensitivity table, random episodes and PPO's episodes of one rollout run together. The same seed finds the same

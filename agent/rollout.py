@@ -69,8 +69,9 @@ def resolve_deferred(search: Search, deferred: list[tuple[int | None, dict, list
     :meth:`Search.resolve <agent.search.Search.resolve>`).
     """
     env = search.env
-    evaluated, predicted = (search.screen.choose(deferred, (search.best or {}).get("actions")) if search.screening
-                            else (set(range(len(deferred))), {}))
+    limit = None if search.target_evaluations is None else search.target_evaluations - len(env.cache)
+    evaluated, predicted = (search.screen.choose(deferred, (search.best or {}).get("actions"), limit)
+                            if search.screening else (set(range(len(deferred))), {}))
     env.evaluator.prefetch(deferred[i][1]["kept"] for i in sorted(evaluated))
     learned, rewards = {}, []
     for i in sorted(evaluated):

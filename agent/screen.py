@@ -49,17 +49,23 @@ class Screen:
         fresh = {key(kept) for kept in warmup} - cache.keys()
         return len(fresh) + min(count, len({key(kept) for kept in proposals} - cache.keys() - fresh))
 
-    def choose(self, deferred: list[Deferred], best_actions: list[float] | None) -> tuple[set[int], dict[int, float]]:
+    def choose(self, deferred: list[Deferred], best_actions: list[float] | None, limit: int | None = None
+               ) -> tuple[set[int], dict[int, float]]:
         """Which of ``deferred`` to evaluate: every warm-up episode and one per ``factor`` proposals, picked by
         the reward model among new allocations of the proposals and of :meth:`candidates` (appended to
-        ``deferred``), topped up with the best repeats when too few are new. Returns (their indices, the
-        predicted reward of each episode whose allocation is new).
+        ``deferred``), topped up with the best repeats when too few are new. At most ``limit`` new allocations
+        are chosen in all (an evaluation budget's remainder). Returns (their indices, the predicted reward of each
+        episode whose allocation is new).
         """
         env = self.env
         env.evaluator.release()  # nothing is evaluated until chosen here
         chosen = {i for i, (position, _, _) in enumerate(deferred) if position is None}
         proposals = [i for i in range(len(deferred)) if i not in chosen]
         count = math.ceil(len(proposals) / self.factor)
+        slots = count  # new allocations the proposals may add
+        if limit is not None:
+            warmup = {env.evaluator.key(deferred[i][1]["kept"]) for i in chosen} - env.cache.keys()
+            slots = max(0, min(count, limit - len(warmup)))
         self.proposals += len(proposals)
         if proposals and len(env.cache) >= 2:
             deferred.extend(self.candidates(len(proposals), best_actions))
@@ -70,15 +76,15 @@ class Screen:
                 new.setdefault(keys[i], i)
         first, predicted = list(new.values()), {}
         if len(env.cache) < 2:  # nothing to fit yet: the first new allocations
-            chosen.update(first[:count])
-        elif first and count:
+            chosen.update(first[:slots])
+        elif first and slots:
             model = RewardModel(env).fit([env.evaluator.allocation(key) for key in env.cache],
                                          [reward for reward, _ in env.cache.values()])
             candidates = [deferred[i][1]["kept"] for i in first]
             means, _ = model.predict(candidates)
             by_key = {keys[i]: float(m) for i, m in zip(first, means)}
             predicted = {j: by_key[keys[j]] for j in range(len(deferred)) if keys[j] in by_key}
-            chosen.update(first[j] for j in model.pick(candidates, count))
+            chosen.update(first[j] for j in model.pick(candidates, slots))
         short = count - len(chosen.intersection(proposals))
         if short > 0:  # too few new allocations: record the best repeats, as cached episodes
             picked, cache = {keys[i] for i in chosen}, env.cache  # repeats of a pick first

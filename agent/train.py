@@ -190,7 +190,12 @@ def _finish(config: TrainConfig, search: Search) -> dict:
         if config.warm_start == "sensitivity" and "sensitivity" in floor:
             found = sensitivity_search(env, config.sensitivity_points)  # cached: the floor measured it
             search.start = applied_actions(env, found["step_ratios"]), found["reward"]
-        best = search.run(config.episodes, config.evaluations)
+        cap = None if config.evaluations is None else config.evaluations - 1  # one left for the policy's episode
+        if cap is not None and not search.history and len(env.cache) >= cap:
+            raise UserError(f"--evaluations {config.evaluations} leaves the search nothing after the floor's "
+                            f"{len(env.cache)}: continue with --resume {run_dir} --evaluations "
+                            f"{len(env.cache) + 20} or more, or lower --sensitivity-points")
+        best = search.run(config.episodes, cap)
         eval_s = env.evaluation_s  # the search's own share, before the policy episode and the re-scoring
         write_json(run_dir / "history.json", search.history)
         started = time.perf_counter()

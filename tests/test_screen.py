@@ -8,6 +8,7 @@ from helpers import tiny_config
 from scipy.stats import spearmanr
 
 from agent import Search, TrainConfig
+from agent.screen import Screen
 from envs import PruneEnv
 from envs.reward_model import RewardModel
 
@@ -72,6 +73,21 @@ def test_the_evaluation_budget_holds_while_screening(digits_session):
     search = Search(cfg, PruneEnv(session=digits_session, flops=0.6))
     search.run(cfg.episodes, cfg.evaluations)
     assert search.evaluations_done == len(search.env.cache) == 9
+
+
+def test_the_screen_never_picks_more_new_allocations_than_the_budget_has_left(digits_session):
+    """A rollout's picks (one per ``factor`` proposals) are cut to the evaluations left, so a budget is a cap."""
+    env = PruneEnv(session=digits_session, flops=0.6)
+    for kept in random_allocations(env, 3, 0):
+        env.evaluate(kept)
+    proposals = Screen(env, factor=4, seed=0).candidates(12, None)  # 12 proposals: 3 picks
+
+    def new_picks(limit):
+        deferred = list(proposals)
+        chosen, _ = Screen(env, factor=4, seed=0).choose(deferred, None, limit)
+        return {env.evaluator.key(deferred[i][1]["kept"]) for i in chosen} - env.cache.keys()
+
+    assert [len(new_picks(limit)) for limit in (None, 5, 1, 0)] == [3, 3, 1, 0]
 
 
 def test_a_run_recorded_before_screening_resumes_without_it():

@@ -76,13 +76,19 @@ def test_train_with_two_workers_repeats_the_one_worker_run(tmp_path):
 
 def test_train_stops_at_its_evaluation_budget_with_workers(tmp_path):
     """The budget counts the allocations of episodes still waiting for their evaluation, so the search stops at
-    the episode where one worker would: 9 evaluations (the uniform floor's among them)."""
+    the episode where one worker would: 8 evaluations (the uniform floor's among them), one left for the policy's."""
     config = {**TINY, "floor": ("uniform",), "evaluations": 9}
     one = train(out=str(tmp_path / "one"), **config)
     two = train(out=str(tmp_path / "two"), workers=2, **config)
     h1, h2 = (json.loads((tmp_path / run / "history.json").read_text()) for run in ("one", "two"))
-    assert 1 + sum(not h["cached"] for h in h2) == 9 and len(h2) == len(h1) < TINY["episodes"]
-    assert two["search"]["evaluations"] == one["search"]["evaluations"]  # the policy's episode after it too
+    assert 1 + sum(not h["cached"] for h in h2) == 8 and len(h2) == len(h1) < TINY["episodes"]
+    assert two["search"]["evaluations"] == one["search"]["evaluations"] <= 9  # the policy's episode included
+
+
+def test_a_budget_the_floor_uses_up_stops_with_a_one_line_error_and_a_resumable_run(tmp_path):
+    with pytest.raises(UserError, match=r"--evaluations 2 leaves the search nothing after the floor's [12]: continue"):
+        train(out=str(tmp_path / "run"), **{**TINY, "floor": ("uniform", "centre"), "evaluations": 2})
+    assert (tmp_path / "run" / "config.json").is_file() and not (tmp_path / "run" / "report.json").exists()
 
 
 class _Killed(Exception):
