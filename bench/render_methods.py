@@ -127,6 +127,15 @@ def unseen_cell(entry: dict, checked: dict | None) -> str:
     return f"{checked['acc_unseen']:.2f}"
 
 
+def evaluations_cell(entry: dict) -> str:
+    """The row's evaluations: one count, or the range over its seeds where they differ."""
+    counts = [r["evaluations"] for r in entry.get("runs", [entry]) if r.get("evaluations") is not None]
+    if not counts:
+        return ""
+    low, high = min(counts), max(counts)
+    return str(low) if low == high else f"{low}-{high}"
+
+
 def rows(names: list[str], unseen: dict | None = None) -> list[str]:
     """The table's markdown lines, header first; with ``unseen`` (unseen_check.py's models), its accuracy column."""
     extra = (" unseen acc % |", "---|") if unseen is not None else ("", "")
@@ -141,7 +150,7 @@ def rows(names: list[str], unseen: dict | None = None) -> list[str]:
     for (model, target), methods in blocks.items():
         for method in sorted(methods, key=key):
             entry, commit, retimed = methods[method]
-            evals = entry.get("runs", [entry])[0].get("evaluations", "")
+            evals = evaluations_cell(entry)
             acc, speed = cell(entry, retimed)
             if unseen is not None:
                 acc += " | " + unseen_cell(entry, unseen.get(model, {}).get(target, {}).get(method))

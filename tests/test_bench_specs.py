@@ -90,6 +90,14 @@ def test_the_unseen_column_shows_only_a_check_of_the_rows_own_seeds():
     assert render_methods.unseen_cell(entry, None) == "-"
 
 
+def test_the_evaluations_column_gives_the_range_over_a_rows_seeds():
+    import render_methods
+    assert render_methods.evaluations_cell({"runs": [{"evaluations": 121}, {"evaluations": 123}]}) == "121-123"
+    assert render_methods.evaluations_cell({"runs": [{"evaluations": 120}, {"evaluations": 120}]}) == "120"
+    assert render_methods.evaluations_cell({"evaluations": 51}) == "51"
+    assert render_methods.evaluations_cell({"acc_test": 80.0}) == ""
+
+
 def test_a_later_unseen_check_replaces_an_earlier_ones_block_and_keeps_the_rest(tmp_path, monkeypatch):
     import render_methods
     monkeypatch.setattr(render_methods, "RESULTS", tmp_path)
