@@ -97,14 +97,15 @@ def merged(names: list[str]) -> Blocks:
 
 def pooled(earlier: tuple | None, later: tuple) -> tuple:
     """``later`` with ``earlier``'s runs before its own where both are seeded runs of different seeds; else
-    ``later``. Commits join with ``+``; re-timed speed-ups keep their runs."""
+    ``later``. Distinct commits join with ``+``; re-timed speed-ups keep their runs."""
     if earlier is None or "runs" not in earlier[0] or "runs" not in later[0]:
         return later
     (old, old_commit, old_timed), (new, new_commit, new_timed) = earlier, later
     if {r.get("seed") for r in old["runs"]} & {r.get("seed") for r in new["runs"]}:
         return later
     offset = len(old["runs"])
-    return ({"runs": old["runs"] + new["runs"]}, f"{old_commit}+{new_commit}",
+    commits = "+".join(dict.fromkeys([*old_commit.split("+"), new_commit]))
+    return ({"runs": old["runs"] + new["runs"]}, commits,
             {**old_timed, **{i + offset: v for i, v in new_timed.items()}})
 
 

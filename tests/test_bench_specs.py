@@ -56,6 +56,8 @@ def test_runs_of_other_seeds_are_pooled_and_the_same_seeds_replaced():
     assert [r["seed"] for r in entry["runs"]] == [0, 1, 2] and commit == "aaaaaaa+bbbbbbb" and timed == {1: 1.5, 2: 1.2}
     assert render_methods.pooled(early, ({"runs": [{"seed": 1, "acc_test": 1.0}]}, "c", {}))[1] == "c"
     assert render_methods.pooled(({"acc_test": 1.0}, "d", {}), late) == late
+    again = ({"runs": [{"seed": 3, "acc_test": 65.0}]}, "bbbbbbb", {})
+    assert render_methods.pooled((entry, commit, timed), again)[1] == "aaaaaaa+bbbbbbb"  # a commit appears once
 
 
 def test_train_run_with_other_flags_gets_its_own_row(tmp_path, monkeypatch):
