@@ -14,7 +14,7 @@ from agent.outputs import add_latency, write_pruned
 from agent.policy import PortablePolicy, load_policy
 from agent.search import Search
 from envs import FLOOR_METHODS, PruneEnv, evaluation_workers, floor_allocations, run_episode, select_best
-from pruning_core import ImageData, LatencyBudget, PruningSession, SessionConfig, accuracy, kept_counts
+from pruning_core import ImageData, LatencyBudget, PruningSession, SessionConfig, UserError, accuracy, kept_counts
 from pruning_core.latency_table import check_max_latency
 from pruning_core.session_config import refits_by_default
 
@@ -35,8 +35,8 @@ def apply_policy(policy: str | Path | PortablePolicy, model: str | nn.Module, we
                  search_episodes: int = 0, finetune_epochs: int = 0, seed: int = 0, reward_images: int = 1000,
                  calib_batches: int = 10, round_to: int | None = None, progress: bool = False,
                  session: PruningSession | None = None, floor: tuple[str, ...] = FLOOR_METHODS,
-                 sensitivity_points: int = 10, rescore_top: int = 5,
-                 select_images: int = 1000, latency: str | None = None, latency_batch: int = 1,
+                 sensitivity_points: int = 10, rescore_top: int = 5, select_images: int = 1000,
+                 uniform_z: float = TrainConfig.uniform_z, latency: str | None = None, latency_batch: int = 1,
                  max_latency: float | None = None, reconstruct: bool | None = None,
                  reconstruct_final: bool | None = None, val_data: str | None = None,
                  inputs: dict | None = None, importance: str | None = None, workers: int = 1,
@@ -54,6 +54,8 @@ def apply_policy(policy: str | Path | PortablePolicy, model: str | nn.Module, we
     :param sensitivity_points: ratios per decision unit for the ``sensitivity`` floor method.
     :param rescore_top: re-score this many of the best candidates (policy, search episodes) with the floor on
         ``select_images`` more training images and keep the best over both splits, as ``train`` does.
+    :param uniform_z: keep uniform unless the best candidate leads it there by more than this many standard errors of
+        the paired difference (0: the best score); ``report["transfer"]["vs_uniform"]`` gives the lead.
     :param latency: a latency backend (:data:`pruning_core.latency.BACKENDS`): also time the pruned model
         against dense at ``latency_batch`` into ``report["latency"]``.
     :param max_latency: cap on predicted latency as a fraction of dense (default: the policy's own, with its
@@ -74,7 +76,7 @@ def apply_policy(policy: str | Path | PortablePolicy, model: str | nn.Module, we
     started = time.perf_counter()
     policy = load_policy(policy) if not isinstance(policy, PortablePolicy) else policy
     trained = policy.train_config
-    flops, round_to, max_latency = _targets(trained, flops, round_to, max_latency)
+    flops, round_to, max_latency = _targets(trained, flops, round_to, max_latency, uniform_z)
     if session is None:
         session = _new_session(trained, model, weights, data, val_data, reconstruct, importance, inputs,
                                reward_images=reward_images, calib_batches=calib_batches, select_images=select_images,
@@ -82,7 +84,7 @@ def apply_policy(policy: str | Path | PortablePolicy, model: str | nn.Module, we
     env, budget = _transfer_env(policy, session, flops, round_to, max_latency, progress)
     refit = reconstruct_final if reconstruct_final is not None else refits_by_default(finetune_epochs)
     ratios, transfer = _choose(policy, env, flops, seed, search_episodes, refit, floor, sensitivity_points,
-                               rescore_top, workers, ray, progress)
+                               rescore_top, uniform_z, workers, ray, progress)
     pruned, report = _keep(session, ratios, round_to, refit, finetune_epochs, budget, seed, started, transfer,
                            progress)
     if latency:
@@ -90,9 +92,13 @@ def apply_policy(policy: str | Path | PortablePolicy, model: str | nn.Module, we
     return write_pruned(out, pruned, report, session.data.input_shape) if out is not None else report
 
 
-def _targets(trained: dict, flops: float | None, round_to: int | None,
-             max_latency: float | None) -> tuple[float, int | None, float | None]:
-    """The FLOPs budget, channel rounding and latency cap asked for, else the ones the policy was trained with."""
+def _targets(trained: dict, flops: float | None, round_to: int | None, max_latency: float | None,
+             uniform_z: float) -> tuple[float, int | None, float | None]:
+    """The FLOPs budget, channel rounding and latency cap asked for, else the ones the policy was trained with (and
+    a check of ``uniform_z``).
+    """
+    if uniform_z < 0:
+        raise UserError(f"--uniform-z must be >= 0, got {uniform_z}")
     flops = flops if flops is not None else trained["flops"]
     round_to = round_to if round_to is not None else trained.get("round_to")
     max_latency = max_latency if max_latency is not None else trained.get("max_latency")
@@ -131,8 +137,8 @@ def _transfer_env(policy: PortablePolicy, session: PruningSession, flops: float,
 
 
 def _choose(policy: PortablePolicy, env: PruneEnv, flops: float, seed: int, search_episodes: int, refit: bool,
-            floor: tuple[str, ...], sensitivity_points: int, rescore_top: int, workers: int, ray: str | None,
-            progress: bool) -> tuple[dict[str, float], dict]:
+            floor: tuple[str, ...], sensitivity_points: int, rescore_top: int, uniform_z: float, workers: int,
+            ray: str | None, progress: bool) -> tuple[dict[str, float], dict]:
     """The policy's own allocation, a warm-started search's and the floor's, the best of them chosen as ``train``
     chooses; returns its ratios and the report's ``transfer`` fields.
     """
@@ -144,8 +150,9 @@ def _choose(policy: PortablePolicy, env: PruneEnv, flops: float, seed: int, sear
         if search_episodes > 0:
             transfer.update(_warm_search(policy, env, flops, seed, search_episodes, workers, ray, progress))
         floor_kept = floor_allocations(env, floor, sensitivity_points, progress)
-        kept, transfer["rescored"] = select_best(env, rescore_top, floor_kept, reconstruct=refit)
+        kept, transfer["rescored"] = select_best(env, rescore_top, floor_kept, reconstruct=refit, uniform_z=uniform_z)
     transfer["floor"] = sorted(floor_kept)
+    transfer["vs_uniform"] = kept.get("vs_uniform")
     ratios = kept["ratios"]
     transfer["chosen"] = kept["source"] if kept["source"] != "search" else "policy" if ratios == zero_shot else "search"
     return ratios, transfer

@@ -63,6 +63,7 @@ EXPERT_FLAGS = (
     ("reward_images", int, "images in the reward split"),
     ("select_images", int, "more images on which the best candidates are re-scored"),
     ("rescore_top", int, "best distinct candidates re-scored at the end"),
+    ("uniform_z", float, "keep uniform unless the best candidate leads it by this many standard errors"),
     ("calib_batches", int, "batches of 64 training images for adaptive BN"),
     ("reconstruct", bool, "score every candidate with the least-squares refit"),
     ("reconstruct_final", bool, "refit the kept model (default: unless fine-tuned)"),
@@ -249,6 +250,9 @@ def apply_command_parser(subparsers) -> None:
                    help="best distinct candidates re-scored beside the floor (default: 5)")
     p.add_argument("--select-images", type=int, default=1000,
                    help="more images on which the candidates are re-scored (default: 1000)")
+    p.add_argument("--uniform-z", type=float, default=TrainConfig.uniform_z, metavar="Z",
+                   help="keep uniform unless the best candidate leads it on those images by more than Z standard "
+                        f"errors of the paired difference (default: {TrainConfig.uniform_z:g}; 0: the best score)")
     p.add_argument("--max-latency", type=float, default=None,
                    help="cap on predicted latency as a fraction of dense, from a latency table measured for the new "
                         "model on this machine with the policy's backend and batch size (default: the policy's "
@@ -270,6 +274,7 @@ def apply_command(args: argparse.Namespace) -> dict:
                           round_to=args.round_to, progress=sys.stderr.isatty(), floor=args.floor,
                           sensitivity_points=args.sensitivity_points,
                           rescore_top=args.rescore_top, select_images=args.select_images,
+                          uniform_z=args.uniform_z,
                           latency=args.latency, latency_batch=args.latency_batch, max_latency=args.max_latency,
                           reconstruct=args.reconstruct, reconstruct_final=args.reconstruct_final,
                           importance=args.importance, workers=args.workers, ray=args.ray)

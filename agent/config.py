@@ -13,7 +13,7 @@ ALGOS = ("ddpg", "td3", "sac", "ppo")
 WARM_STARTS = ("sensitivity", "none")
 
 
-BEFORE_FIELD = {"screen": 1}  # fields added after runs were recorded, at the value those runs used
+BEFORE_FIELD = {"screen": 1, "uniform_z": 0.0}  # fields added after runs were recorded, at the value those runs used
 
 # named budgets for train: the settings each changes from the defaults (flags given beside --preset win)
 PRESETS: dict[str, dict[str, object]] = {
@@ -121,6 +121,9 @@ class TrainConfig:
     otherwise favours a lucky candidate among near-ties."""
     select_images: int = 1000
     """Training images, disjoint from the reward and calibration images, for that re-scoring."""
+    uniform_z: float = 2.0
+    """Keep the uniform allocation unless the best candidate leads it on the reward and select images by more than
+    this many standard errors of the paired difference (0: keep the best score, however close)."""
     floor: tuple[str, ...] = FLOOR_METHODS
     """Cheap allocations scored beside the search's best candidates (``envs.floor_allocations``): uniform, the
     action space's centre, Taylor global ranking and greedy per-unit sensitivity. Whichever scores best on the
@@ -217,8 +220,8 @@ class TrainConfig:
             raise UserError(f"--evaluations must be at least 1, got {self.evaluations}")
         if not 0.0 < self.flops <= 1.0:
             raise UserError(f"--flops {self.flops} must be in (0, 1]")
-        if self.rescore_top < 0 or self.select_images < 0:
-            raise UserError("--rescore-top and --select-images must be >= 0")
+        if self.rescore_top < 0 or self.select_images < 0 or self.uniform_z < 0:
+            raise UserError("--rescore-top, --select-images and --uniform-z must be >= 0")
         if self.max_latency is not None:
             check_max_latency(self.max_latency)
         if self.latency_backend not in BACKENDS:

@@ -199,7 +199,7 @@ def _finish(config: TrainConfig, search: Search) -> dict:
         eval_s = env.evaluation_s  # the search's own share, before the policy episode and the re-scoring
         write_json(run_dir / "history.json", search.history)
         started = time.perf_counter()
-        done = finish_search(search, config.rescore_top, floor, final_refit(config))
+        done = finish_search(search, config.rescore_top, floor, final_refit(config), config.uniform_z)
         restarts = pool.restarts if pool is not None else 0
     session = env.session
     kept = done["kept"]
@@ -220,7 +220,8 @@ def _finish(config: TrainConfig, search: Search) -> dict:
                                                                                           1e-9)), 4),
              "best_episode": best["episode"], "best_reward": best["reward"], "algo": config.algo,
              "policy_episode": done["policy_episode"], "rescored": done["rescored"],
-             "chosen": kept["source"], "floor": sorted(floor), "floor_s": round(floor_s, 2),
+             "chosen": kept["source"], "vs_uniform": kept.get("vs_uniform"), "floor": sorted(floor),
+             "floor_s": round(floor_s, 2),
              "reconstruct": session.config.reconstruct,
              "rescore_refit": final_refit(config)}
     if env.latency_budget is not None:
@@ -237,10 +238,12 @@ def _finish(config: TrainConfig, search: Search) -> dict:
     return report
 
 
-def finish_search(search: Search, top: int, floor: dict | None = None, reconstruct: bool = False) -> dict:
+def finish_search(search: Search, top: int, floor: dict | None = None, reconstruct: bool = False,
+                  uniform_z: float = 0.0) -> dict:
     """After the search episodes: the learned policy's deterministic episode (one more evaluation, cached if
     seen, and a candidate like the others), then :func:`~envs.select_best` over the ``top`` best candidates and the
-    ``floor`` allocations, scored as the kept model is built (refitted when ``reconstruct``).
+    ``floor`` allocations, scored as the kept model is built (refitted when ``reconstruct``; uniform kept on a lead
+    within ``uniform_z`` standard errors).
 
     Returns ``kept`` (with its ``source``), ``rescored``, ``policy_episode`` and ``best``: the best reward-split
     episode, the policy's included.
@@ -249,7 +252,7 @@ def finish_search(search: Search, top: int, floor: dict | None = None, reconstru
     best = search.best
     if policy["reward"] > best["reward"]:
         best = {**policy, "episode": search.episodes_done + 1}
-    kept, rescored = select_best(search.env, top, floor, reconstruct=reconstruct)
+    kept, rescored = select_best(search.env, top, floor, reconstruct=reconstruct, uniform_z=uniform_z)
     return {"kept": kept, "rescored": rescored, "policy_episode": policy, "best": best}
 
 

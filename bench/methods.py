@@ -3,7 +3,7 @@
 Rows per (model, FLOPs target), each kept model refitted as the commands keep it, tested on the 1,017 exact test
 images before fine-tuning, and timed against dense in ONNX Runtime at batch 1:
 
-- ``uniform``: ``prunepilot prune --method uniform``;
+- ``uniform``: ``prunepilot prune --method uniform`` (per seed with ``--uniform-seeds``);
 - ``centre``, ``global``, ``sensitivity``: the floor allocations in the agent's default action space
   (``prune --method centre|global|sensitivity``); sensitivity's evaluation count sets random search's budget;
 - ``random-N``: ``prune --method random --evaluations N`` (per seed), N = sensitivity's count and ``--evaluations``;
@@ -67,8 +67,11 @@ def run_target(model: str, target: float, args: argparse.Namespace) -> dict:
 
     session = session_of(0)
     env = PruneEnv(session=session, flops=target)  # train's default action space
-    if "uniform" not in args.skip:
+    if "uniform" not in args.skip and args.uniform_seeds == [0]:
         rows["uniform"] = row(session, uniform_ratios(session.trace, target, 0.8), args.latency)
+    elif "uniform" not in args.skip:  # the same ratios; each seed's calibration images move the refitted model
+        rows["uniform"] = {"runs": [row(session_of(seed), uniform_ratios(session.trace, target, 0.8), args.latency,
+                                        seed=seed) for seed in args.uniform_seeds]}
     floor, sens_evals, floor_s = {}, None, 0.0
     if {"centre", "global", "sensitivity"} - set(args.skip) or ("random" not in args.skip
                                                                 and "sensitivity" in args.random_budgets):
@@ -83,7 +86,8 @@ def run_target(model: str, target: float, args: argparse.Namespace) -> dict:
         ratios = env.cache[tuple(kept[g.name] for g in env.groups)][1]["ratios"]
         rows[name] = row(session, ratios, args.latency, **({"evaluations": sens_evals, "floor_s": floor_s}
                                                            if name == "sensitivity" else {}))
-    print(f"== {model} {target}: " + "  ".join(f"{k} {v['acc_test']:.2f}" for k, v in rows.items()), flush=True)
+    print(f"== {model} {target}: " + "  ".join(f"{k} " + " ".join(f"{r['acc_test']:.2f}" for r in v.get("runs", [v]))
+                                            for k, v in rows.items()), flush=True)
     if "random" not in args.skip:
         budgets = {sens_evals if b == "sensitivity" else args.evaluations for b in args.random_budgets}
         for budget in sorted(budgets):
@@ -135,6 +139,8 @@ def main() -> None:
     p.add_argument("--targets", nargs="+", type=float, default=[0.3, 0.4, 0.5])
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1])
     p.add_argument("--random-seeds", nargs="+", type=int, default=[0])
+    p.add_argument("--uniform-seeds", nargs="+", type=int, default=[0],
+                   help="seeds whose images calibrate and refit uniform's model (one row per seed unless just 0)")
     p.add_argument("--evaluations", type=int, default=120, help="random search's other evaluation budget")
     p.add_argument("--random-budgets", nargs="+", choices=("sensitivity", "evaluations"),
                    default=["sensitivity", "evaluations"], help="random search's budgets: the sensitivity method's "

@@ -23,18 +23,13 @@ from common import cifar_session, unseen_split, write_result
 from methods import commit
 from render_methods import merged
 
+from pruning_core import correct
+
 SPLITS = ("test", "unseen")
 
 
-@torch.no_grad()
-def correct(model: torch.nn.Module, split) -> torch.Tensor:
-    """Per image of ``split``, whether ``model`` classifies it right (batches as ``accuracy`` takes them)."""
-    model.eval()
-    return torch.cat([model(x).argmax(1) == y for x, y in split.batches(256)]).double()
-
-
 def scored(model: torch.nn.Module, session, unseen) -> dict[str, torch.Tensor]:
-    """``correct`` on the session's test images and on ``unseen``, keyed by :data:`SPLITS`."""
+    """:func:`~pruning_core.correct` on the session's test images and on ``unseen``, keyed by :data:`SPLITS`."""
     return {split: correct(model, images) for split, images in zip(SPLITS, (session.splits.test, unseen))}
 
 

@@ -7,7 +7,7 @@ reward split, its cache and its evaluation count with the agent:
 - :func:`random_search`: EagleEye-style best of N random episodes;
 - :func:`sensitivity_search`: AIMET/ModelOpt greedy selection over the env's decision units;
 - :func:`floor_allocations`: the cheap allocations a search must beat (uniform, centre, global, sensitivity);
-- :func:`select_best`: re-score candidates as the kept model is built and keep the best.
+- :func:`select_best`: re-score candidates as the kept model is built and keep the best (uniform on a near-tie).
 
 With :func:`evaluation_workers`, the evaluations of random search, the sensitivity table and the agent's episodes run
 in parallel worker processes; the allocations found are the same as with one.
@@ -21,11 +21,12 @@ from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 
 import numpy as np
+import torch
 
 from envs.prune_env import PruneEnv
 from pruning_core.allocate import global_ratios, threshold_allocation, uniform_ratios
 from pruning_core.errors import UserError
-from pruning_core.evaluate import accuracy
+from pruning_core.evaluate import accuracy, correct, paired_lead
 from pruning_core.parallel import EvaluationPool, WorkerPool
 from pruning_core.prune import kept_counts
 
@@ -207,7 +208,7 @@ def floor_allocations(env: PruneEnv, methods: Iterable[str] = FLOOR_METHODS, poi
 
 def select_best(env: PruneEnv, top: int, floor: dict[str, Kept] | None = None,
                 among: Iterable[tuple[int, ...]] | None = None,
-                reconstruct: bool | None = None) -> tuple[dict, list[dict]]:
+                reconstruct: bool | None = None, uniform_z: float = 0.0) -> tuple[dict, list[dict]]:
     """Keep one allocation: the ``top`` best distinct allocations evaluated so far (of ``among``, keys of the env's
     cache, if given) and every ``floor`` allocation, re-scored as the kept model is built (refitted by least squares
     when ``reconstruct``; default: as the search scored) on the reward and select splits together; the best score is
@@ -217,9 +218,14 @@ def select_best(env: PruneEnv, top: int, floor: dict[str, Kept] | None = None,
     candidates, so the re-scoring uses more images and the kept model's own build. Built as the search built them,
     the reward-split accuracy is taken from the cache and only the select split is evaluated.
 
+    With ``uniform_z`` > 0 and ``uniform`` among the floor, uniform is kept unless the best candidate leads it on both
+    splits by more than ``uniform_z`` standard errors of the paired difference (:func:`_uniform_test`): near-ties go
+    to the one-line baseline, not to the luckier score.
+
     Returns (kept, the scored candidates without their ratios, best first). Each entry holds ``source`` (``search``
     or the floor method), ``ratios``, ``reward``, ``acc`` (both splits), ``acc_reward``, ``acc_select`` (None
-    without a select split), ``reward_search`` (the reward the search saw), ``flops_ratio`` and ``params_ratio``.
+    without a select split), ``reward_search`` (the reward the search saw), ``flops_ratio`` and ``params_ratio``;
+    ``kept`` also holds ``vs_uniform`` when that test was made.
     """
     s = env.session
     select = s.splits.select
@@ -247,7 +253,32 @@ def select_best(env: PruneEnv, top: int, floor: dict[str, Kept] | None = None,
                     "reward_search": reward_search, "acc": acc, "acc_reward": acc_reward, "acc_select": acc_select,
                     "flops_ratio": info["flops_ratio"], "params_ratio": info["params_ratio"]})
     out.sort(key=lambda c: c["reward"], reverse=True)
-    return out[0], [{k: v for k, v in c.items() if k != "ratios"} for c in out]
+    kept = out[0]
+    uniform = next((c for c in out if c["source"] == "uniform"), None)
+    if uniform_z > 0 and uniform is not None and kept is not uniform:
+        test = _uniform_test(env, kept["ratios"], uniform["ratios"], uniform_z, reconstruct)
+        kept = {**(uniform if test["kept"] == "uniform" else kept), "vs_uniform": {**test, "best": kept["source"]}}
+    return kept, [{k: v for k, v in c.items() if k != "ratios"} for c in out]
+
+
+def _uniform_test(env: PruneEnv, best: dict[str, float], uniform: dict[str, float], z: float,
+                  reconstruct: bool) -> dict:
+    """Whether ``best`` leads ``uniform`` by more than ``z`` standard errors on the reward and select images, both
+    built as the kept model is. Returns ``lead`` and ``se`` (accuracy points), ``z`` and ``kept`` (``best`` or
+    ``uniform``; an exact tie keeps uniform).
+    """
+    s = env.session
+    splits = [split for split in (s.splits.reward, s.splits.select) if split is not None]
+    hits = []
+    for ratios in (best, uniform):
+        timings: dict[str, float] = {}
+        model = s.build(ratios, env.round_to, timings=timings, reconstruct=reconstruct)
+        t = time.perf_counter()
+        hits.append(torch.cat([correct(model, split) for split in splits]))
+        timings["eval_s"] = time.perf_counter() - t
+        env.evaluator.add_timings(timings)
+    lead, se = paired_lead(*hits)
+    return {"lead": lead, "se": se, "z": z, "kept": "best" if lead > z * se else "uniform"}
 
 
 def applied_actions(env: PruneEnv, step_ratios: list[float]) -> list[float]:

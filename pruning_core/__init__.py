@@ -6,7 +6,7 @@ Nothing here imports RL, gym or PyG code.
 from pruning_core.allocate import global_ratios, uniform_ratios
 from pruning_core.data import ImageData, load_data, make_splits
 from pruning_core.errors import UserError
-from pruning_core.evaluate import accuracy, adapt_bn
+from pruning_core.evaluate import accuracy, adapt_bn, correct, paired_lead
 from pruning_core.export import export_model, load_exported
 from pruning_core.finetune import FinetuneConfig, finetune
 from pruning_core.graph import ModelTrace, layer_macs, measure_flops
@@ -35,8 +35,8 @@ __all__ = [
     "DROP_CRITERIA", "MODELS", "FinetuneConfig", "FolderSplit", "ImageData", "L1Importance", "LatencyBudget",
     "LatencyTable", "ModelTrace",
     "PruningSession", "Reconstruction", "SessionConfig", "Split", "TaylorImportance", "UserError", "__version__",
-    "accuracy", "adapt_bn", "branch_width", "build_model", "check_ratios",
+    "accuracy", "adapt_bn", "branch_width", "build_model", "check_ratios", "correct",
     "compare_latency", "drop_order", "export_model", "finetune", "global_ratios", "kept_channels", "kept_counts",
     "layer_macs", "load_data", "load_exported", "load_weights", "make_splits", "measure_flops", "measure_latency",
-    "prune", "removed_channels", "trace_model", "uniform_ratios",
+    "paired_lead", "prune", "removed_channels", "trace_model", "uniform_ratios",
 ]

@@ -11,7 +11,7 @@ from torch import nn
 from pruning_core.device import model_device
 from pruning_core.splits import Split
 
-__all__ = ["accuracy", "adapt_bn", "augment_batch", "mean_loss"]
+__all__ = ["accuracy", "adapt_bn", "augment_batch", "correct", "mean_loss", "paired_lead"]
 
 log = logging.getLogger(__name__)
 
@@ -31,6 +31,29 @@ def accuracy(model: nn.Module, split: Split, batch_size: int = 256) -> float:
     """Top-1 accuracy in percent on ``split`` (eval mode)."""
     correct = _summed(model, split, batch_size, lambda out, y: int((out.argmax(1) == y).sum()))
     return 100.0 * correct / max(1, len(split))
+
+
+@torch.no_grad()
+def correct(model: nn.Module, split: Split, batch_size: int = 256) -> torch.Tensor:
+    """Per image of ``split``, 1.0 where ``model`` classifies it right, else 0.0 (eval mode; a CPU tensor). Its mean
+    is :func:`accuracy`; two models' vectors give a paired comparison (:func:`paired_lead`).
+    """
+    was_training = model.training
+    model.eval()
+    dev = model_device(model)
+    hits = [(model(x.to(dev)).argmax(1) == y.to(dev)).cpu() for x, y in split.batches(batch_size)]
+    model.train(was_training)
+    return torch.cat(hits).double() if hits else torch.zeros(0, dtype=torch.float64)
+
+
+def paired_lead(mine: torch.Tensor, other: torch.Tensor) -> tuple[float, float]:
+    """How far ``mine`` leads ``other`` (:func:`correct` vectors on the same images), in accuracy points, and the
+    standard error of that lead from the images (the paired difference's, far smaller than two unpaired ones).
+    """
+    diff = mine - other
+    if len(diff) < 2:
+        return 100.0 * float(diff.sum()), float("inf")
+    return 100.0 * float(diff.mean()), 100.0 * float(diff.std() / len(diff) ** 0.5)
 
 
 def mean_loss(model: nn.Module, split: Split, batch_size: int = 256) -> float:

@@ -320,6 +320,7 @@ def test_cli_train_export_apply_to_other_architecture(digits_weights, tmp_path, 
     rescored = report["search"]["rescored"]
     assert report["search"]["floor"] == ["centre", "global", "sensitivity", "uniform"]
     assert {"centre", "global", "sensitivity", "uniform"} <= {c["source"] for c in rescored}
+    assert report["search"]["vs_uniform"]["kept"] == "best" and report["search"]["vs_uniform"]["z"] == 2.0
     assert report["search"]["chosen"] == rescored[0]["source"] and report["search"]["rescore_refit"] is True
     refitted = session.build(report["ratios"], reconstruct=True)
     assert accuracy(refitted, session.splits.reward) == pytest.approx(rescored[0]["acc_reward"])

@@ -24,6 +24,13 @@ def test_a_preset_sets_its_fields_and_given_settings_win():
         TrainConfig(preset="quick").validate()
 
 
+def test_a_negative_uniform_z_is_refused_and_old_runs_keep_the_best_score():
+    with pytest.raises(UserError, match="--uniform-z must be >= 0"):
+        TrainConfig(uniform_z=-1.0).validate()
+    assert TrainConfig.from_dict({"model": "resnet20"}).uniform_z == 0.0  # recorded before the field existed
+    assert TrainConfig().uniform_z > 0
+
+
 def test_train_records_the_resolved_preset(tmp_path, monkeypatch):
     """``prunepilot train --preset fast --episodes 7`` hands train the preset and the flag; the config it writes
     holds the resolved values, so --resume and the policy file need no preset table."""

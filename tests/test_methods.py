@@ -2,6 +2,7 @@
 
 import numpy as np
 import pytest
+import torch
 from helpers import tiny_cifar
 
 from envs import (
@@ -14,7 +15,7 @@ from envs import (
     sensitivity_search,
     sensitivity_table,
 )
-from pruning_core import UserError, accuracy
+from pruning_core import UserError, accuracy, correct, paired_lead
 from pruning_core.allocate import monotone, threshold_allocation
 
 
@@ -126,6 +127,41 @@ def test_select_best_keeps_the_best_of_search_and_floor_as_the_kept_model_is_bui
     sensitivity_table(env, points=2)
     _, table = select_best(env, 100)
     assert all(c["flops_ratio"] <= 0.6 + 1e-9 for c in table)
+
+
+def test_select_best_keeps_uniform_unless_the_best_leads_it_by_z_standard_errors(digits_session):
+    env = PruneEnv(session=digits_session, flops=0.6, granularity="group")
+    rng = np.random.default_rng(1)
+    for _ in range(6):
+        run_episode(env, lambda _: rng.uniform(-1, 1, 1).astype(np.float32))
+    floor = floor_allocations(env, ["uniform", "global"])
+    best, table = select_best(env, 3, floor, reconstruct=True)
+    assert best["source"] != "uniform" and "vs_uniform" not in best  # the order this test needs; no test at z = 0
+    uniform = next(c for c in table if c["source"] == "uniform")
+    s = digits_session
+    splits = (s.splits.reward, s.splits.select)
+    hits = [torch.cat([correct(s.build(ratios, reconstruct=True), split) for split in splits])
+            for ratios in (best["ratios"], floor_ratios(env, floor["uniform"]))]
+    lead, se = paired_lead(*hits)
+    assert lead == pytest.approx(best["acc"] - uniform["acc"]) and se > 0
+    strict, _ = select_best(env, 3, floor, reconstruct=True, uniform_z=lead / se * 1.01)
+    assert strict["source"] == "uniform" and strict["acc"] == uniform["acc"]
+    assert strict["vs_uniform"] == {"lead": pytest.approx(lead), "se": pytest.approx(se), "z": lead / se * 1.01,
+                                    "kept": "uniform", "best": best["source"]}
+    loose, _ = select_best(env, 3, floor, reconstruct=True, uniform_z=lead / se * 0.99)
+    assert loose["ratios"] == best["ratios"] and loose["vs_uniform"]["kept"] == "best"
+
+
+def test_paired_lead_is_the_mean_difference_and_its_standard_error():
+    mine, other = torch.tensor([1.0, 1.0, 0.0, 1.0]), torch.tensor([1.0, 0.0, 0.0, 0.0])
+    lead, se = paired_lead(mine, other)
+    assert lead == pytest.approx(50.0) and se == pytest.approx(100 * 0.57735 / 2, rel=1e-4)
+    assert paired_lead(mine, mine) == (0.0, 0.0)
+
+
+def floor_ratios(env, kept):
+    """The per-group ratios of a floor allocation, as the env evaluated it."""
+    return env.evaluate(kept)[1]["ratios"]
 
 
 def _write_folder(root, images, labels, classes):
