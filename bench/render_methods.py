@@ -110,12 +110,13 @@ def pooled(earlier: tuple | None, later: tuple) -> tuple:
 
 
 def unseen_checks(names: list[str]) -> dict:
-    """unseen_check.py's models of these results files, merged: a later file's (model, target) block replaces an
-    earlier one's."""
+    """unseen_check.py's models of these results files, merged: a later file's method of a (model, target) block
+    replaces an earlier one's."""
     out: dict[str, dict] = {}
     for name in names:
         for model, targets in json.loads((RESULTS / f"{name}.json").read_text())["models"].items():
-            out.setdefault(model, {}).update(targets)
+            for target, methods in targets.items():
+                out.setdefault(model, {}).setdefault(target, {}).update(methods)
     return out
 
 

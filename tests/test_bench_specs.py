@@ -100,13 +100,15 @@ def test_the_evaluations_column_gives_the_range_over_a_rows_seeds():
     assert render_methods.evaluations_cell({"acc_test": 80.0}) == ""
 
 
-def test_a_later_unseen_check_replaces_an_earlier_ones_block_and_keeps_the_rest(tmp_path, monkeypatch):
+def test_a_later_unseen_check_replaces_an_earlier_ones_method_and_keeps_the_rest(tmp_path, monkeypatch):
     import render_methods
     monkeypatch.setattr(render_methods, "RESULTS", tmp_path)
-    old = {"m": {"0.3": {"train": {"acc_unseen": 1.0}}, "0.5": {"train": {"acc_unseen": 2.0}}}}
+    old = {"m": {"0.3": {"train": {"acc_unseen": 1.0}, "uniform": {"acc_unseen": 0.5}},
+                 "0.5": {"train": {"acc_unseen": 2.0}}}}
     new = {"m": {"0.3": {"train": {"acc_unseen": 3.0}}}, "n": {"0.5": {"train": {"acc_unseen": 4.0}}}}
     for name, models in (("old", old), ("new", new)):
         (tmp_path / f"{name}.json").write_text(json.dumps({"models": models}))
     merged = render_methods.unseen_checks(["old", "new"])
-    assert merged == {"m": {"0.3": {"train": {"acc_unseen": 3.0}}, "0.5": {"train": {"acc_unseen": 2.0}}},
+    assert merged == {"m": {"0.3": {"train": {"acc_unseen": 3.0}, "uniform": {"acc_unseen": 0.5}},
+                            "0.5": {"train": {"acc_unseen": 2.0}}},
                       "n": {"0.5": {"train": {"acc_unseen": 4.0}}}}
