@@ -91,6 +91,11 @@ def print_report(report: dict, as_json: bool) -> None:
     if "acc_before_reconstruct" in report:
         print(f"layers refitted to the dense model by least squares (test acc without the refit: "
               f"{report['acc_before_reconstruct']:.2f}%)")
+    vs = (report.get("search") or report.get("transfer") or {}).get("vs_uniform")
+    if vs:  # what train or apply kept against the one-line baseline
+        verdict = "kept it" if vs["kept"] == "best" else f"kept uniform (within {vs['z']:g} standard errors)"
+        print(f"best candidate ({vs['best']}) leads uniform by {vs['lead']:.2f} ± {vs['se']:.2f} points on the "
+              f"reward and select images: {verdict}")
     if report.get("excluded"):  # the reasons in full are in report.json
         reasons = [f"{name} ({why})" for name, why in report["excluded"].items()]
         more = f"; {len(reasons) - 2} more in report.json" if len(reasons) > 2 else ""

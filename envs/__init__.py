@@ -17,6 +17,7 @@ from envs.methods import (
     select_best,
     sensitivity_search,
     sensitivity_table,
+    uniform_test,
 )
 from envs.prune_env import ACTION_CENTERS, DEFAULT_MAX_NODES, GRANULARITIES, REWARDS, PruneEnv
 from envs.reward_model import RewardModel
@@ -28,4 +29,5 @@ if ENV_ID not in registry:
 __all__ = ["ACTION_CENTERS", "DEFAULT_MAX_NODES", "ENV_ID", "EVALUATION_TIMINGS", "FLOOR_METHODS", "GRANULARITIES",
            "REWARDS", "DecisionSpace", "Evaluator", "PruneEnv", "RewardModel",
            "applied_actions", "centre_allocation", "evaluation_workers", "floor_allocations", "random_search",
-           "resolve_episode", "run_episode", "run_episodes", "select_best", "sensitivity_search", "sensitivity_table"]
+           "resolve_episode", "run_episode", "run_episodes", "select_best", "sensitivity_search", "sensitivity_table",
+           "uniform_test"]

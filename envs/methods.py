@@ -32,7 +32,7 @@ from pruning_core.prune import kept_counts
 
 __all__ = ["FLOOR_METHODS", "applied_actions", "centre_allocation", "evaluation_workers", "floor_allocations",
            "random_search", "resolve_episode", "run_episode", "run_episodes", "select_best", "sensitivity_search",
-           "sensitivity_table"]
+           "sensitivity_table", "uniform_test"]
 
 FLOOR_METHODS = ("uniform", "centre", "global", "sensitivity")
 
@@ -219,7 +219,7 @@ def select_best(env: PruneEnv, top: int, floor: dict[str, Kept] | None = None,
     the reward-split accuracy is taken from the cache and only the select split is evaluated.
 
     With ``uniform_z`` > 0 and ``uniform`` among the floor, uniform is kept unless the best candidate leads it on both
-    splits by more than ``uniform_z`` standard errors of the paired difference (:func:`_uniform_test`): near-ties go
+    splits by more than ``uniform_z`` standard errors of the paired difference (:func:`uniform_test`): near-ties go
     to the one-line baseline, not to the luckier score.
 
     Returns (kept, the scored candidates without their ratios, best first). Each entry holds ``source`` (``search``
@@ -256,12 +256,12 @@ def select_best(env: PruneEnv, top: int, floor: dict[str, Kept] | None = None,
     kept = out[0]
     uniform = next((c for c in out if c["source"] == "uniform"), None)
     if uniform_z > 0 and uniform is not None and kept is not uniform:
-        test = _uniform_test(env, kept["ratios"], uniform["ratios"], uniform_z, reconstruct)
+        test = uniform_test(env, kept["ratios"], uniform["ratios"], uniform_z, reconstruct)
         kept = {**(uniform if test["kept"] == "uniform" else kept), "vs_uniform": {**test, "best": kept["source"]}}
     return kept, [{k: v for k, v in c.items() if k != "ratios"} for c in out]
 
 
-def _uniform_test(env: PruneEnv, best: dict[str, float], uniform: dict[str, float], z: float,
+def uniform_test(env: PruneEnv, best: dict[str, float], uniform: dict[str, float], z: float,
                   reconstruct: bool) -> dict:
     """Whether ``best`` leads ``uniform`` by more than ``z`` standard errors on the reward and select images, both
     built as the kept model is. Returns ``lead`` and ``se`` (accuracy points), ``z`` and ``kept`` (``best`` or

@@ -225,6 +225,18 @@ def test_summary_names_the_groups_left_unpruned(capsys):
     assert "unpruned" not in capsys.readouterr().out
 
 
+def test_summary_says_whether_the_search_beat_uniform_by_enough(capsys):
+    from agent.outputs import print_report
+    report = {"model": "m", "method": "rl", "flops_ratio": 0.5, "params_ratio": 0.5, "acc": 80.0, "acc_dense": 90.0,
+              "search": {"vs_uniform": {"lead": 0.45, "se": 0.5, "z": 2.0, "kept": "uniform", "best": "sensitivity"}}}
+    print_report(report, as_json=False)
+    assert capsys.readouterr().out.splitlines()[-1] == ("best candidate (sensitivity) leads uniform by 0.45 ± 0.50 "
+                                                        "points on the reward and select images: kept uniform "
+                                                        "(within 2 standard errors)")
+    print_report({**report, "search": {"vs_uniform": None}}, as_json=False)
+    assert "leads uniform" not in capsys.readouterr().out
+
+
 def test_demo_never_deletes_what_it_did_not_write(tmp_path, capsys):
     """demo --out refuses a folder holding files it did not write (one line, exit 2, nothing touched), and
     replaces only an earlier demo's own files."""
