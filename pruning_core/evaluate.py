@@ -17,14 +17,19 @@ log = logging.getLogger(__name__)
 
 
 @torch.no_grad()
-def _summed(model: nn.Module, split: Split, batch_size: int, per_batch) -> float:
-    """``per_batch(logits, labels)`` summed over ``split``, in eval mode (the model's mode is restored)."""
+def _per_batch(model: nn.Module, split: Split, batch_size: int, per_batch) -> list:
+    """``per_batch(logits, labels)`` for each batch of ``split``, in eval mode (the model's mode is restored)."""
     was_training = model.training
     model.eval()
     dev = model_device(model)
-    total = sum(per_batch(model(x.to(dev)), y.to(dev)) for x, y in split.batches(batch_size))
+    out = [per_batch(model(x.to(dev)), y.to(dev)) for x, y in split.batches(batch_size)]
     model.train(was_training)
-    return total
+    return out
+
+
+def _summed(model: nn.Module, split: Split, batch_size: int, per_batch) -> float:
+    """``per_batch(logits, labels)`` summed over ``split``, in eval mode."""
+    return sum(_per_batch(model, split, batch_size, per_batch))
 
 
 def accuracy(model: nn.Module, split: Split, batch_size: int = 256) -> float:
@@ -33,16 +38,11 @@ def accuracy(model: nn.Module, split: Split, batch_size: int = 256) -> float:
     return 100.0 * correct / max(1, len(split))
 
 
-@torch.no_grad()
 def correct(model: nn.Module, split: Split, batch_size: int = 256) -> torch.Tensor:
     """Per image of ``split``, 1.0 where ``model`` classifies it right, else 0.0 (eval mode; a CPU tensor). Its mean
     is :func:`accuracy`; two models' vectors give a paired comparison (:func:`paired_lead`).
     """
-    was_training = model.training
-    model.eval()
-    dev = model_device(model)
-    hits = [(model(x.to(dev)).argmax(1) == y.to(dev)).cpu() for x, y in split.batches(batch_size)]
-    model.train(was_training)
+    hits = _per_batch(model, split, batch_size, lambda out, y: (out.argmax(1) == y).cpu())
     return torch.cat(hits).double() if hits else torch.zeros(0, dtype=torch.float64)
 
 

@@ -103,12 +103,17 @@ def test_floor_allocations_are_evaluated_and_within_budget(env):
         floor_allocations(env, ["best"])
 
 
-def test_select_best_keeps_the_best_of_search_and_floor_as_the_kept_model_is_built(digits_session):
-    env = PruneEnv(session=digits_session, flops=0.6, granularity="group")
-    rng = np.random.default_rng(0)
+def searched(session, seed: int):
+    """An env after 6 random episodes at 60% FLOPs, per channel group, and its uniform and global floor."""
+    env = PruneEnv(session=session, flops=0.6, granularity="group")
+    rng = np.random.default_rng(seed)
     for _ in range(6):
         run_episode(env, lambda _: rng.uniform(-1, 1, 1).astype(np.float32))
-    floor = floor_allocations(env, ["uniform", "global"])
+    return env, floor_allocations(env, ["uniform", "global"])
+
+
+def test_select_best_keeps_the_best_of_search_and_floor_as_the_kept_model_is_built(digits_session):
+    env, floor = searched(digits_session, 0)
     spent = env.evaluation_s
     kept, table = select_best(env, 3, floor, reconstruct=True)
     assert env.evaluation_s > spent  # re-scoring is charged as evaluation time
@@ -130,11 +135,7 @@ def test_select_best_keeps_the_best_of_search_and_floor_as_the_kept_model_is_bui
 
 
 def test_select_best_keeps_uniform_unless_the_best_leads_it_by_z_standard_errors(digits_session):
-    env = PruneEnv(session=digits_session, flops=0.6, granularity="group")
-    rng = np.random.default_rng(1)
-    for _ in range(6):
-        run_episode(env, lambda _: rng.uniform(-1, 1, 1).astype(np.float32))
-    floor = floor_allocations(env, ["uniform", "global"])
+    env, floor = searched(digits_session, 1)
     best, table = select_best(env, 3, floor, reconstruct=True)
     assert best["source"] != "uniform" and "vs_uniform" not in best  # the order this test needs; no test at z = 0
     uniform = next(c for c in table if c["source"] == "uniform")
