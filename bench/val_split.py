@@ -7,10 +7,12 @@ global allocations, all at one FLOPs target. Each is scored as the kept model is
 - ``unseen``: CIFAR-10 JPEG test images minus the twins of the exact test images (never seen, but JPEG-shifted);
 - ``reward_plain``: the reward split without the refit, what the search itself optimises;
 - ``reward_refit``: the reward split, refitted;
+- ``reward_loss``: the reward split's mean cross-entropy (negated), refitted: a finer-grained reward than accuracy;
+- ``both_refit`` / ``both_loss``: accuracy / negated loss on the reward and select splits together, refitted;
 
 and the Spearman correlation of each with the accuracy on the 1,017 exact test images is reported, over all
 candidates and over the ten best on test (the finalists a search's selection has to order), with the test accuracy
-of each proxy's top candidate.
+of each proxy's top candidate; likewise against the unseen images (``vs_unseen``) for every proxy but ``unseen``.
 
 Example (from bench/, PYTHONPATH=..): python val_split.py --models resnet20 resnet56 --name val_split_amd
 """
@@ -25,8 +27,20 @@ from scipy.stats import spearmanr
 
 from envs import PruneEnv, floor_allocations, random_search
 from pruning_core import accuracy
+from pruning_core.evaluate import mean_loss
 
-PROXIES = ("train", "unseen", "reward_plain", "reward_refit")
+PROXIES = ("train", "unseen", "reward_plain", "reward_refit", "reward_loss", "both_refit", "both_loss")
+
+
+def agreement(rows: list[dict], proxy: str, target: str) -> dict:
+    """Spearman of ``proxy`` with ``target`` over all rows and over the ten best on ``target``, and the ``target``
+    value of the proxy's top row and the mean over its top three."""
+    values, truth = [r[proxy] for r in rows], [r[target] for r in rows]
+    finalists = sorted(range(len(rows)), key=truth.__getitem__)[-10:]
+    by_proxy = sorted(range(len(rows)), key=values.__getitem__)
+    return {"spearman": float(spearmanr(values, truth).statistic),
+            "spearman_top10": float(spearmanr([values[i] for i in finalists], [truth[i] for i in finalists]).statistic),
+            "top_test": truth[by_proxy[-1]], "top3_mean": sum(truth[i] for i in by_proxy[-3:]) / 3}
 
 
 def measure(model: str, target: float, args: argparse.Namespace) -> dict:
@@ -39,20 +53,21 @@ def measure(model: str, target: float, args: argparse.Namespace) -> dict:
     for _, info in env.cache.values():
         plain = session.build(info["ratios"])
         refit = session.build(info["ratios"], reconstruct=True)
-        rows.append({"reward_plain": accuracy(plain, session.splits.reward),
-                     "reward_refit": accuracy(refit, session.splits.reward),
-                     "train": accuracy(refit, session.splits.select), "unseen": accuracy(refit, unseen),
-                     "test": accuracy(refit, session.splits.test), "flops_ratio": info["flops_ratio"]})
-    test = [r["test"] for r in rows]
-    finalists = sorted(range(len(rows)), key=test.__getitem__)[-10:]
+        sp = session.splits
+        row = {"reward_plain": accuracy(plain, sp.reward), "reward_refit": accuracy(refit, sp.reward),
+               "train": accuracy(refit, sp.select), "reward_loss": -mean_loss(refit, sp.reward),
+               "select_loss": -mean_loss(refit, sp.select), "unseen": accuracy(refit, unseen),
+               "test": accuracy(refit, sp.test), "flops_ratio": info["flops_ratio"]}
+        n_r, n_s = len(sp.reward), len(sp.select)
+        row["both_refit"] = (row["reward_refit"] * n_r + row["train"] * n_s) / (n_r + n_s)
+        row["both_loss"] = (row["reward_loss"] * n_r + row["select_loss"] * n_s) / (n_r + n_s)
+        rows.append(row)
     out = {"candidates": len(rows), "unseen_images": len(unseen), "rows": rows}
     for proxy in PROXIES:
-        values = [r[proxy] for r in rows]
-        out[proxy] = {"spearman": float(spearmanr(values, test).statistic),
-                      "spearman_top10": float(spearmanr([values[i] for i in finalists],
-                                                        [test[i] for i in finalists]).statistic),
-                      "top_test": test[max(range(len(rows)), key=values.__getitem__)]}
-    out["best_test"] = max(test)
+        out[proxy] = agreement(rows, proxy, "test")
+        if proxy != "unseen":
+            out[proxy]["vs_unseen"] = agreement(rows, proxy, "unseen")
+    out["best_test"] = max(r["test"] for r in rows)
     print(f"== {model} {target}: " + "  ".join(f"{p} rho {out[p]['spearman']:.3f} top10 {out[p]['spearman_top10']:.3f} "
                                               f"top {out[p]['top_test']:.2f}" for p in PROXIES)
           + f"  (best {out['best_test']:.2f})", flush=True)
