@@ -62,7 +62,8 @@ def run_target(model: str, target: float, args: argparse.Namespace) -> dict:
 
     def session_of(seed: int):  # a seed draws the reward, calibration and select images, as train's --seed does
         if seed not in sessions:
-            sessions[seed] = cifar_session(model, select_images=1000, seed=seed, reconstruct=True)
+            sessions[seed] = cifar_session(model, select_images=1000, seed=seed, reconstruct=True,
+                                           reward_images=args.reward_images)
         return sessions[seed]
 
     session = session_of(0)
@@ -108,6 +109,8 @@ def run_target(model: str, target: float, args: argparse.Namespace) -> dict:
     budget["granularity"] = args.train_granularity
     if args.train_sensitivity_points != TrainConfig.sensitivity_points:
         budget["sensitivity_points"] = args.train_sensitivity_points
+    if args.reward_images != TrainConfig.reward_images:
+        budget["reward_images"] = args.reward_images  # the session's already; recorded in train's report
     for method, flags in (("train", budget), ("agent-alone", {"floor": (), "warm_start": "none", **budget})):
         if method in args.skip:
             continue
@@ -153,6 +156,8 @@ def main() -> None:
     p.add_argument("--train-sensitivity-points", type=int, default=TrainConfig.sensitivity_points,
                    help="train's --sensitivity-points (row train-120-5pt, ...)")
     p.add_argument("--sensitivity-points", type=int, default=10)
+    p.add_argument("--reward-images", type=int, default=TrainConfig.reward_images,
+                   help="training images in every method's reward split (row names unchanged)")
     p.add_argument("--skip", nargs="*", default=[], choices=METHODS)
     p.add_argument("--no-latency", dest="latency", action="store_false")
     p.add_argument("--workers", type=int, default=1, help="evaluation workers (the results do not depend on it)")
