@@ -26,9 +26,10 @@ import torch
 from envs.prune_env import PruneEnv
 from pruning_core.allocate import global_ratios, threshold_allocation, uniform_ratios
 from pruning_core.errors import UserError
-from pruning_core.evaluate import accuracy, correct, paired_lead
+from pruning_core.evaluate import correct, paired_lead
 from pruning_core.parallel import EvaluationPool, WorkerPool
 from pruning_core.prune import kept_counts
+from pruning_core.splits import Split
 
 __all__ = ["FLOOR_METHODS", "applied_actions", "centre_allocation", "evaluation_workers", "floor_allocations",
            "random_search", "resolve_episode", "run_episode", "run_episodes", "select_best", "sensitivity_search",
@@ -215,8 +216,7 @@ def select_best(env: PruneEnv, top: int, floor: dict[str, Kept] | None = None,
     kept, whatever produced it.
 
     The reward split alone favours a lucky candidate among near-ties (the winner's curse), and the refit reorders
-    candidates, so the re-scoring uses more images and the kept model's own build. Built as the search built them,
-    the reward-split accuracy is taken from the cache and only the select split is evaluated.
+    candidates, so the re-scoring uses more images and the kept model's own build.
 
     With ``uniform_z`` > 0 and ``uniform`` among the floor, uniform is kept unless the best candidate leads it on both
     splits by more than ``uniform_z`` standard errors of the paired difference (:func:`uniform_test`): near-ties go
@@ -237,48 +237,60 @@ def select_best(env: PruneEnv, top: int, floor: dict[str, Kept] | None = None,
     for name, kept in (floor or {}).items():
         env.evaluate(kept)  # cached when the floor was evaluated already
         sources[env.evaluator.key(kept)] = name
-    out = []
+    out, hits = [], {}
     for key, source in sources.items():
         reward_search, info = env.cache[key]
         timings: dict[str, float] = {}
         model = s.build(info["ratios"], env.round_to, timings=timings, reconstruct=reconstruct)
         t = time.perf_counter()
-        acc_reward = accuracy(model, s.splits.reward) if reconstruct != s.config.reconstruct else info["acc"]
-        acc_select = accuracy(model, select) if select is not None else None
+        hits[key] = _hits(model, s.splits.reward, select)
         timings["eval_s"] = time.perf_counter() - t
         env.evaluator.add_timings(timings)
-        n_r, n_s = len(s.splits.reward), len(select) if select is not None else 0
-        acc = (acc_reward * n_r + (acc_select or 0.0) * n_s) / (n_r + n_s)
-        out.append({"source": source, "ratios": dict(info["ratios"]), "reward": env.evaluator.reward_of(acc, info),
-                    "reward_search": reward_search, "acc": acc, "acc_reward": acc_reward, "acc_select": acc_select,
-                    "flops_ratio": info["flops_ratio"], "params_ratio": info["params_ratio"]})
+        n_r = len(s.splits.reward)
+        acc_reward = 100.0 * float(hits[key][:n_r].mean())
+        acc_select = 100.0 * float(hits[key][n_r:].mean()) if select is not None else None
+        acc = 100.0 * float(hits[key].mean())
+        out.append({"key": key, "source": source, "ratios": dict(info["ratios"]),
+                    "reward": env.evaluator.reward_of(acc, info), "reward_search": reward_search, "acc": acc,
+                    "acc_reward": acc_reward, "acc_select": acc_select, "flops_ratio": info["flops_ratio"],
+                    "params_ratio": info["params_ratio"]})
     out.sort(key=lambda c: c["reward"], reverse=True)
     kept = out[0]
     uniform = next((c for c in out if c["source"] == "uniform"), None)
     if uniform_z > 0 and uniform is not None and kept is not uniform:
-        test = uniform_test(env, kept["ratios"], uniform["ratios"], uniform_z, reconstruct)
+        test = _verdict(hits[kept["key"]], hits[uniform["key"]], uniform_z)
         kept = {**(uniform if test["kept"] == "uniform" else kept), "vs_uniform": {**test, "best": kept["source"]}}
-    return kept, [{k: v for k, v in c.items() if k != "ratios"} for c in out]
+    kept = {k: v for k, v in kept.items() if k != "key"}
+    return kept, [{k: v for k, v in c.items() if k not in ("key", "ratios")} for c in out]
+
+
+def _hits(model, *splits: Split | None) -> torch.Tensor:
+    """Per image of ``splits`` (None skipped), in order, whether ``model`` classifies it right (:func:`correct`)."""
+    return torch.cat([correct(model, split) for split in splits if split is not None])
+
+
+def _verdict(best: torch.Tensor, uniform: torch.Tensor, z: float) -> dict:
+    """The uniform test on per-image hits of the best candidate and of uniform (see :func:`uniform_test`)."""
+    lead, se = paired_lead(best, uniform)
+    return {"lead": lead, "se": se, "z": z, "kept": "best" if lead > z * se else "uniform"}
 
 
 def uniform_test(env: PruneEnv, best: dict[str, float], uniform: dict[str, float], z: float,
-                  reconstruct: bool) -> dict:
+                 reconstruct: bool) -> dict:
     """Whether ``best`` leads ``uniform`` by more than ``z`` standard errors on the reward and select images, both
     built as the kept model is. Returns ``lead`` and ``se`` (accuracy points), ``z`` and ``kept`` (``best`` or
     ``uniform``; an exact tie keeps uniform).
     """
     s = env.session
-    splits = [split for split in (s.splits.reward, s.splits.select) if split is not None]
     hits = []
     for ratios in (best, uniform):
         timings: dict[str, float] = {}
         model = s.build(ratios, env.round_to, timings=timings, reconstruct=reconstruct)
         t = time.perf_counter()
-        hits.append(torch.cat([correct(model, split) for split in splits]))
+        hits.append(_hits(model, s.splits.reward, s.splits.select))
         timings["eval_s"] = time.perf_counter() - t
         env.evaluator.add_timings(timings)
-    lead, se = paired_lead(*hits)
-    return {"lead": lead, "se": se, "z": z, "kept": "best" if lead > z * se else "uniform"}
+    return _verdict(*hits, z)
 
 
 def applied_actions(env: PruneEnv, step_ratios: list[float]) -> list[float]:
