@@ -29,7 +29,6 @@ from pruning_core.errors import UserError
 from pruning_core.evaluate import correct, paired_lead
 from pruning_core.parallel import EvaluationPool, WorkerPool
 from pruning_core.prune import kept_counts
-from pruning_core.splits import Split
 
 __all__ = ["FLOOR_METHODS", "applied_actions", "centre_allocation", "evaluation_workers", "floor_allocations",
            "random_search", "resolve_episode", "run_episode", "run_episodes", "select_best", "sensitivity_search",
@@ -237,16 +236,10 @@ def select_best(env: PruneEnv, top: int, floor: dict[str, Kept] | None = None,
     for name, kept in (floor or {}).items():
         env.evaluate(kept)  # cached when the floor was evaluated already
         sources[env.evaluator.key(kept)] = name
-    out, hits = [], {}
+    out, hits, n_r = [], {}, len(s.splits.reward)
     for key, source in sources.items():
         reward_search, info = env.cache[key]
-        timings: dict[str, float] = {}
-        model = s.build(info["ratios"], env.round_to, timings=timings, reconstruct=reconstruct)
-        t = time.perf_counter()
-        hits[key] = _hits(model, s.splits.reward, select)
-        timings["eval_s"] = time.perf_counter() - t
-        env.evaluator.add_timings(timings)
-        n_r = len(s.splits.reward)
+        hits[key] = _built_hits(env, info["ratios"], reconstruct)
         acc_reward = 100.0 * float(hits[key][:n_r].mean())
         acc_select = 100.0 * float(hits[key][n_r:].mean()) if select is not None else None
         acc = 100.0 * float(hits[key].mean())
@@ -264,9 +257,18 @@ def select_best(env: PruneEnv, top: int, floor: dict[str, Kept] | None = None,
     return kept, [{k: v for k, v in c.items() if k not in ("key", "ratios")} for c in out]
 
 
-def _hits(model, *splits: Split | None) -> torch.Tensor:
-    """Per image of ``splits`` (None skipped), in order, whether ``model`` classifies it right (:func:`correct`)."""
-    return torch.cat([correct(model, split) for split in splits if split is not None])
+def _built_hits(env: PruneEnv, ratios: dict[str, float], reconstruct: bool) -> torch.Tensor:
+    """Per image of the reward and select splits, whether ``ratios`` built as the kept model is (refitted when
+    ``reconstruct``) classifies it right (:func:`correct`); the build and scoring count as evaluation time.
+    """
+    s = env.session
+    timings: dict[str, float] = {}
+    model = s.build(ratios, env.round_to, timings=timings, reconstruct=reconstruct)
+    t = time.perf_counter()
+    hits = torch.cat([correct(model, split) for split in (s.splits.reward, s.splits.select) if split is not None])
+    timings["eval_s"] = time.perf_counter() - t
+    env.evaluator.add_timings(timings)
+    return hits
 
 
 def _verdict(best: torch.Tensor, uniform: torch.Tensor, z: float) -> dict:
@@ -281,16 +283,7 @@ def uniform_test(env: PruneEnv, best: dict[str, float], uniform: dict[str, float
     built as the kept model is. Returns ``lead`` and ``se`` (accuracy points), ``z`` and ``kept`` (``best`` or
     ``uniform``; an exact tie keeps uniform).
     """
-    s = env.session
-    hits = []
-    for ratios in (best, uniform):
-        timings: dict[str, float] = {}
-        model = s.build(ratios, env.round_to, timings=timings, reconstruct=reconstruct)
-        t = time.perf_counter()
-        hits.append(_hits(model, s.splits.reward, s.splits.select))
-        timings["eval_s"] = time.perf_counter() - t
-        env.evaluator.add_timings(timings)
-    return _verdict(*hits, z)
+    return _verdict(_built_hits(env, best, reconstruct), _built_hits(env, uniform, reconstruct), z)
 
 
 def applied_actions(env: PruneEnv, step_ratios: list[float]) -> list[float]:
