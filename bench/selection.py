@@ -65,7 +65,8 @@ def searched_env(method: str, session, args, seed: int) -> tuple[PruneEnv, dict,
         with tempfile.TemporaryDirectory() as out:
             report = train_module.train(session=session, model=args.model, weights=WEIGHTS[args.model], data=CIFAR,
                                         flops=args.target, seed=seed, out=out, progress=False, workers=args.workers,
-                                        **({"episodes": args.episodes} if args.episodes else {}))
+                                        **({"episodes": args.episodes} if args.episodes else {}),
+                                        **({"evaluations": args.train_evaluations} if args.train_evaluations else {}))
     finally:
         train_module.finish_search = finish
     env = captured["env"]
@@ -133,6 +134,8 @@ def main() -> None:
     p.add_argument("--seeds", nargs="+", type=int, default=[0])
     p.add_argument("--evaluations", type=int, default=120, help="random search's budget")
     p.add_argument("--episodes", type=int, default=None, help="train's --episodes (default: its own)")
+    p.add_argument("--train-evaluations", type=int, default=None,
+                   help="train's --evaluations cap, for an equal-budget comparison (default: none)")
     p.add_argument("--reward-images", type=int, default=1000, help="the reward split's training images")
     p.add_argument("--top", type=int, default=20, help="finalists scored, best by reward (the floor's beside them)")
     p.add_argument("--unseen-images", type=int, default=4000)
