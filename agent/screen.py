@@ -80,11 +80,10 @@ class Screen:
         elif first and slots:
             model = RewardModel(env).fit([env.evaluator.allocation(key) for key in env.cache],
                                          [reward for reward, _ in env.cache.values()])
-            candidates = [deferred[i][1]["kept"] for i in first]
-            means, _ = model.predict(candidates)
+            picks, means = model.pick([deferred[i][1]["kept"] for i in first], slots)
             by_key = {keys[i]: float(m) for i, m in zip(first, means)}
             predicted = {j: by_key[keys[j]] for j in range(len(deferred)) if keys[j] in by_key}
-            chosen.update(first[j] for j in model.pick(candidates, slots))
+            chosen.update(first[j] for j in picks)
         short = count - len(chosen.intersection(proposals))
         if short > 0:  # too few new allocations: record the best repeats, as cached episodes
             picked, cache = {keys[i] for i in chosen}, env.cache  # repeats of a pick first

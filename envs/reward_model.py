@@ -61,23 +61,27 @@ class RewardModel:
         mean, std = self._gp.predict(self.features(allocations), return_std=True)
         return mean, std
 
-    def pick(self, candidates: Sequence[Kept], count: int) -> list[int]:
+    def pick(self, candidates: Sequence[Kept], count: int) -> tuple[list[int], np.ndarray]:
         """Indices of the ``count`` candidates to evaluate: the highest upper confidence bound (mean + beta * std)
         one at a time, each pick added to the data at its predicted mean before the next (the kriging believer),
-        so that a batch spreads instead of taking near-copies of one allocation.
+        so that a batch spreads instead of taking near-copies of one allocation. Also returns every candidate's
+        predicted reward before the first pick (:meth:`predict`'s mean).
         """
         from sklearn.gaussian_process import GaussianProcessRegressor
 
         if self._gp is None:
             raise RuntimeError("fit the reward model before picking")
         x_cand = self.features(candidates)
-        x, y, gp, chosen = self._x, self._y, self._gp, []
+        x, y, gp, chosen, predicted = self._x, self._y, self._gp, [], None
         for _ in range(min(count, len(candidates))):
             mean, std = gp.predict(x_cand, return_std=True)
+            predicted = mean if predicted is None else predicted
             score = mean + self.beta * std
             score[chosen] = -np.inf
             best = int(np.argmax(score))
             chosen.append(best)
             x, y = np.vstack([x, x_cand[best]]), np.append(y, mean[best])
             gp = GaussianProcessRegressor(gp.kernel_, normalize_y=True, optimizer=None).fit(x, y)
-        return chosen
+        if predicted is None:  # nothing to pick
+            predicted = self.predict(candidates)[0] if len(candidates) else np.zeros(0)
+        return chosen, predicted

@@ -31,7 +31,8 @@ def test_reward_model_learns_a_smooth_reward_and_picks_a_spread_batch_near_its_t
     model.fit(seen, reward(seen))
     mean, std = model.predict(unseen)
     assert spearmanr(mean, reward(unseen))[0] > 0.9 and (std > 0).all()
-    picks = model.pick(unseen, 3)
+    picks, predicted = model.pick(unseen, 3)
+    assert np.allclose(predicted, mean)  # the predictions before the first pick
     assert len(set(picks)) == 3  # the kriging believer spreads the batch
     assert picks[0] in np.argsort(-reward(unseen))[:5]
     with pytest.raises(RuntimeError, match="fit"):
