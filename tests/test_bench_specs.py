@@ -112,3 +112,11 @@ def test_a_later_unseen_check_replaces_an_earlier_ones_method_and_keeps_the_rest
     assert merged == {"m": {"0.3": {"train": {"acc_unseen": 3.0}, "uniform": {"acc_unseen": 0.5}},
                             "0.5": {"train": {"acc_unseen": 2.0}}},
                       "n": {"0.5": {"train": {"acc_unseen": 4.0}}}}
+
+
+def test_headroom_reads_kept_and_best_finalist_per_search_and_seed():
+    import headroom
+    rows = headroom.finalists(["selection_r20_05_amd"])
+    assert sorted(rows) == [("resnet20", 0.5, method, seed) for method in ("random", "train") for seed in (0, 1)]
+    train0 = rows["resnet20", 0.5, "train", 0]
+    assert train0["finalists"] == 20 and train0["best"] >= train0["kept"] and train0["evaluations"] == 164
