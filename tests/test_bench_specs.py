@@ -119,4 +119,5 @@ def test_headroom_reads_kept_and_best_finalist_per_search_and_seed():
     rows = headroom.finalists(["selection_r20_05_amd"])
     assert sorted(rows) == [("resnet20", 0.5, method, seed) for method in ("random", "train") for seed in (0, 1)]
     train0 = rows["resnet20", 0.5, "train", 0]
-    assert train0["finalists"] == 24 and train0["best"] >= max(train0["kept"], train0["unseen"]) and train0["evaluations"] == 164
+    assert train0["finalists"] == 24 and train0["evaluations"] == 164  # the 20 best and the 4 floor allocations
+    assert train0["best"] >= max(train0["kept"], train0["unseen"])
