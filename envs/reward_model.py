@@ -71,17 +71,19 @@ class RewardModel:
 
         if self._gp is None:
             raise RuntimeError("fit the reward model before picking")
+        if not len(candidates):
+            return [], np.zeros(0)
         x_cand = self.features(candidates)
-        x, y, gp, chosen, predicted = self._x, self._y, self._gp, [], None
-        for _ in range(min(count, len(candidates))):
-            mean, std = gp.predict(x_cand, return_std=True)
-            predicted = mean if predicted is None else predicted
+        x, y, gp, chosen = self._x, self._y, self._gp, []
+        predicted, std = gp.predict(x_cand, return_std=True)
+        mean = predicted
+        for k in range(min(count, len(candidates))):
+            if k:
+                mean, std = gp.predict(x_cand, return_std=True)
             score = mean + self.beta * std
             score[chosen] = -np.inf
             best = int(np.argmax(score))
             chosen.append(best)
             x, y = np.vstack([x, x_cand[best]]), np.append(y, mean[best])
             gp = GaussianProcessRegressor(gp.kernel_, normalize_y=True, optimizer=None).fit(x, y)
-        if predicted is None:  # nothing to pick
-            predicted = self.predict(candidates)[0] if len(candidates) else np.zeros(0)
         return chosen, predicted
