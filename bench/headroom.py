@@ -1,7 +1,7 @@
 """How much could a better selection among a search's finalists gain? Reads bench/selection.py results and prints,
 per model, budget and seed, the test accuracy of each search's kept model, of its finalist best on 4,000 unseen images
 (a near-ideal selection from images the search never had), and of its finalist best on test (an upper bound, biased
-upwards by picking on test: the max of 20 noisy scores), for ``train`` and random search on the same seed.
+upwards by picking on test: the best of 20-24 noisy scores), for ``train`` and random search on the same seed.
 
 If even the picks on unseen images do not put ``train`` 1.0 ahead of random search, no selection rule will. Test images
 choose nothing the commands keep; the bound is reported, never used.
