@@ -39,6 +39,25 @@ def test_reward_model_learns_a_smooth_reward_and_picks_a_spread_batch_near_its_t
         RewardModel(env).predict(unseen)
 
 
+def test_the_table_prior_reads_the_sensitivity_table_and_fits_its_additive_prediction(digits_session):
+    env = PruneEnv(session=digits_session, flops=0.6)
+    weights = np.linspace(1.0, 3.0, env.num_steps)
+
+    def reward(allocs):  # additive and linear in the decisions' ratios, as the interpolated table is
+        return 0.9 - 0.3 * (weights * RewardModel(env).features(allocs)).sum(axis=1)
+
+    table = [env.allocation([r if i == t else 0.0 for i in range(env.num_steps)])
+             for t in range(env.num_steps) for r in (0.1, 0.3, 0.5, env.max_ratio)]
+    seen, unseen = table + random_allocations(env, 4, 0), random_allocations(env, 40, 1)
+    model = RewardModel(env, table_prior=True).fit(seen, reward(seen))
+    assert len(model._curves) == env.num_steps and abs(model._line[1] - 1.0) < 0.1
+    mean, _ = model.predict(unseen)
+    assert np.abs(mean - reward(unseen)).mean() < 0.01
+    assert np.allclose(model.pick(unseen, 2)[1], mean)  # pick reports the same predictions, prior included
+    plain = RewardModel(env).fit(seen, reward(seen))
+    assert not plain._curves and np.allclose(plain._prior(plain.features(unseen)), 0.0)
+
+
 def test_screened_ppo_evaluates_one_allocation_per_screen_proposals(digits_session):
     """Each PPO rollout proposes rollout_episodes * screen episodes and records rollout_episodes of them: the
     reward model's picks among the agent's proposals and the random and local candidates, with their predictions.
