@@ -83,6 +83,7 @@ EXPERT_FLAGS = (
     ("gradient_steps", int, "DDPG/TD3/SAC updates per episode"),
     ("rollout_episodes", int, "PPO episodes per update, evaluated together by the --workers"),
     ("screen", int, "PPO proposals per evaluation, screened by a reward model (1: evaluate all)"),
+    ("table_prior", bool, "the screen's reward model starts from the sensitivity table's additive prediction"),
     ("checkpoint_every", int, "episodes between checkpoints"),
     ("max_nodes", int, "observation padding (grown to fit the model)"),
 )

@@ -179,6 +179,9 @@ class TrainConfig:
     """PPO only: episodes the agent proposes per evaluation. A reward model fitted to every evaluation so far picks
     which to evaluate (highest upper confidence bound), and the agent learns from its predicted reward for the rest;
     1 evaluates every episode."""
+    table_prior: bool = False
+    """The reward model starts from the sensitivity table's additive prediction (a linear prior mean fitted to the
+    evaluations) and models what it leaves; needs the ``sensitivity`` floor, which measures the table first."""
     checkpoint_every: int = 10
     """Episodes between checkpoints, each taken where the next rollout starts (every episode off-policy,
     every ``rollout_episodes`` for PPO), so a resumed run repeats the uninterrupted one."""

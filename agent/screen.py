@@ -29,10 +29,11 @@ class Screen:
     :param env: the environment the search runs on (its cache is the reward model's data).
     :param factor: the agent's proposals per evaluation (``TrainConfig.screen``).
     :param seed: draws the candidates, with the count of proposals so far, so that a resumed search draws the same.
+    :param table_prior: the reward model's ``table_prior``.
     """
 
-    def __init__(self, env: PruneEnv, factor: int, seed: int):
-        self.env, self.factor, self.seed = env, factor, seed
+    def __init__(self, env: PruneEnv, factor: int, seed: int, table_prior: bool = False):
+        self.env, self.factor, self.seed, self.table_prior = env, factor, seed, table_prior
         self.proposals = 0  # the agent's episodes screened so far
 
     def planned(self, deferred: list[Deferred], new: bool = False) -> int:
@@ -78,8 +79,8 @@ class Screen:
         if len(env.cache) < 2:  # nothing to fit yet: the first new allocations
             chosen.update(first[:slots])
         elif first and slots:
-            model = RewardModel(env).fit([env.evaluator.allocation(key) for key in env.cache],
-                                         [reward for reward, _ in env.cache.values()])
+            model = RewardModel(env, table_prior=self.table_prior).fit(
+                [env.evaluator.allocation(key) for key in env.cache], [reward for reward, _ in env.cache.values()])
             picks, means = model.pick([deferred[i][1]["kept"] for i in first], slots)
             by_key = {keys[i]: float(m) for i, m in zip(first, means)}
             predicted = {j: by_key[keys[j]] for j in range(len(deferred)) if keys[j] in by_key}

@@ -50,8 +50,8 @@ class Search:
         self.algo = self._build_algo()
         self.noise: DecayingNormalNoise | None = getattr(self.algo, "action_noise", None)
         # PPO proposes ``screen`` episodes per evaluation; a reward model picks which to evaluate
-        self.screen = Screen(env, config.screen, config.seed) if isinstance(self.algo, PPO) and config.screen > 1 \
-            else None
+        screened = isinstance(self.algo, PPO) and config.screen > 1
+        self.screen = Screen(env, config.screen, config.seed, config.table_prior) if screened else None
         self.best: dict | None = None
         self.history: list[dict] = []
         self.episodes_done = 0

@@ -109,6 +109,8 @@ def run_target(model: str, target: float, args: argparse.Namespace) -> dict:
     budget["granularity"] = args.train_granularity
     if args.train_sensitivity_points != TrainConfig.sensitivity_points:
         budget["sensitivity_points"] = args.train_sensitivity_points
+    if args.train_table_prior:
+        budget["table_prior"] = True
     if args.reward_images != TrainConfig.reward_images:
         budget["reward_images"] = args.reward_images  # the session's already; recorded in train's report
     for method, flags in (("train", budget), ("agent-alone", {"floor": (), "warm_start": "none", **budget})):
@@ -155,6 +157,7 @@ def main() -> None:
                    help="train's --granularity (row train-group, ...)")
     p.add_argument("--train-sensitivity-points", type=int, default=TrainConfig.sensitivity_points,
                    help="train's --sensitivity-points (row train-120-5pt, ...)")
+    p.add_argument("--train-table-prior", action="store_true", help="train's --table-prior (row train-prior)")
     p.add_argument("--sensitivity-points", type=int, default=10)
     p.add_argument("--reward-images", type=int, default=TrainConfig.reward_images,
                    help="training images in every method's reward split (row names unchanged)")

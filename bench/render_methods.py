@@ -82,7 +82,8 @@ def merged(names: list[str]) -> Blocks:
         granularity = res["config"].get("train_granularity", "substage")
         points = res["config"].get("train_sensitivity_points", 10)
         suffix = (f"-{capped}" if capped else f"-{preset}" if preset != "default" else "") + \
-            (f"-{granularity}" if granularity != "substage" else "") + (f"-{points}pt" if points != 10 else "")
+            (f"-{granularity}" if granularity != "substage" else "") + (f"-{points}pt" if points != 10 else "") + \
+            ("-prior" if res["config"].get("train_table_prior") else "")
         for model, targets in res["models"].items():
             for target, methods in targets.items():
                 block = blocks.setdefault((model, target), {})

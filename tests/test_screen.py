@@ -58,6 +58,25 @@ def test_the_table_prior_reads_the_sensitivity_table_and_fits_its_additive_predi
     assert not plain._curves and np.allclose(plain._prior(plain.features(unseen)), 0.0)
 
 
+def test_table_prior_makes_the_screen_fit_the_floors_sensitivity_table(digits_session, monkeypatch):
+    from envs import sensitivity_table
+
+    fits = []
+    fit = RewardModel.fit
+
+    def recording_fit(self, allocations, rewards):
+        out = fit(self, allocations, rewards)
+        fits.append((self.table_prior, len(self._curves)))
+        return out
+
+    monkeypatch.setattr(RewardModel, "fit", recording_fit)
+    cfg = screened_config(table_prior=True)
+    env = PruneEnv(session=digits_session, flops=0.6)
+    sensitivity_table(env, 2)  # as train's floor measures it before the search
+    Search(cfg, env).run(cfg.episodes)
+    assert fits and all(prior and curves == env.num_steps for prior, curves in fits)
+
+
 def test_screened_ppo_evaluates_one_allocation_per_screen_proposals(digits_session):
     """Each PPO rollout proposes rollout_episodes * screen episodes and records rollout_episodes of them: the
     reward model's picks among the agent's proposals and the random and local candidates, with their predictions.
