@@ -2,12 +2,12 @@
 
 The 1,017 exact test images resolve about 1.3 points per model; two methods that differ by less are not told apart
 there. This rebuilds each kept model of the methods runs as ``bench/methods.py`` built it (the run's seed draws its
-calibration images, so the same refitted model; its test accuracy is checked against the file) and scores it on
-the JPEG test images minus the twins of the exact test images (``common.unseen_split``, all of them), the
-validation images the protocol allows choices on. Per method it reports the mean test and unseen accuracy, and
-for ``train`` rows against random search the paired difference per seed, and over seeds with its standard error
-from the images (per image, the difference in correctness averaged over the seeds: how far another draw of as
-many images could move it).
+calibration images, so the same refitted model; its test accuracy is checked against the file) and scores it on the JPEG
+test images minus the twins of the exact test images (``common.unseen_split``, all of them), the validation images the
+protocol allows choices on. Per method it reports the mean test and unseen accuracy, and for ``train`` rows against
+random search (and a variant such as ``train-120-prior`` against the ``train`` row it varies) the paired difference per
+seed, and over seeds with its standard error from the images (per image, the difference in correctness averaged over the
+seeds: how far another draw of as many images could move it).
 
 Example (from bench/, PYTHONPATH=..): python unseen_check.py methods_r20_05_screen_amd methods_r56_05_screen_amd \
     --name unseen_check_amd
@@ -73,8 +73,8 @@ def main() -> None:
                              **{f"acc_{split}": statistics.mean(r[f"acc_{split}"] for r in runs) for split in SPLITS}}
             print(f"{model} {target} {method:16s} test {block[method]['acc_test']:.2f}  "
                   f"unseen {block[method]['acc_unseen']:.2f}  ({len(runs)} runs)", flush=True)
-        for method in [m for m in block if m.startswith("train")]:
-            for other in [m for m in block if m.startswith("random")]:
+        for method in [m for m in block if m.startswith("train")]:  # against random search and the train it varies
+            for other in [m for m in block if m.startswith("random") or method.startswith(m + "-")]:
                 if vectors[method].keys() & vectors[other].keys():
                     block[method][f"minus_{other}"] = diff = {split: paired(vectors[method], vectors[other], split)
                                                               for split in SPLITS}
