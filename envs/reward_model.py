@@ -55,8 +55,9 @@ class RewardModel:
         from sklearn.gaussian_process.kernels import ConstantKernel, Matern, WhiteKernel
 
         x, y = self.features(allocations), np.asarray(rewards, dtype=np.float64)
-        if self._fit_prior(x, y):  # the table enters through the prior; the process fits the rest
-            x, y = x[(x > 0).sum(axis=1) != 1], y[(x > 0).sum(axis=1) != 1]
+        single = (x > 0).sum(axis=1) == 1  # a sensitivity table's rows: one decision pruned alone
+        if self._fit_prior(x, y, single):  # the table enters through the prior; the process fits the rest
+            x, y = x[~single], y[~single]
         self._x, self._y = x, y - self._prior(x)
         dims = self._x.shape[1]
         kernel = (ConstantKernel(1.0, (1e-3, 1e3)) * Matern(np.full(dims, 0.3), (1e-2, 1e3), nu=2.5)
@@ -66,14 +67,13 @@ class RewardModel:
             self._gp = GaussianProcessRegressor(kernel, normalize_y=True, random_state=0).fit(self._x, self._y)
         return self
 
-    def _fit_prior(self, x: np.ndarray, y: np.ndarray) -> bool:
-        """Read the sensitivity table from the rows of ``x`` that prune one decision alone (the reward at ratio 0
-        extrapolated from each decision's first two), and fit the prior mean's line to the other rows (slope 1
-        through the best while fewer than 3 of them). Whether there is a prior: with ``table_prior``, a table and
+    def _fit_prior(self, x: np.ndarray, y: np.ndarray, single: np.ndarray) -> bool:
+        """Read the sensitivity table from the ``single`` rows of ``x``, which prune one decision alone (the reward at
+        ratio 0 extrapolated from each decision's first two), and fit the prior mean's line to the other rows (slope
+        1 through the best while fewer than 3 of them). Whether there is a prior: with ``table_prior``, a table and
         at least 2 other rows.
         """
         self._curves, self._line = [], (0.0, 0.0)
-        single = (x > 0).sum(axis=1) == 1
         if not self.table_prior or not single.any() or (~single).sum() < 2:
             return False
         top = float(y[single].max())
