@@ -11,6 +11,7 @@ import numpy as np
 from stable_baselines3 import DDPG, PPO, SAC, TD3
 from stable_baselines3.common.base_class import BaseAlgorithm
 from stable_baselines3.common.buffers import DictReplayBuffer, DictRolloutBuffer
+from stable_baselines3.common.logger import Logger
 from stable_baselines3.common.noise import NormalActionNoise
 from torch import nn
 
@@ -112,6 +113,18 @@ class FinalRewardReplayBuffer(DictReplayBuffer):
 def build_algo(config: TrainConfig, env: gym.Env, steps_per_episode: int,
                tensorboard_log: str | None = None) -> BaseAlgorithm:
     """A fresh SB3 algorithm (``config.algo``) with the GNN extractor on ``env``, seeded with ``config.seed``.
+
+    Without ``tensorboard_log`` it logs nowhere: SB3's default logger would leave an empty ``SB3-<time>`` folder in
+    the temporary directory on every ``learn``.
+    """
+    algo = _new_algo(config, env, steps_per_episode, tensorboard_log)
+    if tensorboard_log is None:
+        algo.set_logger(Logger(folder=None, output_formats=[]))
+    return algo
+
+
+def _new_algo(config: TrainConfig, env: gym.Env, steps_per_episode: int, tensorboard_log: str | None) -> BaseAlgorithm:
+    """The SB3 algorithm :func:`build_algo` configures.
 
     PPO collects rollouts of ``rollout_episodes * screen`` episodes with gamma = lambda = 1 (every step's advantage
     is the final reward minus the value, AMC's assignment) and, with ``sde``, a fresh noise matrix every episode. The

@@ -1,4 +1,5 @@
 import json
+import tempfile
 import zipfile
 from functools import partial
 from pathlib import Path
@@ -22,11 +23,14 @@ short_config = partial(tiny_config, episodes=6, warmup_episodes=2, gradient_step
 
 
 @pytest.mark.parametrize("algo", ["ddpg", "td3", "sac", "ppo"])
-def test_short_runs_respect_budget_and_round_trip(algo, digits_session, tmp_path):
+def test_short_runs_respect_budget_and_round_trip(algo, digits_session, tmp_path, monkeypatch):
     cfg = short_config(algo=algo, flops=0.6, episodes=12 if algo == "ppo" else 8)
     env = PruneEnv(session=digits_session, flops=0.6)
     search = Search(cfg, env)
+    (tmp_path / "tmp").mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
     best = search.run(cfg.episodes)
+    assert not list((tmp_path / "tmp").iterdir())  # no run folder, so nothing logged, not even SB3's SB3-<time>/
     assert search.episodes_done == cfg.episodes == len(search.history)
     assert all(h["flops_ratio"] <= 0.6 for h in search.history)
     assert best["reward"] == max(h["reward"] for h in search.history)
