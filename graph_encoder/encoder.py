@@ -2,12 +2,30 @@
 
 from __future__ import annotations
 
+import sys
+import tempfile
+from pathlib import Path
+
 import torch
 from torch import Tensor, nn
 from torch_geometric.nn import GATv2Conv
 from torch_geometric.utils import scatter
 
 __all__ = ["LayerGraphEncoder"]
+
+# PyG names the module it generates for a message-passing class's propagate() after the class
+_GENERATED = f"{GATv2Conv.__module__}_{GATv2Conv.__name__}_"
+
+
+def _delete_generated_sources() -> None:
+    """Delete the files PyG wrote its generated GATv2Conv modules to. It writes one to the temp folder per process
+    and never deletes it; the modules are loaded by then and stay in ``sys.modules``, so nothing reads the files again.
+    """
+    tmp = Path(tempfile.gettempdir()).resolve()
+    for name, module in list(sys.modules.items()):
+        path = getattr(module, "__file__", None)
+        if name.startswith(_GENERATED) and path and Path(path).resolve().parent == tmp:
+            Path(path).unlink(missing_ok=True)
 
 
 class LayerGraphEncoder(nn.Module):
@@ -41,6 +59,7 @@ class LayerGraphEncoder(nn.Module):
         self.lin_in = nn.Linear(in_channels, hidden_channels)
         self.convs = nn.ModuleList(GATv2Conv(hidden_channels, hidden_channels // heads, heads=heads, edge_dim=1)
                                    for _ in range(num_layers))
+        _delete_generated_sources()
         self.norms = nn.ModuleList(nn.LayerNorm(hidden_channels) for _ in range(num_layers))
         self.lin_graph = nn.Linear(2 * hidden_channels, hidden_channels)
         self.reset_parameters()

@@ -1,3 +1,7 @@
+import os
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 import torch
@@ -17,6 +21,14 @@ def test_encoder_shapes_and_repr():
     assert repr(enc) == "LayerGraphEncoder(5, 16, num_layers=2)"
     with pytest.raises(ValueError, match="divisible"):
         LayerGraphEncoder(5, 15, heads=2)
+
+
+def test_encoder_leaves_no_generated_files_in_tmp(tmp_path):
+    # PyG writes its generated GATv2Conv module to the temp folder once per process (cached afterwards): build the
+    # encoder in a fresh process with its own temp folder
+    code = "from graph_encoder import LayerGraphEncoder; LayerGraphEncoder(8, 16)"
+    subprocess.run([sys.executable, "-c", code], check=True, env={**os.environ, "TMPDIR": str(tmp_path)})
+    assert not list(tmp_path.iterdir())
 
 
 def test_resnet20_graph_structure():
