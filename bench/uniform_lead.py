@@ -62,7 +62,7 @@ def main() -> None:
             write_result(args.name, {"commit": at, "config": vars(args), "models": out})
     for name in args.transfer:
         res = json.loads((RESULTS / f"{name}.json").read_text())
-        for step in ("zero_shot", "warm_start"):
+        for step in [step for step in ("zero_shot", "warm_start") if step in res]:  # --k 0: no warm start
             report, seed = res[step], res["config"]["seed"]
             row = {**tested(report["model"], res["config"]["flops"], seed, report["ratios"], report["acc"],
                             report.get("round_to")), "chosen": report["transfer"]["chosen"], "commit": res["commit"]}
