@@ -18,8 +18,9 @@ _GENERATED = f"{GATv2Conv.__module__}_{GATv2Conv.__name__}_"
 
 
 def _delete_generated_sources() -> None:
-    """Delete the files PyG wrote its generated GATv2Conv modules to. It writes one to the temp folder per process
-    and never deletes it; the modules are loaded by then and stay in ``sys.modules``, so nothing reads the files again.
+    """Delete the files PyG wrote its generated GATv2Conv modules to (propagate and edge_updater, in the temp folder,
+    once per process, never deleted). The modules are loaded by then and stay in ``sys.modules``, so nothing reads
+    the files again.
     """
     tmp = Path(tempfile.gettempdir()).resolve()
     for name, module in list(sys.modules.items()):
