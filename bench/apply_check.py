@@ -14,6 +14,7 @@ import json
 import statistics
 
 from common import RESULTS
+from render_methods import merged
 
 
 def applied(names: list[str]) -> dict[tuple[str, float, int], dict]:
@@ -31,10 +32,9 @@ def applied(names: list[str]) -> dict[tuple[str, float, int], dict]:
 
 def uniform(name: str) -> dict[tuple[str, float, int], float]:
     """Per (model, FLOPs target, seed): uniform's test accuracy in a methods.py results file."""
-    data = json.loads((RESULTS / f"{name}.json").read_text())
     return {(model, float(target), run["seed"]): run["acc_test"]
-            for model, targets in data["models"].items() for target, methods in targets.items()
-            for run in methods.get("uniform", {}).get("runs", [])}
+            for (model, target), methods in merged([name]).items() if "uniform" in methods
+            for run in methods["uniform"][0].get("runs", [])}
 
 
 def main() -> None:
